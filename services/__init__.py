@@ -1,0 +1,1 @@
+"""The four torchrelay services. They never import each other: they talk through events."""

@@ -1,0 +1,1 @@
+"""The monitor service: Prometheus metrics for the whole pipeline (and, later, recovery)."""

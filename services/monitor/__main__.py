@@ -1,0 +1,3 @@
+from torchrelay.services.monitor.service import main
+
+raise SystemExit(main())

@@ -1,0 +1,1 @@
+"""The serve service (see README.md)."""

@@ -1,0 +1,1 @@
+"""The train service (see README.md)."""

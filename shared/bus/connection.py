@@ -1,0 +1,102 @@
+"""Connecting to NATS: one function, every authentication option the server supports."""
+
+from __future__ import annotations
+
+import ssl
+from pathlib import Path
+from typing import Any
+
+import nats
+from nats.aio.client import Client as NatsClient
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, model_validator
+
+from torchrelay.shared.errors import ConfigError
+
+
+class NatsSettings(BaseModel):
+    """How to reach NATS. Environment: ``TORCHRELAY_NATS_<FIELD>`` (e.g. TORCHRELAY_NATS_URL)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    url: str = Field(
+        default="nats://127.0.0.1:4222",
+        description="Comma-separated server URLs; the client fails over between them.",
+    )
+    user: str | None = Field(default=None, description="User name for user/password auth.")
+    password: SecretStr | None = None
+    token: SecretStr | None = Field(default=None, description="Token auth.")
+    nkey_seed_file: Path | None = Field(default=None, description="NKey seed file (nkey auth).")
+    creds_file: Path | None = Field(default=None, description="Decentralised JWT credentials.")
+    tls_ca_file: Path | None = Field(default=None, description="CA bundle to verify the server.")
+    tls_cert_file: Path | None = Field(default=None, description="Client certificate (mTLS).")
+    tls_key_file: Path | None = Field(default=None, description="Client key (mTLS).")
+    tls_hostname: str | None = Field(default=None, description="Server name to verify in TLS.")
+    connect_timeout_s: float = Field(default=5.0, gt=0, description="Per-attempt connect timeout.")
+    max_reconnect_attempts: int = Field(
+        default=-1, description="-1 reconnects forever: a service outlives a NATS restart."
+    )
+    name: str | None = Field(default=None, description="Client name shown by the server.")
+
+    @model_validator(mode="after")
+    def _one_auth_method(self) -> NatsSettings:
+        methods = [
+            name
+            for name, present in (
+                ("user/password", self.user is not None or self.password is not None),
+                ("token", self.token is not None),
+                ("nkey_seed_file", self.nkey_seed_file is not None),
+                ("creds_file", self.creds_file is not None),
+            )
+            if present
+        ]
+        if len(methods) > 1:
+            raise ValueError(f"choose one NATS auth method, got {', '.join(methods)}")
+        if (self.user is None) != (self.password is None):
+            raise ValueError("NATS user and password go together")
+        if (self.tls_cert_file is None) != (self.tls_key_file is None):
+            raise ValueError("tls_cert_file and tls_key_file go together")
+        return self
+
+    def tls_context(self) -> ssl.SSLContext | None:
+        if self.tls_ca_file is None and self.tls_cert_file is None:
+            return None
+        context = ssl.create_default_context(
+            cafile=str(self.tls_ca_file) if self.tls_ca_file else None
+        )
+        if self.tls_cert_file is not None and self.tls_key_file is not None:
+            context.load_cert_chain(str(self.tls_cert_file), str(self.tls_key_file))
+        return context
+
+
+async def connect(settings: NatsSettings, **callbacks: Any) -> NatsClient:
+    """Open a NATS connection; raises ConfigError naming the URL when no server answers."""
+    options: dict[str, Any] = {
+        "servers": [url.strip() for url in settings.url.split(",") if url.strip()],
+        "connect_timeout": settings.connect_timeout_s,
+        "max_reconnect_attempts": settings.max_reconnect_attempts,
+        "allow_reconnect": True,
+        **callbacks,
+    }
+    if settings.name:
+        options["name"] = settings.name
+    if settings.user is not None and settings.password is not None:
+        options["user"] = settings.user
+        options["password"] = settings.password.get_secret_value()
+    if settings.token is not None:
+        options["token"] = settings.token.get_secret_value()
+    if settings.nkey_seed_file is not None:
+        options["nkeys_seed"] = str(settings.nkey_seed_file)
+    if settings.creds_file is not None:
+        options["user_credentials"] = str(settings.creds_file)
+    tls = settings.tls_context()
+    if tls is not None:
+        options["tls"] = tls
+        if settings.tls_hostname:
+            options["tls_hostname"] = settings.tls_hostname
+    try:
+        return await nats.connect(**options)
+    except (OSError, nats.errors.NoServersError, TimeoutError) as exc:
+        raise ConfigError(
+            f"cannot reach NATS at {settings.url} ({type(exc).__name__}: {exc}); "
+            "start nats-server or set TORCHRELAY_NATS_URL"
+        ) from exc

@@ -1,0 +1,317 @@
+"""The NATS JetStream adapter of the bus port.
+
+One stream over ``torchrelay.>`` (file storage, duplicate window: an event id is stored once);
+one durable pull consumer per subscription, shared by every replica of the service. Outcomes
+map to acks in one place, :func:`torchrelay.shared.bus.outcome.decide`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import time
+import uuid
+from collections.abc import Sequence
+
+import nats.errors
+import nats.js.errors
+import structlog
+from nats.aio.client import Client as NatsClient
+from nats.aio.msg import Msg
+from nats.js import api
+from pydantic import BaseModel, ConfigDict, Field
+
+from torchrelay.shared.bus.outcome import Action, Outcome, decide
+from torchrelay.shared.bus.port import BusObserver, Handled, NullObserver, Subscription
+from torchrelay.shared.events import (
+    ALL_SUBJECTS,
+    AnyEvent,
+    DeadLettered,
+    InvalidEvent,
+    decode,
+)
+from torchrelay.shared.events.data import DeadLetteredData
+
+log = structlog.get_logger("torchrelay.bus")
+
+# Dead-letter ids derive from (consumer, stream sequence): a dead letter re-published after a
+# crash is deduplicated by the stream like any other event.
+_DEADLETTER_NAMESPACE = uuid.UUID("5f0c5a8e-3c1e-4d7e-9a51-2b1f0e6d7c11")
+_STREAM_CONFIG_CONFLICT = 10058
+
+
+class StreamSettings(BaseModel):
+    """The JetStream stream that carries every torchrelay event."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    name: str = Field(default="TORCHRELAY", pattern=r"^[A-Za-z0-9_-]+$")
+    duplicate_window_s: float = Field(
+        default=120.0, gt=0, description="Seconds an event id is remembered for deduplication."
+    )
+    max_age_s: float = Field(
+        default=7 * 24 * 3600.0, gt=0, description="Seconds events are kept; replay horizon."
+    )
+    replicas: int = Field(
+        default=1, ge=1, le=5, description="Stream replicas in a NATS cluster."
+    )
+    publish_timeout_s: float = Field(default=5.0, gt=0)
+    fetch_timeout_s: float = Field(
+        default=1.0, gt=0, description="Longest idle pull; bounds how fast a stop is noticed."
+    )
+
+
+class JetStreamBus:
+    """Publishes and consumes torchrelay events through NATS JetStream."""
+
+    def __init__(
+        self,
+        nc: NatsClient,
+        settings: StreamSettings | None = None,
+        *,
+        source: str = "/torchrelay",
+        observer: BusObserver | None = None,
+    ) -> None:
+        self._nc = nc
+        self._js = nc.jetstream(timeout=(settings or StreamSettings()).publish_timeout_s)
+        self.settings = settings or StreamSettings()
+        self._source = source
+        self._observer: BusObserver = observer or NullObserver()
+
+    @property
+    def nc(self) -> NatsClient:
+        return self._nc
+
+    async def aclose(self, timeout_s: float = 10.0) -> None:
+        """Drain the connection (flushing the acks and naks of finished handlers), then close.
+        Idempotent; never raises."""
+        if self._nc.is_closed:
+            return
+        try:
+            async with asyncio.timeout(timeout_s):
+                await self._nc.drain()
+        except (TimeoutError, nats.errors.Error, OSError) as exc:
+            log.warning("nats.drain_failed", error=repr(exc))
+            with contextlib.suppress(nats.errors.Error, OSError):
+                await self._nc.close()
+
+    # --- provisioning -------------------------------------------------------------------------
+
+    def _stream_config(self) -> api.StreamConfig:
+        return api.StreamConfig(
+            name=self.settings.name,
+            subjects=[ALL_SUBJECTS],
+            storage=api.StorageType.FILE,
+            retention=api.RetentionPolicy.LIMITS,
+            discard=api.DiscardPolicy.OLD,
+            duplicate_window=self.settings.duplicate_window_s,
+            max_age=self.settings.max_age_s,
+            num_replicas=self.settings.replicas,
+        )
+
+    async def ensure_stream(self) -> None:
+        """Create the stream, or bring an existing one to this configuration."""
+        config = self._stream_config()
+        try:
+            await self._js.add_stream(config)
+        except nats.js.errors.BadRequestError as exc:
+            if exc.err_code != _STREAM_CONFIG_CONFLICT:
+                raise
+            await self._js.update_stream(config)
+
+    async def provision(self, subscriptions: Sequence[Subscription]) -> None:
+        await self.ensure_stream()
+        for subscription in subscriptions:
+            await self._js.add_consumer(self.settings.name, _consumer_config(subscription))
+
+    async def stream_ready(self) -> bool:
+        """True when connected and the stream exists; what /readyz asks."""
+        if not self._nc.is_connected:
+            return False
+        try:
+            await self._js.stream_info(self.settings.name)
+        except (nats.errors.Error, TimeoutError):
+            return False
+        return True
+
+    # --- publishing ---------------------------------------------------------------------------
+
+    async def publish(self, event: AnyEvent) -> bool:
+        ack = await self._js.publish(
+            event.nats_subject,
+            event.to_json(),
+            stream=self.settings.name,
+            headers={"Nats-Msg-Id": event.id},
+        )
+        self._observer.published(event.nats_subject, duplicate=bool(ack.duplicate))
+        return not ack.duplicate
+
+    # --- consuming ----------------------------------------------------------------------------
+
+    async def consume(self, subscription: Subscription, stop: asyncio.Event) -> None:
+        psub = await self._js.pull_subscribe_bind(
+            durable=subscription.name, stream=self.settings.name
+        )
+        in_flight: set[asyncio.Task[None]] = set()
+        try:
+            while not stop.is_set():
+                free = subscription.max_in_flight - len(in_flight)
+                if free <= 0:
+                    await asyncio.wait(in_flight, return_when=asyncio.FIRST_COMPLETED)
+                    continue
+                try:
+                    messages = await psub.fetch(batch=free, timeout=self.settings.fetch_timeout_s)
+                except (nats.errors.TimeoutError, TimeoutError):
+                    continue
+                if stop.is_set():
+                    # Stopping: hand these back at once so another replica takes them.
+                    for msg in messages:
+                        await msg.nak()
+                    break
+                for msg in messages:
+                    task = asyncio.create_task(
+                        self._handle(subscription, msg), name=f"handle:{subscription.name}"
+                    )
+                    in_flight.add(task)
+                    task.add_done_callback(in_flight.discard)
+            if in_flight:
+                await asyncio.gather(*in_flight)
+        finally:
+            for task in in_flight:
+                task.cancel()
+            if in_flight:
+                await asyncio.gather(*in_flight, return_exceptions=True)
+            with contextlib.suppress(nats.errors.Error):
+                await psub.unsubscribe()
+
+    async def _handle(self, subscription: Subscription, msg: Msg) -> None:
+        started = time.perf_counter()
+        delivered = msg.metadata.num_delivered
+        event: AnyEvent | None = None
+        error: Exception | None = None
+        try:
+            event = decode(msg.data, subject=msg.subject)
+        except InvalidEvent as exc:
+            error = exc
+        if event is not None:
+            with structlog.contextvars.bound_contextvars(
+                event_id=event.id,
+                event_type=event.type,
+                pipeline_id=event.pipelineid,
+                consumer=subscription.name,
+                delivery=delivered,
+            ):
+                heartbeat = asyncio.create_task(
+                    _keep_alive(msg, subscription.heartbeat_interval_s), name="in-progress"
+                )
+                try:
+                    await subscription.handler(event)
+                except asyncio.CancelledError:
+                    # Stopping before the grace period let it finish: redeliver now rather
+                    # than after ack_wait. The handler is idempotent, so a rerun is safe.
+                    await msg.nak()
+                    raise
+                except Exception as exc:  # noqa: BLE001 - the outcome table decides what errors mean
+                    error = exc
+                finally:
+                    heartbeat.cancel()
+        outcome = decide(
+            error,
+            delivered=delivered,
+            max_deliver=subscription.max_deliver,
+            backoff_s=subscription.backoff_s,
+        )
+        if outcome.dead_letter_reason is not None:
+            log.warning(
+                "event.dead_lettered",
+                consumer=subscription.name,
+                subject=msg.subject,
+                event_id=event.id if event is not None else None,
+                reason=outcome.dead_letter_reason,
+            )
+        elif outcome.action is Action.NAK:
+            log.info(
+                "event.retry",
+                consumer=subscription.name,
+                delivery=delivered,
+                delay_s=outcome.delay_s,
+                error=repr(error),
+            )
+        await self._apply(subscription, msg, outcome, event)
+        self._observer.handled(
+            Handled(
+                subscription=subscription.name,
+                subject=msg.subject,
+                event_type=event.type if event is not None else None,
+                outcome=outcome,
+                duration_s=time.perf_counter() - started,
+                delivered=delivered,
+            )
+        )
+
+    async def _apply(
+        self, subscription: Subscription, msg: Msg, outcome: Outcome, event: AnyEvent | None
+    ) -> None:
+        if outcome.action is Action.ACK:
+            await msg.ack()
+            return
+        if outcome.action is Action.NAK:
+            await msg.nak(delay=outcome.delay_s)
+            return
+        if outcome.dead_letter_reason is not None and not isinstance(event, DeadLettered):
+            try:
+                await self.publish(self._dead_letter(subscription, msg, event, outcome))
+            except (nats.errors.Error, TimeoutError) as exc:
+                # The dead letter is not stored: keep the event rather than lose it.
+                log.error("deadletter.publish_failed", error=repr(exc))  # noqa: TRY400
+                await msg.nak(delay=subscription.backoff_s[-1] if subscription.backoff_s else 1)
+                return
+        await msg.term()
+
+    def _dead_letter(
+        self, subscription: Subscription, msg: Msg, event: AnyEvent | None, outcome: Outcome
+    ) -> DeadLettered:
+        try:
+            payload, encoding = msg.data.decode(), "utf-8"
+        except UnicodeDecodeError:
+            payload, encoding = base64.b64encode(msg.data).decode(), "base64"
+        sequence = msg.metadata.sequence.stream
+        return DeadLettered(
+            id=str(uuid.uuid5(_DEADLETTER_NAMESPACE, f"{subscription.name}:{sequence}")),
+            source=self._source,
+            subject=subscription.name,
+            pipelineid=event.pipelineid if event is not None else None,
+            causationid=event.id if event is not None else None,
+            data=DeadLetteredData(
+                original_subject=msg.subject,
+                original_type=event.type if event is not None else None,
+                original_id=event.id if event is not None else None,
+                consumer=subscription.name,
+                payload=payload,
+                payload_encoding=encoding,
+                reason=(outcome.dead_letter_reason or "terminated")[:512],
+                deliveries=msg.metadata.num_delivered,
+            ),
+        )
+
+
+def _consumer_config(subscription: Subscription) -> api.ConsumerConfig:
+    subjects = subscription.subjects
+    return api.ConsumerConfig(
+        durable_name=subscription.name,
+        ack_policy=api.AckPolicy.EXPLICIT,
+        ack_wait=subscription.ack_wait_s,
+        max_deliver=subscription.max_deliver,
+        deliver_policy=api.DeliverPolicy.ALL,
+        filter_subject=subjects[0] if len(subjects) == 1 else None,
+        filter_subjects=subjects if len(subjects) > 1 else None,
+        max_ack_pending=max(1000, subscription.max_in_flight * 8),
+    )
+
+
+async def _keep_alive(msg: Msg, interval_s: float) -> None:
+    """Tell JetStream the handler is still working, so ack_wait never redelivers it."""
+    while True:
+        await asyncio.sleep(interval_s)
+        await msg.in_progress()

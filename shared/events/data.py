@@ -1,0 +1,203 @@
+"""Typed ``data`` payloads of every torchrelay event, grouped by domain."""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+from pydantic import Field, JsonValue, StringConstraints
+
+from torchrelay.shared.events.envelope import Data, Identifier, NonEmpty
+
+Name = Annotated[
+    str, StringConstraints(min_length=1, max_length=63, pattern=r"^[a-z0-9]([a-z0-9-]*[a-z0-9])?$")
+]
+"""A dataset or model name: DNS-label shaped, so it is safe in paths, KV keys and Kubernetes."""
+
+Version = Annotated[
+    str, StringConstraints(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+]
+Metrics = dict[str, float]
+
+
+# --- pipeline ---------------------------------------------------------------------------------
+
+
+class PipelineSubmittedData(Data):
+    """A pipeline spec (dataset source -> training -> deployment) was submitted."""
+
+    name: Name
+    spec: dict[str, JsonValue] = Field(
+        description="The pipeline spec as submitted; validated by the pipeline model."
+    )
+
+
+# --- dataset ----------------------------------------------------------------------------------
+
+
+class DatasetIngestRequestedData(Data):
+    request_id: Identifier
+    name: Name
+    source: NonEmpty = Field(
+        description="A path under an allowed root, an http(s) URL, an upload id, or sklearn:digits."
+    )
+    format: Literal["auto", "npz", "csv", "images", "pt"] = "auto"
+
+
+class DatasetStagedData(Data):
+    request_id: Identifier | None = None
+    name: Name
+    version: Version
+    path: NonEmpty = Field(description="Folder of the version, relative to the storage root.")
+    format: Literal["npz", "csv", "images", "pt"]
+    files: int = Field(ge=0)
+    size_bytes: int = Field(ge=0)
+    manifest_sha256: Annotated[str, StringConstraints(pattern=r"^[0-9a-f]{64}$")]
+
+
+class DatasetRejectedData(Data):
+    request_id: Identifier
+    name: Name | None = None
+    source: NonEmpty | None = None
+    reason: NonEmpty
+
+
+# --- train ------------------------------------------------------------------------------------
+
+
+class DatasetRef(Data):
+    name: Name
+    version: Version
+
+
+class Resources(Data):
+    cpu: float = Field(default=1.0, gt=0, description="CPU cores per worker.")
+    memory_mb: int = Field(default=1024, gt=0, description="Memory per worker, MiB.")
+    gpu: int = Field(default=0, ge=0, description="GPUs per worker (nvidia.com/gpu).")
+
+
+class TrainJobSpec(Data):
+    """What to train, on what, with which resources; the same for every backend."""
+
+    dataset: DatasetRef
+    entrypoint: Annotated[
+        str, StringConstraints(pattern=r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$", max_length=256)
+    ] = Field(description="module:function of the training function.")
+    world_size: int = Field(default=1, ge=1, le=1024)
+    resources: Resources = Resources()
+    hyperparameters: dict[str, JsonValue] = Field(default_factory=dict)
+    seed: int = Field(default=0, ge=0)
+    checkpoint_every_steps: int = Field(default=100, ge=1)
+    keep_checkpoints: int = Field(default=3, ge=1)
+    max_restarts: int = Field(default=3, ge=0)
+    model_name: Name
+
+
+class TrainRequestedData(Data):
+    run_id: Identifier | None = Field(default=None, description="Chosen by the service if absent.")
+    spec: TrainJobSpec
+
+
+class TrainRestartRequestedData(Data):
+    run_id: Identifier
+    reason: NonEmpty
+    attempt: int = Field(ge=1, description="The restart number this request asks for.")
+
+
+class TrainCancelRequestedData(Data):
+    run_id: Identifier
+    reason: NonEmpty = "cancelled by request"
+
+
+class TrainStartedData(Data):
+    run_id: Identifier
+    attempt: int = Field(ge=0, description="0 for the first launch, then one more per restart.")
+    world_size: int = Field(ge=1)
+    backend: NonEmpty
+    dataset: DatasetRef
+    resumed_from_step: int | None = None
+
+
+class TrainProgressData(Data):
+    run_id: Identifier
+    step: int = Field(ge=0)
+    epoch: int = Field(ge=0)
+    loss: float
+    samples_per_s: float = Field(ge=0)
+    metrics: Metrics = Field(default_factory=dict)
+
+
+class TrainCheckpointedData(Data):
+    run_id: Identifier
+    step: int = Field(ge=0)
+    path: NonEmpty
+
+
+class TrainCompletedData(Data):
+    run_id: Identifier
+    model_name: Name
+    model_version: Version
+    path: NonEmpty
+    metrics: Metrics = Field(default_factory=dict)
+
+
+class TrainFailedData(Data):
+    run_id: Identifier
+    reason: NonEmpty
+    rank: int | None = Field(default=None, ge=0)
+    exit_code: int | None = None
+    signal: NonEmpty | None = None
+    log_tail: list[str] = Field(default_factory=list, max_length=200)
+    final: bool = Field(
+        default=False, description="True when no restart will follow (restarts exhausted)."
+    )
+
+
+# --- model ------------------------------------------------------------------------------------
+
+
+class ModelDeployRequestedData(Data):
+    model_name: Name
+    version: Version
+    replicas: int = Field(default=1, ge=1, le=64)
+
+
+class ModelRollbackRequestedData(Data):
+    model_name: Name
+    to_version: Version | None = Field(default=None, description="Previous version if absent.")
+
+
+class ModelRolloutStartedData(Data):
+    model_name: Name
+    version: Version
+    previous_version: Version | None = None
+
+
+class ModelDeployedData(Data):
+    model_name: Name
+    version: Version
+    endpoint: NonEmpty
+
+
+class ModelRolloutFailedData(Data):
+    model_name: Name
+    version: Version
+    reason: NonEmpty
+    serving_version: Version | None = Field(
+        default=None, description="The version that keeps serving, if any."
+    )
+
+
+# --- dead letters -----------------------------------------------------------------------------
+
+
+class DeadLetteredData(Data):
+    """An event no consumer could handle, with what is needed to inspect and replay it."""
+
+    original_subject: NonEmpty
+    original_type: str | None = None
+    original_id: str | None = None
+    consumer: NonEmpty
+    payload: str = Field(description="The original payload, as text or base64.")
+    payload_encoding: Literal["utf-8", "base64"]
+    reason: NonEmpty
+    deliveries: int = Field(ge=1)

@@ -1,0 +1,23 @@
+"""State: typed KV buckets over NATS JetStream with compare-and-set, and leases with TTL."""
+
+from torchrelay.shared.state.kv import (
+    BUCKETS,
+    CorruptState,
+    Lease,
+    Leases,
+    State,
+    Store,
+    Versioned,
+    open_bucket,
+)
+
+__all__ = [
+    "BUCKETS",
+    "CorruptState",
+    "Lease",
+    "Leases",
+    "State",
+    "Store",
+    "Versioned",
+    "open_bucket",
+]

@@ -1,0 +1,3 @@
+from torchrelay.cli import main
+
+raise SystemExit(main())
