@@ -8,10 +8,8 @@ map to acks in one place, :func:`torchrelay.shared.bus.outcome.decide`.
 from __future__ import annotations
 
 import asyncio
-import base64
 import contextlib
 import time
-import uuid
 from collections.abc import Sequence
 
 import nats.errors
@@ -22,22 +20,13 @@ from nats.aio.msg import Msg
 from nats.js import api
 from pydantic import BaseModel, ConfigDict, Field
 
-from torchrelay.shared.bus.outcome import Action, Outcome, decide
+from torchrelay.shared.bus.dispatch import Dispatched, dead_letter_for, dispatch
+from torchrelay.shared.bus.outcome import Action
 from torchrelay.shared.bus.port import BusObserver, Handled, NullObserver, Subscription
-from torchrelay.shared.events import (
-    ALL_SUBJECTS,
-    AnyEvent,
-    DeadLettered,
-    InvalidEvent,
-    decode,
-)
-from torchrelay.shared.events.data import DeadLetteredData
+from torchrelay.shared.events import ALL_SUBJECTS, AnyEvent
 
 log = structlog.get_logger("torchrelay.bus")
 
-# Dead-letter ids derive from (consumer, stream sequence): a dead letter re-published after a
-# crash is deduplicated by the stream like any other event.
-_DEADLETTER_NAMESPACE = uuid.UUID("5f0c5a8e-3c1e-4d7e-9a51-2b1f0e6d7c11")
 _STREAM_CONFIG_CONFLICT = 10058
 
 
@@ -53,9 +42,7 @@ class StreamSettings(BaseModel):
     max_age_s: float = Field(
         default=7 * 24 * 3600.0, gt=0, description="Seconds events are kept; replay horizon."
     )
-    replicas: int = Field(
-        default=1, ge=1, le=5, description="Stream replicas in a NATS cluster."
-    )
+    replicas: int = Field(default=1, ge=1, le=5, description="Stream replicas in a NATS cluster.")
     publish_timeout_s: float = Field(default=5.0, gt=0)
     fetch_timeout_s: float = Field(
         default=1.0, gt=0, description="Longest idle pull; bounds how fast a stop is noticed."
@@ -188,112 +175,53 @@ class JetStreamBus:
     async def _handle(self, subscription: Subscription, msg: Msg) -> None:
         started = time.perf_counter()
         delivered = msg.metadata.num_delivered
-        event: AnyEvent | None = None
-        error: Exception | None = None
         try:
-            event = decode(msg.data, subject=msg.subject)
-        except InvalidEvent as exc:
-            error = exc
-        if event is not None:
-            with structlog.contextvars.bound_contextvars(
-                event_id=event.id,
-                event_type=event.type,
-                pipeline_id=event.pipelineid,
-                consumer=subscription.name,
-                delivery=delivered,
-            ):
-                heartbeat = asyncio.create_task(
-                    _keep_alive(msg, subscription.heartbeat_interval_s), name="in-progress"
-                )
-                try:
-                    await subscription.handler(event)
-                except asyncio.CancelledError:
-                    # Stopping before the grace period let it finish: redeliver now rather
-                    # than after ack_wait. The handler is idempotent, so a rerun is safe.
-                    await msg.nak()
-                    raise
-                except Exception as exc:  # noqa: BLE001 - the outcome table decides what errors mean
-                    error = exc
-                finally:
-                    heartbeat.cancel()
-        outcome = decide(
-            error,
-            delivered=delivered,
-            max_deliver=subscription.max_deliver,
-            backoff_s=subscription.backoff_s,
-        )
-        if outcome.dead_letter_reason is not None:
-            log.warning(
-                "event.dead_lettered",
-                consumer=subscription.name,
-                subject=msg.subject,
-                event_id=event.id if event is not None else None,
-                reason=outcome.dead_letter_reason,
+            dispatched = await dispatch(
+                subscription, msg.subject, msg.data, delivered, keep_alive=msg.in_progress
             )
-        elif outcome.action is Action.NAK:
-            log.info(
-                "event.retry",
-                consumer=subscription.name,
-                delivery=delivered,
-                delay_s=outcome.delay_s,
-                error=repr(error),
-            )
-        await self._apply(subscription, msg, outcome, event)
+        except asyncio.CancelledError:
+            # Stopping before the grace period let it finish: redeliver now rather than after
+            # ack_wait. Handlers are idempotent, so a rerun is safe.
+            await msg.nak()
+            raise
+        await self._apply(subscription, msg, dispatched)
         self._observer.handled(
             Handled(
                 subscription=subscription.name,
                 subject=msg.subject,
-                event_type=event.type if event is not None else None,
-                outcome=outcome,
+                event_type=dispatched.event.type if dispatched.event is not None else None,
+                outcome=dispatched.outcome,
                 duration_s=time.perf_counter() - started,
                 delivered=delivered,
             )
         )
 
-    async def _apply(
-        self, subscription: Subscription, msg: Msg, outcome: Outcome, event: AnyEvent | None
-    ) -> None:
+    async def _apply(self, subscription: Subscription, msg: Msg, dispatched: Dispatched) -> None:
+        outcome = dispatched.outcome
         if outcome.action is Action.ACK:
             await msg.ack()
             return
         if outcome.action is Action.NAK:
             await msg.nak(delay=outcome.delay_s)
             return
-        if outcome.dead_letter_reason is not None and not isinstance(event, DeadLettered):
+        dead_letter = dead_letter_for(
+            subscription,
+            subject=msg.subject,
+            payload=msg.data,
+            dispatched=dispatched,
+            delivered=msg.metadata.num_delivered,
+            delivery_key=str(msg.metadata.sequence.stream),
+            source=self._source,
+        )
+        if dead_letter is not None:
             try:
-                await self.publish(self._dead_letter(subscription, msg, event, outcome))
+                await self.publish(dead_letter)
             except (nats.errors.Error, TimeoutError) as exc:
                 # The dead letter is not stored: keep the event rather than lose it.
                 log.error("deadletter.publish_failed", error=repr(exc))  # noqa: TRY400
                 await msg.nak(delay=subscription.backoff_s[-1] if subscription.backoff_s else 1)
                 return
         await msg.term()
-
-    def _dead_letter(
-        self, subscription: Subscription, msg: Msg, event: AnyEvent | None, outcome: Outcome
-    ) -> DeadLettered:
-        try:
-            payload, encoding = msg.data.decode(), "utf-8"
-        except UnicodeDecodeError:
-            payload, encoding = base64.b64encode(msg.data).decode(), "base64"
-        sequence = msg.metadata.sequence.stream
-        return DeadLettered(
-            id=str(uuid.uuid5(_DEADLETTER_NAMESPACE, f"{subscription.name}:{sequence}")),
-            source=self._source,
-            subject=subscription.name,
-            pipelineid=event.pipelineid if event is not None else None,
-            causationid=event.id if event is not None else None,
-            data=DeadLetteredData(
-                original_subject=msg.subject,
-                original_type=event.type if event is not None else None,
-                original_id=event.id if event is not None else None,
-                consumer=subscription.name,
-                payload=payload,
-                payload_encoding=encoding,
-                reason=(outcome.dead_letter_reason or "terminated")[:512],
-                deliveries=msg.metadata.num_delivered,
-            ),
-        )
 
 
 def _consumer_config(subscription: Subscription) -> api.ConsumerConfig:
@@ -308,10 +236,3 @@ def _consumer_config(subscription: Subscription) -> api.ConsumerConfig:
         filter_subjects=subjects if len(subjects) > 1 else None,
         max_ack_pending=max(1000, subscription.max_in_flight * 8),
     )
-
-
-async def _keep_alive(msg: Msg, interval_s: float) -> None:
-    """Tell JetStream the handler is still working, so ack_wait never redelivers it."""
-    while True:
-        await asyncio.sleep(interval_s)
-        await msg.in_progress()

@@ -1,0 +1,142 @@
+"""Running one delivery through a handler, the same way in every adapter.
+
+Decode -> bind log context -> handler (with an optional keep-alive while it runs) -> outcome.
+The adapter turns the outcome into its own ack, nak or term; cancellation propagates.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import uuid
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+
+import structlog
+
+from torchrelay.shared.bus.outcome import Action, Outcome, decide
+from torchrelay.shared.bus.port import Subscription
+from torchrelay.shared.events import AnyEvent, DeadLettered, InvalidEvent, decode
+from torchrelay.shared.events.data import DeadLetteredData
+
+log = structlog.get_logger("torchrelay.bus")
+
+# Dead-letter ids derive from (consumer, delivery key): a dead letter re-published after a
+# crash is deduplicated by the stream like any other event.
+_DEADLETTER_NAMESPACE = uuid.UUID("5f0c5a8e-3c1e-4d7e-9a51-2b1f0e6d7c11")
+
+
+@dataclass(frozen=True, slots=True)
+class Dispatched:
+    event: AnyEvent | None
+    outcome: Outcome
+
+
+async def dispatch(
+    subscription: Subscription,
+    subject: str,
+    payload: bytes,
+    delivered: int,
+    keep_alive: Callable[[], Awaitable[None]] | None = None,
+) -> Dispatched:
+    """Decode ``payload`` and run the subscription's handler on it; never raises except
+    CancelledError (the adapter then hands the event back)."""
+    event: AnyEvent | None = None
+    error: Exception | None = None
+    try:
+        event = decode(payload, subject=subject)
+    except InvalidEvent as exc:
+        error = exc
+    if event is not None:
+        with structlog.contextvars.bound_contextvars(
+            event_id=event.id,
+            event_type=event.type,
+            pipeline_id=event.pipelineid,
+            consumer=subscription.name,
+            delivery=delivered,
+        ):
+            beat = (
+                asyncio.create_task(_beat(keep_alive, subscription.heartbeat_interval_s))
+                if keep_alive is not None
+                else None
+            )
+            try:
+                await subscription.handler(event)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # noqa: BLE001 - the outcome table decides what errors mean
+                error = exc
+            finally:
+                if beat is not None:
+                    beat.cancel()
+                    with contextlib.suppress(asyncio.CancelledError):
+                        await beat
+    outcome = decide(
+        error,
+        delivered=delivered,
+        max_deliver=subscription.max_deliver,
+        backoff_s=subscription.backoff_s,
+    )
+    if outcome.dead_letter_reason is not None:
+        log.warning(
+            "event.dead_lettered",
+            consumer=subscription.name,
+            subject=subject,
+            event_id=event.id if event is not None else None,
+            reason=outcome.dead_letter_reason,
+        )
+    elif outcome.action is Action.NAK:
+        log.info(
+            "event.retry",
+            consumer=subscription.name,
+            event_id=event.id if event is not None else None,
+            delivery=delivered,
+            delay_s=outcome.delay_s,
+            error=repr(error),
+        )
+    return Dispatched(event, outcome)
+
+
+async def _beat(keep_alive: Callable[[], Awaitable[None]], interval_s: float) -> None:
+    while True:
+        await asyncio.sleep(interval_s)
+        await keep_alive()
+
+
+def dead_letter_for(
+    subscription: Subscription,
+    *,
+    subject: str,
+    payload: bytes,
+    dispatched: Dispatched,
+    delivered: int,
+    delivery_key: str,
+    source: str,
+) -> DeadLettered | None:
+    """The dead-letter event for a terminated delivery, or None for a dead letter itself
+    (never dead-letter a dead letter: that could loop)."""
+    event, outcome = dispatched.event, dispatched.outcome
+    if outcome.dead_letter_reason is None or isinstance(event, DeadLettered):
+        return None
+    try:
+        text, encoding = payload.decode(), "utf-8"
+    except UnicodeDecodeError:
+        text, encoding = base64.b64encode(payload).decode(), "base64"
+    return DeadLettered(
+        id=str(uuid.uuid5(_DEADLETTER_NAMESPACE, f"{subscription.name}:{delivery_key}")),
+        source=source,
+        subject=subscription.name,
+        pipelineid=event.pipelineid if event is not None else None,
+        causationid=event.id if event is not None else None,
+        data=DeadLetteredData(
+            original_subject=subject,
+            original_type=event.type if event is not None else None,
+            original_id=event.id if event is not None else None,
+            consumer=subscription.name,
+            payload=text,
+            payload_encoding=encoding,
+            reason=outcome.dead_letter_reason[:512],
+            deliveries=delivered,
+        ),
+    )

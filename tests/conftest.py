@@ -1,0 +1,1 @@
+pytest_plugins = ["torchrelay.shared.testing.fixtures"]

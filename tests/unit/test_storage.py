@@ -1,0 +1,112 @@
+"""Atomic writes, hashing while copying, and paths that stay under their root."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+from pathlib import Path
+
+import pytest
+
+from torchrelay.shared.errors import PermanentError, UnsafePath
+from torchrelay.shared.storage import (
+    atomic_write_bytes,
+    atomic_writer,
+    clean_temporaries,
+    copy_and_hash,
+    publish_dir,
+    resolve_within,
+    sha256_file,
+    temp_sibling,
+)
+
+
+def names(folder: Path) -> list[str]:
+    return sorted(p.name for p in folder.iterdir())
+
+
+def test_atomic_write_replaces_the_whole_file(tmp_path: Path) -> None:
+    target = tmp_path / "a" / "model.json"
+    atomic_write_bytes(target, b"old")
+    atomic_write_bytes(target, b"new")
+    assert target.read_bytes() == b"new"
+    assert names(target.parent) == ["model.json"], "no temporary file is left behind"
+
+
+def test_a_failed_write_leaves_the_old_file_and_no_temporary(tmp_path: Path) -> None:
+    target = tmp_path / "weights.pt"
+    atomic_write_bytes(target, b"good")
+
+    def crash_mid_write() -> None:
+        with atomic_writer(target) as handle:
+            handle.write(b"half")
+            raise RuntimeError("disk on fire")
+
+    with pytest.raises(RuntimeError, match="disk on fire"):
+        crash_mid_write()
+    assert target.read_bytes() == b"good"
+    assert names(tmp_path) == ["weights.pt"]
+
+
+def test_copy_hashes_in_the_same_pass(tmp_path: Path) -> None:
+    data = os.urandom(3 * 1024 * 1024 + 7)
+    copied = copy_and_hash(io.BytesIO(data), tmp_path / "x.bin")
+    assert copied.size_bytes == len(data)
+    assert copied.sha256 == hashlib.sha256(data).hexdigest()
+    assert sha256_file(tmp_path / "x.bin") == copied.sha256
+
+
+def test_copy_over_the_size_cap_fails_and_leaves_nothing(tmp_path: Path) -> None:
+    with pytest.raises(PermanentError, match="more than 1000 bytes"):
+        copy_and_hash(io.BytesIO(b"x" * 5000), tmp_path / "big.bin", max_bytes=1000)
+    assert names(tmp_path) == []
+
+
+def test_publishing_a_folder_is_first_writer_wins(tmp_path: Path) -> None:
+    final = tmp_path / "datasets" / "digits" / "abc"
+    first, second = temp_sibling(final), temp_sibling(final)
+    for staging, text in ((first, "first"), (second, "second")):
+        staging.mkdir(parents=True)
+        (staging / "data.npz").write_text(text)
+    assert publish_dir(first, final) is True
+    assert publish_dir(second, final) is False
+    assert (final / "data.npz").read_text() == "first"
+    assert not second.exists()
+    assert sorted(p.name for p in final.parent.iterdir()) == ["abc"]
+
+
+def test_leftovers_of_a_crash_are_cleaned(tmp_path: Path) -> None:
+    keep = tmp_path / "datasets" / "d" / "v1" / "data.csv"
+    keep.parent.mkdir(parents=True)
+    keep.write_text("a,b\n")
+    half_dir = temp_sibling(tmp_path / "datasets" / "d" / "v2")
+    half_dir.mkdir()
+    (half_dir / "part").write_text("x")
+    half_file = temp_sibling(keep)
+    half_file.write_text("partial")
+    removed = clean_temporaries(tmp_path)
+    assert set(removed) == {half_dir, half_file}
+    assert keep.exists()
+    assert not half_dir.exists()
+    assert not half_file.exists()
+
+
+def test_paths_resolve_inside_the_root(tmp_path: Path) -> None:
+    (tmp_path / "runs" / "r1").mkdir(parents=True)
+    assert resolve_within(tmp_path, "runs/r1") == (tmp_path / "runs" / "r1").resolve()
+    assert resolve_within(tmp_path, "runs/../runs/r1") == (tmp_path / "runs" / "r1").resolve()
+
+
+@pytest.mark.parametrize("bad", ["../etc/passwd", "runs/../../x", "/etc/passwd"])
+def test_paths_escaping_the_root_are_refused(tmp_path: Path, bad: str) -> None:
+    with pytest.raises(UnsafePath):
+        resolve_within(tmp_path, bad)
+
+
+def test_a_symlink_pointing_out_is_refused(tmp_path: Path) -> None:
+    root = tmp_path / "root"
+    root.mkdir()
+    (root / "escape").symlink_to(tmp_path)
+    with pytest.raises(UnsafePath, match="outside"):
+        resolve_within(root, "escape/secret")
