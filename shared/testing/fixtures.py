@@ -19,7 +19,6 @@ import pytest
 from torchrelay.shared.bus.server import NatsServer
 from torchrelay.shared.errors import ConfigError
 
-
 # Processes that fixtures of a wider scope own on purpose (the module's nats-server).
 _FIXTURE_PIDS: set[int] = set()
 
