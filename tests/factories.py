@@ -7,8 +7,8 @@ from torchrelay.shared.events.data import DatasetIngestRequestedData, DatasetSta
 
 
 def ingest_requested(request_id: str = "req-1", **envelope: object) -> DatasetIngestRequested:
+    envelope.setdefault("source", "/tests")
     return DatasetIngestRequested(
-        source="/tests",
         data=DatasetIngestRequestedData(
             request_id=request_id, name="digits", source="sklearn:digits"
         ),
@@ -17,8 +17,8 @@ def ingest_requested(request_id: str = "req-1", **envelope: object) -> DatasetIn
 
 
 def staged(version: str = "v1", **envelope: object) -> DatasetStaged:
+    envelope.setdefault("source", "/torchrelay/ingest")
     return DatasetStaged(
-        source="/torchrelay/ingest",
         data=DatasetStagedData(
             name="digits",
             version=version,

@@ -70,7 +70,9 @@ async def test_two_replicas_handle_each_of_1000_events_exactly_once(nats_url: st
         for i in range(2)
     ]
     await replicas[0].provision(subs[:1])
-    tasks = [asyncio.create_task(bus.consume(sub, stop)) for bus, sub in zip(replicas, subs, strict=True)]
+    tasks = [
+        asyncio.create_task(bus.consume(sub, stop)) for bus, sub in zip(replicas, subs, strict=True)
+    ]
     events = [staged(version=f"v{i}") for i in range(1000)]
     for event in events:
         await replicas[0].publish(event)

@@ -1,0 +1,207 @@
+"""Services as real processes: endpoints, crashes mid-event, SIGTERM during a burst."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import aiohttp
+import nats
+import pytest
+
+from tests.factories import ingest_requested, staged
+from tests.integration.conftest import FAST_STREAM
+from tests.integration.effect_service import ATTEMPTS_BUCKET, EFFECTS_BUCKET
+from tests.integration.processes import ServiceProcess
+from torchrelay.shared.bus.jetstream import JetStreamBus
+from torchrelay.shared.bus.server import NatsServer
+from torchrelay.shared.testing import assert_eventually
+
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(180)]
+
+EFFECT_SERVICE = ["-m", "tests.integration.effect_service"]
+
+
+@pytest.fixture
+def processes(tmp_path: Path) -> Iterator[list[ServiceProcess]]:
+    started: list[ServiceProcess] = []
+    yield started
+    for process in started:
+        process.stop()
+
+
+@pytest.fixture
+async def bus(nats_url: str) -> AsyncIterator[JetStreamBus]:
+    bus = JetStreamBus(await nats.connect(nats_url), FAST_STREAM)
+    await bus.ensure_stream()
+    yield bus
+    await bus.aclose()
+
+
+def start(
+    processes: list[ServiceProcess],
+    argv: list[str],
+    nats_url: str,
+    log: Path,
+    **env: str,
+) -> ServiceProcess:
+    process = ServiceProcess(
+        [*argv, "--nats-url", nats_url, "--http-port", "0"],
+        log,
+        env={"TORCHRELAY_SHUTDOWN_GRACE_S": "5", "TORCHRELAY_SHUTDOWN_DEADLINE_S": "10", **env},
+    )
+    processes.append(process)
+    return process
+
+
+async def kv_keys(bus: JetStreamBus, bucket: str) -> list[str]:
+    kv = await bus.nc.jetstream().key_value(bucket)
+    try:
+        return list(await kv.keys())
+    except nats.js.errors.NoKeysError:
+        return []
+
+
+async def test_monitor_serves_health_readiness_and_metrics_behind_a_token(
+    nats_url: str, bus: JetStreamBus, processes: list[ServiceProcess], tmp_path: Path
+) -> None:
+    monitor = start(
+        processes,
+        ["-m", "torchrelay", "service", "monitor"],
+        nats_url,
+        tmp_path / "monitor.log",
+        TORCHRELAY_HTTP_BEARER_TOKEN="s3cret",
+    )
+    port = await monitor.wait_ready()
+    base = f"http://127.0.0.1:{port}"
+    await bus.publish(staged(source="/torchrelay/ingest"))
+    await bus.publish(ingest_requested(source="/some/other/system"))
+    async with aiohttp.ClientSession() as http:
+        async with http.get(f"{base}/healthz") as response:
+            assert response.status == 200
+        async with http.get(f"{base}/readyz") as response:
+            assert response.status == 200
+        async with http.get(f"{base}/metrics") as response:
+            assert response.status == 401
+            assert "bearer token" in (await response.json())["error"]
+        auth = {"Authorization": "Bearer s3cret"}
+
+        async def counted() -> bool:
+            async with http.get(f"{base}/metrics", headers=auth) as response:
+                text = await response.text()
+            return (
+                'torchrelay_events_total{source="ingest",type="io.torchrelay.dataset.staged.v1"} 1.0'
+                in text
+                and 'source="external",type="io.torchrelay.dataset.ingest.requested.v1"} 1.0'
+                in text
+            )
+
+        await assert_eventually(counted)
+    monitor.signal(signal.SIGTERM)
+    assert monitor.wait(15) == 0
+    assert monitor.logged("service.stopped")
+
+
+async def test_readiness_fails_while_nats_is_down(
+    tmp_path: Path, processes: list[ServiceProcess]
+) -> None:
+    server = NatsServer(tmp_path / "nats").start()
+    try:
+        monitor = start(
+            processes, ["-m", "torchrelay", "service", "monitor"], server.url, tmp_path / "m.log"
+        )
+        port = await monitor.wait_ready()
+        url = f"http://127.0.0.1:{port}/readyz"
+        async with aiohttp.ClientSession() as http:
+
+            async def status() -> int:
+                async with http.get(url) as response:
+                    return response.status
+
+            assert await status() == 200
+            server.stop()
+            await assert_eventually(lambda: _is(status(), 503), timeout_s=15)
+            async with http.get(f"http://127.0.0.1:{port}/healthz") as response:
+                assert response.status == 200, "alive though not ready: no restart storm"
+    finally:
+        server.stop()
+
+
+async def _is(status: object, expected: int) -> bool:
+    return await status == expected  # type: ignore[misc]
+
+
+async def test_an_event_whose_handler_dies_mid_way_is_redelivered_and_its_effect_happens_once(
+    nats_url: str, bus: JetStreamBus, processes: list[ServiceProcess], tmp_path: Path
+) -> None:
+    first = start(processes, EFFECT_SERVICE, nats_url, tmp_path / "first.log", EFFECT_HOLD_S="60")
+    await first.wait_ready()
+    event = staged()
+    await bus.publish(event)
+
+    async def effect_done() -> bool:
+        return event.id in await kv_keys(bus, EFFECTS_BUCKET)
+
+    await assert_eventually(effect_done, timeout_s=15)
+    first.signal(signal.SIGKILL)  # dies mid-handler, before its ack
+    first.wait(10)
+
+    second = start(processes, EFFECT_SERVICE, nats_url, tmp_path / "second.log")
+    await second.wait_ready()
+    attempts_kv = await bus.nc.jetstream().key_value(ATTEMPTS_BUCKET)
+
+    async def redelivered() -> bool:
+        entry = await attempts_kv.get(event.id)
+        return entry.value is not None and b'"count":2' in entry.value
+
+    await assert_eventually(redelivered, timeout_s=20)
+
+    async def acked() -> bool:
+        info = await bus.nc.jetstream().consumer_info(bus.settings.name, "effects")
+        return info.num_ack_pending == 0 and info.num_pending == 0
+
+    await assert_eventually(acked, timeout_s=15)
+    assert await kv_keys(bus, EFFECTS_BUCKET) == [event.id]
+    effects_kv = await bus.nc.jetstream().key_value(EFFECTS_BUCKET)
+    entry = await effects_kv.get(event.id)
+    assert entry.revision == 1 or entry.revision is not None
+    history = await effects_kv.history(event.id)
+    assert len(history) == 1, "the effect was written once, by the first delivery"
+
+
+async def test_sigterm_during_a_burst_loses_no_event(
+    nats_url: str, bus: JetStreamBus, processes: list[ServiceProcess], tmp_path: Path
+) -> None:
+    total = 300
+    first = start(processes, EFFECT_SERVICE, nats_url, tmp_path / "first.log", EFFECT_HOLD_S="0.02")
+    await first.wait_ready()
+    events = [staged(version=f"v{i}") for i in range(total)]
+
+    async def burst() -> None:
+        for event in events:
+            await bus.publish(event)
+
+    publishing = asyncio.create_task(burst())
+
+    async def some_done() -> bool:
+        return len(await kv_keys(bus, EFFECTS_BUCKET)) >= 30
+
+    await assert_eventually(some_done, timeout_s=30)
+    first.signal(signal.SIGTERM)
+    code, seconds = await asyncio.to_thread(first.elapsed_wait, 20)
+    assert code == 0, first.log_path.read_text()[-2000:]
+    assert seconds < 10, "shutdown stayed within its deadline"
+    await publishing
+    done_by_first = len(await kv_keys(bus, EFFECTS_BUCKET))
+    assert done_by_first < total, "the stop really happened mid-burst"
+
+    second = start(processes, EFFECT_SERVICE, nats_url, tmp_path / "second.log")
+    await second.wait_ready()
+
+    async def all_done() -> bool:
+        return len(await kv_keys(bus, EFFECTS_BUCKET)) == total
+
+    await assert_eventually(all_done, timeout_s=60)
+    assert set(await kv_keys(bus, EFFECTS_BUCKET)) == {e.id for e in events}
