@@ -2,15 +2,23 @@
 
 from __future__ import annotations
 
+import asyncio
 import ssl
 from pathlib import Path
 from typing import Any
 
 import nats
+import structlog
 from nats.aio.client import Client as NatsClient
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, model_validator
 
 from torchrelay.shared.errors import ConfigError
+
+log = structlog.get_logger("torchrelay.nats")
+
+
+async def _log_connection_error(error: Exception) -> None:
+    log.warning("nats.connection_error", error=repr(error))
 
 
 class NatsSettings(BaseModel):
@@ -32,6 +40,12 @@ class NatsSettings(BaseModel):
     tls_key_file: Path | None = Field(default=None, description="Client key (mTLS).")
     tls_hostname: str | None = Field(default=None, description="Server name to verify in TLS.")
     connect_timeout_s: float = Field(default=5.0, gt=0, description="Per-attempt connect timeout.")
+    startup_wait_s: float = Field(
+        default=30.0,
+        gt=0,
+        description="How long a starting service keeps trying to reach NATS before it gives up "
+        "with an error (it then exits and its supervisor restarts it).",
+    )
     max_reconnect_attempts: int = Field(
         default=-1, description="-1 reconnects forever: a service outlives a NATS restart."
     )
@@ -93,8 +107,10 @@ async def connect(settings: NatsSettings, **callbacks: Any) -> NatsClient:
         options["tls"] = tls
         if settings.tls_hostname:
             options["tls_hostname"] = settings.tls_hostname
+    options.setdefault("error_cb", _log_connection_error)
     try:
-        return await nats.connect(**options)
+        async with asyncio.timeout(settings.startup_wait_s):
+            return await nats.connect(**options)
     except (OSError, nats.errors.NoServersError, TimeoutError) as exc:
         raise ConfigError(
             f"cannot reach NATS at {settings.url} ({type(exc).__name__}: {exc}); "

@@ -28,6 +28,7 @@ from torchrelay.shared.events import ALL_SUBJECTS, AnyEvent
 log = structlog.get_logger("torchrelay.bus")
 
 _STREAM_CONFIG_CONFLICT = 10058
+_BURST_FETCH_TIMEOUT_S = 0.05
 
 
 class StreamSettings(BaseModel):
@@ -141,16 +142,25 @@ class JetStreamBus:
             durable=subscription.name, stream=self.settings.name
         )
         in_flight: set[asyncio.Task[None]] = set()
+        # nats-py's fetch(n > 1) long-polls until n messages or the timeout, so a lone event
+        # would wait out the whole timeout. Long-poll for one message while idle; when the
+        # last delivery says more are pending, take up to that many at once (served without
+        # waiting), with a short timeout in case another replica took them first.
+        pending = 0
         try:
             while not stop.is_set():
                 free = subscription.max_in_flight - len(in_flight)
                 if free <= 0:
                     await asyncio.wait(in_flight, return_when=asyncio.FIRST_COMPLETED)
                     continue
+                batch = min(free, pending) if pending > 0 else 1
+                timeout = _BURST_FETCH_TIMEOUT_S if pending > 0 else self.settings.fetch_timeout_s
                 try:
-                    messages = await psub.fetch(batch=free, timeout=self.settings.fetch_timeout_s)
+                    messages = await psub.fetch(batch=batch, timeout=timeout)
                 except (nats.errors.TimeoutError, TimeoutError):
+                    pending = 0
                     continue
+                pending = messages[-1].metadata.num_pending if messages else 0
                 if stop.is_set():
                     # Stopping: hand these back at once so another replica takes them.
                     for msg in messages:

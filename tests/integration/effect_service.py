@@ -8,6 +8,7 @@ for a test to kill the process mid-event.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -43,10 +44,9 @@ async def build(platform: Platform[ServiceSettings]) -> AsyncIterator[Service]:
         await attempts.mutate(
             event.id, lambda a: Attempts(count=(a.count if a else 0) + 1), attempts=100
         )
-        try:
+        # AlreadyExists: an earlier delivery did it, and the effect happens once.
+        with contextlib.suppress(AlreadyExists):
             await effects.create(event.id, Effect(instance=platform.settings.instance))
-        except AlreadyExists:
-            pass  # done by an earlier delivery: the effect happens once
         await asyncio.sleep(hold_s)
 
     yield Service(

@@ -91,12 +91,11 @@ async def test_monitor_serves_health_readiness_and_metrics_behind_a_token(
         async def counted() -> bool:
             async with http.get(f"{base}/metrics", headers=auth) as response:
                 text = await response.text()
-            return (
-                'torchrelay_events_total{source="ingest",type="io.torchrelay.dataset.staged.v1"} 1.0'
-                in text
-                and 'source="external",type="io.torchrelay.dataset.ingest.requested.v1"} 1.0'
-                in text
+            staged_line = 'source="ingest",type="io.torchrelay.dataset.staged.v1"} 1.0'
+            external_line = (
+                'source="external",type="io.torchrelay.dataset.ingest.requested.v1"} 1.0'
             )
+            return f"torchrelay_events_total{{{staged_line}" in text and external_line in text
 
         await assert_eventually(counted)
     monitor.signal(signal.SIGTERM)
@@ -165,8 +164,6 @@ async def test_an_event_whose_handler_dies_mid_way_is_redelivered_and_its_effect
     await assert_eventually(acked, timeout_s=15)
     assert await kv_keys(bus, EFFECTS_BUCKET) == [event.id]
     effects_kv = await bus.nc.jetstream().key_value(EFFECTS_BUCKET)
-    entry = await effects_kv.get(event.id)
-    assert entry.revision == 1 or entry.revision is not None
     history = await effects_kv.history(event.id)
     assert len(history) == 1, "the effect was written once, by the first delivery"
 
