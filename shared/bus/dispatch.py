@@ -1,6 +1,6 @@
 """Running one delivery through a handler, the same way in every adapter.
 
-Decode -> bind log context -> handler (with an optional keep-alive while it runs) -> outcome.
+Decode -> bind log context -> handler -> outcome.
 The adapter turns the outcome into its own ack, nak or term; cancellation propagates.
 """
 
@@ -8,10 +8,8 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import contextlib
 import uuid
-from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from typing import NamedTuple
 
 import structlog
 
@@ -27,8 +25,7 @@ log = structlog.get_logger("torchrelay.bus")
 _DEADLETTER_NAMESPACE = uuid.UUID("5f0c5a8e-3c1e-4d7e-9a51-2b1f0e6d7c11")
 
 
-@dataclass(frozen=True, slots=True)
-class Dispatched:
+class Dispatched(NamedTuple):
     event: AnyEvent | None
     outcome: Outcome
 
@@ -38,7 +35,6 @@ async def dispatch(
     subject: str,
     payload: bytes,
     delivered: int,
-    keep_alive: Callable[[], Awaitable[None]] | None = None,
 ) -> Dispatched:
     """Decode ``payload`` and run the subscription's handler on it; never raises except
     CancelledError (the adapter then hands the event back)."""
@@ -49,29 +45,19 @@ async def dispatch(
     except InvalidEvent as exc:
         error = exc
     if event is not None:
-        with structlog.contextvars.bound_contextvars(
-            event_id=event.id,
-            event_type=event.type,
-            pipeline_id=event.pipelineid,
-            consumer=subscription.name,
-            delivery=delivered,
-        ):
-            beat = (
-                asyncio.create_task(_beat(keep_alive, subscription.heartbeat_interval_s))
-                if keep_alive is not None
-                else None
-            )
-            try:
-                await subscription.handler(event)
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:  # noqa: BLE001 - the outcome table decides what errors mean
-                error = exc
-            finally:
-                if beat is not None:
-                    beat.cancel()
-                    with contextlib.suppress(asyncio.CancelledError):
-                        await beat
+        # bind + reset by token: bound_contextvars() copies the whole context on every call,
+        # too slow for the hot path. The consumer name is bound once by the adapter's worker.
+        tokens = structlog.contextvars.bind_contextvars(
+            event_id=event.id, event_type=event.type, pipeline_id=event.pipelineid
+        )
+        try:
+            await subscription.handler(event)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - the outcome table decides what errors mean
+            error = exc
+        finally:
+            structlog.contextvars.reset_contextvars(**tokens)
     outcome = decide(
         error,
         delivered=delivered,
@@ -96,12 +82,6 @@ async def dispatch(
             error=repr(error),
         )
     return Dispatched(event, outcome)
-
-
-async def _beat(keep_alive: Callable[[], Awaitable[None]], interval_s: float) -> None:
-    while True:
-        await asyncio.sleep(interval_s)
-        await keep_alive()
 
 
 def dead_letter_for(

@@ -10,7 +10,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
+from typing import NamedTuple
 
 import nats.errors
 import nats.js.errors
@@ -141,7 +142,13 @@ class JetStreamBus:
         psub = await self._js.pull_subscribe_bind(
             durable=subscription.name, stream=self.settings.name
         )
-        in_flight: set[asyncio.Task[None]] = set()
+        pool = _WorkerPool(subscription.max_in_flight, self._handle_safely, subscription)
+        heartbeat = asyncio.create_task(
+            _keep_alive(pool.started, subscription.heartbeat_interval_s), name="in-progress"
+        )
+        # Refill in batches: wait until half the slots are free rather than fetching one
+        # message per finished handler.
+        refill_at = max(1, subscription.max_in_flight // 2)
         # nats-py's fetch(n > 1) long-polls until n messages or the timeout, so a lone event
         # would wait out the whole timeout. Long-poll for one message while idle; when the
         # last delivery says more are pending, take up to that many at once (served without
@@ -149,9 +156,9 @@ class JetStreamBus:
         pending = 0
         try:
             while not stop.is_set():
-                free = subscription.max_in_flight - len(in_flight)
-                if free <= 0:
-                    await asyncio.wait(in_flight, return_when=asyncio.FIRST_COMPLETED)
+                free = subscription.max_in_flight - pool.load
+                if pool.load and free < refill_at:
+                    await pool.slot_freed()
                     continue
                 batch = min(free, pending) if pending > 0 else 1
                 timeout = _BURST_FETCH_TIMEOUT_S if pending > 0 else self.settings.fetch_timeout_s
@@ -160,41 +167,50 @@ class JetStreamBus:
                 except (nats.errors.TimeoutError, TimeoutError):
                     pending = 0
                     continue
-                pending = messages[-1].metadata.num_pending if messages else 0
+                pending = _delivery(messages[-1]).pending if messages else 0
                 if stop.is_set():
                     # Stopping: hand these back at once so another replica takes them.
                     for msg in messages:
                         await msg.nak()
                     break
                 for msg in messages:
-                    task = asyncio.create_task(
-                        self._handle(subscription, msg), name=f"handle:{subscription.name}"
-                    )
-                    in_flight.add(task)
-                    task.add_done_callback(in_flight.discard)
-            if in_flight:
-                await asyncio.gather(*in_flight)
+                    pool.submit(msg)
+            # Not started yet: hand back. Started: let them finish (the runtime bounds this
+            # with its grace period and cancels us after it).
+            for msg in pool.take_queued():
+                await msg.nak()
+            await pool.idle()
         finally:
-            for task in in_flight:
-                task.cancel()
-            if in_flight:
-                await asyncio.gather(*in_flight, return_exceptions=True)
+            heartbeat.cancel()
+            await pool.close()
             with contextlib.suppress(nats.errors.Error):
                 await psub.unsubscribe()
 
-    async def _handle(self, subscription: Subscription, msg: Msg) -> None:
-        started = time.perf_counter()
-        delivered = msg.metadata.num_delivered
+    async def _handle_safely(
+        self, subscription: Subscription, msg: Msg, in_progress: dict[str, tuple[Msg, float]]
+    ) -> None:
         try:
-            dispatched = await dispatch(
-                subscription, msg.subject, msg.data, delivered, keep_alive=msg.in_progress
-            )
+            await self._handle(subscription, msg, in_progress)
+        except (nats.errors.Error, OSError) as exc:
+            # The ack could not be sent (connection lost): JetStream redelivers after ack_wait.
+            log.warning("event.ack_failed", consumer=subscription.name, error=repr(exc))
+
+    async def _handle(
+        self, subscription: Subscription, msg: Msg, in_progress: dict[str, tuple[Msg, float]]
+    ) -> None:
+        started = time.perf_counter()
+        delivery = _delivery(msg)
+        delivered = delivery.delivered
+        try:
+            dispatched = await dispatch(subscription, msg.subject, msg.data, delivered)
         except asyncio.CancelledError:
             # Stopping before the grace period let it finish: redeliver now rather than after
             # ack_wait. Handlers are idempotent, so a rerun is safe.
             await msg.nak()
             raise
-        await self._apply(subscription, msg, dispatched)
+        finally:
+            in_progress.pop(msg.reply, None)
+        await self._apply(subscription, msg, delivery, dispatched)
         self._observer.handled(
             Handled(
                 subscription=subscription.name,
@@ -206,7 +222,9 @@ class JetStreamBus:
             )
         )
 
-    async def _apply(self, subscription: Subscription, msg: Msg, dispatched: Dispatched) -> None:
+    async def _apply(
+        self, subscription: Subscription, msg: Msg, delivery: _Delivery, dispatched: Dispatched
+    ) -> None:
         outcome = dispatched.outcome
         if outcome.action is Action.ACK:
             await msg.ack()
@@ -219,8 +237,8 @@ class JetStreamBus:
             subject=msg.subject,
             payload=msg.data,
             dispatched=dispatched,
-            delivered=msg.metadata.num_delivered,
-            delivery_key=str(msg.metadata.sequence.stream),
+            delivered=delivery.delivered,
+            delivery_key=str(delivery.stream_sequence),
             source=self._source,
         )
         if dead_letter is not None:
@@ -232,6 +250,32 @@ class JetStreamBus:
                 await msg.nak(delay=subscription.backoff_s[-1] if subscription.backoff_s else 1)
                 return
         await msg.term()
+
+
+class _Delivery(NamedTuple):
+    delivered: int
+    stream_sequence: int
+    pending: int
+
+
+def _delivery(msg: Msg) -> _Delivery:
+    """Delivery count, stream sequence and pending count from the JetStream ack subject.
+
+    ``$JS.ACK.<stream>.<consumer>.<delivered>.<stream seq>.<consumer seq>.<time>.<pending>``,
+    or with ``<domain>.<account hash>`` after ``ACK`` (12+ tokens). Parsing just these three
+    costs a fraction of ``msg.metadata``, which also builds a datetime, on the hot path.
+    """
+    tokens = (msg.reply or "").split(".")
+    if len(tokens) == 9:
+        offset = 4
+    elif len(tokens) >= 12:
+        offset = 6
+    else:
+        metadata = msg.metadata  # let nats-py raise its own error for a non-JetStream reply
+        return _Delivery(
+            metadata.num_delivered, metadata.sequence.stream, metadata.num_pending or 0
+        )
+    return _Delivery(int(tokens[offset]), int(tokens[offset + 1]), int(tokens[offset + 4]))
 
 
 def _consumer_config(subscription: Subscription) -> api.ConsumerConfig:
@@ -246,3 +290,79 @@ def _consumer_config(subscription: Subscription) -> api.ConsumerConfig:
         filter_subjects=subjects if len(subjects) > 1 else None,
         max_ack_pending=max(1000, subscription.max_in_flight * 8),
     )
+
+
+async def _keep_alive(started: dict[str, tuple[Msg, float]], interval_s: float) -> None:
+    """Tell JetStream that handlers running longer than ``interval_s`` are still working, so
+    ack_wait never redelivers them. One ticker per consumer, not a task per message."""
+    while True:
+        await asyncio.sleep(interval_s / 2)
+        horizon = time.monotonic() - interval_s
+        for reply, (msg, since) in list(started.items()):
+            if since <= horizon:
+                started[reply] = (msg, time.monotonic())
+                with contextlib.suppress(nats.errors.Error):
+                    await msg.in_progress()
+
+
+class _WorkerPool:
+    """Up to ``size`` handlers at once on long-lived worker tasks: cheaper per event than a
+    task per message, and the in-flight count is known for batching fetches."""
+
+    def __init__(
+        self,
+        size: int,
+        handle: Callable[[Subscription, Msg, dict[str, tuple[Msg, float]]], Awaitable[None]],
+        subscription: Subscription,
+    ) -> None:
+        self._queue: asyncio.Queue[Msg] = asyncio.Queue()
+        self._handle = handle
+        self._subscription = subscription
+        self._busy = 0
+        self._freed = asyncio.Event()
+        self.started: dict[str, tuple[Msg, float]] = {}
+        self._workers = [
+            asyncio.create_task(self._work(), name=f"handler:{subscription.name}:{index}")
+            for index in range(size)
+        ]
+
+    @property
+    def load(self) -> int:
+        return self._queue.qsize() + self._busy
+
+    def submit(self, msg: Msg) -> None:
+        self.started[msg.reply] = (msg, time.monotonic())
+        self._queue.put_nowait(msg)
+
+    async def slot_freed(self) -> None:
+        self._freed.clear()
+        await self._freed.wait()
+
+    def take_queued(self) -> list[Msg]:
+        taken = []
+        while not self._queue.empty():
+            msg = self._queue.get_nowait()
+            self.started.pop(msg.reply, None)
+            taken.append(msg)
+        return taken
+
+    async def idle(self) -> None:
+        while self._busy:
+            await self.slot_freed()
+
+    async def close(self) -> None:
+        for worker in self._workers:
+            worker.cancel()
+        await asyncio.gather(*self._workers, return_exceptions=True)
+
+    async def _work(self) -> None:
+        # A worker task has its own context: bind the consumer for every log line it makes.
+        structlog.contextvars.bind_contextvars(consumer=self._subscription.name)
+        while True:
+            msg = await self._queue.get()
+            self._busy += 1
+            try:
+                await self._handle(self._subscription, msg, self.started)
+            finally:
+                self._busy -= 1
+                self._freed.set()

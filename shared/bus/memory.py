@@ -12,6 +12,8 @@ import itertools
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+import structlog
+
 from torchrelay.shared.bus.dispatch import dead_letter_for, dispatch
 from torchrelay.shared.bus.outcome import Action
 from torchrelay.shared.bus.port import Subscription
@@ -73,7 +75,12 @@ class MemoryBus:
 
     async def consume(self, subscription: Subscription, stop: asyncio.Event) -> None:
         await self.provision([subscription])
-        queue = self._queues[subscription.name]
+        with structlog.contextvars.bound_contextvars(consumer=subscription.name):
+            await self._consume(subscription, self._queues[subscription.name], stop)
+
+    async def _consume(
+        self, subscription: Subscription, queue: asyncio.Queue[_Delivery], stop: asyncio.Event
+    ) -> None:
         while not stop.is_set():
             try:
                 async with asyncio.timeout(0.05):

@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, NamedTuple, Protocol
 
 from torchrelay.shared.bus.outcome import Outcome
 from torchrelay.shared.events import AnyEvent
@@ -54,9 +54,9 @@ class Subscription:
         return self.heartbeat_s if self.heartbeat_s is not None else self.ack_wait_s / 3
 
 
-@dataclass(frozen=True)
-class Handled:
-    """What happened to one delivery; reported to the bus observer."""
+class Handled(NamedTuple):
+    """What happened to one delivery; reported to the bus observer. (A tuple: it is made
+    once per event on the hot path, where a frozen dataclass costs microseconds.)"""
 
     subscription: str
     subject: str

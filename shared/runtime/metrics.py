@@ -56,10 +56,21 @@ class RuntimeMetrics:
             buckets=HANDLER_BUCKETS_S,
             registry=registry,
         )
+        self._handled_children: dict[tuple[str, str], Counter] = {}
+        self._duration_children: dict[str, Histogram] = {}
 
     def published(self, subject: str, *, duplicate: bool) -> None:
         self._published.labels(subject, "true" if duplicate else "false").inc()
 
     def handled(self, result: Handled) -> None:
-        self._handled.labels(result.subscription, result.outcome.label).inc()
-        self._duration.labels(result.subscription).observe(result.duration_s)
+        # Children are cached: labels() costs more than the increment on the hot path.
+        key = (result.subscription, result.outcome.label)
+        counter = self._handled_children.get(key)
+        if counter is None:
+            counter = self._handled_children[key] = self._handled.labels(*key)
+        counter.inc()
+        histogram = self._duration_children.get(result.subscription)
+        if histogram is None:
+            histogram = self._duration.labels(result.subscription)
+            self._duration_children[result.subscription] = histogram
+        histogram.observe(result.duration_s)
