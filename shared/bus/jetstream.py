@@ -146,9 +146,10 @@ class JetStreamBus:
         heartbeat = asyncio.create_task(
             _keep_alive(pool.started, subscription.heartbeat_interval_s), name="in-progress"
         )
-        # Refill in batches: wait until half the slots are free rather than fetching one
+        # Refill in batches: wait until half the window is free rather than fetching one
         # message per finished handler.
-        refill_at = max(1, subscription.max_in_flight // 2)
+        window = subscription.window
+        refill_at = max(1, window // 2)
         # nats-py's fetch(n > 1) long-polls until n messages or the timeout, so a lone event
         # would wait out the whole timeout. Long-poll for one message while idle; when the
         # last delivery says more are pending, take up to that many at once (served without
@@ -156,9 +157,9 @@ class JetStreamBus:
         pending = 0
         try:
             while not stop.is_set():
-                free = subscription.max_in_flight - pool.load
-                if pool.load and free < refill_at:
-                    await pool.slot_freed()
+                free = window - pool.load
+                if free < refill_at:
+                    await pool.wait_for_load(window - refill_at)
                     continue
                 batch = min(free, pending) if pending > 0 else 1
                 timeout = _BURST_FETCH_TIMEOUT_S if pending > 0 else self.settings.fetch_timeout_s
@@ -288,7 +289,7 @@ def _consumer_config(subscription: Subscription) -> api.ConsumerConfig:
         deliver_policy=api.DeliverPolicy.ALL,
         filter_subject=subjects[0] if len(subjects) == 1 else None,
         filter_subjects=subjects if len(subjects) > 1 else None,
-        max_ack_pending=max(1000, subscription.max_in_flight * 8),
+        max_ack_pending=max(1000, subscription.window * 4),
     )
 
 
@@ -319,7 +320,9 @@ class _WorkerPool:
         self._handle = handle
         self._subscription = subscription
         self._busy = 0
-        self._freed = asyncio.Event()
+        # Woken once when the load falls to a threshold, not on every finished handler.
+        self._threshold = -1
+        self._waiter: asyncio.Future[None] | None = None
         self.started: dict[str, tuple[Msg, float]] = {}
         self._workers = [
             asyncio.create_task(self._work(), name=f"handler:{subscription.name}:{index}")
@@ -334,9 +337,16 @@ class _WorkerPool:
         self.started[msg.reply] = (msg, time.monotonic())
         self._queue.put_nowait(msg)
 
-    async def slot_freed(self) -> None:
-        self._freed.clear()
-        await self._freed.wait()
+    async def wait_for_load(self, threshold: int) -> None:
+        """Return once at most ``threshold`` messages are queued or being handled."""
+        if self.load <= threshold:
+            return
+        self._threshold = threshold
+        self._waiter = asyncio.get_running_loop().create_future()
+        try:
+            await self._waiter
+        finally:
+            self._waiter = None
 
     def take_queued(self) -> list[Msg]:
         taken = []
@@ -347,8 +357,7 @@ class _WorkerPool:
         return taken
 
     async def idle(self) -> None:
-        while self._busy:
-            await self.slot_freed()
+        await self.wait_for_load(0)
 
     async def close(self) -> None:
         for worker in self._workers:
@@ -365,4 +374,6 @@ class _WorkerPool:
                 await self._handle(self._subscription, msg, self.started)
             finally:
                 self._busy -= 1
-                self._freed.set()
+                waiter = self._waiter
+                if waiter is not None and not waiter.done() and self.load <= self._threshold:
+                    waiter.set_result(None)

@@ -33,6 +33,11 @@ class Subscription:
     ack_wait_s: float = 30.0
     backoff_s: Sequence[float] = (1.0, 5.0, 15.0, 30.0)
     max_in_flight: int = 64
+    """Handlers running at once in one replica."""
+    prefetch: int | None = None
+    """Events one replica holds at once, running or queued; 4 x max_in_flight if unset.
+    Fetching ahead pays for fast handlers; set it to max_in_flight for slow ones (a training
+    launch, a large copy) so that replicas share the work instead of one hoarding it."""
     heartbeat_s: float | None = None
     """Seconds between in_progress signals for a running handler; ack_wait_s / 3 if unset."""
 
@@ -44,10 +49,20 @@ class Subscription:
                 f"subscription {self.name!r}: max_deliver, max_in_flight and ack_wait_s "
                 "must be positive"
             )
+        if self.prefetch is not None and self.prefetch < self.max_in_flight:
+            raise ValueError(
+                f"subscription {self.name!r}: prefetch ({self.prefetch}) must be at least "
+                f"max_in_flight ({self.max_in_flight})"
+            )
 
     @property
     def subjects(self) -> list[str]:
         return sorted({event.nats_subject for event in self.events})
+
+    @property
+    def window(self) -> int:
+        """How many events a replica holds at once (prefetch, resolved)."""
+        return self.prefetch if self.prefetch is not None else 4 * self.max_in_flight
 
     @property
     def heartbeat_interval_s(self) -> float:
