@@ -69,6 +69,7 @@ def build_parser() -> argparse.ArgumentParser:
         "export", help="write a JSON Schema per event type and an AsyncAPI 3 document"
     )
     export.add_argument("directory", type=Path)
+    schema_commands.add_parser("catalogue", help="print the event catalogue as Markdown")
 
     commands.add_parser("demo", help="run the digits demo pipeline")
     return parser
@@ -80,6 +81,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _service(args.name, rest)
     if rest:
         build_parser().error(f"unrecognised arguments: {' '.join(rest)}")
+    if args.command == "schema" and args.schema_command == "catalogue":
+        from torchrelay.shared.events.schema import catalogue_markdown
+
+        print(catalogue_markdown(), end="")
+        return 0
     if args.command == "schema":
         return _schema_export(args.directory)
     return _demo()

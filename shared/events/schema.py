@@ -102,3 +102,17 @@ def asyncapi_document() -> dict[str, Any]:
         "operations": operations,
         "components": {"messages": messages, "schemas": schemas},
     }
+
+
+def catalogue_markdown() -> str:
+    """The event catalogue as a Markdown table (the README embeds it; a test keeps it fresh)."""
+    rows = ["| subject | type | data fields (* required) | meaning |", "|---|---|---|---|"]
+    for event_type, cls in sorted(EVENT_TYPES.items(), key=lambda item: item[1].nats_subject):
+        data_model = cls.model_fields["data"].annotation
+        fields = getattr(data_model, "model_fields", {})
+        names = ", ".join(
+            f"`{name}`{'*' if field.is_required() else ''}" for name, field in fields.items()
+        )
+        meaning = (cls.__doc__ or "").strip().splitlines()[0]
+        rows.append(f"| `{cls.nats_subject}` | `{event_type}` | {names} | {meaning} |")
+    return "\n".join(rows) + "\n"

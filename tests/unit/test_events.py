@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from datetime import datetime
+from pathlib import Path
 
 import jsonschema
 import pytest
@@ -20,7 +21,11 @@ from torchrelay.shared.events import (
     decode,
     subject_for_type,
 )
-from torchrelay.shared.events.schema import all_json_schemas, asyncapi_document
+from torchrelay.shared.events.schema import (
+    all_json_schemas,
+    asyncapi_document,
+    catalogue_markdown,
+)
 
 
 def test_every_design_event_type_is_defined_and_versioned() -> None:
@@ -159,3 +164,10 @@ def test_asyncapi_document_lists_a_channel_and_message_per_event() -> None:
         node = document
         for key in ref.split("/"):
             node = node[key]
+
+
+def test_the_readme_catalogue_is_current() -> None:
+    readme = (Path(__file__).parents[2] / "README.md").read_text()
+    start = readme.index("\n", readme.index("<!-- catalogue:start")) + 1
+    end = readme.index("<!-- catalogue:end -->")
+    assert readme[start:end] == catalogue_markdown(), "run `torchrelay schema catalogue`"
