@@ -17,10 +17,6 @@ from torchrelay.shared.errors import ConfigError
 log = structlog.get_logger("torchrelay.nats")
 
 
-async def _log_connection_error(error: Exception) -> None:
-    log.warning("nats.connection_error", error=repr(error))
-
-
 class NatsSettings(BaseModel):
     """How to reach NATS. Environment: ``TORCHRELAY_NATS_<FIELD>`` (e.g. TORCHRELAY_NATS_URL)."""
 
@@ -107,12 +103,20 @@ async def connect(settings: NatsSettings, **callbacks: Any) -> NatsClient:
         options["tls"] = tls
         if settings.tls_hostname:
             options["tls_hostname"] = settings.tls_hostname
-    options.setdefault("error_cb", _log_connection_error)
+    errors: list[Exception] = []
+
+    async def on_error(error: Exception) -> None:
+        errors.append(error)
+        log.warning("nats.connection_error", error=repr(error))
+
+    options.setdefault("error_cb", on_error)
     try:
         async with asyncio.timeout(settings.startup_wait_s):
             return await nats.connect(**options)
-    except (OSError, nats.errors.NoServersError, TimeoutError) as exc:
+    except (OSError, nats.errors.Error, TimeoutError) as exc:
+        last = errors[-1] if errors else exc
         raise ConfigError(
-            f"cannot reach NATS at {settings.url} ({type(exc).__name__}: {exc}); "
-            "start nats-server or set TORCHRELAY_NATS_URL"
+            f"cannot reach NATS at {settings.url} within {settings.startup_wait_s}s "
+            f"(last error: {type(last).__name__}: {last}); check that nats-server runs there, "
+            "TORCHRELAY_NATS_URL and the NATS credentials"
         ) from exc

@@ -15,6 +15,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from types import TracebackType
 
@@ -39,7 +40,8 @@ class NatsServer:
     """Run ``nats-server -js`` on 127.0.0.1 with its store under ``state_dir``.
 
     Use as a context manager, or call :meth:`start` / :meth:`stop`. ``url`` is known after
-    start. ``port=None`` lets the server choose a free port.
+    start. ``port=None`` lets the server choose a free port. ``extra_args`` go to nats-server
+    as they are (``--auth``, ``--user``/``--pass``, ``--tls*`` ...).
     """
 
     def __init__(
@@ -49,11 +51,13 @@ class NatsServer:
         host: str = "127.0.0.1",
         port: int | None = None,
         start_timeout_s: float = 10.0,
+        extra_args: Sequence[str] = (),
     ) -> None:
         self.state_dir = state_dir
         self.host = host
         self.requested_port = port
         self.start_timeout_s = start_timeout_s
+        self.extra_args = tuple(extra_args)
         self.port: int | None = None
         self._process: subprocess.Popen[bytes] | None = None
 
@@ -87,6 +91,7 @@ class NatsServer:
             "-sd", str(store),
             "-l", str(self.log_file),
             "--ports_file_dir", str(ports_dir),
+            *self.extra_args,
         ]  # fmt: skip
         self._process = subprocess.Popen(argv, stdin=subprocess.DEVNULL)
         deadline = time.monotonic() + self.start_timeout_s
