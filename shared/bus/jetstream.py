@@ -63,8 +63,8 @@ class JetStreamBus:
         observer: BusObserver | None = None,
     ) -> None:
         self._nc = nc
-        self._js = nc.jetstream(timeout=(settings or StreamSettings()).publish_timeout_s)
         self.settings = settings or StreamSettings()
+        self._js = nc.jetstream(timeout=self.settings.publish_timeout_s)
         self._source = source
         self._observer: BusObserver = observer or NullObserver()
 

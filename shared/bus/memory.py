@@ -47,14 +47,14 @@ class MemoryBus:
             return False
         self._seen_ids.add(event.id)
         self.published.append(event)
-        delivery = _Delivery(next(self._sequence), event.nats_subject, event.to_json(), 1)
-        for name, subjects in self._subjects.items():
-            if delivery.subject in subjects:
-                self._queues[name].put_nowait(delivery)
+        self._fan_out(event.nats_subject, event.to_json())
         return True
 
     async def publish_raw(self, subject: str, payload: bytes) -> None:
         """Put bytes on a subject as a foreign publisher would (malformed ones included)."""
+        self._fan_out(subject, payload)
+
+    def _fan_out(self, subject: str, payload: bytes) -> None:
         delivery = _Delivery(next(self._sequence), subject, payload, 1)
         for name, subjects in self._subjects.items():
             if subject in subjects:

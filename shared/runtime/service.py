@@ -64,6 +64,20 @@ class Platform(Generic[S]):
 ServiceFactory = Callable[[Platform[S]], contextlib.AbstractAsyncContextManager[Service]]
 
 
+class _Deadline:
+    def __init__(self, seconds: float) -> None:
+        self.seconds = seconds
+        self._started: float | None = None
+
+    def start(self) -> None:
+        self._started = time.monotonic()
+
+    def remaining(self) -> float:
+        if self._started is None:  # start-up failed before the service ran
+            return self.seconds
+        return max(0.1, self.seconds - (time.monotonic() - self._started))
+
+
 @dataclass
 class _Readiness:
     started: bool = False
@@ -105,7 +119,9 @@ async def _run(name: str, settings: S, factory: ServiceFactory[S], stop: asyncio
         )
         nc = await connect(nats_options)
         bus = JetStreamBus(nc, settings.stream, source=source, observer=metrics)
-        stack.push_async_callback(bus.aclose, settings.shutdown.deadline_s)
+        # The whole stop, drain included, fits in shutdown.deadline_s from the stop request.
+        deadline = _Deadline(settings.shutdown.deadline_s)
+        stack.push_async_callback(lambda: bus.aclose(deadline.remaining()))
         await bus.ensure_stream()
         state = await State.open(nc.jetstream(), replicas=settings.stream.replicas)
         platform = Platform(settings, bus, state, registry, source)
@@ -140,6 +156,7 @@ async def _run(name: str, settings: S, factory: ServiceFactory[S], stop: asyncio
             subscriptions=[sub.name for sub in service.subscriptions],
         )
         failure = await _wait_for_stop_or_failure(stop, tasks)
+        deadline.start()
         readiness.stopping = True
         metrics.ready.set(0)
         log.info("service.stopping", reason="task failed" if failure else "stop requested")

@@ -202,3 +202,36 @@ async def test_sigterm_during_a_burst_loses_no_event(
 
     await assert_eventually(all_done, timeout_s=60)
     assert set(await kv_keys(bus, EFFECTS_BUCKET)) == {e.id for e in events}
+
+
+async def test_a_handler_outliving_the_grace_period_is_handed_back_at_once(
+    nats_url: str, bus: JetStreamBus, processes: list[ServiceProcess], tmp_path: Path
+) -> None:
+    # ack_wait is 30 s: a redelivery within seconds proves the stop nak'd the event.
+    slow = {"EFFECT_HOLD_S": "60", "EFFECT_ACK_WAIT_S": "30", "TORCHRELAY_SHUTDOWN_GRACE_S": "1"}
+    first = start(processes, EFFECT_SERVICE, nats_url, tmp_path / "first.log", **slow)
+    await first.wait_ready()
+    event = staged()
+    await bus.publish(event)
+
+    async def started() -> bool:
+        return event.id in await kv_keys(bus, ATTEMPTS_BUCKET)
+
+    await assert_eventually(started, timeout_s=15)
+    first.signal(signal.SIGTERM)
+    code, seconds = await asyncio.to_thread(first.elapsed_wait, 20)
+    assert code == 0
+    assert seconds < 5, "the handler was cancelled after the 1 s grace, not awaited for 60 s"
+    assert first.logged("service.grace_expired")
+
+    second = start(
+        processes, EFFECT_SERVICE, nats_url, tmp_path / "second.log", EFFECT_ACK_WAIT_S="30"
+    )
+    await second.wait_ready()
+    attempts_kv = await bus.nc.jetstream().key_value(ATTEMPTS_BUCKET)
+
+    async def redelivered() -> bool:
+        entry = await attempts_kv.get(event.id)
+        return entry.value is not None and b'"count":2' in entry.value
+
+    await assert_eventually(redelivered, timeout_s=10)
