@@ -8,6 +8,7 @@ map to acks in one place, :func:`torchrelay.shared.bus.outcome.decide`.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import time
 from collections.abc import Awaitable, Callable, Sequence
@@ -18,7 +19,7 @@ import nats.js.errors
 import structlog
 from nats.aio.client import Client as NatsClient
 from nats.aio.msg import Msg
-from nats.js import api
+from nats.js import JetStreamContext, api
 from pydantic import BaseModel, ConfigDict, Field
 
 from torchrelay.shared.bus.dispatch import Dispatched, dead_letter_for, dispatch
@@ -142,48 +143,10 @@ class JetStreamBus:
         psub = await self._js.pull_subscribe_bind(
             durable=subscription.name, stream=self.settings.name
         )
-        pool = _WorkerPool(subscription.max_in_flight, self._handle_safely, subscription)
-        heartbeat = asyncio.create_task(
-            _keep_alive(pool.started, subscription.heartbeat_interval_s), name="in-progress"
-        )
-        # Refill in batches: wait until half the window is free rather than fetching one
-        # message per finished handler.
-        window = subscription.window
-        refill_at = max(1, window // 2)
-        # nats-py's fetch(n > 1) long-polls until n messages or the timeout, so a lone event
-        # would wait out the whole timeout. Long-poll for one message while idle; when the
-        # last delivery says more are pending, take up to that many at once (served without
-        # waiting), with a short timeout in case another replica took them first.
-        pending = 0
+        consumer = _Consumer(self._handle_safely, subscription, psub, stop, self.settings)
         try:
-            while not stop.is_set():
-                free = window - pool.load
-                if free < refill_at:
-                    await pool.wait_for_load(window - refill_at)
-                    continue
-                batch = min(free, pending) if pending > 0 else 1
-                timeout = _BURST_FETCH_TIMEOUT_S if pending > 0 else self.settings.fetch_timeout_s
-                try:
-                    messages = await psub.fetch(batch=batch, timeout=timeout)
-                except (nats.errors.TimeoutError, TimeoutError):
-                    pending = 0
-                    continue
-                pending = _delivery(messages[-1]).pending if messages else 0
-                if stop.is_set():
-                    # Stopping: hand these back at once so another replica takes them.
-                    for msg in messages:
-                        await msg.nak()
-                    break
-                for msg in messages:
-                    pool.submit(msg)
-            # Not started yet: hand back. Started: let them finish (the runtime bounds this
-            # with its grace period and cancels us after it).
-            for msg in pool.take_queued():
-                await msg.nak()
-            await pool.idle()
+            await consumer.run()
         finally:
-            heartbeat.cancel()
-            await pool.close()
             with contextlib.suppress(nats.errors.Error):
                 await psub.unsubscribe()
 
@@ -306,74 +269,101 @@ async def _keep_alive(started: dict[str, tuple[Msg, float]], interval_s: float) 
                     await msg.in_progress()
 
 
-class _WorkerPool:
-    """Up to ``size`` handlers at once on long-lived worker tasks: cheaper per event than a
-    task per message, and the in-flight count is known for batching fetches."""
+class _Consumer:
+    """Leader/follower workers over one pull subscription.
+
+    ``max_in_flight`` workers; an idle worker with nothing queued becomes the fetcher (one at a
+    time, under a lock), keeps the first message of what it fetched and queues the rest for the
+    others. The event that woke the fetcher is handled at once, with no hand-off to another task,
+    and a worker with queued events drains them without a context switch.
+
+    nats-py's fetch(n > 1) long-polls until n messages or the timeout, so a lone event would
+    wait out the whole timeout: the fetcher long-polls for one message while idle and, when the
+    last delivery says more are pending, takes up to that many at once (served without waiting)
+    with a short timeout in case another replica took them first.
+    """
 
     def __init__(
         self,
-        size: int,
         handle: Callable[[Subscription, Msg, dict[str, tuple[Msg, float]]], Awaitable[None]],
         subscription: Subscription,
+        psub: JetStreamContext.PullSubscription,
+        stop: asyncio.Event,
+        settings: StreamSettings,
     ) -> None:
-        self._queue: asyncio.Queue[Msg] = asyncio.Queue()
         self._handle = handle
+        self._settings = settings
         self._subscription = subscription
+        self._psub = psub
+        self._stop = stop
+        self._queue: collections.deque[Msg] = collections.deque()
+        self._fetching = asyncio.Lock()
         self._busy = 0
-        # Woken once when the load falls to a threshold, not on every finished handler.
-        self._threshold = -1
-        self._waiter: asyncio.Future[None] | None = None
+        self._pending = 0
         self.started: dict[str, tuple[Msg, float]] = {}
-        self._workers = [
-            asyncio.create_task(self._work(), name=f"handler:{subscription.name}:{index}")
-            for index in range(size)
+
+    async def run(self) -> None:
+        workers = [
+            asyncio.create_task(self._work(), name=f"handler:{self._subscription.name}:{i}")
+            for i in range(self._subscription.max_in_flight)
         ]
-
-    @property
-    def load(self) -> int:
-        return self._queue.qsize() + self._busy
-
-    def submit(self, msg: Msg) -> None:
-        self.started[msg.reply] = (msg, time.monotonic())
-        self._queue.put_nowait(msg)
-
-    async def wait_for_load(self, threshold: int) -> None:
-        """Return once at most ``threshold`` messages are queued or being handled."""
-        if self.load <= threshold:
-            return
-        self._threshold = threshold
-        self._waiter = asyncio.get_running_loop().create_future()
+        heartbeat = asyncio.create_task(
+            _keep_alive(self.started, self._subscription.heartbeat_interval_s),
+            name="in-progress",
+        )
         try:
-            await self._waiter
+            # Workers return once stop is set and their current event is done; the runtime
+            # bounds this with its grace period and cancels us after it.
+            await asyncio.gather(*workers)
         finally:
-            self._waiter = None
-
-    def take_queued(self) -> list[Msg]:
-        taken = []
-        while not self._queue.empty():
-            msg = self._queue.get_nowait()
-            self.started.pop(msg.reply, None)
-            taken.append(msg)
-        return taken
-
-    async def idle(self) -> None:
-        await self.wait_for_load(0)
-
-    async def close(self) -> None:
-        for worker in self._workers:
-            worker.cancel()
-        await asyncio.gather(*self._workers, return_exceptions=True)
+            heartbeat.cancel()
+            for worker in workers:
+                worker.cancel()
+            await asyncio.gather(*workers, heartbeat, return_exceptions=True)
+            # Fetched but never started: hand back at once so another replica takes them.
+            while self._queue:
+                msg = self._queue.popleft()
+                with contextlib.suppress(nats.errors.Error):
+                    await msg.nak()
 
     async def _work(self) -> None:
         # A worker task has its own context: bind the consumer for every log line it makes.
         structlog.contextvars.bind_contextvars(consumer=self._subscription.name)
-        while True:
-            msg = await self._queue.get()
+        while not self._stop.is_set():
+            msg = self._queue.popleft() if self._queue else await self._fetch()
+            if msg is None:
+                continue
             self._busy += 1
             try:
                 await self._handle(self._subscription, msg, self.started)
             finally:
                 self._busy -= 1
-                waiter = self._waiter
-                if waiter is not None and not waiter.done() and self.load <= self._threshold:
-                    waiter.set_result(None)
+
+    async def _fetch(self) -> Msg | None:
+        async with self._fetching:
+            if self._queue:  # another worker fetched while this one waited for the lock
+                return self._queue.popleft()
+            if self._stop.is_set():
+                return None
+            # This worker is idle, so there is room for at least one.
+            room = self._subscription.window - len(self._queue) - self._busy
+            batch = min(room, self._pending) if self._pending > 0 else 1
+            timeout = (
+                _BURST_FETCH_TIMEOUT_S if self._pending > 0 else self._settings.fetch_timeout_s
+            )
+            try:
+                messages = await self._psub.fetch(batch=batch, timeout=timeout)
+            except (nats.errors.TimeoutError, TimeoutError):
+                self._pending = 0
+                return None
+            if not messages:
+                return None
+            self._pending = _delivery(messages[-1]).pending
+            now = time.monotonic()
+            for msg in messages:
+                self.started[msg.reply] = (msg, now)
+            if self._stop.is_set():
+                self._queue.extend(messages)  # handed back by run()
+                return None
+            self._queue.extend(messages[1:])
+            return messages[0]
