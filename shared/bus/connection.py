@@ -114,7 +114,9 @@ async def connect(settings: NatsSettings, **callbacks: Any) -> NatsClient:
         async with asyncio.timeout(settings.startup_wait_s):
             return await nats.connect(**options)
     except (OSError, nats.errors.Error, TimeoutError) as exc:
-        last = errors[-1] if errors else exc
+        # What the server said (an authorization violation) beats the reset that follows it.
+        said = [error for error in errors if not isinstance(error, OSError)]
+        last = (said or errors or [exc])[-1]
         raise ConfigError(
             f"cannot reach NATS at {settings.url} within {settings.startup_wait_s}s "
             f"(last error: {type(last).__name__}: {last}); check that nats-server runs there, "

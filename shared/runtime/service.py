@@ -136,35 +136,65 @@ async def _run(name: str, settings: S, factory: ServiceFactory[S], stop: asyncio
 
         app = build_app(settings.http, registry=registry, ready=ready, routes=service.routes)
         runner, port = await start_http(app, settings.http)
-        stack.push_async_callback(runner.cleanup)
-
-        consuming = asyncio.Event()  # set when consumers must stop pulling
-        tasks = [
-            asyncio.create_task(bus.consume(sub, consuming), name=f"consume:{sub.name}")
-            for sub in service.subscriptions
-        ] + [
-            asyncio.create_task(task(consuming), name=f"background:{index}")
-            for index, task in enumerate(service.background)
-        ]
-        readiness.started = True
-        metrics.ready.set(1)
-        log.info(
-            "service.ready",
-            http_host=settings.http.host,
-            http_port=port,
-            nats_url=settings.nats.url,
-            subscriptions=[sub.name for sub in service.subscriptions],
-        )
-        failure = await _wait_for_stop_or_failure(stop, tasks)
-        deadline.start()
-        readiness.stopping = True
-        metrics.ready.set(0)
-        log.info("service.stopping", reason="task failed" if failure else "stop requested")
-        consuming.set()
-        await _finish(tasks, grace_s=settings.shutdown.grace_s)
+        try:
+            failure = await _serve(
+                settings=settings,
+                service=service,
+                bus=bus,
+                metrics=metrics,
+                readiness=readiness,
+                deadline=deadline,
+                port=port,
+                stop=stop,
+            )
+            # Service resources first, then the bus drains (flushing the last acks and naks).
+            await stack.aclose()
+        finally:
+            # HTTP last: probes keep answering (not ready) until the very end.
+            await runner.cleanup()
         if failure is not None:
             raise failure
     log.info("service.stopped")
+
+
+async def _serve(
+    *,
+    settings: ServiceSettings,
+    service: Service,
+    bus: JetStreamBus,
+    metrics: RuntimeMetrics,
+    readiness: _Readiness,
+    deadline: _Deadline,
+    port: int,
+    stop: asyncio.Event,
+) -> BaseException | None:
+    """Run the consumers and background loops until a stop request or a failure; then stop
+    pulling and give in-flight handlers the grace period. Returns the failure, if any."""
+    consuming = asyncio.Event()  # set when consumers must stop pulling
+    tasks = [
+        asyncio.create_task(bus.consume(sub, consuming), name=f"consume:{sub.name}")
+        for sub in service.subscriptions
+    ] + [
+        asyncio.create_task(task(consuming), name=f"background:{index}")
+        for index, task in enumerate(service.background)
+    ]
+    readiness.started = True
+    metrics.ready.set(1)
+    log.info(
+        "service.ready",
+        http_host=settings.http.host,
+        http_port=port,
+        nats_url=settings.nats.url,
+        subscriptions=[sub.name for sub in service.subscriptions],
+    )
+    failure = await _wait_for_stop_or_failure(stop, tasks)
+    deadline.start()
+    readiness.stopping = True
+    metrics.ready.set(0)
+    log.info("service.stopping", reason="task failed" if failure else "stop requested")
+    consuming.set()
+    await _finish(tasks, grace_s=settings.shutdown.grace_s)
+    return failure
 
 
 async def _wait_for_stop_or_failure(
