@@ -38,6 +38,7 @@ class MemoryBus:
         self._queues: dict[str, asyncio.Queue[_Delivery]] = {}
         self._subjects: dict[str, frozenset[str]] = {}
         self._timers: set[asyncio.TimerHandle] = set()
+        self._stored: list[_Delivery] = []  # the stream: every stored delivery, in order
         self._busy = 0
         self.published: list[AnyEvent] = []
         self.terminated: list[int] = []
@@ -56,6 +57,7 @@ class MemoryBus:
 
     def _fan_out(self, subject: str, payload: bytes) -> None:
         delivery = _Delivery(next(self._sequence), subject, payload, 1)
+        self._stored.append(delivery)
         for name, subjects in self._subjects.items():
             if subject in subjects:
                 self._queues[name].put_nowait(delivery)
@@ -67,11 +69,9 @@ class MemoryBus:
             self._queues[subscription.name] = asyncio.Queue()
             self._subjects[subscription.name] = frozenset(subscription.subjects)
             # DeliverPolicy.ALL: a new consumer sees what was stored before it.
-            for event in self.published:
-                if event.nats_subject in self._subjects[subscription.name]:
-                    self._queues[subscription.name].put_nowait(
-                        _Delivery(0, event.nats_subject, event.to_json(), 1)
-                    )
+            for delivery in self._stored:
+                if delivery.subject in self._subjects[subscription.name]:
+                    self._queues[subscription.name].put_nowait(delivery)
 
     async def consume(self, subscription: Subscription, stop: asyncio.Event) -> None:
         await self.provision([subscription])
