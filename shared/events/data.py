@@ -58,7 +58,10 @@ class DatasetRejectedData(Data):
     request_id: Identifier
     name: Name | None = None
     source: NonEmpty | None = None
-    reason: NonEmpty
+    code: Annotated[str, StringConstraints(pattern=r"^[a-z][a-z_]{1,40}$")] = Field(
+        description="Machine-readable reason (missing_path, unsafe_path, too_large, ...)."
+    )
+    reason: NonEmpty = Field(description="What was wrong and what to do about it.")
 
 
 # --- train ------------------------------------------------------------------------------------

@@ -9,6 +9,7 @@ from torchrelay.shared.storage.atomic import (
     publish_dir,
     resolve_within,
     sha256_file,
+    sync_tree,
     temp_sibling,
 )
 
@@ -21,5 +22,6 @@ __all__ = [
     "publish_dir",
     "resolve_within",
     "sha256_file",
+    "sync_tree",
     "temp_sibling",
 ]

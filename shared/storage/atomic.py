@@ -9,11 +9,16 @@ coordination goes through NATS KV.
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import ctypes.util
 import hashlib
 import os
 import shutil
+import sys
+import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
@@ -44,21 +49,24 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
 
 
 @contextlib.contextmanager
-def atomic_writer(path: Path) -> Iterator[BinaryIO]:
+def atomic_writer(path: Path, *, fsync: bool = True) -> Iterator[BinaryIO]:
     """Yield a binary file that replaces ``path`` atomically when the block exits cleanly;
-    on error the temporary file is removed and ``path`` is untouched."""
+    on error the temporary file is removed and ``path`` is untouched. ``fsync=False`` is for
+    files inside a folder that is synced as a whole before it is published."""
     path.parent.mkdir(parents=True, exist_ok=True)
     temp = temp_sibling(path)
     try:
         with temp.open("xb") as handle:
             yield handle
             handle.flush()
-            os.fsync(handle.fileno())
+            if fsync:
+                os.fsync(handle.fileno())
         temp.replace(path)
     except BaseException:
         temp.unlink(missing_ok=True)
         raise
-    fsync_dir(path.parent)
+    if fsync:
+        fsync_dir(path.parent)
 
 
 @dataclass(frozen=True, slots=True)
@@ -67,23 +75,53 @@ class CopiedFile:
     sha256: str
 
 
+# Above this size, hashing runs in a helper thread while the main thread writes (both release
+# the GIL): copy and hash overlap instead of adding up.
+OVERLAP_FROM_BYTES = 4 << 20
+_hash_pool: ThreadPoolExecutor | None = None
+
+
+def _hasher() -> ThreadPoolExecutor:
+    global _hash_pool  # noqa: PLW0603 - one lazily created helper thread per process
+    if _hash_pool is None:
+        _hash_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sha256")
+    return _hash_pool
+
+
 def copy_and_hash(
-    source: BinaryIO, destination: Path, *, max_bytes: int | None = None
+    source: BinaryIO,
+    destination: Path,
+    *,
+    max_bytes: int | None = None,
+    fsync: bool = True,
+    chunk_bytes: int = COPY_CHUNK_BYTES,
 ) -> CopiedFile:
     """Stream ``source`` into ``destination`` atomically, hashing in the same pass.
 
-    With ``max_bytes``, stops as soon as the stream goes over it and raises PermanentError, leaving
-    nothing behind.
+    With ``max_bytes``, stops as soon as the stream goes over it and raises PermanentError,
+    leaving nothing behind. ``fsync=False`` leaves durability to a later :func:`sync_tree`
+    (one sync for many files is far cheaper than one each).
     """
     digest = hashlib.sha256()
     size = 0
-    with atomic_writer(destination) as out:
-        while chunk := source.read(COPY_CHUNK_BYTES):
-            size += len(chunk)
-            if max_bytes is not None and size > max_bytes:
-                raise PermanentError(f"{destination.name}: more than {max_bytes} bytes")
-            digest.update(chunk)
-            out.write(chunk)
+    pending: Future[None] | None = None
+    with atomic_writer(destination, fsync=fsync) as out:
+        try:
+            while chunk := source.read(chunk_bytes):
+                size += len(chunk)
+                if max_bytes is not None and size > max_bytes:
+                    raise PermanentError(f"{destination.name}: more than {max_bytes} bytes")
+                if pending is not None:
+                    pending.result()
+                    pending = None
+                if size > OVERLAP_FROM_BYTES:
+                    pending = _hasher().submit(digest.update, chunk)
+                else:
+                    digest.update(chunk)
+                out.write(chunk)
+        finally:
+            if pending is not None:
+                pending.result()
     return CopiedFile(size, digest.hexdigest())
 
 
@@ -101,10 +139,7 @@ def publish_dir(staging: Path, final: Path) -> bool:
     Returns False (and removes ``staging``) when ``final`` already exists: with content-derived
     names that means another writer published the same content first.
     """
-    for file in staging.rglob("*"):
-        if file.is_file():
-            with file.open("rb") as handle:
-                os.fsync(handle.fileno())
+    sync_tree(staging)
     final.parent.mkdir(parents=True, exist_ok=True)
     try:
         # rename(2) onto an existing non-empty folder fails, so exactly one writer wins.
@@ -118,12 +153,62 @@ def publish_dir(staging: Path, final: Path) -> bool:
     return True
 
 
-def clean_temporaries(root: Path) -> list[Path]:
-    """Remove leftovers of interrupted atomic writes under ``root``; returns what went."""
+def sync_tree(path: Path) -> None:
+    """Make everything written under ``path`` durable: one syncfs(2) of its filesystem (on
+    Linux), then an fsync of every folder so new names are durable too."""
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        if _libc_syncfs is None or _libc_syncfs(fd) != 0:
+            os.sync()
+    finally:
+        os.close(fd)
+    for folder, _, _ in os.walk(path):
+        fsync_dir(Path(folder))
+
+
+def _load_syncfs() -> Callable[[int], int] | None:
+    if sys.platform != "linux":
+        return None
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+    except OSError:
+        return None
+    syncfs: Callable[[int], int] = libc.syncfs
+    return syncfs
+
+
+_libc_syncfs = _load_syncfs()
+
+
+def _newest_mtime(path: Path) -> float:
+    newest = path.lstat().st_mtime
+    if path.is_dir() and not path.is_symlink():
+        for folder, dirs, files in os.walk(path):
+            for entry in (*dirs, *files):
+                with contextlib.suppress(OSError):
+                    newest = max(newest, (Path(folder) / entry).lstat().st_mtime)
+    return newest
+
+
+def clean_temporaries(root: Path, *, older_than_s: float = 0.0) -> list[Path]:
+    """Remove leftovers of interrupted atomic writes under ``root``; returns what went.
+
+    ``older_than_s`` spares temporaries touched more recently than that: another replica may
+    be writing them right now.
+    """
     removed: list[Path] = []
     if not root.exists():
         return removed
-    for path in sorted(root.rglob(f"{TEMP_MARKER}*"), key=lambda p: len(p.parts), reverse=True):
+    horizon = time.time() - older_than_s
+    candidates = sorted(root.rglob(f"{TEMP_MARKER}*"), key=lambda p: len(p.parts))
+    for path in candidates:
+        if any(parent in removed for parent in path.parents):
+            continue
+        try:
+            if older_than_s and _newest_mtime(path) > horizon:
+                continue
+        except OSError:
+            continue
         if path.is_dir() and not path.is_symlink():
             shutil.rmtree(path, ignore_errors=True)
         else:

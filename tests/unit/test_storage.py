@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import io
 import os
+import time
 from pathlib import Path
 
 import pytest
@@ -18,6 +19,7 @@ from torchrelay.shared.storage import (
     publish_dir,
     resolve_within,
     sha256_file,
+    sync_tree,
     temp_sibling,
 )
 
@@ -110,3 +112,30 @@ def test_a_symlink_pointing_out_is_refused(tmp_path: Path) -> None:
     (root / "escape").symlink_to(tmp_path)
     with pytest.raises(UnsafePath, match="outside"):
         resolve_within(root, "escape/secret")
+
+
+def test_a_large_copy_hashes_alongside_the_write(tmp_path: Path) -> None:
+    data = os.urandom(9 * 1024 * 1024 + 3)  # past the overlap threshold
+    copied = copy_and_hash(io.BytesIO(data), tmp_path / "big.bin", fsync=False)
+    assert copied.sha256 == hashlib.sha256(data).hexdigest()
+    assert (tmp_path / "big.bin").read_bytes() == data
+
+
+def test_recent_temporaries_of_another_writer_are_spared(tmp_path: Path) -> None:
+    old = temp_sibling(tmp_path / "a")
+    old.mkdir()
+    (old / "part").write_text("x")
+    stale = time.time() - 3600
+    os.utime(old / "part", (stale, stale))
+    os.utime(old, (stale, stale))
+    fresh = temp_sibling(tmp_path / "b")
+    fresh.mkdir()
+    (fresh / "part").write_text("being written")
+    assert clean_temporaries(tmp_path, older_than_s=600) == [old]
+    assert fresh.exists()
+
+
+def test_sync_tree_makes_a_folder_durable_without_error(tmp_path: Path) -> None:
+    (tmp_path / "a" / "b").mkdir(parents=True)
+    (tmp_path / "a" / "b" / "f").write_bytes(b"x")
+    sync_tree(tmp_path / "a")

@@ -1,0 +1,299 @@
+"""Pure rules of ingest: what a source is, which archive members and URLs are allowed, how a
+version id derives from content, which format a dataset has, and what the manifest says."""
+
+from __future__ import annotations
+
+import enum
+import hashlib
+import ipaddress
+import posixpath
+import re
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from fnmatch import fnmatch
+from pathlib import PurePosixPath
+from typing import Literal
+from urllib.parse import urlsplit
+
+from pydantic import BaseModel, ConfigDict, Field, JsonValue
+
+from torchrelay.shared.errors import PermanentError
+
+DatasetFormat = Literal["npz", "csv", "images", "pt"]
+BUILTIN_SOURCES = frozenset({"sklearn:digits"})
+MANIFEST_NAME = "manifest.json"
+DATA_DIR = "data"
+IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp"})
+
+
+class RejectCode(enum.StrEnum):
+    """Why a dataset was refused: a bounded set, used as a metric label."""
+
+    BAD_REQUEST = "bad_request"
+    MISSING_PATH = "missing_path"
+    UNSAFE_PATH = "unsafe_path"
+    UNSUPPORTED_SOURCE = "unsupported_source"
+    URL_DENIED = "url_denied"
+    UNREACHABLE = "unreachable"
+    TOO_LARGE = "too_large"
+    TOO_MANY_FILES = "too_many_files"
+    UNSAFE_ARCHIVE = "unsafe_archive"
+    CORRUPT = "corrupt"
+    INVALID_DATA = "invalid_data"
+    UNKNOWN_FORMAT = "unknown_format"
+
+
+class Rejected(PermanentError):
+    """A dataset request that cannot succeed; nothing of it stays on storage."""
+
+    def __init__(self, code: RejectCode, reason: str) -> None:
+        super().__init__(reason)
+        self.code = code
+        self.reason = reason
+
+
+class Limits(BaseModel):
+    """Caps that bound what one dataset may cost."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    max_bytes: int = Field(default=4 << 30, gt=0, description="Whole dataset, bytes.")
+    max_files: int = Field(default=100_000, gt=0, description="Files in one dataset.")
+    max_file_bytes: int = Field(default=2 << 30, gt=0, description="One file, bytes.")
+    max_compression_ratio: float = Field(
+        default=200.0, gt=1, description="Unpacked / packed size of an archive (bomb guard)."
+    )
+
+
+# --- sources ----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class SourceRef:
+    kind: Literal["path", "url", "builtin", "upload"]
+    value: str
+
+
+def classify_source(source: str) -> SourceRef:
+    """What kind of source a request names."""
+    if source in BUILTIN_SOURCES:
+        return SourceRef("builtin", source)
+    if source.startswith("upload:"):
+        return SourceRef("upload", source.removeprefix("upload:"))
+    scheme = urlsplit(source).scheme.lower()
+    if scheme in {"http", "https"}:
+        return SourceRef("url", source)
+    if scheme == "file":
+        return SourceRef("path", urlsplit(source).path)
+    if scheme and len(scheme) > 1:
+        raise Rejected(
+            RejectCode.UNSUPPORTED_SOURCE,
+            f"unsupported source {source!r}: use a path, an http(s) URL, an upload, or one of "
+            f"{', '.join(sorted(BUILTIN_SOURCES))}",
+        )
+    if not source.startswith("/"):
+        raise Rejected(
+            RejectCode.UNSAFE_PATH,
+            f"source path {source!r} must be absolute (under an allowed root)",
+        )
+    return SourceRef("path", source)
+
+
+def archive_kind(name: str) -> Literal["tar", "zip"] | None:
+    lowered = name.lower()
+    if lowered.endswith((".tar", ".tar.gz", ".tgz")):
+        return "tar"
+    if lowered.endswith(".zip"):
+        return "zip"
+    return None
+
+
+# --- archive members --------------------------------------------------------------------------
+
+MemberKind = Literal["file", "dir", "symlink", "hardlink", "device", "fifo", "other"]
+_DRIVE = re.compile(r"^[A-Za-z]:")
+
+
+def member_path(name: str) -> PurePosixPath:
+    """The relative path an archive member may be written to, or :class:`Rejected`.
+
+    Refuses absolute names, drive letters, backslashes, NUL bytes and any ``..`` — before and
+    after normalisation — so a name can never land outside the extraction folder.
+    """
+    if not name or "\x00" in name or "\\" in name or _DRIVE.match(name):
+        raise Rejected(RejectCode.UNSAFE_ARCHIVE, f"archive member {name!r} has an unsafe name")
+    if name.startswith("/"):
+        raise Rejected(RejectCode.UNSAFE_ARCHIVE, f"archive member {name!r} is an absolute path")
+    if ".." in name.split("/"):
+        raise Rejected(RejectCode.UNSAFE_ARCHIVE, f"archive member {name!r} climbs out with '..'")
+    normal = posixpath.normpath(name)
+    if normal.startswith(("../", "/")) or normal in {"..", "."}:
+        raise Rejected(
+            RejectCode.UNSAFE_ARCHIVE, f"archive member {name!r} escapes after normalisation"
+        )
+    return PurePosixPath(normal)
+
+
+@dataclass
+class ArchiveBudget:
+    """Running totals of an extraction, checked against the limits member by member."""
+
+    limits: Limits
+    packed_bytes: int
+    files: int = 0
+    bytes: int = 0
+
+    def admit(self, name: str, kind: MemberKind, size: int) -> PurePosixPath | None:
+        """Check one member before extraction: its path for a file, None for a folder."""
+        path = member_path(name)
+        if kind == "dir":
+            return None
+        if kind != "file":
+            raise Rejected(
+                RejectCode.UNSAFE_ARCHIVE,
+                f"archive member {name!r} is a {kind}; only regular files and folders are allowed",
+            )
+        self.files += 1
+        if self.files > self.limits.max_files:
+            raise Rejected(
+                RejectCode.TOO_MANY_FILES, f"archive has more than {self.limits.max_files} files"
+            )
+        self.add_bytes(name, size)
+        return path
+
+    def add_bytes(self, name: str, size: int) -> None:
+        """Account bytes (declared, or actually written: headers can lie)."""
+        if size > self.limits.max_file_bytes:
+            raise Rejected(
+                RejectCode.TOO_LARGE,
+                f"{name!r} unpacks to more than {self.limits.max_file_bytes} bytes",
+            )
+        self.bytes += size
+        if self.bytes > self.limits.max_bytes:
+            raise Rejected(
+                RejectCode.TOO_LARGE, f"archive unpacks to more than {self.limits.max_bytes} bytes"
+            )
+        ratio_cap = max(self.packed_bytes, 1) * self.limits.max_compression_ratio
+        if self.bytes > ratio_cap and self.bytes > 1 << 20:
+            raise Rejected(
+                RejectCode.TOO_LARGE,
+                f"archive expands more than {self.limits.max_compression_ratio:g}x "
+                f"({self.packed_bytes} packed bytes): refused as a decompression bomb",
+            )
+
+
+# --- URLs -------------------------------------------------------------------------------------
+
+IpNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
+def check_url(url: str, allowed_hosts: Sequence[str]) -> str:
+    """The host of an http(s) URL that the allow list admits; :class:`Rejected` otherwise."""
+    parts = urlsplit(url)
+    if parts.scheme not in {"http", "https"} or not parts.hostname:
+        raise Rejected(RejectCode.URL_DENIED, f"{url!r} is not an http(s) URL with a host")
+    if parts.username or parts.password:
+        raise Rejected(RejectCode.URL_DENIED, f"{url!r}: credentials in URLs are not accepted")
+    host = parts.hostname.lower()
+    if not any(fnmatch(host, pattern.lower()) for pattern in allowed_hosts):
+        raise Rejected(
+            RejectCode.URL_DENIED,
+            f"host {host!r} is not in the URL allow list (TORCHRELAY_INGEST_URL_ALLOWED_HOSTS)",
+        )
+    return host
+
+
+def address_allowed(address: str, allowed_networks: Iterable[IpNetwork]) -> bool:
+    """Public addresses are allowed; loopback, private, link-local, multicast, reserved and
+    unspecified ones only when a configured network contains them."""
+    ip = ipaddress.ip_address(address.split("%", 1)[0])
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        ip = ip.ipv4_mapped
+    if any(ip in network for network in allowed_networks):
+        return True
+    return not (
+        ip.is_private
+        or ip.is_loopback
+        or ip.is_link_local
+        or ip.is_multicast
+        or ip.is_reserved
+        or ip.is_unspecified
+    )
+
+
+def file_name_from_url(url: str) -> str:
+    """The name to store a downloaded file under: the URL path's last segment."""
+    name = PurePosixPath(urlsplit(url).path).name
+    if not name or name in {".", ".."}:
+        return "download"
+    return re.sub(r"[^A-Za-z0-9._-]", "_", name)[:200]
+
+
+# --- content ----------------------------------------------------------------------------------
+
+
+def version_id(files: Iterable[tuple[str, str]]) -> str:
+    """A version id from (relative path, sha256) pairs: same content, same version."""
+    digest = hashlib.sha256()
+    for path, sha in sorted(files):
+        digest.update(f"{path}\0{sha}\n".encode())
+    return digest.hexdigest()[:16]
+
+
+def detect_format(paths: Sequence[PurePosixPath]) -> DatasetFormat:
+    """The format of a dataset from its file names; :class:`Rejected` when it is mixed or
+    unknown."""
+    if not paths:
+        raise Rejected(RejectCode.INVALID_DATA, "the dataset has no files")
+    suffixes = {p.suffix.lower() for p in paths}
+    if suffixes == {".npz"}:
+        return "npz"
+    if suffixes == {".csv"}:
+        return "csv"
+    if suffixes <= {".pt", ".pth"}:
+        return "pt"
+    if suffixes <= IMAGE_SUFFIXES and all(len(p.parts) == 2 for p in paths):
+        return "images"
+    if suffixes <= IMAGE_SUFFIXES:
+        raise Rejected(
+            RejectCode.INVALID_DATA,
+            "an image dataset needs one sub-folder per class with the images inside",
+        )
+    raise Rejected(
+        RejectCode.UNKNOWN_FORMAT,
+        f"cannot tell the format from the files ({', '.join(sorted(suffixes)) or 'no suffix'}); "
+        "supported: .npz, .csv, .pt/.pth, or class folders of images",
+    )
+
+
+def expected_format(requested: str, detected: DatasetFormat) -> DatasetFormat:
+    if requested not in {"auto", detected}:
+        raise Rejected(
+            RejectCode.INVALID_DATA, f"the request says {requested}, but the files are {detected}"
+        )
+    return detected
+
+
+class ManifestFile(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    path: str
+    size_bytes: int
+    sha256: str
+
+
+class Manifest(BaseModel):
+    """``manifest.json`` of a dataset version."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    name: str
+    version: str
+    format: DatasetFormat
+    files: list[ManifestFile]
+    size_bytes: int
+    schema_summary: dict[str, JsonValue]
+    source: str
+    created: datetime
+    request_id: str | None = None

@@ -1,0 +1,144 @@
+"""Validation of staged files per format. Each validator returns a schema summary for the
+manifest or raises :class:`Rejected` saying what is wrong with which file.
+
+numpy, Pillow and torch are imported here only, and lazily: torch only for ``pt`` datasets.
+"""
+
+from __future__ import annotations
+
+import csv
+import pickle
+import zipfile
+from collections import Counter
+from collections.abc import Callable, Sequence
+from pathlib import Path, PurePosixPath
+
+from pydantic import JsonValue
+
+from torchrelay.services.ingest.domain import DatasetFormat, RejectCode, Rejected
+
+Summary = dict[str, JsonValue]
+
+
+def validate(fmt: DatasetFormat, root: Path, files: Sequence[PurePosixPath]) -> Summary:
+    validators: dict[DatasetFormat, Callable[[Path, Sequence[PurePosixPath]], Summary]] = {
+        "npz": _npz,
+        "csv": _csv,
+        "images": _images,
+        "pt": _pt,
+    }
+    return validators[fmt](root, files)
+
+
+def _npz(root: Path, files: Sequence[PurePosixPath]) -> Summary:
+    import numpy as np
+
+    summary: Summary = {}
+    for relative in files:
+        arrays: dict[str, JsonValue] = {}
+        try:
+            with np.load(root / relative, allow_pickle=False) as archive:
+                for key in archive.files:
+                    try:
+                        array = archive[key]
+                    except ValueError as exc:
+                        raise Rejected(
+                            RejectCode.INVALID_DATA,
+                            f"{relative}: array {key!r} needs pickle to load ({exc}); "
+                            "store plain numeric arrays",
+                        ) from exc
+                    arrays[key] = {"shape": list(array.shape), "dtype": str(array.dtype)}
+        except (zipfile.BadZipFile, OSError, EOFError) as exc:
+            raise Rejected(RejectCode.CORRUPT, f"{relative}: not a readable .npz ({exc})") from exc
+        if not arrays:
+            raise Rejected(RejectCode.INVALID_DATA, f"{relative}: the .npz holds no arrays")
+        lengths = {key: shape["shape"][0] for key, shape in arrays.items() if shape["shape"]}  # type: ignore[index,call-overload]
+        if len(set(lengths.values())) > 1:
+            raise Rejected(
+                RejectCode.INVALID_DATA,
+                f"{relative}: arrays disagree on their first dimension: {lengths}",
+            )
+        summary[str(relative)] = arrays
+    return {"arrays": summary}
+
+
+def _csv(root: Path, files: Sequence[PurePosixPath]) -> Summary:
+    summary: Summary = {}
+    for relative in files:
+        try:
+            with (root / relative).open(newline="", encoding="utf-8") as handle:
+                reader = csv.reader(handle)
+                header = next(reader, None)
+                if not header or not any(cell.strip() for cell in header):
+                    raise Rejected(RejectCode.INVALID_DATA, f"{relative}: no header row")
+                rows = 0
+                for rows, row in enumerate(reader, start=1):  # noqa: B007 - rows counts them
+                    if len(row) != len(header):
+                        raise Rejected(
+                            RejectCode.INVALID_DATA,
+                            f"{relative}: line {reader.line_num} has {len(row)} columns, "
+                            f"the header has {len(header)}",
+                        )
+        except UnicodeDecodeError as exc:
+            raise Rejected(RejectCode.INVALID_DATA, f"{relative}: not UTF-8 text ({exc})") from exc
+        except csv.Error as exc:
+            raise Rejected(RejectCode.INVALID_DATA, f"{relative}: malformed CSV ({exc})") from exc
+        summary[str(relative)] = {"columns": list(header), "rows": rows}
+    return {"tables": summary}
+
+
+def _images(root: Path, files: Sequence[PurePosixPath]) -> Summary:
+    from PIL import Image, UnidentifiedImageError
+
+    counts: Counter[str] = Counter()
+    sizes: Counter[str] = Counter()
+    for relative in files:
+        try:
+            with Image.open(root / relative) as image:
+                image.load()
+                sizes[f"{image.width}x{image.height}"] += 1
+        except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
+            raise Rejected(
+                RejectCode.CORRUPT, f"{relative}: image does not decode ({exc})"
+            ) from exc
+        except Image.DecompressionBombError as exc:
+            raise Rejected(RejectCode.TOO_LARGE, f"{relative}: {exc}") from exc
+        counts[relative.parts[0]] += 1
+    if len(counts) < 2:
+        raise Rejected(RejectCode.INVALID_DATA, "an image dataset needs at least two classes")
+    return {"classes": dict(sorted(counts.items())), "image_sizes": dict(sizes.most_common(5))}
+
+
+def _pt(root: Path, files: Sequence[PurePosixPath]) -> Summary:
+    try:
+        import torch
+    except ImportError as exc:  # the ingest image carries no torch unless asked to
+        raise Rejected(
+            RejectCode.UNKNOWN_FORMAT,
+            "pt datasets need torch in the ingest service (pip install 'torchrelay[ingest,train]')",
+        ) from exc
+    summary: Summary = {}
+    for relative in files:
+        try:
+            loaded = torch.load(root / relative, map_location="cpu", weights_only=True)
+        except pickle.UnpicklingError as exc:
+            raise Rejected(
+                RejectCode.INVALID_DATA,
+                f"{relative}: refused by weights_only loading (it needs arbitrary code): {exc}",
+            ) from exc
+        except (RuntimeError, EOFError, OSError, zipfile.BadZipFile) as exc:
+            raise Rejected(
+                RejectCode.CORRUPT, f"{relative}: not a readable tensor file ({exc})"
+            ) from exc
+        summary[str(relative)] = _describe_tensors(loaded, torch.Tensor)
+    return {"tensors": summary}
+
+
+def _describe_tensors(value: object, tensor_type: type) -> JsonValue:
+    if isinstance(value, tensor_type):
+        return {"shape": list(value.shape), "dtype": str(value.dtype)}  # type: ignore[attr-defined]
+    if isinstance(value, dict):
+        return {str(k): _describe_tensors(v, tensor_type) for k, v in list(value.items())[:100]}
+    if isinstance(value, list | tuple):
+        return [_describe_tensors(v, tensor_type) for v in value[:100]]
+    return type(value).__name__
