@@ -12,8 +12,11 @@ from pathlib import Path
 from torchrelay import __version__
 
 # Services import lazily: `torchrelay service monitor` never imports torch.
-SERVICES = {"monitor": "torchrelay.services.monitor.service"}
-PLANNED = {"ingest": 3, "train": 4, "serve": 5}
+SERVICES = {
+    "ingest": "torchrelay.services.ingest.service",
+    "monitor": "torchrelay.services.monitor.service",
+}
+PLANNED = {"train": 4, "serve": 5}
 EXIT_USAGE = 2
 
 

@@ -71,7 +71,7 @@ class Limits(BaseModel):
 
 @dataclass(frozen=True, slots=True)
 class SourceRef:
-    kind: Literal["path", "url", "builtin", "upload"]
+    kind: Literal["path", "url", "builtin"]
     value: str
 
 
@@ -79,8 +79,6 @@ def classify_source(source: str) -> SourceRef:
     """What kind of source a request names."""
     if source in BUILTIN_SOURCES:
         return SourceRef("builtin", source)
-    if source.startswith("upload:"):
-        return SourceRef("upload", source.removeprefix("upload:"))
     scheme = urlsplit(source).scheme.lower()
     if scheme in {"http", "https"}:
         return SourceRef("url", source)
@@ -136,28 +134,33 @@ def member_path(name: str) -> PurePosixPath:
 
 
 @dataclass
-class ArchiveBudget:
-    """Running totals of an extraction, checked against the limits member by member."""
+class Budget:
+    """Running totals of what a source adds, checked against the limits file by file.
+
+    ``packed_bytes`` is the size of the archive being unpacked (for the ratio guard), or None
+    for plain files.
+    """
 
     limits: Limits
-    packed_bytes: int
+    packed_bytes: int | None = None
     files: int = 0
     bytes: int = 0
 
     def admit(self, name: str, kind: MemberKind, size: int) -> PurePosixPath | None:
-        """Check one member before extraction: its path for a file, None for a folder."""
+        """Check one entry before it is written: its path for a file, None for a folder."""
         path = member_path(name)
         if kind == "dir":
             return None
         if kind != "file":
             raise Rejected(
                 RejectCode.UNSAFE_ARCHIVE,
-                f"archive member {name!r} is a {kind}; only regular files and folders are allowed",
+                f"{name!r} is a {kind}; only regular files and folders are allowed",
             )
         self.files += 1
         if self.files > self.limits.max_files:
             raise Rejected(
-                RejectCode.TOO_MANY_FILES, f"archive has more than {self.limits.max_files} files"
+                RejectCode.TOO_MANY_FILES,
+                f"the dataset has more than {self.limits.max_files} files",
             )
         self.add_bytes(name, size)
         return path
@@ -167,13 +170,15 @@ class ArchiveBudget:
         if size > self.limits.max_file_bytes:
             raise Rejected(
                 RejectCode.TOO_LARGE,
-                f"{name!r} unpacks to more than {self.limits.max_file_bytes} bytes",
+                f"{name!r} is larger than {self.limits.max_file_bytes} bytes",
             )
         self.bytes += size
         if self.bytes > self.limits.max_bytes:
             raise Rejected(
-                RejectCode.TOO_LARGE, f"archive unpacks to more than {self.limits.max_bytes} bytes"
+                RejectCode.TOO_LARGE, f"the dataset is larger than {self.limits.max_bytes} bytes"
             )
+        if self.packed_bytes is None:
+            return
         ratio_cap = max(self.packed_bytes, 1) * self.limits.max_compression_ratio
         if self.bytes > ratio_cap and self.bytes > 1 << 20:
             raise Rejected(

@@ -8,6 +8,7 @@ from torchrelay.shared.state.kv import (
     State,
     Store,
     Versioned,
+    key_part,
     open_bucket,
 )
 
@@ -19,5 +20,6 @@ __all__ = [
     "State",
     "Store",
     "Versioned",
+    "key_part",
     "open_bucket",
 ]

@@ -207,3 +207,15 @@ class State:
         if bucket not in self._kvs:
             raise KeyError(f"unknown bucket {bucket!r}; known: {sorted(self._kvs)}")
         return Store(self._kvs[bucket], model, bucket)
+
+
+def key_part(text: str) -> str:
+    """Make ``text`` safe inside a KV key (NATS allows ``[-/_=.A-Za-z0-9]``): other characters
+    become ``=XX`` hex escapes, and ``.`` too, since it separates key parts."""
+    safe = []
+    for char in text:
+        if char.isascii() and (char.isalnum() or char in "-_"):
+            safe.append(char)
+        else:
+            safe.extend(f"={byte:02X}" for byte in char.encode())
+    return "".join(safe)

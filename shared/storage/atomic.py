@@ -21,7 +21,7 @@ from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO
+from typing import IO
 
 from torchrelay.shared.errors import PermanentError, UnsafePath
 
@@ -49,7 +49,7 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
 
 
 @contextlib.contextmanager
-def atomic_writer(path: Path, *, fsync: bool = True) -> Iterator[BinaryIO]:
+def atomic_writer(path: Path, *, fsync: bool = True) -> Iterator[IO[bytes]]:
     """Yield a binary file that replaces ``path`` atomically when the block exits cleanly;
     on error the temporary file is removed and ``path`` is untouched. ``fsync=False`` is for
     files inside a folder that is synced as a whole before it is published."""
@@ -89,7 +89,7 @@ def _hasher() -> ThreadPoolExecutor:
 
 
 def copy_and_hash(
-    source: BinaryIO,
+    source: IO[bytes],
     destination: Path,
     *,
     max_bytes: int | None = None,

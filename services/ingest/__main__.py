@@ -1,0 +1,3 @@
+from torchrelay.services.ingest.service import main
+
+raise SystemExit(main())

@@ -1,0 +1,272 @@
+"""Glue: an ingest request (event or HTTP) -> staging -> KV records -> outcome event.
+
+Idempotent: a request id that already has an outcome gets the same outcome again (same event
+id, so the stream stores it once) and stages nothing.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Awaitable, Callable
+from datetime import UTC, datetime
+from typing import Literal
+
+import structlog
+from prometheus_client import CollectorRegistry, Counter, Histogram
+from pydantic import BaseModel, ConfigDict
+
+from torchrelay.services.ingest.domain import Rejected
+from torchrelay.services.ingest.fill import fill_for
+from torchrelay.services.ingest.settings import IngestOptions
+from torchrelay.services.ingest.staging import Fill, StagedVersion, Stager, StageRequest
+from torchrelay.shared.events import (
+    AnyEvent,
+    DatasetIngestRequested,
+    DatasetRejected,
+    DatasetStaged,
+)
+from torchrelay.shared.events.data import DatasetRejectedData, DatasetStagedData
+from torchrelay.shared.state import State, Store, key_part
+
+log = structlog.get_logger("torchrelay.ingest")
+_EVENT_IDS = uuid.UUID("0b6f3f1e-7f3a-4c8e-9d0e-3a9b6f1c2d4e")
+STAGING_BUCKETS_S = (0.01, 0.05, 0.1, 0.5, 1, 2.5, 5, 10, 30, 60, 300, 900)
+
+
+class VersionRecord(BaseModel):
+    """A staged dataset version, as the ``datasets`` bucket keeps it."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    name: str
+    version: str
+    format: str
+    path: str
+    files: int
+    size_bytes: int
+    source: str
+    created: datetime
+
+
+class RequestRecord(BaseModel):
+    """The outcome of one ingest request."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    request_id: str
+    name: str
+    source: str
+    status: Literal["staged", "rejected"]
+    version: str | None = None
+    code: str | None = None
+    reason: str | None = None
+    pipeline_id: str | None = None
+    updated: datetime
+
+
+def version_key(name: str, version: str) -> str:
+    return f"versions.{key_part(name)}.{key_part(version)}"
+
+
+def request_key(request_id: str) -> str:
+    return f"requests.{key_part(request_id)}"
+
+
+class IngestMetrics:
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.bytes = Counter(
+            "torchrelay_ingest_staged_bytes_total",
+            "Bytes written into new dataset versions.",
+            registry=registry,
+        )
+        self.files = Counter(
+            "torchrelay_ingest_staged_files_total",
+            "Files written into new dataset versions.",
+            registry=registry,
+        )
+        self.seconds = Histogram(
+            "torchrelay_ingest_staging_seconds",
+            "Time to stage one dataset (fetch, copy, hash, validate, sync, publish).",
+            buckets=STAGING_BUCKETS_S,
+            registry=registry,
+        )
+        self.rejections = Counter(
+            "torchrelay_ingest_rejections_total",
+            "Refused ingest requests, by reason code.",
+            ["code"],
+            registry=registry,
+        )
+
+
+Outcome = DatasetStaged | DatasetRejected
+Publish = Callable[[AnyEvent], Awaitable[bool]]
+
+
+class Ingestor:
+    """Stages datasets for events and HTTP requests alike."""
+
+    def __init__(
+        self,
+        *,
+        stager: Stager,
+        options: IngestOptions,
+        state: State,
+        publish: Publish,
+        metrics: IngestMetrics,
+        source: str,
+    ) -> None:
+        self.stager = stager
+        self.options = options
+        self.versions: Store[VersionRecord] = state.store("datasets", VersionRecord)
+        self.requests: Store[RequestRecord] = state.store("datasets", RequestRecord)
+        self._publish = publish
+        self._metrics = metrics
+        self._source = source
+
+    async def on_requested(self, event: DatasetIngestRequested) -> None:
+        """Handler of ``dataset.ingest.requested``."""
+        request = StageRequest(
+            event.data.request_id, event.data.name, event.data.source, event.data.format
+        )
+        await self.ingest(request, pipeline_id=event.pipelineid, causation_id=event.id)
+
+    async def ingest(
+        self,
+        request: StageRequest,
+        fill: Fill | None = None,
+        *,
+        pipeline_id: str | None = None,
+        causation_id: str | None = None,
+    ) -> Outcome:
+        """Stage (or recall) a request's dataset, record it, publish and return the outcome."""
+        previous = await self.requests.get(request_key(request.request_id))
+        if previous is not None:
+            outcome = self._outcome_of(previous.value, causation_id)
+            await self._publish(outcome)
+            return outcome
+        try:
+            staged = await self.stager.stage(
+                request, fill or fill_for(request.source, self.options)
+            )
+        except Rejected as rejected:
+            return await self._reject(request, rejected, pipeline_id, causation_id)
+        return await self._record(request, staged, pipeline_id, causation_id)
+
+    async def _record(
+        self,
+        request: StageRequest,
+        staged: StagedVersion,
+        pipeline_id: str | None,
+        causation_id: str | None,
+    ) -> Outcome:
+        manifest = staged.manifest
+        await self.versions.mutate(
+            version_key(manifest.name, manifest.version),
+            lambda current: (
+                current
+                or VersionRecord(
+                    name=manifest.name,
+                    version=manifest.version,
+                    format=manifest.format,
+                    path=staged.path,
+                    files=len(manifest.files),
+                    size_bytes=manifest.size_bytes,
+                    source=manifest.source,
+                    created=manifest.created,
+                )
+            ),
+        )
+        record = RequestRecord(
+            request_id=request.request_id,
+            name=request.name,
+            source=request.source,
+            status="staged",
+            version=manifest.version,
+            pipeline_id=pipeline_id,
+            updated=datetime.now(UTC),
+        )
+        await self.requests.put(request_key(request.request_id), record)
+        if staged.created:
+            self._metrics.bytes.inc(manifest.size_bytes)
+            self._metrics.files.inc(len(manifest.files))
+        self._metrics.seconds.observe(staged.seconds)
+        log.info(
+            "dataset.staged",
+            name=manifest.name,
+            version=manifest.version,
+            files=len(manifest.files),
+            size_bytes=manifest.size_bytes,
+            new=staged.created,
+            seconds=round(staged.seconds, 3),
+        )
+        outcome = self._outcome_of(record, causation_id)
+        await self._publish(outcome)
+        return outcome
+
+    async def _reject(
+        self,
+        request: StageRequest,
+        rejected: Rejected,
+        pipeline_id: str | None,
+        causation_id: str | None,
+    ) -> Outcome:
+        record = RequestRecord(
+            request_id=request.request_id,
+            name=request.name,
+            source=request.source,
+            status="rejected",
+            code=rejected.code.value,
+            reason=rejected.reason[:512],
+            pipeline_id=pipeline_id,
+            updated=datetime.now(UTC),
+        )
+        await self.requests.put(request_key(request.request_id), record)
+        self._metrics.rejections.labels(rejected.code.value).inc()
+        log.warning(
+            "dataset.rejected", name=request.name, code=rejected.code, reason=rejected.reason
+        )
+        outcome = self._outcome_of(record, causation_id)
+        await self._publish(outcome)
+        return outcome
+
+    def _outcome_of(self, record: RequestRecord, causation_id: str | None) -> Outcome:
+        envelope = {
+            "source": self._source,
+            "subject": record.name,
+            "pipelineid": record.pipeline_id,
+            "causationid": causation_id,
+        }
+        if record.status == "rejected":
+            return DatasetRejected(
+                id=str(uuid.uuid5(_EVENT_IDS, f"rejected:{record.request_id}")),
+                data=DatasetRejectedData(
+                    request_id=record.request_id,
+                    name=record.name,
+                    source=record.source[:512],
+                    code=record.code or "invalid_data",
+                    reason=record.reason or "rejected",
+                ),
+                **envelope,
+            )
+        assert record.version is not None  # noqa: S101 - staged records always have one
+        manifest = self.stager.read_manifest(record.name, record.version)
+        if manifest is None:
+            raise RuntimeError(f"dataset {record.name}/{record.version} vanished from storage")
+        return DatasetStaged(
+            id=str(uuid.uuid5(_EVENT_IDS, f"staged:{record.request_id}:{record.version}")),
+            data=DatasetStagedData(
+                request_id=record.request_id,
+                name=record.name,
+                version=record.version,
+                path=str(
+                    self.stager.version_dir(record.name, record.version).relative_to(
+                        self.stager.root
+                    )
+                ),
+                format=manifest.format,
+                files=len(manifest.files),
+                size_bytes=manifest.size_bytes,
+                manifest_sha256=self.stager.manifest_sha256(record.name, record.version),
+            ),
+            **envelope,
+        )

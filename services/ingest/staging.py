@@ -1,0 +1,127 @@
+"""Staging one dataset version: fill a temporary folder, validate, write the manifest, sync,
+and rename it into place. The version folder appears whole or not at all, and the same content
+staged twice (or by two replicas at once) is one version."""
+
+from __future__ import annotations
+
+import asyncio
+import shutil
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+
+from torchrelay.services.ingest.domain import (
+    DATA_DIR,
+    MANIFEST_NAME,
+    Budget,
+    Limits,
+    Manifest,
+    ManifestFile,
+    RejectCode,
+    Rejected,
+    detect_format,
+    expected_format,
+    version_id,
+)
+from torchrelay.services.ingest.formats import validate
+from torchrelay.services.ingest.sources import Collected
+from torchrelay.shared.storage import atomic_write_bytes, publish_dir, sha256_file, temp_sibling
+
+Fill = Callable[[Collected, Budget], Awaitable[None]]
+"""Brings a source's files into the staging folder (see ``sources`` and ``fetch``)."""
+
+
+@dataclass(frozen=True, slots=True)
+class StageRequest:
+    request_id: str
+    name: str
+    source: str
+    format: str = "auto"
+
+
+@dataclass(frozen=True, slots=True)
+class StagedVersion:
+    manifest: Manifest
+    path: str
+    """Folder of the version, relative to the storage root."""
+    created: bool
+    """False when this exact content was already staged (nothing was written)."""
+    seconds: float
+
+
+class Stager:
+    """Owns ``<root>/datasets/``: the only writer there."""
+
+    def __init__(self, storage_root: Path, limits: Limits) -> None:
+        self.root = storage_root
+        self.datasets = storage_root / "datasets"
+        self.limits = limits
+
+    def version_dir(self, name: str, version: str) -> Path:
+        return self.datasets / name / version
+
+    def relative_dir(self, name: str, version: str) -> str:
+        return str(self.version_dir(name, version).relative_to(self.root))
+
+    def manifest_sha256(self, name: str, version: str) -> str:
+        return sha256_file(self.version_dir(name, version) / MANIFEST_NAME)
+
+    def read_manifest(self, name: str, version: str) -> Manifest | None:
+        path = self.version_dir(name, version) / MANIFEST_NAME
+        try:
+            return Manifest.model_validate_json(path.read_bytes())
+        except FileNotFoundError:
+            return None
+
+    async def stage(self, request: StageRequest, fill: Fill) -> StagedVersion:
+        started = time.perf_counter()
+        staging = temp_sibling(self.datasets / request.name / "version")
+        data = staging / DATA_DIR
+        data.mkdir(parents=True)
+        try:
+            collected = Collected(data)
+            await fill(collected, Budget(self.limits))
+            paths = sorted(collected.files)
+            fmt = expected_format(request.format, detect_format(paths))
+            summary = await asyncio.to_thread(validate, fmt, data, paths)
+            version = version_id((str(p), f.sha256) for p, f in collected.files.items())
+            manifest = Manifest(
+                name=request.name,
+                version=version,
+                format=fmt,
+                files=[
+                    ManifestFile(
+                        path=f"{DATA_DIR}/{p}",
+                        size_bytes=collected.files[p].size_bytes,
+                        sha256=collected.files[p].sha256,
+                    )
+                    for p in paths
+                ],
+                size_bytes=sum(f.size_bytes for f in collected.files.values()),
+                schema_summary=summary,
+                source=request.source,
+                created=datetime.now(UTC),
+                request_id=request.request_id,
+            )
+            atomic_write_bytes(staging / MANIFEST_NAME, manifest.model_dump_json(indent=2).encode())
+            final = self.version_dir(request.name, version)
+            created = await asyncio.to_thread(publish_dir, staging, final)
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
+        if not created:
+            existing = self.read_manifest(request.name, version)
+            if existing is None:
+                raise Rejected(
+                    RejectCode.CORRUPT,
+                    f"{final} exists without a manifest; remove it and stage again",
+                )
+            manifest = existing
+        return StagedVersion(
+            manifest,
+            self.relative_dir(request.name, version),
+            created,
+            time.perf_counter() - started,
+        )
