@@ -154,7 +154,8 @@ class Budget:
         if kind != "file":
             raise Rejected(
                 RejectCode.UNSAFE_ARCHIVE,
-                f"{name!r} is a {kind}; only regular files and folders are allowed",
+                f"{name!r} is a {'special file' if kind == 'other' else kind}; "
+                "only regular files and folders are allowed",
             )
         self.files += 1
         if self.files > self.limits.max_files:

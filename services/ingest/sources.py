@@ -183,7 +183,8 @@ def _zip_kind(info: zipfile.ZipInfo) -> MemberKind:
     if info.is_dir():
         return "dir"
     mode = info.external_attr >> 16
-    if mode == 0 or stat.S_ISREG(mode):
+    # Many zip writers store permission bits only (no file type): that is a regular file.
+    if stat.S_IFMT(mode) == 0 or stat.S_ISREG(mode):
         return "file"
     if stat.S_ISLNK(mode):
         return "symlink"
