@@ -64,12 +64,16 @@ class RequestRecord(BaseModel):
     updated: datetime
 
 
+VERSIONS = "versions"
+REQUESTS = "requests"
+
+
 def version_key(name: str, version: str) -> str:
-    return f"versions.{key_part(name)}.{key_part(version)}"
+    return f"{VERSIONS}.{key_part(name)}.{key_part(version)}"
 
 
 def request_key(request_id: str) -> str:
-    return f"requests.{key_part(request_id)}"
+    return f"{REQUESTS}.{key_part(request_id)}"
 
 
 class IngestMetrics:

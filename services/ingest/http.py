@@ -15,12 +15,13 @@ from torchrelay.services.ingest.domain import (
     RejectCode,
     file_name_from_url,
 )
-from torchrelay.services.ingest.handlers import Ingestor, Outcome, version_key
+from torchrelay.services.ingest.handlers import VERSIONS, Ingestor, Outcome, version_key
 from torchrelay.services.ingest.sources import Collected, stream_to_file, unpack_if_archive
 from torchrelay.services.ingest.staging import StageRequest
 from torchrelay.shared.events import DatasetStaged
 from torchrelay.shared.events.data import DatasetIngestRequestedData
 from torchrelay.shared.runtime.http import json_error
+from torchrelay.shared.state import key_part
 
 STATUS = {
     RejectCode.BAD_REQUEST: 400,
@@ -47,11 +48,8 @@ def routes(ingestor: Ingestor) -> list[web.RouteDef]:
 
     async def list_datasets(_: web.Request) -> web.Response:
         names: dict[str, list[str]] = {}
-        for key in await ingestor.versions.keys():
-            if key.startswith("versions."):
-                record = await ingestor.versions.get(key)
-                if record is not None:
-                    names.setdefault(record.value.name, []).append(record.value.version)
+        for item in await ingestor.versions.items(VERSIONS):
+            names.setdefault(item.value.name, []).append(item.value.version)
         return web.json_response(
             {"datasets": [{"name": n, "versions": sorted(v)} for n, v in sorted(names.items())]}
         )
@@ -60,8 +58,7 @@ def routes(ingestor: Ingestor) -> list[web.RouteDef]:
         name = request.match_info["name"]
         versions = [
             item.value.model_dump(mode="json")
-            for item in await ingestor.versions.items()
-            if item.key.startswith("versions.") and item.value.name == name
+            for item in await ingestor.versions.items(f"{VERSIONS}.{key_part(name)}")
         ]
         if not versions:
             return json_error(404, f"no dataset named {name!r}")

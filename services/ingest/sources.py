@@ -214,7 +214,7 @@ def unpack_if_archive(relative: PurePosixPath, collected: Collected, budget: Bud
     archive = collected.root / relative
     packed = archive.stat().st_size
     # Move the archive aside so its members can use any name, then drop it.
-    aside = collected.root.parent / f"{relative.name}.archive"
+    aside = collected.root.parent / f"archive-{relative.name}"
     archive.rename(aside)
     del collected.files[relative]
     try:

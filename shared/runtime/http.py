@@ -5,11 +5,13 @@ from __future__ import annotations
 import hmac
 from collections.abc import Awaitable, Callable, Sequence
 
+import structlog
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
 from torchrelay.shared.runtime.settings import HttpSettings
 
+log = structlog.get_logger("torchrelay.http")
 ReadinessCheck = Callable[[], Awaitable[bool]]
 OPEN_PATHS = frozenset({"/healthz", "/readyz"})
 
@@ -36,6 +38,22 @@ def bearer_auth(token: str) -> web.middleware:  # type: ignore[valid-type]
     return check
 
 
+@web.middleware
+async def json_errors(
+    request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+) -> web.StreamResponse:
+    """Every error answers JSON: HTTP errors keep their status, a crash is a logged 500."""
+    try:
+        return await handler(request)
+    except web.HTTPException as exc:
+        if exc.status < 400:
+            raise
+        return json_error(exc.status, exc.reason)
+    except Exception:
+        log.exception("http.unhandled", path=request.path, method=request.method)
+        return json_error(500, "internal error; the service log has the details")
+
+
 def build_app(
     settings: HttpSettings,
     *,
@@ -43,7 +61,7 @@ def build_app(
     ready: ReadinessCheck,
     routes: Sequence[web.AbstractRouteDef] = (),
 ) -> web.Application:
-    middlewares = []
+    middlewares = [json_errors]
     if settings.bearer_token is not None:
         middlewares.append(bearer_auth(settings.bearer_token.get_secret_value()))
     app = web.Application(middlewares=middlewares, client_max_size=1 << 20)

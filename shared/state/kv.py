@@ -124,15 +124,25 @@ class Store(Generic[M]):
         except nats.js.errors.KeyWrongLastSequenceError as exc:
             raise StaleRevision(self.bucket, key, revision) from exc
 
-    async def keys(self) -> list[str]:
-        try:
-            return sorted(await self._kv.keys())
-        except nats.js.errors.NoKeysError:
-            return []
-
-    async def items(self) -> list[Versioned[M]]:
+    async def keys(self, prefix: str = "") -> list[str]:
+        """Keys, or only those under ``prefix.``; the server does the filtering (nats-py's own
+        ``keys(filters=...)`` lists every key and matches substrings client-side)."""
+        watcher = await self._kv.watch(
+            f"{prefix}.>" if prefix else ">", ignore_deletes=True, meta_only=True
+        )
         found = []
-        for key in await self.keys():
+        try:
+            async for entry in watcher:
+                if entry is None:  # the end of what is stored now
+                    break
+                found.append(entry.key)
+        finally:
+            await watcher.stop()  # type: ignore[no-untyped-call]
+        return sorted(found)
+
+    async def items(self, prefix: str = "") -> list[Versioned[M]]:
+        found = []
+        for key in await self.keys(prefix):
             item = await self.get(key)
             if item is not None:
                 found.append(item)

@@ -107,3 +107,15 @@ async def test_a_renewed_lease_outlives_its_ttl_and_release_frees_it(state: Stat
     assert await state.leases.acquire("restart-r2", "monitor-b", ttl_s=1.0) is None
     await state.leases.release(lease)
     assert await state.leases.acquire("restart-r2", "monitor-b", ttl_s=1.0) is not None
+
+
+async def test_keys_under_a_prefix_are_filtered_by_the_server(state: State) -> None:
+    runs = state.store("runs", Run)
+    assert await runs.keys("active") == []
+    await runs.put("active.r1", Run(status="running"))
+    await runs.put("active.r2", Run(status="running"))
+    await runs.put("done.r0", Run(status="completed"))
+    await runs.put("activeish", Run(status="other"))
+    assert await runs.keys("active") == ["active.r1", "active.r2"]
+    assert [item.key for item in await runs.items("done")] == ["done.r0"]
+    assert len(await runs.keys()) == 4

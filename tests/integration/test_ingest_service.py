@@ -1,0 +1,231 @@
+"""The ingest service as a real process: events in, events out, and its HTTP API."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import json
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import aiohttp
+import nats
+import numpy as np
+import pytest
+
+from tests.integration.conftest import FAST_STREAM
+from tests.integration.processes import ServiceProcess
+from torchrelay.shared.bus.jetstream import JetStreamBus
+from torchrelay.shared.bus.port import Subscription
+from torchrelay.shared.events import (
+    AnyEvent,
+    DatasetIngestRequested,
+    DatasetRejected,
+    DatasetStaged,
+    DeadLettered,
+)
+from torchrelay.shared.events.data import DatasetIngestRequestedData
+from torchrelay.shared.testing import assert_eventually
+
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(180)]
+
+
+class Watcher:
+    """Collects the events ingest publishes."""
+
+    def __init__(self) -> None:
+        self.events: list[AnyEvent] = []
+
+    async def record(self, event: AnyEvent) -> None:
+        self.events.append(event)
+
+    def of(self, kind: type[AnyEvent]) -> list[AnyEvent]:
+        return [e for e in self.events if isinstance(e, kind)]
+
+
+@pytest.fixture
+async def bus_and_watcher(nats_url: str) -> AsyncIterator[tuple[JetStreamBus, Watcher]]:
+    bus = JetStreamBus(await nats.connect(nats_url), FAST_STREAM)
+    watcher = Watcher()
+    sub = Subscription(
+        "test-ingest-watch", [DatasetStaged, DatasetRejected, DeadLettered], watcher.record
+    )
+    await bus.provision([sub])
+    stop = asyncio.Event()
+    task = asyncio.create_task(bus.consume(sub, stop))
+    yield bus, watcher
+    stop.set()
+    await task
+    await bus.aclose()
+
+
+@pytest.fixture
+def ingest(nats_url: str, tmp_path: Path) -> Iterator[tuple[ServiceProcess, Path, Path]]:
+    sources = tmp_path / "sources"
+    sources.mkdir()
+    storage = tmp_path / "storage"
+    process = ServiceProcess(
+        ["-m", "torchrelay", "service", "ingest", "--nats-url", nats_url, "--http-port", "0"],
+        tmp_path / "ingest.log",
+        env={
+            "TORCHRELAY_STORAGE_ROOT": str(storage),
+            "TORCHRELAY_INGEST_ALLOWED_ROOTS": str(sources),
+            "TORCHRELAY_SHUTDOWN_GRACE_S": "5",
+            "TORCHRELAY_SHUTDOWN_DEADLINE_S": "10",
+        },
+    )
+    yield process, sources, storage
+    process.stop()
+
+
+def request(source: str, request_id: str, name: str = "digits") -> DatasetIngestRequested:
+    return DatasetIngestRequested(
+        source="/tests",
+        pipelineid="pipe-1",
+        data=DatasetIngestRequestedData(request_id=request_id, name=name, source=source),
+    )
+
+
+def leftovers(storage: Path) -> list[Path]:
+    return [p for p in (storage / "datasets").rglob("*") if ".tmp-" in p.name]
+
+
+async def test_a_request_event_stages_once_and_a_repeat_changes_nothing(
+    bus_and_watcher: tuple[JetStreamBus, Watcher], ingest: tuple[ServiceProcess, Path, Path]
+) -> None:
+    bus, watcher = bus_and_watcher
+    process, _, storage = ingest
+    await process.wait_ready()
+    await bus.publish(request("sklearn:digits", "r-1"))
+    await assert_eventually(lambda: len(watcher.of(DatasetStaged)) == 1, timeout_s=60)
+    staged = watcher.of(DatasetStaged)[0]
+    assert staged.pipelineid == "pipe-1"
+    assert staged.data.format == "npz"
+    assert (storage / staged.data.path / "manifest.json").exists()
+    # The same request again (a redelivery, or a publisher retrying with a new event id):
+    await bus.publish(request("sklearn:digits", "r-1"))
+    await bus.publish(request("sklearn:digits", "r-2"))
+    await assert_eventually(lambda: len(watcher.of(DatasetStaged)) == 2, timeout_s=60)
+    assert {e.data.version for e in watcher.of(DatasetStaged)} == {staged.data.version}
+    assert {e.id for e in watcher.of(DatasetStaged)} != {staged.id}, "r-2 is its own outcome"
+    assert len(list((storage / "datasets" / "digits").iterdir())) == 1
+    metrics = await _metrics(process)
+    assert "torchrelay_ingest_staged_files_total 1.0" in metrics
+
+
+async def test_a_bad_source_is_rejected_with_its_reason_and_leaves_nothing(
+    bus_and_watcher: tuple[JetStreamBus, Watcher], ingest: tuple[ServiceProcess, Path, Path]
+) -> None:
+    bus, watcher = bus_and_watcher
+    process, sources, storage = ingest
+    await process.wait_ready()
+    (sources / "ragged.csv").write_text("a,b\n1\n")
+    await bus.publish(request(str(sources / "missing.csv"), "r-missing"))
+    await bus.publish(request(str(sources / "ragged.csv"), "r-ragged"))
+    await assert_eventually(lambda: len(watcher.of(DatasetRejected)) == 2, timeout_s=30)
+    by_request = {e.data.request_id: e.data for e in watcher.of(DatasetRejected)}
+    assert by_request["r-missing"].code == "missing_path"
+    assert by_request["r-ragged"].code == "invalid_data"
+    assert "line 2 has 1 columns" in by_request["r-ragged"].reason
+    assert leftovers(storage) == []
+    metrics = await _metrics(process)
+    assert 'torchrelay_ingest_rejections_total{code="missing_path"} 1.0' in metrics
+
+
+async def test_a_request_event_that_fails_the_schema_is_dead_lettered(
+    bus_and_watcher: tuple[JetStreamBus, Watcher], ingest: tuple[ServiceProcess, Path, Path]
+) -> None:
+    bus, watcher = bus_and_watcher
+    process, _, storage = ingest
+    await process.wait_ready()
+    wire = json.loads(request("sklearn:digits", "r-x").to_json())
+    wire["data"]["name"] = "Not A Valid Name!"
+    await bus.nc.jetstream().publish(
+        "torchrelay.dataset.ingest.requested", json.dumps(wire).encode()
+    )
+    await assert_eventually(lambda: len(watcher.of(DeadLettered)) == 1, timeout_s=30)
+    letter = watcher.of(DeadLettered)[0].data
+    assert letter.consumer == "ingest-requests"
+    assert "data.name" in letter.reason
+    assert not (storage / "datasets").exists() or not any((storage / "datasets").iterdir())
+
+
+async def test_the_http_api_stages_sources_and_uploads(
+    bus_and_watcher: tuple[JetStreamBus, Watcher], ingest: tuple[ServiceProcess, Path, Path]
+) -> None:
+    _, watcher = bus_and_watcher
+    process, sources, storage = ingest
+    port = await process.wait_ready()
+    base = f"http://127.0.0.1:{port}/v1/datasets"
+    (sources / "t.csv").write_text("x,y\n1,2\n")
+    npz = io.BytesIO()
+    np.savez(npz, x=np.ones((3, 2)), y=np.arange(3))
+    async with aiohttp.ClientSession() as http:
+        async with http.post(base, json={"name": "tables", "source": str(sources / "t.csv")}) as r:
+            assert r.status == 201, await r.text()
+            table = await r.json()
+        async with http.post(
+            base, params={"name": "arrays", "filename": "a.npz"}, data=npz.getvalue()
+        ) as r:
+            assert r.status == 201, await r.text()
+            raw_upload = await r.json()
+        form = aiohttp.FormData()
+        form.add_field("file", npz.getvalue(), filename="a.npz")
+        async with http.post(base, params={"name": "arrays"}, data=form) as r:
+            assert r.status == 201, await r.text()
+            form_upload = await r.json()
+        assert raw_upload["version"] == form_upload["version"], "same bytes, same version"
+        async with http.get(base) as r:
+            listing = await r.json()
+        assert {d["name"] for d in listing["datasets"]} == {"tables", "arrays"}
+        async with http.get(f"{base}/tables/{table['version']}") as r:
+            shown = await r.json()
+        assert shown["manifest"]["schema_summary"]["tables"]["t.csv"]["rows"] == 1
+        async with http.get(f"{base}/tables") as r:
+            assert len((await r.json())["versions"]) == 1
+        async with http.get(f"{base}/nope") as r:
+            assert r.status == 404
+        async with http.get(f"{base}/tables/0000") as r:
+            assert r.status == 404
+    await assert_eventually(lambda: len(watcher.of(DatasetStaged)) == 3, timeout_s=30)
+    assert leftovers(storage) == []
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "status", "code"),
+    [
+        ({"data": b"{not json", "headers": {"Content-Type": "application/json"}}, 400, None),
+        ({"json": {"source": "sklearn:digits"}}, 400, "bad_request"),
+        ({"json": {"name": "x", "source": "/etc/passwd"}}, 403, "unsafe_path"),
+        ({"json": {"name": "x", "source": "http://169.254.169.254/"}}, 403, "url_denied"),
+        ({"json": {"name": "x", "source": "s3://bucket/key"}}, 400, "unsupported_source"),
+        ({"params": {"name": "x"}, "data": b"abc"}, 400, None),
+        (
+            {"params": {"name": "x", "filename": "a.zip"}, "data": b"PK\x03\x04 broken"},
+            422,
+            "corrupt",
+        ),
+    ],
+)
+async def test_bad_http_requests_get_a_4xx_with_a_json_reason(
+    ingest: tuple[ServiceProcess, Path, Path],
+    kwargs: dict[str, object],
+    status: int,
+    code: str | None,
+) -> None:
+    process, _, storage = ingest
+    port = await process.wait_ready()
+    url = f"http://127.0.0.1:{port}/v1/datasets"
+    async with aiohttp.ClientSession() as http, http.post(url, **kwargs) as r:  # type: ignore[arg-type]
+        body = await r.json()
+        assert r.status == status, body
+    assert body["error"]
+    if code is not None:
+        assert body["code"] == code
+    assert leftovers(storage) == []
+
+
+async def _metrics(process: ServiceProcess) -> str:
+    url = f"http://127.0.0.1:{process.http_port}/metrics"
+    async with aiohttp.ClientSession() as http, http.get(url) as r:
+        return await r.text()
