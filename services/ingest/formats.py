@@ -31,35 +31,62 @@ def validate(fmt: DatasetFormat, root: Path, files: Sequence[PurePosixPath]) -> 
 
 
 def _npz(root: Path, files: Sequence[PurePosixPath]) -> Summary:
-    import numpy as np
-
     summary: Summary = {}
     for relative in files:
-        arrays: dict[str, JsonValue] = {}
         try:
-            with np.load(root / relative, allow_pickle=False) as archive:
-                for key in archive.files:
-                    try:
-                        array = archive[key]
-                    except ValueError as exc:
-                        raise Rejected(
-                            RejectCode.INVALID_DATA,
-                            f"{relative}: array {key!r} needs pickle to load ({exc}); "
-                            "store plain numeric arrays",
-                        ) from exc
-                    arrays[key] = {"shape": list(array.shape), "dtype": str(array.dtype)}
-        except (zipfile.BadZipFile, OSError, EOFError) as exc:
+            arrays = _npz_arrays(root / relative, relative)
+        except (zipfile.BadZipFile, OSError, EOFError, ValueError) as exc:
             raise Rejected(RejectCode.CORRUPT, f"{relative}: not a readable .npz ({exc})") from exc
         if not arrays:
             raise Rejected(RejectCode.INVALID_DATA, f"{relative}: the .npz holds no arrays")
-        lengths = {key: shape["shape"][0] for key, shape in arrays.items() if shape["shape"]}  # type: ignore[index,call-overload]
+        lengths = {key: shape[0] for key, (shape, _) in arrays.items() if shape}
         if len(set(lengths.values())) > 1:
             raise Rejected(
                 RejectCode.INVALID_DATA,
                 f"{relative}: arrays disagree on their first dimension: {lengths}",
             )
-        summary[str(relative)] = arrays
+        summary[str(relative)] = {
+            key: {"shape": list(shape), "dtype": dtype} for key, (shape, dtype) in arrays.items()
+        }
     return {"arrays": summary}
+
+
+def _npz_arrays(path: Path, relative: PurePosixPath) -> dict[str, tuple[tuple[int, ...], str]]:
+    """Shape and dtype of every array from its .npy header, without reading the data (a
+    multi-GB array costs no memory), checking that no array needs pickle and that each
+    member holds exactly the bytes its header promises."""
+    import numpy as np
+
+    arrays: dict[str, tuple[tuple[int, ...], str]] = {}
+    with zipfile.ZipFile(path) as bundle:
+        for info in bundle.infolist():
+            if not info.filename.endswith(".npy"):
+                raise Rejected(
+                    RejectCode.INVALID_DATA, f"{relative}: {info.filename} is not an array"
+                )
+            key = info.filename.removesuffix(".npy")
+            with bundle.open(info) as member:
+                version = np.lib.format.read_magic(member)
+                if version == (1, 0):
+                    shape, _, dtype = np.lib.format.read_array_header_1_0(member)
+                else:
+                    shape, _, dtype = np.lib.format.read_array_header_2_0(member)
+                header_bytes = member.tell()
+            if dtype.hasobject:
+                raise Rejected(
+                    RejectCode.INVALID_DATA,
+                    f"{relative}: array {key!r} holds Python objects and needs pickle to load; "
+                    "store plain numeric arrays",
+                )
+            expected = header_bytes + int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+            if info.file_size != expected:
+                raise Rejected(
+                    RejectCode.CORRUPT,
+                    f"{relative}: array {key!r} has {info.file_size - header_bytes} data bytes, "
+                    f"its header promises {expected - header_bytes}",
+                )
+            arrays[key] = (tuple(int(n) for n in shape), str(dtype))
+    return arrays
 
 
 def _csv(root: Path, files: Sequence[PurePosixPath]) -> Summary:

@@ -46,7 +46,8 @@ class Collected:
         room = budget.limits.max_bytes - budget.bytes + declared
         cap = min(budget.limits.max_file_bytes, room)
         try:
-            copied = copy_and_hash(source, target, max_bytes=cap, fsync=False)
+            # The staging folder is synced and renamed whole: no per-file rename or fsync.
+            copied = copy_and_hash(source, target, max_bytes=cap, fsync=False, atomic=False)
         except PermanentError as exc:
             raise Rejected(
                 RejectCode.TOO_LARGE, f"{relative} goes over the size caps ({cap} bytes left)"

@@ -69,6 +69,18 @@ def atomic_writer(path: Path, *, fsync: bool = True) -> Iterator[IO[bytes]]:
         fsync_dir(path.parent)
 
 
+@contextlib.contextmanager
+def _new_file(path: Path) -> Iterator[IO[bytes]]:
+    """A file that must not exist yet, removed again if the block fails."""
+    handle = path.open("xb")  # raises FileExistsError before we own anything
+    try:
+        with handle:
+            yield handle
+    except BaseException:
+        path.unlink(missing_ok=True)
+        raise
+
+
 @dataclass(frozen=True, slots=True)
 class CopiedFile:
     size_bytes: int
@@ -94,18 +106,21 @@ def copy_and_hash(
     *,
     max_bytes: int | None = None,
     fsync: bool = True,
+    atomic: bool = True,
     chunk_bytes: int = COPY_CHUNK_BYTES,
 ) -> CopiedFile:
     """Stream ``source`` into ``destination`` atomically, hashing in the same pass.
 
     With ``max_bytes``, stops as soon as the stream goes over it and raises PermanentError,
-    leaving nothing behind. ``fsync=False`` leaves durability to a later :func:`sync_tree`
-    (one sync for many files is far cheaper than one each).
+    leaving nothing behind. For files inside a staging folder that is published whole (see
+    :func:`publish_dir`), ``atomic=False`` writes the name directly (it must not exist yet) and
+    ``fsync=False`` leaves durability to one :func:`sync_tree`: far cheaper per file.
     """
     digest = hashlib.sha256()
     size = 0
     pending: Future[None] | None = None
-    with atomic_writer(destination, fsync=fsync) as out:
+    writer = atomic_writer(destination, fsync=fsync) if atomic else _new_file(destination)
+    with writer as out:
         try:
             while chunk := source.read(chunk_bytes):
                 size += len(chunk)

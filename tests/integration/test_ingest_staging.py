@@ -479,3 +479,14 @@ async def test_a_url_over_the_size_cap(
 
 def test_limits_come_from_settings() -> None:
     assert IngestOptions(max_bytes=10).limits() == Limits(max_bytes=10)
+
+
+async def test_an_npz_array_shorter_than_its_header(storage: Path, sources: Path) -> None:
+    buffer = io.BytesIO()
+    np.save(buffer, np.zeros(1000, dtype=np.float64))
+    with zipfile.ZipFile(sources / "short.npz", "w") as bundle:
+        bundle.writestr("x.npy", buffer.getvalue()[:-80])
+    reason = await refused(
+        storage, str(sources / "short.npz"), options(sources), RejectCode.CORRUPT
+    )
+    assert "header promises 8000" in reason

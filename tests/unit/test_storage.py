@@ -139,3 +139,13 @@ def test_sync_tree_makes_a_folder_durable_without_error(tmp_path: Path) -> None:
     (tmp_path / "a" / "b").mkdir(parents=True)
     (tmp_path / "a" / "b" / "f").write_bytes(b"x")
     sync_tree(tmp_path / "a")
+
+
+def test_a_direct_copy_never_touches_an_existing_file(tmp_path: Path) -> None:
+    (tmp_path / "taken").write_bytes(b"keep me")
+    with pytest.raises(FileExistsError):
+        copy_and_hash(io.BytesIO(b"new"), tmp_path / "taken", atomic=False)
+    assert (tmp_path / "taken").read_bytes() == b"keep me"
+    with pytest.raises(PermanentError):
+        copy_and_hash(io.BytesIO(b"x" * 100), tmp_path / "capped", atomic=False, max_bytes=10)
+    assert not (tmp_path / "capped").exists()
