@@ -53,7 +53,8 @@ def _demo() -> int:
     print(
         "torchrelay demo: the digits pipeline (stage sklearn:digits, train with world size 2, "
         "deploy) arrives with the local platform issue (#7).\n"
-        "Available now: `torchrelay service monitor` and `torchrelay schema export DIR`."
+        "Available now: `torchrelay service ingest`, `torchrelay service monitor` and "
+        "`torchrelay schema export DIR`."
     )
     return 1
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 import io
 import json
+import os
+import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
@@ -229,3 +231,20 @@ async def _metrics(process: ServiceProcess) -> str:
     url = f"http://127.0.0.1:{process.http_port}/metrics"
     async with aiohttp.ClientSession() as http, http.get(url) as r:
         return await r.text()
+
+
+async def test_staging_leftovers_of_a_crash_are_cleaned_at_start(
+    ingest: tuple[ServiceProcess, Path, Path],
+) -> None:
+    process, _, storage = ingest
+    crashed = storage / "datasets" / "digits" / ".tmp-version.0123456789ab"
+    (crashed / "data").mkdir(parents=True)
+    (crashed / "data" / "half.npz").write_bytes(b"partial")
+    old = time.time() - 3600
+    for path in (crashed / "data" / "half.npz", crashed / "data", crashed):
+        os.utime(path, (old, old))
+    in_progress = storage / "datasets" / "digits" / ".tmp-version.ba9876543210"
+    in_progress.mkdir()
+    await process.wait_ready()
+    await assert_eventually(lambda: not crashed.exists(), timeout_s=10)
+    assert in_progress.exists(), "a fresh staging folder may belong to another replica"
