@@ -252,9 +252,11 @@ class Ingestor:
                 ),
                 **envelope,
             )
-        assert record.version is not None  # noqa: S101 - staged records always have one
-        manifest = self.stager.read_manifest(record.name, record.version)
-        if manifest is None:
+        manifest = (
+            self.stager.read_manifest(record.name, record.version) if record.version else None
+        )
+        if manifest is None or record.version is None:
+            # Someone removed a staged version behind ingest's back: retry, then dead-letter.
             raise RuntimeError(f"dataset {record.name}/{record.version} vanished from storage")
         return DatasetStaged(
             id=str(uuid.uuid5(_EVENT_IDS, f"staged:{record.request_id}:{record.version}")),

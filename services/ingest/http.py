@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import uuid
+from collections.abc import AsyncIterator
 from pathlib import PurePosixPath
 
 from aiohttp import BodyPartReader, web
@@ -141,7 +142,7 @@ async def _from_upload(request: web.Request, ingestor: Ingestor) -> web.Response
     return _respond(outcome)
 
 
-async def _part_chunks(part: BodyPartReader):  # type: ignore[no-untyped-def]
+async def _part_chunks(part: BodyPartReader) -> AsyncIterator[bytes]:
     while chunk := await part.read_chunk(UPLOAD_CHUNK_BYTES):
         yield chunk
 
