@@ -1,0 +1,60 @@
+"""A small CNN on scikit-learn's digits (8x8 images, 10 classes), staged as ``sklearn:digits``.
+
+Entrypoint: ``torchrelay.services.train.examples.digits:train``. Hyperparameters: ``epochs``
+(default 30), ``batch_size`` (32), ``lr`` (0.003), ``holdout`` (share kept for evaluation, 0.2).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from torchrelay.services.train.worker import TrainingContext
+
+
+class DigitsNet(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.features = nn.Sequential(
+            nn.Conv2d(1, 16, 3, padding=1),
+            nn.ReLU(),
+            nn.Conv2d(16, 32, 3, padding=1),
+            nn.ReLU(),
+            nn.MaxPool2d(2),
+        )
+        self.head = nn.Sequential(nn.Flatten(), nn.Dropout(0.2), nn.Linear(32 * 4 * 4, 10))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out: torch.Tensor = self.head(self.features(x))
+        return out
+
+
+def split(x: torch.Tensor, y: torch.Tensor, holdout: float, seed: int) -> tuple[torch.Tensor, ...]:
+    order = torch.randperm(len(x), generator=torch.Generator().manual_seed(seed))
+    cut = int(len(x) * (1 - holdout))
+    return x[order[:cut]], y[order[:cut]], x[order[cut:]], y[order[cut:]]
+
+
+def train(ctx: TrainingContext) -> None:
+    x, y = ctx.arrays("x", "y")
+    x = (x.float() / 16.0).unsqueeze(1)  # pixel values are 0..16
+    y = y.long()
+    x_train, y_train, x_test, y_test = split(x, y, ctx.number("holdout", 0.2), seed=0)
+    model = ctx.wrap(DigitsNet())
+    optimizer = ctx.attach(torch.optim.Adam(model.parameters(), lr=ctx.number("lr", 3e-3)))
+    loss_fn = nn.CrossEntropyLoss()
+    model.train()
+    for xb, yb in ctx.batches(
+        (x_train, y_train),
+        batch_size=ctx.integer("batch_size", 32),
+        epochs=ctx.integer("epochs", 30),
+    ):
+        optimizer.zero_grad()
+        loss = loss_fn(model(xb), yb)
+        loss.backward()
+        optimizer.step()
+        ctx.step_done(loss=loss.item(), samples=len(xb))
+    model.eval()
+    with torch.no_grad():
+        accuracy = (model(x_test.to(ctx.device)).argmax(1).cpu() == y_test).float().mean().item()
+    ctx.export(model, example_input=x_test[:1], metrics={"accuracy": accuracy})

@@ -1,0 +1,78 @@
+"""One training rank: ``python -m torchrelay.services.train.worker`` (started by a backend).
+
+Exit codes: 0 done and exported; 1 the training function raised; 3 the entrypoint cannot be
+imported or never exported a model. Rank 0 writes ``runs/<id>/result.json`` on success.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import sys
+from datetime import timedelta
+from pathlib import Path
+
+import structlog
+import torch
+import torch.distributed as dist
+
+from torchrelay.services.train.worker.context import TrainingContext
+from torchrelay.services.train.worker.report import Reporter
+from torchrelay.shared.cluster.worker_spec import WorkerSpec
+from torchrelay.shared.runtime.logging import configure_logging
+from torchrelay.shared.runtime.settings import LogSettings
+from torchrelay.shared.storage import atomic_write_bytes
+
+EXIT_FAILED = 1
+EXIT_BAD_ENTRYPOINT = 3
+
+
+def result_path(storage_root: Path, run_id: str) -> Path:
+    return storage_root / "runs" / run_id / "result.json"
+
+
+def main() -> int:
+    spec = WorkerSpec.from_env()
+    configure_logging(LogSettings())
+    structlog.contextvars.bind_contextvars(run_id=spec.run_id, rank=spec.rank, attempt=spec.attempt)
+    log = structlog.get_logger("torchrelay.train.worker")
+    module_name, _, function_name = spec.job.entrypoint.partition(":")
+    try:
+        function = getattr(importlib.import_module(module_name), function_name)
+    except (ImportError, AttributeError):
+        log.exception("worker.bad_entrypoint", entrypoint=spec.job.entrypoint)
+        return EXIT_BAD_ENTRYPOINT
+    if spec.backend == "nccl":
+        torch.cuda.set_device(spec.rank % torch.cuda.device_count())
+    # The same seed on every rank: identical initial weights (DDP also broadcasts rank 0's).
+    torch.manual_seed(spec.job.seed)
+    dist.init_process_group(
+        spec.backend,
+        init_method=spec.rendezvous,
+        rank=spec.rank,
+        world_size=spec.world_size,
+        timeout=timedelta(seconds=spec.collective_timeout_s),
+    )
+    reporter = Reporter(spec)
+    try:
+        context = TrainingContext(spec, reporter)
+        log.info("worker.started", resumed_from_step=context.resumed_from_step)
+        function(context)
+    except Exception:
+        log.exception("worker.failed")
+        return EXIT_FAILED
+    finally:
+        reporter.close()
+        dist.destroy_process_group()
+    if context.rank == 0:
+        if context.exported is None:
+            log.error("worker.no_export", hint="call ctx.export(model, ...) at the end")
+            return EXIT_BAD_ENTRYPOINT
+        result = {**context.exported.__dict__, "steps": context.step, "attempt": spec.attempt}
+        atomic_write_bytes(result_path(context.root, spec.run_id), json.dumps(result).encode())
+    log.info("worker.finished", steps=context.step)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,77 @@
+"""Rank 0's progress reports: train.progress and train.checkpointed events on NATS.
+
+Training code is synchronous; a background thread runs an event loop with the bus and
+publishes what the training loop queues, so a slow NATS never stalls a step.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import queue
+import threading
+from typing import Any
+
+import structlog
+
+from torchrelay.shared.bus.connection import NatsSettings, connect
+from torchrelay.shared.bus.jetstream import JetStreamBus
+from torchrelay.shared.cluster.worker_spec import WorkerSpec
+from torchrelay.shared.events import AnyEvent, TrainCheckpointed, TrainProgressed
+from torchrelay.shared.events.data import TrainCheckpointedData, TrainProgressData
+
+log = structlog.get_logger("torchrelay.train.worker")
+_DONE = object()
+
+
+class Reporter:
+    def __init__(self, spec: WorkerSpec) -> None:
+        self._spec = spec
+        self._queue: queue.Queue[Any] = queue.Queue(maxsize=10_000)
+        self._thread: threading.Thread | None = None
+        if spec.rank == 0 and spec.nats_url:
+            self._thread = threading.Thread(target=self._run, name="reporter", daemon=True)
+            self._thread.start()
+
+    def __call__(self, kind: str, fields: dict[str, Any]) -> None:
+        log.info(f"train.{kind}", **fields)
+        if self._thread is None:
+            return
+        run_id = self._spec.run_id
+        envelope = {
+            "source": "/torchrelay/train/worker",
+            "subject": run_id,
+            "pipelineid": self._spec.pipeline_id,
+        }
+        event: AnyEvent = (
+            TrainProgressed(data=TrainProgressData(run_id=run_id, **fields), **envelope)
+            if kind == "progress"
+            else TrainCheckpointed(data=TrainCheckpointedData(run_id=run_id, **fields), **envelope)
+        )
+        try:
+            self._queue.put_nowait(event)
+        except queue.Full:
+            log.warning("report.dropped", kind=kind)
+
+    def close(self, timeout_s: float = 10.0) -> None:
+        """Publish what is queued, then stop."""
+        if self._thread is not None:
+            self._queue.put(_DONE)
+            self._thread.join(timeout_s)
+
+    def _run(self) -> None:
+        asyncio.run(self._publish_loop())
+
+    async def _publish_loop(self) -> None:
+        assert self._spec.nats_url is not None  # noqa: S101 - checked before the thread starts
+        bus = JetStreamBus(await connect(NatsSettings(url=self._spec.nats_url, startup_wait_s=10)))
+        try:
+            while True:
+                item = await asyncio.to_thread(self._queue.get)
+                if item is _DONE:
+                    return
+                try:
+                    await bus.publish(item)
+                except Exception as exc:  # noqa: BLE001 - reports are best effort
+                    log.warning("report.failed", error=repr(exc))
+        finally:
+            await bus.aclose()

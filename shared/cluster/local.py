@@ -1,0 +1,215 @@
+"""The local backend: each rank is a process on this machine.
+
+Every attempt gets a fresh file rendezvous (a restarted job never reads the dead ranks'
+addresses). Each rank runs in its own process group, so tearing a job down reaches anything it
+started. If any rank exits non-zero, the others are stopped at once: no orphans, no rank left
+waiting in a collective.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import signal
+import sys
+from collections import deque
+from dataclasses import dataclass
+from pathlib import Path
+from typing import BinaryIO
+
+import structlog
+
+from torchrelay.shared.cluster.port import Ended, Status, Unplaceable, WorkerJob
+from torchrelay.shared.cluster.worker_spec import WORKER_ENV, WorkerSpec
+
+log = structlog.get_logger("torchrelay.cluster.local")
+WORKER_MODULE = "torchrelay.services.train.worker"
+STOP_GRACE_S = 5.0
+
+
+@dataclass(frozen=True)
+class RankLaunch:
+    rank: int
+    argv: list[str]
+    env: dict[str, str]
+    log_path: str
+
+
+@dataclass(frozen=True)
+class LocalRequest:
+    handle: str
+    ranks: list[RankLaunch]
+    rendezvous_file: str
+
+
+def run_dir(storage_root: str, run_id: str) -> Path:
+    return Path(storage_root) / "runs" / run_id
+
+
+class LocalBackend:
+    name = "local"
+
+    def __init__(self, *, max_world_size: int, gpus: int = 0, python: str = sys.executable) -> None:
+        self.max_world_size = max_world_size
+        self.gpus = gpus
+        self.python = python
+        self._jobs: dict[str, list[asyncio.subprocess.Process]] = {}
+        self._requests: dict[str, LocalRequest] = {}
+        self._cancelled: set[str] = set()
+
+    def check(self, job: WorkerJob) -> None:
+        spec = job.job
+        if spec.world_size > self.max_world_size:
+            raise Unplaceable(
+                f"world size {spec.world_size} is more than the local backend places "
+                f"({self.max_world_size}); lower it or raise TORCHRELAY_TRAIN_MAX_WORLD_SIZE"
+            )
+        wanted = spec.world_size * spec.resources.gpu
+        if wanted > self.gpus:
+            raise Unplaceable(f"the job wants {wanted} GPUs; this machine has {self.gpus}")
+        if spec.resources.gpu not in (0, 1):
+            raise Unplaceable("locally each rank gets at most one GPU")
+
+    def dryrun(self, job: WorkerJob) -> LocalRequest:
+        folder = run_dir(job.storage_root, job.run_id)
+        rendezvous = folder / "rendezvous" / f"attempt-{job.attempt}"
+        backend = "nccl" if job.job.resources.gpu > 0 else "gloo"
+        handle = f"{job.run_id}/{job.attempt}"
+        ranks = []
+        for rank in range(job.job.world_size):
+            spec = WorkerSpec(
+                run_id=job.run_id,
+                attempt=job.attempt,
+                rank=rank,
+                world_size=job.job.world_size,
+                rendezvous=f"file://{rendezvous}",
+                backend=backend,
+                job=job.job,
+                storage_root=job.storage_root,
+                dataset_path=job.dataset_path,
+                nats_url=job.nats_url,
+                pipeline_id=job.pipeline_id,
+            )
+            env = {WORKER_ENV: spec.model_dump_json(), "OMP_NUM_THREADS": "1"}
+            if backend == "nccl":
+                env["CUDA_VISIBLE_DEVICES"] = str(rank)
+            ranks.append(
+                RankLaunch(
+                    rank=rank,
+                    argv=[self.python, "-m", WORKER_MODULE],
+                    env=env,
+                    log_path=str(folder / "logs" / f"attempt-{job.attempt}" / f"rank-{rank}.log"),
+                )
+            )
+        return LocalRequest(handle, ranks, str(rendezvous))
+
+    async def schedule(self, request: object) -> str:
+        if not isinstance(request, LocalRequest):
+            raise TypeError(f"the local backend schedules LocalRequest, not {type(request)}")
+        log_files = await asyncio.to_thread(_prepare, request)
+        processes = []
+        try:
+            for rank, log_file in zip(request.ranks, log_files, strict=True):
+                processes.append(
+                    await asyncio.create_subprocess_exec(
+                        *rank.argv,
+                        env={**os.environ, **rank.env},
+                        stdin=asyncio.subprocess.DEVNULL,
+                        stdout=log_file,
+                        stderr=asyncio.subprocess.STDOUT,
+                        start_new_session=True,
+                    )
+                )
+        except BaseException:
+            await _stop_all(processes)
+            raise
+        finally:
+            for log_file in log_files:
+                log_file.close()
+        self._jobs[request.handle] = processes
+        self._requests[request.handle] = request
+        log.info("job.launched", handle=request.handle, pids=[p.pid for p in processes])
+        return request.handle
+
+    async def wait(self, handle: str) -> Ended:
+        processes = self._jobs[handle]
+        request = self._requests[handle]
+        waits = {asyncio.create_task(p.wait()): rank for rank, p in enumerate(processes)}
+        pending = set(waits)
+        try:
+            while pending:
+                done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
+                for task in done:
+                    code = task.result()
+                    if code != 0 and handle not in self._cancelled:
+                        rank = waits[task]
+                        await _stop_all(processes)
+                        return _failure(rank, code, request.ranks[rank].log_path)
+        finally:
+            for task in pending:
+                task.cancel()
+            await _stop_all(processes)
+            self._jobs.pop(handle, None)
+        if handle in self._cancelled:
+            return Ended(Status.CANCELLED, "cancelled")
+        return Ended(Status.SUCCEEDED, "every rank finished")
+
+    async def cancel(self, handle: str) -> None:
+        self._cancelled.add(handle)
+        await _stop_all(self._jobs.get(handle, []))
+
+    async def aclose(self) -> None:
+        for handle in list(self._jobs):
+            await self.cancel(handle)
+
+
+def _prepare(request: LocalRequest) -> list[BinaryIO]:
+    """A fresh rendezvous file's folder and each rank's log file (opened for appending)."""
+    rendezvous = Path(request.rendezvous_file)
+    rendezvous.parent.mkdir(parents=True, exist_ok=True)
+    rendezvous.unlink(missing_ok=True)
+    files: list[BinaryIO] = []
+    for rank in request.ranks:
+        Path(rank.log_path).parent.mkdir(parents=True, exist_ok=True)
+        files.append(Path(rank.log_path).open("ab"))  # noqa: SIM115 - closed after the spawn
+    return files
+
+
+def _failure(rank: int, code: int, log_path: str) -> Ended:
+    tail = _tail(log_path)
+    if code < 0:
+        name = signal.Signals(-code).name
+        return Ended(Status.FAILED, f"rank {rank} was killed by {name}", rank, code, name, tail)
+    meaning = {1: "the training function raised", 3: "the entrypoint could not run"}.get(
+        code, "it exited"
+    )
+    return Ended(
+        Status.FAILED, f"rank {rank} failed: {meaning} (exit {code})", rank, code, None, tail
+    )
+
+
+def _tail(path: str, lines: int = 20) -> list[str]:
+    try:
+        with Path(path).open(errors="replace") as handle:
+            return [line.rstrip("\n")[:500] for line in deque(handle, maxlen=lines)]
+    except OSError:
+        return []
+
+
+async def _stop_all(processes: list[asyncio.subprocess.Process]) -> None:
+    """SIGTERM every rank's process group, SIGKILL what is left after a grace period."""
+    alive = [p for p in processes if p.returncode is None]
+    for process in alive:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGTERM)
+    if not alive:
+        return
+    try:
+        async with asyncio.timeout(STOP_GRACE_S):
+            await asyncio.gather(*(p.wait() for p in alive))
+    except TimeoutError:
+        for process in alive:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(process.pid, signal.SIGKILL)
+        await asyncio.gather(*(p.wait() for p in alive))

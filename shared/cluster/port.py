@@ -1,0 +1,75 @@
+"""The compute backend port: one interface, a local and a Kubernetes implementation.
+
+``dryrun`` is pure and returns the exact request (argv and environment per rank locally, the
+manifests on Kubernetes); ``schedule`` does the I/O; ``wait`` reports how the job ended;
+``cancel`` and ``aclose`` are idempotent.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from pydantic import BaseModel, ConfigDict
+
+from torchrelay.shared.errors import PermanentError
+from torchrelay.shared.events.data import TrainJobSpec
+
+
+class Unplaceable(PermanentError):
+    """The backend cannot place this job (too many workers, GPUs it does not have)."""
+
+
+class WorkerJob(BaseModel):
+    """One attempt of a training run, as a backend receives it."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    run_id: str
+    attempt: int
+    job: TrainJobSpec
+    dataset_path: str
+    storage_root: str
+    nats_url: str | None = None
+    pipeline_id: str | None = None
+
+
+class Status(enum.Enum):
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+
+
+@dataclass(frozen=True)
+class Ended:
+    status: Status
+    reason: str
+    rank: int | None = None
+    exit_code: int | None = None
+    signal: str | None = None
+    log_tail: list[str] = field(default_factory=list)
+
+
+class Backend(Protocol):
+    name: str
+
+    def check(self, job: WorkerJob) -> None:
+        """Raise :class:`Unplaceable` if this backend can never run the job."""
+        ...
+
+    def dryrun(self, job: WorkerJob) -> object:
+        """The exact launch request, without side effects."""
+        ...
+
+    async def schedule(self, request: object) -> str:
+        """Launch; returns a handle for wait/cancel."""
+        ...
+
+    async def wait(self, handle: str) -> Ended:
+        """Until the job ends (any failed worker ends it: the others are torn down)."""
+        ...
+
+    async def cancel(self, handle: str) -> None: ...
+
+    async def aclose(self) -> None: ...
