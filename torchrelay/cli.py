@@ -15,8 +15,9 @@ from torchrelay import __version__
 SERVICES = {
     "ingest": "torchrelay.services.ingest.service",
     "monitor": "torchrelay.services.monitor.service",
+    "train": "torchrelay.services.train.service",
 }
-PLANNED = {"train": 4, "serve": 5}
+PLANNED = {"serve": 5}
 EXIT_USAGE = 2
 
 

@@ -7,7 +7,6 @@ id, so the stream stores it once) and stages nothing.
 from __future__ import annotations
 
 import uuid
-from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
 from typing import Literal
 
@@ -19,8 +18,8 @@ from torchrelay.services.ingest.domain import Rejected
 from torchrelay.services.ingest.fill import fill_for
 from torchrelay.services.ingest.settings import IngestOptions
 from torchrelay.services.ingest.staging import Fill, StagedVersion, Stager, StageRequest
+from torchrelay.shared.bus.port import Publish
 from torchrelay.shared.events import (
-    AnyEvent,
     DatasetIngestRequested,
     DatasetRejected,
     DatasetStaged,
@@ -103,7 +102,6 @@ class IngestMetrics:
 
 
 Outcome = DatasetStaged | DatasetRejected
-Publish = Callable[[AnyEvent], Awaitable[bool]]
 
 
 class Ingestor:

@@ -17,6 +17,9 @@ from torchrelay.shared.events import AnyEvent
 Handler = Callable[[Any], Awaitable[None]]
 """An async function taking one decoded event. Its result decides the ack (see ``outcome``)."""
 
+Publish = Callable[[AnyEvent], Awaitable[bool]]
+"""What a service calls to publish (``EventBus.publish``)."""
+
 
 @dataclass(frozen=True)
 class Subscription:

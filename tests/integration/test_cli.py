@@ -64,7 +64,7 @@ def test_an_unreachable_nats_is_a_clear_error() -> None:
 
 
 def test_services_of_later_issues_say_so() -> None:
-    assert main(["service", "train"]) == 2
+    assert main(["service", "serve"]) == 2
 
 
 def test_unknown_service_is_a_usage_error() -> None:

@@ -1,0 +1,3 @@
+from torchrelay.services.train.service import main
+
+raise SystemExit(main())

@@ -1,0 +1,264 @@
+"""Glue: training requests -> backend launches -> run records and train.* events."""
+
+from __future__ import annotations
+
+import asyncio
+import importlib.util
+import json
+from datetime import UTC, datetime
+from pathlib import Path
+
+import structlog
+
+from torchrelay.services.train.domain import RunRecord, restart_allowed, run_id_for
+from torchrelay.shared.bus.port import Publish
+from torchrelay.shared.cluster import Backend, Ended, Status, Unplaceable, WorkerJob
+from torchrelay.shared.errors import AlreadyExists, TransientError
+from torchrelay.shared.events import (
+    TrainCancelRequested,
+    TrainCompleted,
+    TrainFailed,
+    TrainRequested,
+    TrainRestartRequested,
+    TrainStarted,
+)
+from torchrelay.shared.events.data import (
+    TrainCompletedData,
+    TrainFailedData,
+    TrainJobSpec,
+    TrainStartedData,
+)
+from torchrelay.shared.state import State, Store, key_part
+
+log = structlog.get_logger("torchrelay.train")
+
+
+class Trainer:
+    def __init__(
+        self,
+        *,
+        backend: Backend,
+        state: State,
+        publish: Publish,
+        storage_root: Path,
+        nats_url: str,
+        instance: str,
+        source: str,
+    ) -> None:
+        self.backend = backend
+        self.runs: Store[RunRecord] = state.store("runs", RunRecord)
+        self._publish = publish
+        self._root = storage_root
+        self._nats_url = nats_url
+        self._instance = instance
+        self._source = source
+        self._watchers: dict[str, asyncio.Task[None]] = {}
+
+    # --- handlers ---------------------------------------------------------------------------
+
+    async def on_requested(self, event: TrainRequested) -> None:
+        run_id = run_id_for(event.data.run_id, event.id)
+        spec = event.data.spec
+        if await self.runs.get(key_part(run_id)) is not None:
+            return  # a redelivery: the run exists and is being (or was) handled
+        problem, dataset_path = self._check(spec)
+        if problem is None:
+            try:
+                self.backend.check(
+                    self._worker_job(run_id, 0, spec, dataset_path, event.pipelineid)
+                )
+            except Unplaceable as exc:
+                problem = str(exc)
+        record = RunRecord(
+            run_id=run_id,
+            spec=spec,
+            dataset_path=dataset_path,
+            status="failed" if problem else "running",
+            attempt=0,
+            owner=self._instance,
+            pipeline_id=event.pipelineid,
+            reason=problem,
+            updated=datetime.now(UTC),
+        )
+        try:
+            await self.runs.create(key_part(run_id), record)
+        except AlreadyExists:
+            return
+        if problem is not None:
+            await self._failed(record, Ended(Status.FAILED, problem), final=True, cause=event.id)
+            return
+        await self._launch(record, cause=event.id)
+
+    async def on_restart_requested(self, event: TrainRestartRequested) -> None:
+        current = await self.runs.get(key_part(event.data.run_id))
+        if current is None:
+            log.warning("restart.unknown_run", run_id=event.data.run_id)
+            return
+        refusal = restart_allowed(current.value, event.data.attempt)
+        if refusal is not None:
+            log.info("restart.ignored", run_id=event.data.run_id, reason=refusal)
+            return
+        record = current.value.model_copy(
+            update={
+                "status": "running",
+                "attempt": event.data.attempt,
+                "owner": self._instance,
+                "reason": event.data.reason,
+                "updated": datetime.now(UTC),
+            }
+        )
+        await self.runs.update(key_part(record.run_id), record, revision=current.revision)
+        await self._launch(record, cause=event.id)
+
+    async def on_cancel_requested(self, event: TrainCancelRequested) -> None:
+        run_id = event.data.run_id
+        current = await self.runs.get(key_part(run_id))
+        if current is None or current.value.status != "running":
+            return
+        if run_id not in self._watchers:
+            # Local workers belong to the replica that started them.
+            raise TransientError(f"run {run_id} is owned by {current.value.owner}", delay_s=1.0)
+        await self.backend.cancel(f"{run_id}/{current.value.attempt}")
+
+    # --- launching and watching ------------------------------------------------------------
+
+    def _check(self, spec: TrainJobSpec) -> tuple[str | None, str]:
+        dataset_path = f"datasets/{spec.dataset.name}/{spec.dataset.version}"
+        if not (self._root / dataset_path / "manifest.json").is_file():
+            return (
+                f"unknown dataset {spec.dataset.name} version {spec.dataset.version}: "
+                "stage it first (dataset.ingest.requested)",
+                dataset_path,
+            )
+        module = spec.entrypoint.partition(":")[0]
+        try:
+            found = importlib.util.find_spec(module)
+        except (ImportError, ValueError):
+            found = None
+        if found is None:
+            return f"entrypoint module {module!r} is not importable by the workers", dataset_path
+        return None, dataset_path
+
+    def _worker_job(
+        self,
+        run_id: str,
+        attempt: int,
+        spec: TrainJobSpec,
+        dataset_path: str,
+        pipeline_id: str | None,
+    ) -> WorkerJob:
+        return WorkerJob(
+            run_id=run_id,
+            attempt=attempt,
+            job=spec,
+            dataset_path=dataset_path,
+            storage_root=str(self._root),
+            nats_url=self._nats_url,
+            pipeline_id=pipeline_id,
+        )
+
+    async def _launch(self, record: RunRecord, *, cause: str) -> None:
+        job = self._worker_job(
+            record.run_id, record.attempt, record.spec, record.dataset_path, record.pipeline_id
+        )
+        handle = await self.backend.schedule(self.backend.dryrun(job))
+        await self._publish(
+            TrainStarted(
+                **self._envelope(record, cause),
+                data=TrainStartedData(
+                    run_id=record.run_id,
+                    attempt=record.attempt,
+                    world_size=record.spec.world_size,
+                    backend=self.backend.name,
+                    dataset=record.spec.dataset,
+                ),
+            )
+        )
+        self._watchers[record.run_id] = asyncio.create_task(
+            self._watch(record, handle, cause), name=f"watch:{record.run_id}"
+        )
+
+    async def _watch(self, record: RunRecord, handle: str, cause: str) -> None:
+        try:
+            ended = await self.backend.wait(handle)
+            if ended.status is Status.SUCCEEDED:
+                await self._completed(record, cause)
+            else:
+                final = (
+                    ended.status is Status.CANCELLED or record.attempt >= record.spec.max_restarts
+                )
+                await self._failed(record, ended, final=final, cause=cause)
+        finally:
+            self._watchers.pop(record.run_id, None)
+
+    async def _completed(self, record: RunRecord, cause: str) -> None:
+        result = json.loads((self._root / "runs" / record.run_id / "result.json").read_text())
+        await self._set(record, "succeeded", reason=None, model_version=result["version"])
+        await self._publish(
+            TrainCompleted(
+                **self._envelope(record, cause),
+                data=TrainCompletedData(
+                    run_id=record.run_id,
+                    model_name=result["model_name"],
+                    model_version=result["version"],
+                    path=result["path"],
+                    metrics=result["metrics"],
+                ),
+            )
+        )
+        log.info("run.completed", run_id=record.run_id, metrics=result["metrics"])
+
+    async def _failed(self, record: RunRecord, ended: Ended, *, final: bool, cause: str) -> None:
+        status = "cancelled" if ended.status is Status.CANCELLED else "failed"
+        await self._set(record, status, reason=ended.reason)
+        await self._publish(
+            TrainFailed(
+                **self._envelope(record, cause),
+                data=TrainFailedData(
+                    run_id=record.run_id,
+                    reason=ended.reason[:512],
+                    rank=ended.rank,
+                    exit_code=ended.exit_code,
+                    signal=ended.signal,
+                    log_tail=ended.log_tail[-50:],
+                    final=final,
+                ),
+            )
+        )
+        log.warning("run.failed", run_id=record.run_id, reason=ended.reason, final=final)
+
+    async def _set(
+        self,
+        record: RunRecord,
+        status: str,
+        *,
+        reason: str | None,
+        model_version: str | None = None,
+    ) -> None:
+        def change(current: RunRecord | None) -> RunRecord:
+            base = current or record
+            return base.model_copy(
+                update={
+                    "status": status,
+                    "reason": reason,
+                    "model_version": model_version,
+                    "updated": datetime.now(UTC),
+                }
+            )
+
+        await self.runs.mutate(key_part(record.run_id), change)
+
+    def _envelope(self, record: RunRecord, cause: str) -> dict[str, str | None]:
+        return {
+            "source": self._source,
+            "subject": record.run_id,
+            "pipelineid": record.pipeline_id,
+            "causationid": cause,
+        }
+
+    async def aclose(self) -> None:
+        """Stop watching and tear every local job down (the workers die with us)."""
+        for task in list(self._watchers.values()):
+            task.cancel()
+        await asyncio.gather(*self._watchers.values(), return_exceptions=True)
+        await self.backend.aclose()

@@ -1,0 +1,67 @@
+"""Wiring and lifecycle of the train service."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
+
+from torchrelay.services.train.handlers import Trainer
+from torchrelay.services.train.settings import TrainSettings
+from torchrelay.shared.bus import Subscription
+from torchrelay.shared.cluster.local import LocalBackend
+from torchrelay.shared.events import TrainCancelRequested, TrainRequested, TrainRestartRequested
+from torchrelay.shared.runtime import Platform, Service, service_main
+
+NAME = "train"
+
+
+def _detect_gpus() -> int:
+    import torch  # the train image carries torch; only this service imports it
+
+    return torch.cuda.device_count() if torch.cuda.is_available() else 0
+
+
+@asynccontextmanager
+async def build(platform: Platform[TrainSettings]) -> AsyncIterator[Service]:
+    options = platform.settings.train
+    backend = LocalBackend(
+        max_world_size=options.max_world_size,
+        gpus=options.gpus if options.gpus is not None else _detect_gpus(),
+    )
+    trainer = Trainer(
+        backend=backend,
+        state=platform.state,
+        publish=platform.bus.publish,
+        storage_root=platform.settings.storage_root.resolve(),
+        nats_url=platform.settings.nats.url,
+        instance=platform.settings.instance,
+        source=platform.source,
+    )
+    try:
+        yield Service(
+            NAME,
+            subscriptions=[
+                # Launching is quick (runs are watched in the background); no hoarding.
+                Subscription(
+                    "train-requests",
+                    [TrainRequested],
+                    trainer.on_requested,
+                    max_in_flight=2,
+                    prefetch=2,
+                ),
+                Subscription(
+                    "train-restarts",
+                    [TrainRestartRequested],
+                    trainer.on_restart_requested,
+                    max_in_flight=2,
+                    prefetch=2,
+                ),
+                Subscription("train-cancels", [TrainCancelRequested], trainer.on_cancel_requested),
+            ],
+        )
+    finally:
+        await trainer.aclose()
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    return service_main(NAME, TrainSettings, build, argv)

@@ -1,0 +1,31 @@
+"""Settings of the train service: ``TORCHRELAY_TRAIN_<FIELD>`` plus the common ones."""
+
+from __future__ import annotations
+
+import os
+from typing import Literal
+
+from pydantic import Field
+
+from torchrelay.shared.runtime.settings import Group, HttpSettings, ServiceSettings
+
+DEFAULT_PORT = 8082
+
+
+class TrainOptions(Group):
+    backend: Literal["local"] = Field(
+        default="local", description="Where workers run (kubernetes arrives with its issue)."
+    )
+    max_world_size: int = Field(
+        default_factory=lambda: max(2, 2 * (os.cpu_count() or 1)),
+        ge=1,
+        description="Most ranks the local backend starts for one job.",
+    )
+    gpus: int | None = Field(
+        default=None, ge=0, description="GPUs the local backend may use; detected if unset."
+    )
+
+
+class TrainSettings(ServiceSettings):
+    http: HttpSettings = HttpSettings(port=DEFAULT_PORT)
+    train: TrainOptions = TrainOptions()

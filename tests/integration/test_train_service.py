@@ -1,0 +1,217 @@
+"""The train service as a real process: requests, progress, failures, restart, cancel."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import nats
+import pytest
+
+from tests.integration.conftest import FAST_STREAM
+from tests.integration.processes import ServiceProcess
+from torchrelay.services.ingest.fill import fill_for
+from torchrelay.services.ingest.settings import IngestOptions
+from torchrelay.services.ingest.staging import Stager, StageRequest
+from torchrelay.shared.bus.jetstream import JetStreamBus
+from torchrelay.shared.bus.port import Subscription
+from torchrelay.shared.events import (
+    AnyEvent,
+    TrainCancelRequested,
+    TrainCheckpointed,
+    TrainCompleted,
+    TrainFailed,
+    TrainProgressed,
+    TrainRequested,
+    TrainRestartRequested,
+    TrainStarted,
+)
+from torchrelay.shared.events.data import (
+    DatasetRef,
+    TrainCancelRequestedData,
+    TrainJobSpec,
+    TrainRequestedData,
+    TrainRestartRequestedData,
+)
+from torchrelay.shared.testing import assert_eventually
+
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(240)]
+DIGITS = "torchrelay.services.train.examples.digits:train"
+WORKER = "torchrelay.services.train.worker"
+
+
+class Watcher:
+    def __init__(self) -> None:
+        self.events: list[AnyEvent] = []
+
+    async def record(self, event: AnyEvent) -> None:
+        self.events.append(event)
+
+    def of(self, kind: type[AnyEvent], run_id: str) -> list[AnyEvent]:
+        return [e for e in self.events if isinstance(e, kind) and e.data.run_id == run_id]
+
+
+@pytest.fixture(scope="module")
+def staged(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
+    root = tmp_path_factory.mktemp("storage")
+    result = asyncio.run(
+        Stager(root, IngestOptions().limits()).stage(
+            StageRequest("r", "digits", "sklearn:digits"),
+            fill_for("sklearn:digits", IngestOptions()),
+        )
+    )
+    return root, result.manifest.version
+
+
+@pytest.fixture
+async def bus(nats_url: str) -> AsyncIterator[tuple[JetStreamBus, Watcher]]:
+    bus = JetStreamBus(await nats.connect(nats_url), FAST_STREAM)
+    watcher = Watcher()
+    kinds = [TrainStarted, TrainProgressed, TrainCheckpointed, TrainCompleted, TrainFailed]
+    sub = Subscription("test-train-watch", kinds, watcher.record)
+    await bus.provision([sub])
+    stop = asyncio.Event()
+    task = asyncio.create_task(bus.consume(sub, stop))
+    yield bus, watcher
+    stop.set()
+    await task
+    await bus.aclose()
+
+
+@pytest.fixture
+def train(nats_url: str, staged: tuple[Path, str], tmp_path: Path) -> Iterator[ServiceProcess]:
+    process = ServiceProcess(
+        ["-m", "torchrelay", "service", "train", "--nats-url", nats_url, "--http-port", "0"],
+        tmp_path / "train.log",
+        env={
+            "TORCHRELAY_STORAGE_ROOT": str(staged[0]),
+            "TORCHRELAY_TRAIN_MAX_WORLD_SIZE": "4",
+            "TORCHRELAY_SHUTDOWN_GRACE_S": "5",
+            "TORCHRELAY_SHUTDOWN_DEADLINE_S": "10",
+        },
+    )
+    yield process
+    process.stop()
+
+
+def request(staged: tuple[Path, str], run_id: str, **spec: object) -> TrainRequested:
+    fields: dict[str, object] = {
+        "dataset": DatasetRef(name="digits", version=staged[1]),
+        "entrypoint": DIGITS,
+        "world_size": 2,
+        "model_name": "digits",
+        "checkpoint_every_steps": 20,
+        "hyperparameters": {"epochs": 6},
+        **spec,
+    }
+    return TrainRequested(
+        source="/tests",
+        pipelineid="pipe-t",
+        data=TrainRequestedData(run_id=run_id, spec=TrainJobSpec.model_validate(fields)),
+    )
+
+
+def workers_of(run_id: str) -> list[int]:
+    """Live worker processes of a run (read from /proc: their environment names the run)."""
+    pids = []
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            if WORKER not in (proc / "cmdline").read_text():
+                continue
+            if f'"run_id":"{run_id}"' in (proc / "environ").read_text(errors="replace"):
+                pids.append(int(proc.name))
+        except OSError:
+            continue
+    return pids
+
+
+async def test_a_request_trains_reports_and_completes(
+    bus: tuple[JetStreamBus, Watcher], train: ServiceProcess, staged: tuple[Path, str]
+) -> None:
+    publisher, watcher = bus
+    await train.wait_ready()
+    await publisher.publish(request(staged, "ok-run"))
+    await assert_eventually(lambda: watcher.of(TrainCompleted, "ok-run"), timeout_s=120)
+    completed = watcher.of(TrainCompleted, "ok-run")[0]
+    assert completed.data.model_version == "ok-run"
+    assert completed.pipelineid == "pipe-t"
+    assert (staged[0] / completed.data.path / "model.json").exists()
+    started = watcher.of(TrainStarted, "ok-run")
+    assert [e.data.attempt for e in started] == [0]
+    assert started[0].data.backend == "local"
+    assert watcher.of(TrainProgressed, "ok-run"), "rank 0 reported progress"
+    assert watcher.of(TrainCheckpointed, "ok-run")
+    assert workers_of("ok-run") == []
+
+
+@pytest.mark.parametrize(
+    ("spec", "reason"),
+    [
+        ({"dataset": {"name": "digits", "version": "nope"}}, "unknown dataset digits version nope"),
+        ({"entrypoint": "no_such_module:train"}, "not importable"),
+        ({"world_size": 8}, "world size 8"),
+        ({"entrypoint": "tests.integration.trainers:explode"}, "training function raised"),
+    ],
+)
+async def test_bad_requests_end_in_train_failed_with_the_reason(
+    bus: tuple[JetStreamBus, Watcher],
+    train: ServiceProcess,
+    staged: tuple[Path, str],
+    spec: dict[str, object],
+    reason: str,
+) -> None:
+    publisher, watcher = bus
+    await train.wait_ready()
+    await publisher.publish(request(staged, "bad-run", max_restarts=0, **spec))
+    await assert_eventually(lambda: watcher.of(TrainFailed, "bad-run"), timeout_s=60)
+    failed = watcher.of(TrainFailed, "bad-run")[0].data
+    assert reason in failed.reason
+    assert failed.final
+    assert workers_of("bad-run") == []
+
+
+async def test_a_killed_worker_fails_the_run_and_a_restart_resumes_it(
+    bus: tuple[JetStreamBus, Watcher], train: ServiceProcess, staged: tuple[Path, str]
+) -> None:
+    publisher, watcher = bus
+    await train.wait_ready()
+    await publisher.publish(request(staged, "phoenix", hyperparameters={"epochs": 20}))
+    await assert_eventually(
+        lambda: any(e.data.step >= 40 for e in watcher.of(TrainCheckpointed, "phoenix")),
+        timeout_s=60,
+    )
+    victim = max(workers_of("phoenix"))
+    os.kill(victim, signal.SIGKILL)
+    await assert_eventually(lambda: watcher.of(TrainFailed, "phoenix"), timeout_s=60)
+    failed = watcher.of(TrainFailed, "phoenix")[0].data
+    assert failed.signal == "SIGKILL"
+    assert not failed.final, "restarts are left"
+    assert workers_of("phoenix") == [], "the other rank was torn down"
+    await publisher.publish(
+        TrainRestartRequested(
+            source="/tests",
+            data=TrainRestartRequestedData(run_id="phoenix", reason="worker died", attempt=1),
+        )
+    )
+    await assert_eventually(lambda: watcher.of(TrainCompleted, "phoenix"), timeout_s=120)
+    assert [e.data.attempt for e in watcher.of(TrainStarted, "phoenix")] == [0, 1]
+
+
+async def test_cancel_stops_a_run(
+    bus: tuple[JetStreamBus, Watcher], train: ServiceProcess, staged: tuple[Path, str]
+) -> None:
+    publisher, watcher = bus
+    await train.wait_ready()
+    await publisher.publish(request(staged, "stopme", hyperparameters={"epochs": 500}))
+    await assert_eventually(lambda: len(workers_of("stopme")) == 2, timeout_s=30)
+    await publisher.publish(
+        TrainCancelRequested(source="/tests", data=TrainCancelRequestedData(run_id="stopme"))
+    )
+    await assert_eventually(lambda: watcher.of(TrainFailed, "stopme"), timeout_s=30)
+    assert watcher.of(TrainFailed, "stopme")[0].data.reason == "cancelled"
+    assert workers_of("stopme") == []
