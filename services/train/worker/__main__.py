@@ -68,7 +68,12 @@ def main() -> int:
         if context.exported is None:
             log.error("worker.no_export", hint="call ctx.export(model, ...) at the end")
             return EXIT_BAD_ENTRYPOINT
-        result = {**context.exported.__dict__, "steps": context.step, "attempt": spec.attempt}
+        result = {
+            **context.exported.__dict__,
+            "steps": context.step,
+            "attempt": spec.attempt,
+            "throughput": context.throughput(),
+        }
         atomic_write_bytes(result_path(context.root, spec.run_id), json.dumps(result).encode())
     log.info("worker.finished", steps=context.step)
     return 0

@@ -73,6 +73,11 @@ class TrainingContext:
         self._scheduler: Any = None
         self._window_started = time.perf_counter()
         self._window_samples = 0
+        self._first_step_at: float | None = None
+        self._last_step_at = 0.0
+        self._samples_after_first = 0
+        self.checkpoint_seconds = 0.0
+        self.checkpoints_written = 0
         self._checkpoints = checkpoints.checkpoint_dir(self.root, spec.run_id)
         self._restored = checkpoints.load_newest(self._checkpoints)
         if self._restored is not None:
@@ -168,6 +173,12 @@ class TrainingContext:
         self.step += 1
         self.position += 1
         self._window_samples += samples * self.world_size
+        now = time.perf_counter()
+        if self._first_step_at is None:
+            self._first_step_at = now
+        else:
+            self._samples_after_first += samples * self.world_size
+        self._last_step_at = now
         if self.step % self._report_every == 0 and self.rank == 0:
             elapsed = time.perf_counter() - self._window_started
             self._report(
@@ -184,10 +195,21 @@ class TrainingContext:
         if self.step % self.spec.job.checkpoint_every_steps == 0:
             self.checkpoint()
 
+    def throughput(self) -> dict[str, float]:
+        """Samples/s of the whole job (all ranks) from the first step to the last, and the time
+        checkpoints held training up."""
+        elapsed = self._last_step_at - (self._first_step_at or self._last_step_at)
+        return {
+            "samples_per_s": self._samples_after_first / elapsed if elapsed > 0 else 0.0,
+            "checkpoints": float(self.checkpoints_written),
+            "checkpoint_seconds": self.checkpoint_seconds,
+        }
+
     def checkpoint(self) -> None:
         """Write a checkpoint of this step (collective: every rank calls it)."""
         if self._model is None or self._optimizer is None:
             raise RuntimeError("call ctx.wrap(model) and ctx.attach(optimizer) before checkpoints")
+        started = time.perf_counter()
         rng = [torch.get_rng_state()]
         if self.world_size > 1:
             gathered: list[Any] = [None] * self.world_size
@@ -211,6 +233,8 @@ class TrainingContext:
             )
         if self.world_size > 1:
             dist.barrier()
+        self.checkpoint_seconds += time.perf_counter() - started
+        self.checkpoints_written += 1
 
     # --- export -----------------------------------------------------------------------------
 
