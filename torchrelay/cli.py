@@ -54,7 +54,7 @@ def _demo() -> int:
     print(
         "torchrelay demo: the digits pipeline (stage sklearn:digits, train with world size 2, "
         "deploy) arrives with the local platform issue (#7).\n"
-        "Available now: `torchrelay service ingest`, `torchrelay service monitor` and "
+        "Available now: `torchrelay service ingest|train|monitor` and "
         "`torchrelay schema export DIR`."
     )
     return 1

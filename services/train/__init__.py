@@ -1,1 +1,1 @@
-"""The train service (see README.md)."""
+"""The train service: distributed PyTorch runs, their checkpoints and their models."""

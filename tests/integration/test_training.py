@@ -194,3 +194,19 @@ async def test_cancel_stops_every_rank(
     for pid in pids:
         with pytest.raises(ProcessLookupError):
             os.kill(pid, 0)
+
+
+async def test_a_module_that_does_not_script_exports_its_state_dict(
+    storage: tuple[Path, str, str], backend: LocalBackend
+) -> None:
+    root = storage[0]
+    _, ended = await run(
+        backend, job(storage, "plain-weights", entrypoint="tests.integration.trainers:unscriptable")
+    )
+    assert ended.status is Status.SUCCEEDED, ended  # type: ignore[attr-defined]
+    folder = root / "models" / "digits" / "plain-weights"
+    description = json.loads((folder / "model.json").read_text())
+    assert description["format"] == "state_dict"
+    assert description["model_class"] == "tests.integration.trainers:Unscriptable"
+    weights = torch.load(folder / "weights.pt", weights_only=True)
+    assert set(weights) == {"linear.weight", "linear.bias"}

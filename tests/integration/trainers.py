@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import torch
+from torch import nn
+
 from torchrelay.services.train.worker import TrainingContext
 
 
@@ -11,3 +14,29 @@ def explode(ctx: TrainingContext) -> None:
 
 def forget_to_export(ctx: TrainingContext) -> None:
     return None
+
+
+class Unscriptable(nn.Module):
+    """TorchScript has no variadic arguments: this module only exports as a state dict."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.linear = nn.Linear(64, 10)
+
+    def forward(self, *inputs: torch.Tensor) -> torch.Tensor:
+        out: torch.Tensor = self.linear(inputs[0].flatten(1))
+        return out
+
+
+def unscriptable(ctx: TrainingContext) -> None:
+    x, y = ctx.arrays("x", "y")
+    x = x.float().unsqueeze(1)
+    model = ctx.wrap(Unscriptable())
+    optimizer = ctx.attach(torch.optim.SGD(model.parameters(), lr=0.01))
+    for xb, yb in ctx.batches((x, y.long()), batch_size=64, epochs=1):
+        optimizer.zero_grad()
+        loss = nn.functional.cross_entropy(model(xb), yb)
+        loss.backward()
+        optimizer.step()
+        ctx.step_done(loss=loss.item(), samples=len(xb))
+    ctx.export(model, example_input=x[:1], metrics={})

@@ -253,6 +253,7 @@ class TrainingContext:
             module = module.to("cpu").eval()
             with torch.no_grad():
                 output = module(example_input.to("cpu"))
+            model_class = None
             try:
                 torch.jit.script(module).save(str(staging / "model.pt"))
                 kind = "torchscript"
@@ -260,10 +261,13 @@ class TrainingContext:
                 log.info("export.state_dict", reason=repr(exc)[:200])
                 torch.save(module.state_dict(), staging / "weights.pt")
                 kind = "state_dict"
+                # What a server imports to rebuild the module before loading the weights.
+                model_class = f"{type(module).__module__}:{type(module).__qualname__}"
             description = {
                 "name": job.model_name,
                 "version": version,
                 "format": kind,
+                "model_class": model_class,
                 "inputs": [_signature("input", example_input)],
                 "outputs": [_signature("output", output)],
                 "metrics": metrics,
