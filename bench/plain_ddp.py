@@ -77,6 +77,7 @@ def main() -> None:
         elapsed = last - (first or last)
         with open(out, "w") as handle:  # noqa: PTH123 - a plain script, on purpose
             json.dump({"samples_per_s": samples / elapsed if elapsed else 0.0}, handle)
+    dist.barrier()  # nobody tears the group down while a peer still talks to it
     dist.destroy_process_group()
 
 
