@@ -1,1 +1,1 @@
-"""The serve service (see README.md)."""
+"""The serve service: model servers and their rollouts (see README.md)."""

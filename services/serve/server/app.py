@@ -1,0 +1,160 @@
+"""The model server's HTTP API: Open Inference Protocol v2 over aiohttp, with metrics."""
+
+from __future__ import annotations
+
+import json
+import time
+from typing import Any
+
+from aiohttp import web
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+)
+
+from torchrelay import __version__
+from torchrelay.services.serve.server.batching import DynamicBatcher, Overloaded
+from torchrelay.services.serve.server.model import LoadedModel
+from torchrelay.services.serve.server.protocol import BadRequest, infer_response, parse_infer
+
+LATENCY_BUCKETS_S = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1, 2, 5)
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+RETRY_AFTER_S = "1"
+
+
+class ServerMetrics:
+    def __init__(self, registry: CollectorRegistry, model: str) -> None:
+        self.requests = Counter(
+            "torchrelay_model_requests_total",
+            "Inference requests by HTTP status.",
+            ["model", "status"],
+            registry=registry,
+        )
+        self.latency = Histogram(
+            "torchrelay_model_request_seconds",
+            "Inference latency, from request to response.",
+            ["model"],
+            buckets=LATENCY_BUCKETS_S,
+            registry=registry,
+        ).labels(model)
+        self.batch_size = Histogram(
+            "torchrelay_model_batch_size",
+            "Rows per model call (dynamic batching merges concurrent requests).",
+            ["model"],
+            buckets=BATCH_BUCKETS,
+            registry=registry,
+        ).labels(model)
+        self.queue_depth = Gauge(
+            "torchrelay_model_queue_depth",
+            "Requests waiting for the model.",
+            ["model"],
+            registry=registry,
+        ).labels(model)
+        self._model = model
+
+    def count(self, status: int) -> None:
+        self.requests.labels(self._model, str(status)).inc()
+
+
+def error(status: int, message: str, **headers: str) -> web.Response:
+    return web.json_response({"error": message}, status=status, headers=headers)
+
+
+def build_app(
+    model: LoadedModel,
+    batcher: DynamicBatcher,
+    metrics: ServerMetrics,
+    registry: CollectorRegistry,
+    *,
+    max_body_bytes: int,
+) -> web.Application:
+    metrics.queue_depth.set_function(lambda: batcher.depth)
+    app = web.Application(client_max_size=max_body_bytes)
+
+    def known(request: web.Request) -> web.Response | None:
+        name = request.match_info["name"]
+        version = request.match_info.get("version")
+        if name != model.name or (version is not None and version != model.version):
+            return error(404, f"unknown model {name!r} version {version!r}; this server has "
+                              f"{model.name!r} version {model.version!r}")  # fmt: skip
+        return None
+
+    async def server_metadata(_: web.Request) -> web.Response:
+        return web.json_response({"name": "torchrelay", "version": __version__, "extensions": []})
+
+    async def live(_: web.Request) -> web.Response:
+        return web.json_response({"live": True})
+
+    async def ready(_: web.Request) -> web.Response:
+        return web.json_response({"ready": True})
+
+    async def model_metadata(request: web.Request) -> web.Response:
+        if (missing := known(request)) is not None:
+            return missing
+        return web.json_response(
+            {
+                "name": model.name,
+                "versions": [model.version],
+                "platform": model.platform,
+                "inputs": [spec.metadata() for spec in model.inputs],
+                "outputs": [spec.metadata() for spec in model.outputs],
+            }
+        )
+
+    async def model_ready(request: web.Request) -> web.Response:
+        if (missing := known(request)) is not None:
+            return missing
+        return web.json_response({"name": model.name, "ready": True})
+
+    async def infer(request: web.Request) -> web.Response:
+        started = time.perf_counter()
+        response = await _infer(request)
+        metrics.count(response.status)
+        metrics.latency.observe(time.perf_counter() - started)
+        return response
+
+    async def _infer(request: web.Request) -> web.Response:
+        if (missing := known(request)) is not None:
+            return missing
+        try:
+            parsed = parse_infer(await _body(request), model.inputs)
+        except BadRequest as exc:
+            return error(400, str(exc))
+        try:
+            output = await batcher.infer(parsed.array)
+        except Overloaded as exc:
+            return error(503, f"overloaded: {exc}; retry shortly", **{"Retry-After": RETRY_AFTER_S})
+        payload: dict[str, Any] = infer_response(
+            model.name, model.version, parsed.id, model.outputs[0].name, output
+        )
+        return web.Response(body=json.dumps(payload), content_type="application/json")
+
+    async def _body(request: web.Request) -> Any:
+        too_big = f"the body is larger than {max_body_bytes} bytes"
+        if request.content_length is not None and request.content_length > max_body_bytes:
+            raise BadRequest(too_big)
+        try:
+            return json.loads(await request.read())
+        except web.HTTPRequestEntityTooLarge as exc:
+            raise BadRequest(too_big) from exc
+        except ValueError as exc:
+            raise BadRequest(f"the body is not JSON: {exc}") from exc
+
+    async def metrics_route(_: web.Request) -> web.Response:
+        return web.Response(
+            body=generate_latest(registry), headers={"Content-Type": CONTENT_TYPE_LATEST}
+        )
+
+    app.router.add_get("/v2", server_metadata)
+    app.router.add_get("/v2/health/live", live)
+    app.router.add_get("/v2/health/ready", ready)
+    for prefix in ("/v2/models/{name}", "/v2/models/{name}/versions/{version}"):
+        app.router.add_get(prefix, model_metadata)
+        app.router.add_get(f"{prefix}/ready", model_ready)
+        app.router.add_post(f"{prefix}/infer", infer)
+    app.router.add_get("/metrics", metrics_route)
+    return app

@@ -1,0 +1,125 @@
+"""The Open Inference Protocol v2 (KServe / Triton REST), JSON tensors: parsing requests
+against a model's signature and shaping responses. Pure: no HTTP, no torch."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+DATATYPES: dict[str, np.dtype[Any]] = {
+    "BOOL": np.dtype(np.bool_),
+    "UINT8": np.dtype(np.uint8),
+    "INT8": np.dtype(np.int8),
+    "INT16": np.dtype(np.int16),
+    "INT32": np.dtype(np.int32),
+    "INT64": np.dtype(np.int64),
+    "FP16": np.dtype(np.float16),
+    "FP32": np.dtype(np.float32),
+    "FP64": np.dtype(np.float64),
+}
+NAMES = {dtype: name for name, dtype in DATATYPES.items()}
+
+
+class BadRequest(ValueError):
+    """The request does not fit the protocol or the model's signature (HTTP 400)."""
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """A declared input or output: ``shape`` uses -1 for the batch (or any) dimension."""
+
+    name: str
+    datatype: str
+    shape: tuple[int, ...]
+
+    def metadata(self) -> dict[str, Any]:
+        return {"name": self.name, "datatype": self.datatype, "shape": list(self.shape)}
+
+
+@dataclass(frozen=True)
+class InferRequest:
+    id: str | None
+    array: np.ndarray[Any, Any]
+    output_names: tuple[str, ...]
+
+
+def parse_infer(body: Any, inputs: Sequence[TensorSpec]) -> InferRequest:
+    """Validate a decoded JSON body against the model's single input."""
+    if not isinstance(body, dict):
+        raise BadRequest("the body must be a JSON object with an 'inputs' list")
+    request_id = body.get("id")
+    if request_id is not None and not isinstance(request_id, str):
+        raise BadRequest("'id' must be a string")
+    tensors = body.get("inputs")
+    if not isinstance(tensors, list) or len(tensors) != len(inputs):
+        raise BadRequest(f"'inputs' must list {len(inputs)} tensor(s): {[i.name for i in inputs]}")
+    array = _tensor(tensors[0], inputs[0])
+    outputs = body.get("outputs", [])
+    if not isinstance(outputs, list) or not all(isinstance(o, dict) for o in outputs):
+        raise BadRequest("'outputs' must be a list of objects")
+    return InferRequest(request_id, array, tuple(str(o.get("name")) for o in outputs))
+
+
+def _tensor(tensor: Any, spec: TensorSpec) -> np.ndarray[Any, Any]:
+    if not isinstance(tensor, dict):
+        raise BadRequest("each input must be an object with name, shape, datatype and data")
+    if tensor.get("name") != spec.name:
+        raise BadRequest(f"input is named {tensor.get('name')!r}; the model expects {spec.name!r}")
+    if tensor.get("datatype") != spec.datatype:
+        raise BadRequest(
+            f"input {spec.name!r} has datatype {tensor.get('datatype')!r}; "
+            f"the model expects {spec.datatype}"
+        )
+    shape = tensor.get("shape")
+    if (
+        not isinstance(shape, list)
+        or not shape
+        or not all(isinstance(n, int) and not isinstance(n, bool) and n >= 0 for n in shape)
+    ):
+        raise BadRequest(f"input {spec.name!r}: 'shape' must be a list of non-negative integers")
+    if len(shape) != len(spec.shape) or any(
+        want not in (-1, got) for want, got in zip(spec.shape, shape, strict=True)
+    ):
+        raise BadRequest(
+            f"input {spec.name!r} has shape {shape}; the model expects {list(spec.shape)}"
+        )
+    if shape[0] < 1:
+        raise BadRequest(f"input {spec.name!r}: the batch dimension must be at least 1")
+    data = tensor.get("data")
+    if not isinstance(data, list):
+        raise BadRequest(f"input {spec.name!r}: 'data' must be a JSON array")
+    dtype = DATATYPES[spec.datatype]
+    try:
+        array = np.asarray(data, dtype=dtype)
+    except (ValueError, TypeError) as exc:
+        raise BadRequest(f"input {spec.name!r}: data is not {spec.datatype} ({exc})") from exc
+    expected = math.prod(shape)
+    if array.size != expected:
+        raise BadRequest(
+            f"input {spec.name!r}: {array.size} values for shape {shape} ({expected} expected)"
+        )
+    return array.reshape(shape)
+
+
+def infer_response(
+    model: str, version: str, request_id: str | None, name: str, array: np.ndarray[Any, Any]
+) -> dict[str, Any]:
+    response: dict[str, Any] = {
+        "model_name": model,
+        "model_version": version,
+        "outputs": [
+            {
+                "name": name,
+                "datatype": NAMES.get(array.dtype, "FP32"),
+                "shape": list(array.shape),
+                "data": array.ravel().tolist(),
+            }
+        ],
+    }
+    if request_id is not None:
+        response["id"] = request_id
+    return response

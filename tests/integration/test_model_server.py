@@ -1,0 +1,179 @@
+"""The model server: Open Inference Protocol v2, a stock client, batching, overload, bad input."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import re
+from collections.abc import Iterator
+from pathlib import Path
+
+import aiohttp
+import numpy as np
+import pytest
+import torch
+import tritonclient.http as triton
+
+from tests.integration.models import ModelServer, train_digits
+
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.timeout(180),
+    pytest.mark.filterwarnings("ignore:`torch.jit.load` is deprecated:DeprecationWarning"),
+]
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return asyncio.run(train_digits(tmp_path_factory.mktemp("storage"), "served"))
+
+
+@pytest.fixture
+def server(model_dir: Path, tmp_path: Path) -> Iterator[ModelServer]:
+    process = ModelServer(model_dir, tmp_path / "server.log", "--max-body-bytes", "200000")
+    process.wait_ready()
+    yield process
+    process.stop()
+
+
+def digits(count: int) -> np.ndarray:
+    rng = np.random.default_rng(0)
+    return rng.random((count, 1, 8, 8), dtype=np.float32)
+
+
+def body(array: np.ndarray, **overrides: object) -> dict[str, object]:
+    tensor = {
+        "name": "input",
+        "shape": list(array.shape),
+        "datatype": "FP32",
+        "data": array.ravel().tolist(),
+    }
+    return {"inputs": [{**tensor, **overrides}]}
+
+
+def test_a_stock_v2_client_round_trip(server: ModelServer, model_dir: Path) -> None:
+    client = triton.InferenceServerClient(url=f"127.0.0.1:{server.port}")
+    try:
+        assert client.is_server_live()
+        assert client.is_server_ready()
+        assert client.is_model_ready("digits")
+        metadata = client.get_model_metadata("digits")
+        assert metadata["inputs"] == [{"name": "input", "datatype": "FP32", "shape": [-1, 1, 8, 8]}]
+        batch = digits(3)
+        tensor = triton.InferInput("input", list(batch.shape), "FP32")
+        tensor.set_data_from_numpy(batch, binary_data=False)
+        result = client.infer(
+            "digits", [tensor], outputs=[triton.InferRequestedOutput("output", binary_data=False)]
+        )
+        scores = result.as_numpy("output")
+    finally:
+        client.close()
+    reference = (
+        torch.jit.load(str(model_dir / "model.pt"))(torch.from_numpy(batch)).detach().numpy()
+    )
+    assert scores.shape == (3, 10)
+    np.testing.assert_allclose(scores, reference, rtol=1e-5, atol=1e-5)
+
+
+async def test_concurrent_requests_are_batched(server: ModelServer) -> None:
+    url = f"http://127.0.0.1:{server.port}/v2/models/digits/infer"
+    async with aiohttp.ClientSession() as http:
+
+        async def one(i: int) -> int:
+            async with http.post(url, json=body(digits(1)) | {"id": f"r{i}"}) as response:
+                answer = await response.json()
+                assert answer["id"] == f"r{i}"
+                assert answer["outputs"][0]["shape"] == [1, 10]
+                return response.status
+
+        statuses = await asyncio.gather(*(one(i) for i in range(96)))
+        assert set(statuses) == {200}
+        async with http.get(f"http://127.0.0.1:{server.port}/metrics") as response:
+            text = await response.text()
+    calls = float(re.search(r'torchrelay_model_batch_size_count\{model="digits"\} (\S+)', text)[1])
+    rows = float(re.search(r'torchrelay_model_batch_size_sum\{model="digits"\} (\S+)', text)[1])
+    assert rows == 96
+    assert calls < rows, f"{rows:.0f} rows ran in {calls:.0f} model calls: requests were merged"
+    assert 'torchrelay_model_requests_total{model="digits",status="200"} 96.0' in text
+
+
+async def test_overload_answers_503_at_once_and_the_server_stays_healthy(
+    model_dir: Path, tmp_path: Path
+) -> None:
+    server = ModelServer(
+        model_dir, tmp_path / "small.log", "--max-queue", "4", "--max-batch-size", "1"
+    )
+    try:
+        await asyncio.to_thread(server.wait_ready)
+        base = f"http://127.0.0.1:{server.port}"
+        async with aiohttp.ClientSession() as http:
+
+            async def one() -> tuple[int, str | None]:
+                async with http.post(f"{base}/v2/models/digits/infer", json=body(digits(8))) as r:
+                    await r.read()
+                    return r.status, r.headers.get("Retry-After")
+
+            results = await asyncio.gather(*(one() for _ in range(200)))
+            statuses = [status for status, _ in results]
+            assert 503 in statuses
+            assert 200 in statuses
+            assert all(retry == "1" for status, retry in results if status == 503)
+            async with http.get(f"{base}/v2/health/ready") as r:
+                assert r.status == 200
+            status, _ = await one()
+            assert status == 200
+    finally:
+        server.stop()
+
+
+@pytest.mark.parametrize(
+    ("payload", "message"),
+    [
+        (body(digits(1), shape=[1, 64]), "has shape [1, 64]; the model expects [-1, 1, 8, 8]"),
+        (body(digits(1), datatype="INT64"), "datatype 'INT64'; the model expects FP32"),
+        (body(digits(1), data=[1.0, 2.0]), "2 values for shape [1, 1, 8, 8]"),
+        (body(digits(1), data=["a"] * 64), "data is not FP32"),
+        (body(digits(1), name="pixels"), "named 'pixels'"),
+        ({"inputs": "nope"}, "'inputs' must list 1 tensor"),
+        (b"{not json", "the body is not JSON"),
+        (body(digits(400)), "larger than 200000 bytes"),
+    ],
+)
+async def test_malformed_infer_bodies_get_400_with_a_reason(
+    server: ModelServer, payload: object, message: str
+) -> None:
+    url = f"http://127.0.0.1:{server.port}/v2/models/digits/infer"
+    data = payload if isinstance(payload, bytes) else json.dumps(payload).encode()
+    async with aiohttp.ClientSession() as http, http.post(url, data=data) as response:
+        answer = await response.json()
+    assert response.status == 400
+    assert message in answer["error"]
+
+
+async def test_unknown_models_and_versions_are_404(server: ModelServer) -> None:
+    base = f"http://127.0.0.1:{server.port}/v2/models"
+    async with aiohttp.ClientSession() as http:
+        for path in ("/other", "/digits/versions/v999", "/other/ready"):
+            async with http.get(base + path) as response:
+                assert response.status == 404
+        async with http.get(f"{base}/digits/versions/served") as response:
+            assert (await response.json())["versions"] == ["served"]
+
+
+def test_a_model_that_fails_to_load_exits_with_the_reason(tmp_path: Path) -> None:
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "model.json").write_text(
+        json.dumps(
+            {
+                "format": "torchscript",
+                "inputs": [{"name": "input", "datatype": "FP32", "shape": [-1, 4]}],
+                "outputs": [{"name": "output", "datatype": "FP32", "shape": [-1, 2]}],
+            }
+        )
+    )
+    (broken / "model.pt").write_bytes(b"not a model")
+    server = ModelServer(broken, tmp_path / "broken.log")
+    assert server.process.wait(60) == 3
+    server.stop()
+    assert "cannot load the model" in (tmp_path / "broken.log").read_text()
