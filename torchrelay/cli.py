@@ -15,9 +15,10 @@ from torchrelay import __version__
 SERVICES = {
     "ingest": "torchrelay.services.ingest.service",
     "monitor": "torchrelay.services.monitor.service",
+    "serve": "torchrelay.services.serve.service",
     "train": "torchrelay.services.train.service",
 }
-PLANNED = {"serve": 5}
+PLANNED: dict[str, int] = {}
 EXIT_USAGE = 2
 
 
@@ -54,7 +55,7 @@ def _demo() -> int:
     print(
         "torchrelay demo: the digits pipeline (stage sklearn:digits, train with world size 2, "
         "deploy) arrives with the local platform issue (#7).\n"
-        "Available now: `torchrelay service ingest|train|monitor` and "
+        "Available now: `torchrelay service ingest|train|serve|monitor` and "
         "`torchrelay schema export DIR`."
     )
     return 1

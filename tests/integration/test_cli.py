@@ -10,7 +10,6 @@ from pathlib import Path
 
 import jsonschema
 
-from torchrelay.cli import main
 from torchrelay.shared.events import EVENT_TYPES
 
 
@@ -61,10 +60,6 @@ def test_an_unreachable_nats_is_a_clear_error() -> None:
     )
     assert result.returncode == 2
     assert "cannot reach NATS at nats://127.0.0.1:9" in result.stderr
-
-
-def test_services_of_later_issues_say_so() -> None:
-    assert main(["service", "serve"]) == 2
 
 
 def test_unknown_service_is_a_usage_error() -> None:

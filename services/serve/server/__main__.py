@@ -12,7 +12,9 @@ import contextlib
 import json
 import signal
 import sys
+from collections.abc import Awaitable, Callable
 from pathlib import Path
+from typing import Any
 
 import torch
 from aiohttp import web
@@ -36,6 +38,7 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--max-queue", type=int, default=512)
     parser.add_argument("--max-body-bytes", type=int, default=8 << 20)
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
+    parser.add_argument("--drain-s", type=float, default=10.0, help="longest wait for clients")
     return parser.parse_args(argv)
 
 
@@ -56,25 +59,91 @@ async def serve(args: argparse.Namespace) -> int:
         on_batch=metrics.batch_size.observe,
     )
     app = build_app(model, batcher, metrics, registry, max_body_bytes=args.max_body_bytes)
+    control = Control(app)
     runner = web.AppRunner(app, handle_signals=False, access_log=None)
     await runner.setup()
+    control.runner = runner
     site = web.TCPSite(runner, args.host, args.port, reuse_port=args.reuse_port)
     await site.start()
     port = runner.addresses[0][1]
+    control.private_port = port
     loop_task = asyncio.create_task(batcher.run(), name="batcher")
-    stop = asyncio.Event()
+    stop = control.stop
     for signum in (signal.SIGTERM, signal.SIGINT):
         asyncio.get_running_loop().add_signal_handler(signum, stop.set)
     ready = {"event": "model.ready", "model": model.name, "version": model.version, "port": port}
     print(json.dumps(ready), flush=True)  # noqa: T201 - the launcher reads this line
     await stop.wait()
-    # Stop accepting, let in-flight requests finish, then stop the batcher.
-    await runner.shutdown()
+    # Stop accepting, answer what is in flight (with Connection: close), wait for clients to
+    # leave, then stop the batcher.
+    await control.drain(site, args.drain_s)
     await runner.cleanup()
     loop_task.cancel()
     with contextlib.suppress(asyncio.CancelledError):
         await loop_task
     return 0
+
+
+class Control:
+    """Rollout control, on the private port only: join a shared (stable) port, and retire.
+
+    Retiring stops listening everywhere, answers every later request on an open connection
+    with ``Connection: close`` (so clients move to the new servers without a failed request),
+    and exits once no connection is left or the drain time is up.
+    """
+
+    def __init__(self, app: web.Application) -> None:
+        self.stop = asyncio.Event()
+        self.draining = False
+        self.private_port = 0
+        self.runner: web.AppRunner | None = None
+        self.shared: list[web.TCPSite] = []
+        app.middlewares.append(self._close_when_draining)
+        app.router.add_post("/admin/serve-on", self._serve_on)
+        app.router.add_post("/admin/retire", self._retire)
+
+    @web.middleware
+    async def _close_when_draining(
+        self, request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+    ) -> web.StreamResponse:
+        response = await handler(request)
+        if self.draining:
+            response.force_close()
+        return response
+
+    def _private(self, request: web.Request) -> bool:
+        sockname: Any = request.transport.get_extra_info("sockname") if request.transport else None
+        return sockname is not None and sockname[1] == self.private_port
+
+    async def _serve_on(self, request: web.Request) -> web.Response:
+        if not self._private(request) or self.runner is None:
+            return web.json_response({"error": "not found"}, status=404)
+        port = int(request.query["port"])
+        site = web.TCPSite(
+            self.runner, request.query.get("host", "127.0.0.1"), port, reuse_port=True
+        )
+        await site.start()
+        self.shared.append(site)
+        return web.json_response({"serving_on": port})
+
+    async def _retire(self, request: web.Request) -> web.Response:
+        if not self._private(request):
+            return web.json_response({"error": "not found"}, status=404)
+        self.stop.set()
+        return web.json_response({"retiring": True})
+
+    async def drain(self, private: web.TCPSite, drain_s: float) -> None:
+        self.draining = True
+        for site in [*self.shared, private]:
+            await site.stop()  # closes the listening socket; open connections stay
+        server = self.runner.server if self.runner is not None else None
+        deadline = asyncio.get_running_loop().time() + drain_s
+        while server is not None and server.connections:
+            if asyncio.get_running_loop().time() >= deadline:
+                break
+            await asyncio.sleep(0.05)
+        if self.runner is not None:
+            await self.runner.shutdown()
 
 
 def main(argv: list[str] | None = None) -> int:

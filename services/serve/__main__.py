@@ -1,0 +1,3 @@
+from torchrelay.services.serve.service import main
+
+raise SystemExit(main())

@@ -1,0 +1,75 @@
+"""Pure rules of serve: deployment records, the smoke input, and what a rollback returns to."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict
+
+
+class DeploymentRecord(BaseModel):
+    """A model's deployment in the ``deployments`` bucket."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    model: str
+    active_version: str | None = None
+    previous_version: str | None = None
+    endpoint: str | None = None
+    replicas: int = 1
+    status: str = "none"
+    reason: str | None = None
+    updated: datetime
+
+
+def smoke_request(description: dict[str, Any]) -> dict[str, Any]:
+    """An inference request on the model's declared input signature: one zero sample."""
+    spec = description["inputs"][0]
+    shape = [1 if dim == -1 else int(dim) for dim in spec["shape"]]
+    count = 1
+    for dim in shape:
+        count *= dim
+    zero: float | bool = False if spec["datatype"] == "BOOL" else 0
+    return {
+        "id": "smoke",
+        "inputs": [
+            {
+                "name": spec["name"],
+                "shape": shape,
+                "datatype": spec["datatype"],
+                "data": [zero] * count,
+            }
+        ],
+    }
+
+
+def smoke_ok(description: dict[str, Any], answer: Any) -> str | None:
+    """Why a smoke answer is wrong, or None when it matches the declared output."""
+    try:
+        output = answer["outputs"][0]
+        declared = description["outputs"][0]
+    except (KeyError, IndexError, TypeError):
+        return f"the smoke inference answered {str(answer)[:200]!r}"
+    if output.get("name") != declared["name"] or output.get("datatype") != declared["datatype"]:
+        return f"the smoke output {output.get('name')}/{output.get('datatype')} is not {declared}"
+    shape = output.get("shape") or []
+    if len(shape) != len(declared["shape"]) or any(
+        want not in (-1, got) for want, got in zip(declared["shape"], shape, strict=True)
+    ):
+        return f"the smoke output has shape {shape}; model.json declares {declared['shape']}"
+    return None
+
+
+def rollback_target(record: DeploymentRecord | None, requested: str | None) -> str | None:
+    return requested or (record.previous_version if record else None)
+
+
+def previous_after(record: DeploymentRecord | None, version: str) -> str | None:
+    """The version a rollback returns to once ``version`` is live: the one it replaced, or,
+    when the same version is deployed again, whatever it had replaced before."""
+    if record is None:
+        return None
+    if record.active_version == version:
+        return record.previous_version
+    return record.active_version

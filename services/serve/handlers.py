@@ -1,0 +1,223 @@
+"""Glue: deploy and rollback requests -> gated rollouts -> deployment records and model.* events.
+
+A rollout starts the new version on private ports, waits until it is ready and a smoke
+inference on its declared input signature succeeds, and only then lets it join the model's
+stable endpoint and retires the old version. A version that fails never takes traffic.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import uuid
+from datetime import UTC, datetime
+from typing import Any
+
+import aiohttp
+import structlog
+
+from torchrelay.services.serve.domain import (
+    DeploymentRecord,
+    previous_after,
+    rollback_target,
+    smoke_ok,
+    smoke_request,
+)
+from torchrelay.shared.bus.port import Publish
+from torchrelay.shared.cluster.local_serving import LocalServing, StartFailed, VersionHandle
+from torchrelay.shared.events import (
+    ModelDeployed,
+    ModelDeployRequested,
+    ModelRollbackRequested,
+    ModelRolloutFailed,
+    ModelRolloutStarted,
+)
+from torchrelay.shared.events.data import (
+    ModelDeployedData,
+    ModelRolloutFailedData,
+    ModelRolloutStartedData,
+)
+from torchrelay.shared.state import State, Store, key_part
+
+log = structlog.get_logger("torchrelay.serve")
+_EVENT_IDS = uuid.UUID("3e8f1a2b-6c4d-4f9e-8a7b-2c1d0e9f8a7b")
+
+
+class RolloutFailed(Exception):
+    pass
+
+
+class Deployer:
+    def __init__(
+        self,
+        *,
+        serving: LocalServing,
+        state: State,
+        publish: Publish,
+        source: str,
+        replicas: int,
+        ready_timeout_s: float,
+    ) -> None:
+        self.serving = serving
+        self.deployments: Store[DeploymentRecord] = state.store("deployments", DeploymentRecord)
+        self._publish = publish
+        self._source = source
+        self._replicas = replicas
+        self._ready_timeout_s = ready_timeout_s
+        self._active: dict[str, VersionHandle] = {}
+        self._locks: dict[str, asyncio.Lock] = {}
+
+    async def on_deploy_requested(self, event: ModelDeployRequested) -> None:
+        data = event.data
+        await self.deploy(data.model_name, data.version, data.replicas, event.id, event.pipelineid)
+
+    async def on_rollback_requested(self, event: ModelRollbackRequested) -> None:
+        current = await self.deployments.get(key_part(event.data.model_name))
+        target = rollback_target(current.value if current else None, event.data.to_version)
+        if target is None:
+            await self._failed(
+                event.data.model_name,
+                "none",
+                "there is no previous version to roll back to",
+                serving_version=current.value.active_version if current else None,
+                cause=event.id,
+                pipeline_id=event.pipelineid,
+            )
+            return
+        replicas = current.value.replicas if current else self._replicas
+        await self.deploy(event.data.model_name, target, replicas, event.id, event.pipelineid)
+
+    async def deploy(
+        self, model: str, version: str, replicas: int, cause: str, pipeline_id: str | None
+    ) -> None:
+        async with self._locks.setdefault(model, asyncio.Lock()):
+            current = await self.deployments.get(key_part(model))
+            record = current.value if current else None
+            active = self._active.get(model)
+            if active is not None and active.version == version:
+                await self._deployed(model, version, cause, pipeline_id)  # a repeat: same answer
+                return
+            previous = record.active_version if record else None
+            await self._publish(
+                ModelRolloutStarted(
+                    id=self._id("started", cause),
+                    data=ModelRolloutStartedData(
+                        model_name=model, version=version, previous_version=previous
+                    ),
+                    **self._envelope(model, cause, pipeline_id),
+                )
+            )
+            try:
+                handle = await self._start_checked(model, version, replicas)
+            except RolloutFailed as exc:
+                await self._failed(
+                    model,
+                    version,
+                    str(exc),
+                    serving_version=previous,
+                    cause=cause,
+                    pipeline_id=pipeline_id,
+                )
+                return
+            endpoint = await self.serving.promote(handle)
+            self._active[model] = handle
+            if active is not None:
+                await self.serving.retire(active)
+            await self.deployments.put(
+                key_part(model),
+                DeploymentRecord(
+                    model=model,
+                    active_version=version,
+                    previous_version=previous_after(record, version),
+                    endpoint=endpoint,
+                    replicas=replicas,
+                    status="deployed",
+                    updated=datetime.now(UTC),
+                ),
+            )
+            await self._deployed(model, version, cause, pipeline_id)
+
+    async def _start_checked(self, model: str, version: str, replicas: int) -> VersionHandle:
+        folder = self.serving.model_dir(model, version)
+        try:
+            description: dict[str, Any] = json.loads((folder / "model.json").read_text())
+        except (OSError, ValueError) as exc:
+            raise RolloutFailed(f"no model {model} version {version} on storage ({exc})") from exc
+        try:
+            handle = await self.serving.start(model, version, replicas, self._ready_timeout_s)
+        except StartFailed as exc:
+            raise RolloutFailed(f"version {version} did not start: {exc}") from exc
+        try:
+            await self._smoke(handle, description)
+        except RolloutFailed:
+            await self.serving.stop(handle)
+            raise
+        return handle
+
+    async def _smoke(self, handle: VersionHandle, description: dict[str, Any]) -> None:
+        request = smoke_request(description)
+        timeout = aiohttp.ClientTimeout(total=self._ready_timeout_s)
+        async with aiohttp.ClientSession(timeout=timeout) as http:
+            for url in handle.private_urls:
+                target = f"{url}/v2/models/{handle.model}/versions/{handle.version}/infer"
+                try:
+                    async with http.post(target, json=request) as response:
+                        answer = await response.json(content_type=None)
+                        status = response.status
+                except (aiohttp.ClientError, TimeoutError, ValueError) as exc:
+                    raise RolloutFailed(f"the smoke inference failed: {exc!r}") from exc
+                if status != 200:
+                    raise RolloutFailed(f"the smoke inference answered HTTP {status}: {answer}")
+                if (problem := smoke_ok(description, answer)) is not None:
+                    raise RolloutFailed(problem)
+
+    async def _deployed(
+        self, model: str, version: str, cause: str, pipeline_id: str | None
+    ) -> None:
+        endpoint = self.serving.endpoint(model)
+        log.info("model.deployed", model=model, version=version, endpoint=endpoint)
+        await self._publish(
+            ModelDeployed(
+                id=self._id(f"deployed:{version}", cause),
+                data=ModelDeployedData(model_name=model, version=version, endpoint=endpoint),
+                **self._envelope(model, cause, pipeline_id),
+            )
+        )
+
+    async def _failed(
+        self,
+        model: str,
+        version: str,
+        reason: str,
+        *,
+        serving_version: str | None,
+        cause: str,
+        pipeline_id: str | None,
+    ) -> None:
+        log.warning("model.rollout_failed", model=model, version=version, reason=reason)
+        await self._publish(
+            ModelRolloutFailed(
+                id=self._id(f"failed:{version}", cause),
+                data=ModelRolloutFailedData(
+                    model_name=model,
+                    version=version,
+                    reason=reason[:512],
+                    serving_version=serving_version,
+                ),
+                **self._envelope(model, cause, pipeline_id),
+            )
+        )
+
+    def _id(self, kind: str, cause: str) -> str:
+        return str(uuid.uuid5(_EVENT_IDS, f"{kind}:{cause}"))
+
+    def _envelope(self, model: str, cause: str, pipeline_id: str | None) -> dict[str, str | None]:
+        return {
+            "source": self._source,
+            "subject": model,
+            "pipelineid": pipeline_id,
+            "causationid": cause,
+        }
+
+    async def aclose(self) -> None:
+        await self.serving.aclose()

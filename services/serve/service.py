@@ -1,0 +1,69 @@
+"""Wiring and lifecycle of the serve service."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
+
+from torchrelay.services.serve.handlers import Deployer
+from torchrelay.services.serve.settings import ServeSettings
+from torchrelay.shared.bus import Subscription
+from torchrelay.shared.cluster.local_serving import LocalServing, ServerOptions
+from torchrelay.shared.events import ModelDeployRequested, ModelRollbackRequested
+from torchrelay.shared.runtime import Platform, Service, service_main
+
+NAME = "serve"
+
+
+@asynccontextmanager
+async def build(platform: Platform[ServeSettings]) -> AsyncIterator[Service]:
+    options = platform.settings.serve
+    serving = LocalServing(
+        platform.settings.storage_root.resolve(),
+        host=options.endpoint_host,
+        options=ServerOptions(
+            max_batch_size=options.max_batch_size,
+            max_delay_ms=options.max_delay_ms,
+            max_queue=options.max_queue,
+            drain_s=options.drain_s,
+        ),
+    )
+    deployer = Deployer(
+        serving=serving,
+        state=platform.state,
+        publish=platform.bus.publish,
+        source=platform.source,
+        replicas=options.replicas,
+        ready_timeout_s=options.ready_timeout_s,
+    )
+    try:
+        yield Service(
+            NAME,
+            subscriptions=[
+                # Rollouts take seconds and are serialised per model: one at a time here.
+                Subscription(
+                    "serve-rollouts",
+                    [ModelDeployRequested, ModelRollbackRequested],
+                    _route(deployer),
+                    max_in_flight=1,
+                    prefetch=1,
+                    ack_wait_s=120.0,
+                )
+            ],
+        )
+    finally:
+        await deployer.aclose()
+
+
+def _route(deployer: Deployer):  # type: ignore[no-untyped-def]
+    async def handle(event: ModelDeployRequested | ModelRollbackRequested) -> None:
+        if isinstance(event, ModelDeployRequested):
+            await deployer.on_deploy_requested(event)
+        else:
+            await deployer.on_rollback_requested(event)
+
+    return handle
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    return service_main(NAME, ServeSettings, build, argv)

@@ -1,0 +1,26 @@
+"""Settings of the serve service: ``TORCHRELAY_SERVE_<FIELD>`` plus the common ones."""
+
+from __future__ import annotations
+
+from pydantic import Field
+
+from torchrelay.shared.runtime.settings import Group, HttpSettings, ServiceSettings
+
+DEFAULT_PORT = 8083
+
+
+class ServeOptions(Group):
+    endpoint_host: str = Field(
+        default="127.0.0.1", description="Where models' stable endpoints listen."
+    )
+    replicas: int = Field(default=2, ge=1, le=32, description="Server processes per version.")
+    max_batch_size: int = Field(default=64, ge=1)
+    max_delay_ms: float = Field(default=0.0, ge=0, description="Extra wait to grow a batch.")
+    max_queue: int = Field(default=512, ge=1, description="Requests queued per process, then 503.")
+    ready_timeout_s: float = Field(default=60.0, gt=0, description="Load + smoke inference limit.")
+    drain_s: float = Field(default=10.0, gt=0, description="How long a retired version drains.")
+
+
+class ServeSettings(ServiceSettings):
+    http: HttpSettings = HttpSettings(port=DEFAULT_PORT)
+    serve: ServeOptions = ServeOptions()

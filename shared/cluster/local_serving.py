@@ -1,0 +1,184 @@
+"""The local serving backend: model servers as processes on this machine.
+
+A version starts on private ports (one per process), where it is checked; once it passes it
+joins the model's stable port, which every version of that model shares through SO_REUSEPORT,
+so clients talk to the servers directly (no proxy hop). The port is reserved by a bound,
+non-listening socket held here, so nothing else takes it between versions. A retired version
+stops listening, finishes what it has (answering with ``Connection: close``) and exits.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import signal
+import socket
+import sys
+from collections import deque
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import aiohttp
+import structlog
+
+log = structlog.get_logger("torchrelay.cluster.serving")
+SERVER_MODULE = "torchrelay.services.serve.server"
+
+
+class StartFailed(Exception):
+    """A version's servers did not become ready; the reason carries their last log lines."""
+
+
+@dataclass
+class ServerProcess:
+    process: asyncio.subprocess.Process
+    log_path: Path
+    port: int = 0
+
+
+@dataclass
+class VersionHandle:
+    model: str
+    version: str
+    servers: list[ServerProcess] = field(default_factory=list)
+
+    @property
+    def private_urls(self) -> list[str]:
+        return [f"http://127.0.0.1:{s.port}" for s in self.servers]
+
+
+@dataclass(frozen=True)
+class ServerOptions:
+    max_batch_size: int = 64
+    max_delay_ms: float = 0.0
+    max_queue: int = 512
+    drain_s: float = 10.0
+
+
+class LocalServing:
+    name = "local"
+
+    def __init__(
+        self, storage_root: Path, *, host: str = "127.0.0.1", options: ServerOptions | None = None
+    ) -> None:
+        self.root = storage_root
+        self.host = host
+        self.options = options or ServerOptions()
+        self._reservations: dict[str, socket.socket] = {}
+        self._handles: list[VersionHandle] = []
+
+    def model_dir(self, model: str, version: str) -> Path:
+        return self.root / "models" / model / version
+
+    def stable_port(self, model: str) -> int:
+        """The model's port for good: reserved on first use, shared by all its versions."""
+        if model not in self._reservations:
+            reservation = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            reservation.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+            reservation.bind((self.host, 0))
+            self._reservations[model] = reservation
+        port: int = self._reservations[model].getsockname()[1]
+        return port
+
+    def endpoint(self, model: str) -> str:
+        return f"http://{self.host}:{self.stable_port(model)}/v2/models/{model}"
+
+    async def start(
+        self, model: str, version: str, replicas: int, timeout_s: float
+    ) -> VersionHandle:
+        handle = VersionHandle(model, version)
+        self._handles.append(handle)
+        folder = self.root / "serving" / model / version
+        await asyncio.to_thread(folder.mkdir, parents=True, exist_ok=True)
+        options = self.options
+        for index in range(replicas):
+            log_path = folder / f"server-{index}.log"
+            with log_path.open("ab") as output:
+                process = await asyncio.create_subprocess_exec(
+                    sys.executable, "-m", SERVER_MODULE,
+                    "--model-dir", str(self.model_dir(model, version)),
+                    "--host", self.host, "--port", "0",
+                    "--max-batch-size", str(options.max_batch_size),
+                    "--max-delay-ms", str(options.max_delay_ms),
+                    "--max-queue", str(options.max_queue),
+                    "--drain-s", str(options.drain_s),
+                    stdin=asyncio.subprocess.DEVNULL,
+                    stdout=output,
+                    stderr=asyncio.subprocess.STDOUT,
+                    env={**os.environ, "OMP_NUM_THREADS": "1"},
+                    start_new_session=True,
+                )  # fmt: skip
+            handle.servers.append(ServerProcess(process, log_path))
+        try:
+            async with asyncio.timeout(timeout_s):
+                await asyncio.gather(*(self._ready(server) for server in handle.servers))
+        except (StartFailed, TimeoutError) as exc:
+            await self.stop(handle)
+            reason = str(exc) if isinstance(exc, StartFailed) else f"not ready within {timeout_s}s"
+            raise StartFailed(reason) from exc
+        return handle
+
+    async def _ready(self, server: ServerProcess) -> None:
+        while True:
+            text = await asyncio.to_thread(server.log_path.read_text, errors="replace")
+            for line in text.splitlines():
+                if '"model.ready"' in line:
+                    server.port = int(json.loads(line)["port"])
+                    return
+            if server.process.returncode is not None:
+                tail = " | ".join(list(deque(text.splitlines(), maxlen=5)))
+                raise StartFailed(f"the model server exited ({server.process.returncode}): {tail}")
+            await asyncio.sleep(0.05)
+
+    async def promote(self, handle: VersionHandle) -> str:
+        """Join the stable port; returns the model's endpoint."""
+        port = self.stable_port(handle.model)
+        async with aiohttp.ClientSession() as http:
+            for url in handle.private_urls:
+                params = {"port": str(port), "host": self.host}
+                async with http.post(f"{url}/admin/serve-on", params=params) as response:
+                    response.raise_for_status()
+        return self.endpoint(handle.model)
+
+    async def retire(self, handle: VersionHandle) -> None:
+        """Stop taking connections, drain, exit (in the background; bounded by drain_s)."""
+        async with aiohttp.ClientSession() as http:
+            for url in handle.private_urls:
+                with contextlib.suppress(aiohttp.ClientError):
+                    async with http.post(f"{url}/admin/retire") as response:
+                        await response.read()
+        asyncio.get_running_loop().create_task(self._reap(handle), name=f"reap:{handle.version}")
+
+    async def _reap(self, handle: VersionHandle) -> None:
+        try:
+            async with asyncio.timeout(self.options.drain_s + 10):
+                await asyncio.gather(*(s.process.wait() for s in handle.servers))
+        except TimeoutError:
+            await self.stop(handle)
+        with contextlib.suppress(ValueError):
+            self._handles.remove(handle)
+
+    async def stop(self, handle: VersionHandle) -> None:
+        for server in handle.servers:
+            if server.process.returncode is None:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(server.process.pid, signal.SIGTERM)
+        try:
+            async with asyncio.timeout(10):
+                await asyncio.gather(*(s.process.wait() for s in handle.servers))
+        except TimeoutError:
+            for server in handle.servers:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(server.process.pid, signal.SIGKILL)
+            await asyncio.gather(*(s.process.wait() for s in handle.servers))
+        with contextlib.suppress(ValueError):
+            self._handles.remove(handle)
+
+    async def aclose(self) -> None:
+        for handle in list(self._handles):
+            await self.stop(handle)
+        for reservation in self._reservations.values():
+            reservation.close()
+        self._reservations.clear()
