@@ -16,6 +16,7 @@ import os
 import signal
 import socket
 import sys
+import uuid
 from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -93,8 +94,9 @@ class LocalServing:
         folder = self.root / "serving" / model / version
         await asyncio.to_thread(folder.mkdir, parents=True, exist_ok=True)
         options = self.options
+        start = uuid.uuid4().hex[:8]  # a version may start again (rollback): fresh logs
         for index in range(replicas):
-            log_path = folder / f"server-{index}.log"
+            log_path = folder / f"server-{start}-{index}.log"
             with log_path.open("ab") as output:
                 process = await asyncio.create_subprocess_exec(
                     sys.executable, "-m", SERVER_MODULE,

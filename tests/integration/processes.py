@@ -62,9 +62,14 @@ class ServiceProcess:
             self._log.close()
 
     def stop(self) -> None:
-        """Make sure the process is gone (test cleanup)."""
+        """Make sure the process is gone (test cleanup): SIGTERM, so it can stop what it
+        started, then SIGKILL."""
         if self.process.poll() is None:
-            self.process.kill()
+            self.process.terminate()
+            try:
+                self.process.wait(20)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
         self.process.wait()
         self._log.close()
 

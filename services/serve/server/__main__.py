@@ -133,9 +133,11 @@ class Control:
         return web.json_response({"retiring": True})
 
     async def drain(self, private: web.TCPSite, drain_s: float) -> None:
-        self.draining = True
+        # Stop listening first, then ask clients to reconnect: a reconnect can only reach the
+        # servers that still listen (the new version), never this one's closing queue.
         for site in [*self.shared, private]:
             await site.stop()  # closes the listening socket; open connections stay
+        self.draining = True
         server = self.runner.server if self.runner is not None else None
         deadline = asyncio.get_running_loop().time() + drain_s
         while server is not None and server.connections:

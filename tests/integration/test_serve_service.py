@@ -1,0 +1,219 @@
+"""The serve service as a real process: gated rollouts onto a stable endpoint, rollback."""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import json
+import shutil
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import aiohttp
+import nats
+import numpy as np
+import pytest
+
+from tests.integration.conftest import FAST_STREAM
+from tests.integration.models import train_digits
+from tests.integration.processes import ServiceProcess
+from torchrelay.shared.bus.jetstream import JetStreamBus
+from torchrelay.shared.bus.port import Subscription
+from torchrelay.shared.events import (
+    AnyEvent,
+    ModelDeployed,
+    ModelDeployRequested,
+    ModelRollbackRequested,
+    ModelRolloutFailed,
+    ModelRolloutStarted,
+)
+from torchrelay.shared.events.data import ModelDeployRequestedData, ModelRollbackRequestedData
+from torchrelay.shared.testing import assert_eventually
+
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(240)]
+
+
+class Watcher:
+    def __init__(self) -> None:
+        self.events: list[AnyEvent] = []
+
+    async def record(self, event: AnyEvent) -> None:
+        self.events.append(event)
+
+    def of(self, kind: type[AnyEvent], version: str | None = None) -> list[AnyEvent]:
+        return [e for e in self.events if isinstance(e, kind) and version in (None, e.data.version)]
+
+
+@pytest.fixture(scope="module")
+def storage(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("storage")
+
+    async def prepare() -> None:
+        await train_digits(root, "first", epochs=2, seed=1)
+        await train_digits(root, "second", epochs=2, seed=2)
+
+    asyncio.run(prepare())
+    models = root / "models" / "digits"
+    shutil.copytree(models / "first", models / "broken")
+    (models / "broken" / "model.pt").write_bytes(b"not a model")
+    shutil.copytree(models / "first", models / "liar")
+    description = json.loads((models / "liar" / "model.json").read_text())
+    description["outputs"][0]["shape"] = [-1, 5]
+    description["version"] = "liar"
+    (models / "liar" / "model.json").write_text(json.dumps(description))
+    return root
+
+
+@pytest.fixture
+async def bus(nats_url: str) -> AsyncIterator[tuple[JetStreamBus, Watcher]]:
+    bus = JetStreamBus(await nats.connect(nats_url), FAST_STREAM)
+    watcher = Watcher()
+    kinds = [ModelRolloutStarted, ModelDeployed, ModelRolloutFailed]
+    sub = Subscription("test-serve-watch", kinds, watcher.record)
+    await bus.provision([sub])
+    stop = asyncio.Event()
+    task = asyncio.create_task(bus.consume(sub, stop))
+    yield bus, watcher
+    stop.set()
+    await task
+    await bus.aclose()
+
+
+@pytest.fixture
+def serve(nats_url: str, storage: Path, tmp_path: Path) -> Iterator[ServiceProcess]:
+    process = ServiceProcess(
+        ["-m", "torchrelay", "service", "serve", "--nats-url", nats_url, "--http-port", "0"],
+        tmp_path / "serve.log",
+        env={
+            "TORCHRELAY_STORAGE_ROOT": str(storage),
+            "TORCHRELAY_SERVE_REPLICAS": "2",
+            "TORCHRELAY_SERVE_DRAIN_S": "3",
+            "TORCHRELAY_SHUTDOWN_GRACE_S": "5",
+            "TORCHRELAY_SHUTDOWN_DEADLINE_S": "15",
+        },
+    )
+    yield process
+    process.stop()
+    assert model_servers(storage) == [], "stopping serve stops its model servers"
+
+
+def model_servers(storage: Path) -> list[int]:
+    """Live model server processes serving from this storage (read from /proc)."""
+    found = []
+    for proc in Path("/proc").iterdir():
+        if proc.name.isdigit():
+            try:
+                command = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode()
+            except OSError:
+                continue
+            if "torchrelay.services.serve.server" in command and str(storage) in command:
+                found.append(int(proc.name))
+    return found
+
+
+def deploy(version: str) -> ModelDeployRequested:
+    return ModelDeployRequested(
+        source="/tests", data=ModelDeployRequestedData(model_name="digits", version=version)
+    )
+
+
+def infer_body() -> dict[str, object]:
+    data = np.zeros((1, 1, 8, 8), dtype=np.float32).ravel().tolist()
+    return {"inputs": [{"name": "input", "shape": [1, 1, 8, 8], "datatype": "FP32", "data": data}]}
+
+
+async def deployed(watcher: Watcher, version: str, count: int = 1) -> str:
+    await assert_eventually(lambda: len(watcher.of(ModelDeployed, version)) >= count, timeout_s=90)
+    return str(watcher.of(ModelDeployed, version)[-1].data.endpoint)
+
+
+async def served_version(endpoint: str) -> str:
+    async with (
+        aiohttp.ClientSession() as http,
+        http.post(f"{endpoint}/infer", json=infer_body()) as r,
+    ):
+        assert r.status == 200, await r.text()
+        return str((await r.json())["model_version"])
+
+
+async def test_a_rollout_under_steady_load_loses_no_request(
+    bus: tuple[JetStreamBus, Watcher], serve: ServiceProcess
+) -> None:
+    publisher, watcher = bus
+    await serve.wait_ready()
+    await publisher.publish(deploy("first"))
+    endpoint = await deployed(watcher, "first")
+    assert endpoint.endswith("/v2/models/digits")
+    assert await served_version(endpoint) == "first"
+
+    outcomes: collections.Counter[str] = collections.Counter()
+    versions: list[str] = []
+    stop = asyncio.Event()
+
+    async def client() -> None:
+        async with aiohttp.ClientSession() as http:
+            while not stop.is_set():
+                try:
+                    async with http.post(f"{endpoint}/infer", json=infer_body()) as r:
+                        answer = await r.json()
+                        outcomes[str(r.status)] += 1
+                        if r.status == 200:
+                            versions.append(answer["model_version"])
+                except aiohttp.ClientError as exc:
+                    outcomes[type(exc).__name__] += 1
+
+    clients = [asyncio.create_task(client()) for _ in range(4)]
+    await asyncio.sleep(0.5)
+    await publisher.publish(deploy("second"))
+    await deployed(watcher, "second")
+    await asyncio.sleep(4.0)  # past the old version's drain
+    stop.set()
+    await asyncio.gather(*clients)
+    assert set(outcomes) == {"200"}, f"errors during the rollout: {outcomes}"
+    assert versions[0] == "first"
+    assert versions[-1] == "second"
+    switch = versions.index("second")
+    assert set(versions[switch + 50 :]) <= {"second"}, "once switched, traffic stays on the new one"
+    assert outcomes["200"] > 100
+
+
+@pytest.mark.parametrize(
+    ("bad", "reason"),
+    [("broken", "did not start"), ("liar", "smoke output has shape"), ("missing", "no model")],
+)
+async def test_a_version_that_fails_never_takes_traffic(
+    bus: tuple[JetStreamBus, Watcher], serve: ServiceProcess, bad: str, reason: str
+) -> None:
+    publisher, watcher = bus
+    await serve.wait_ready()
+    await publisher.publish(deploy("first"))
+    endpoint = await deployed(watcher, "first")
+    await publisher.publish(deploy(bad))
+    await assert_eventually(lambda: watcher.of(ModelRolloutFailed, bad), timeout_s=90)
+    failed = watcher.of(ModelRolloutFailed, bad)[0].data
+    assert reason in failed.reason
+    assert failed.serving_version == "first"
+    for _ in range(20):
+        assert await served_version(endpoint) == "first"
+
+
+async def test_rollback_restores_the_previous_version(
+    bus: tuple[JetStreamBus, Watcher], serve: ServiceProcess
+) -> None:
+    publisher, watcher = bus
+    await serve.wait_ready()
+    await publisher.publish(deploy("first"))
+    await deployed(watcher, "first")
+    await publisher.publish(deploy("second"))
+    endpoint = await deployed(watcher, "second")
+    await publisher.publish(
+        ModelRollbackRequested(
+            source="/tests", data=ModelRollbackRequestedData(model_name="digits")
+        )
+    )
+    await deployed(watcher, "first", count=2)
+    await assert_eventually(lambda: _is_version(endpoint, "first"), timeout_s=10)
+
+
+async def _is_version(endpoint: str, version: str) -> bool:
+    return all([await served_version(endpoint) == version for _ in range(10)])
