@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 from typing import Any
@@ -64,37 +65,58 @@ def error(status: int, message: str, **headers: str) -> web.Response:
     return web.json_response({"error": message}, status=status, headers=headers)
 
 
-def build_app(
-    model: LoadedModel,
-    batcher: DynamicBatcher,
-    metrics: ServerMetrics,
-    registry: CollectorRegistry,
-    *,
-    max_body_bytes: int,
-) -> web.Application:
-    metrics.queue_depth.set_function(lambda: batcher.depth)
-    app = web.Application(client_max_size=max_body_bytes)
+class ModelApi:
+    """The v2 routes of one loaded model."""
 
-    def known(request: web.Request) -> web.Response | None:
+    def __init__(
+        self,
+        model: LoadedModel,
+        batcher: DynamicBatcher,
+        metrics: ServerMetrics,
+        registry: CollectorRegistry,
+        max_body_bytes: int,
+    ) -> None:
+        self.model = model
+        self.batcher = batcher
+        self.metrics = metrics
+        self.registry = registry
+        self.max_body_bytes = max_body_bytes
+        self.in_flight = 0
+
+    def routes(self, app: web.Application) -> None:
+        app.router.add_get("/v2", self.server_metadata)
+        app.router.add_get("/v2/health/live", self.live)
+        app.router.add_get("/v2/health/ready", self.ready)
+        for prefix in ("/v2/models/{name}", "/v2/models/{name}/versions/{version}"):
+            app.router.add_get(prefix, self.model_metadata)
+            app.router.add_get(f"{prefix}/ready", self.model_ready)
+            app.router.add_post(f"{prefix}/infer", self.infer)
+        app.router.add_get("/metrics", self.prometheus)
+
+    def _unknown(self, request: web.Request) -> web.Response | None:
         name = request.match_info["name"]
         version = request.match_info.get("version")
-        if name != model.name or (version is not None and version != model.version):
-            return error(404, f"unknown model {name!r} version {version!r}; this server has "
-                              f"{model.name!r} version {model.version!r}")  # fmt: skip
+        if name != self.model.name or (version is not None and version != self.model.version):
+            return error(
+                404,
+                f"unknown model {name!r} version {version!r}; this server has "
+                f"{self.model.name!r} version {self.model.version!r}",
+            )
         return None
 
-    async def server_metadata(_: web.Request) -> web.Response:
+    async def server_metadata(self, _: web.Request) -> web.Response:
         return web.json_response({"name": "torchrelay", "version": __version__, "extensions": []})
 
-    async def live(_: web.Request) -> web.Response:
+    async def live(self, _: web.Request) -> web.Response:
         return web.json_response({"live": True})
 
-    async def ready(_: web.Request) -> web.Response:
+    async def ready(self, _: web.Request) -> web.Response:
         return web.json_response({"ready": True})
 
-    async def model_metadata(request: web.Request) -> web.Response:
-        if (missing := known(request)) is not None:
+    async def model_metadata(self, request: web.Request) -> web.Response:
+        if (missing := self._unknown(request)) is not None:
             return missing
+        model = self.model
         return web.json_response(
             {
                 "name": model.name,
@@ -105,37 +127,45 @@ def build_app(
             }
         )
 
-    async def model_ready(request: web.Request) -> web.Response:
-        if (missing := known(request)) is not None:
+    async def model_ready(self, request: web.Request) -> web.Response:
+        if (missing := self._unknown(request)) is not None:
             return missing
-        return web.json_response({"name": model.name, "ready": True})
+        return web.json_response({"name": self.model.name, "ready": True})
 
-    async def infer(request: web.Request) -> web.Response:
+    async def infer(self, request: web.Request) -> web.Response:
         started = time.perf_counter()
-        response = await _infer(request)
-        metrics.count(response.status)
-        metrics.latency.observe(time.perf_counter() - started)
+        self.in_flight += 1
+        try:
+            response = await self._infer(request)
+        finally:
+            self.in_flight -= 1
+        self.metrics.count(response.status)
+        self.metrics.latency.observe(time.perf_counter() - started)
         return response
 
-    async def _infer(request: web.Request) -> web.Response:
-        if (missing := known(request)) is not None:
+    async def _infer(self, request: web.Request) -> web.Response:
+        if (missing := self._unknown(request)) is not None:
             return missing
         try:
-            parsed = parse_infer(await _body(request), model.inputs)
+            parsed = parse_infer(await self._body(request), self.model.inputs)
         except BadRequest as exc:
             return error(400, str(exc))
+        # One loop turn lets requests that are already here reach this point too: if none did,
+        # this one is alone and runs at once; if some did, they batch.
+        await asyncio.sleep(0)
         try:
-            output = await batcher.infer(parsed.array)
+            output = await self.batcher.infer(parsed.array, alone=self.in_flight == 1)
         except Overloaded as exc:
             return error(503, f"overloaded: {exc}; retry shortly", **{"Retry-After": RETRY_AFTER_S})
+        model = self.model
         payload: dict[str, Any] = infer_response(
             model.name, model.version, parsed.id, model.outputs[0].name, output
         )
         return web.Response(body=json.dumps(payload), content_type="application/json")
 
-    async def _body(request: web.Request) -> Any:
-        too_big = f"the body is larger than {max_body_bytes} bytes"
-        if request.content_length is not None and request.content_length > max_body_bytes:
+    async def _body(self, request: web.Request) -> Any:
+        too_big = f"the body is larger than {self.max_body_bytes} bytes"
+        if request.content_length is not None and request.content_length > self.max_body_bytes:
             raise BadRequest(too_big)
         try:
             return json.loads(await request.read())
@@ -144,17 +174,21 @@ def build_app(
         except ValueError as exc:
             raise BadRequest(f"the body is not JSON: {exc}") from exc
 
-    async def metrics_route(_: web.Request) -> web.Response:
+    async def prometheus(self, _: web.Request) -> web.Response:
         return web.Response(
-            body=generate_latest(registry), headers={"Content-Type": CONTENT_TYPE_LATEST}
+            body=generate_latest(self.registry), headers={"Content-Type": CONTENT_TYPE_LATEST}
         )
 
-    app.router.add_get("/v2", server_metadata)
-    app.router.add_get("/v2/health/live", live)
-    app.router.add_get("/v2/health/ready", ready)
-    for prefix in ("/v2/models/{name}", "/v2/models/{name}/versions/{version}"):
-        app.router.add_get(prefix, model_metadata)
-        app.router.add_get(f"{prefix}/ready", model_ready)
-        app.router.add_post(f"{prefix}/infer", infer)
-    app.router.add_get("/metrics", metrics_route)
+
+def build_app(
+    model: LoadedModel,
+    batcher: DynamicBatcher,
+    metrics: ServerMetrics,
+    registry: CollectorRegistry,
+    *,
+    max_body_bytes: int,
+) -> web.Application:
+    metrics.queue_depth.set_function(lambda: batcher.depth)
+    app = web.Application(client_max_size=max_body_bytes)
+    ModelApi(model, batcher, metrics, registry, max_body_bytes).routes(app)
     return app

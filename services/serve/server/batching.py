@@ -1,9 +1,11 @@
 """Dynamic batching: requests that arrive while the model is busy run together.
 
-A lone request runs at once (no added latency when idle); under load, whatever queued during
-the previous batch runs as the next one, up to ``max_batch_size`` rows, optionally waiting up
-to ``max_delay_s`` for more. The queue is bounded: when full, :class:`Overloaded` is raised at
-once (HTTP 503 with Retry-After) instead of growing memory and latency.
+A lone request (no other in flight) on an idle model runs at once, on the event loop itself:
+a hand-off to a thread costs more than a small model's forward pass. Under load, whatever
+queued during the previous batch runs as the next one on a worker thread, up to
+``max_batch_size`` rows, optionally waiting up to ``max_delay_s`` for more. The queue is
+bounded: when full, :class:`Overloaded` is raised at once (HTTP 503 with Retry-After) instead
+of growing memory and latency.
 """
 
 from __future__ import annotations
@@ -39,12 +41,22 @@ class DynamicBatcher:
         self._on_batch = on_batch
         self._queue: collections.deque[tuple[Array, asyncio.Future[Array]]] = collections.deque()
         self._arrived = asyncio.Event()
+        self._busy = False
 
     @property
     def depth(self) -> int:
         return len(self._queue)
 
-    async def infer(self, array: Array) -> Array:
+    async def infer(self, array: Array, *, alone: bool = False) -> Array:
+        """The model's output for ``array``; ``alone`` says no other request is in flight."""
+        if alone and not self._busy and not self._queue and self.max_delay_s == 0:
+            self._busy = True
+            try:
+                output = self._predict(array)
+            finally:
+                self._busy = False
+            self._on_batch(len(array))
+            return output
         if len(self._queue) >= self.max_queue:
             raise Overloaded(f"{len(self._queue)} requests queued (the limit)")
         future: asyncio.Future[Array] = asyncio.get_running_loop().create_future()
