@@ -50,8 +50,10 @@ def wrk(url: str, connections: int, seconds: float, script: Path) -> dict[str, f
     output = subprocess.run(argv, capture_output=True, text=True, check=True).stdout
 
     def seconds_of(text: str) -> float:
-        value, unit = re.match(r"([\d.]+)(us|ms|s)", text).groups()  # type: ignore[union-attr]
-        return float(value) * {"us": 1e-6, "ms": 1e-3, "s": 1.0}[unit]
+        match = re.match(r"([\d.]+)(us|ms|s|m)$", text)
+        if match is None:
+            return float("nan")
+        return float(match[1]) * {"us": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0}[match[2]]
 
     p50 = re.search(r"50%\s+(\S+)", output)
     p99 = re.search(r"99%\s+(\S+)", output)

@@ -51,7 +51,8 @@ def body(array: np.ndarray, **overrides: object) -> dict[str, object]:
     return {"inputs": [{**tensor, **overrides}]}
 
 
-def test_a_stock_v2_client_round_trip(server: ModelServer, model_dir: Path) -> None:
+@pytest.mark.parametrize("binary", [True, False], ids=["binary-tensors", "json-tensors"])
+def test_a_stock_v2_client_round_trip(server: ModelServer, model_dir: Path, binary: bool) -> None:
     client = triton.InferenceServerClient(url=f"127.0.0.1:{server.port}")
     try:
         assert client.is_server_live()
@@ -61,10 +62,14 @@ def test_a_stock_v2_client_round_trip(server: ModelServer, model_dir: Path) -> N
         assert metadata["inputs"] == [{"name": "input", "datatype": "FP32", "shape": [-1, 1, 8, 8]}]
         batch = digits(3)
         tensor = triton.InferInput("input", list(batch.shape), "FP32")
-        tensor.set_data_from_numpy(batch, binary_data=False)
+        tensor.set_data_from_numpy(batch, binary_data=binary)
         result = client.infer(
-            "digits", [tensor], outputs=[triton.InferRequestedOutput("output", binary_data=False)]
+            "digits", [tensor], outputs=[triton.InferRequestedOutput("output", binary_data=binary)]
         )
+        # And the client's defaults, unchanged: binary tensors both ways.
+        default = triton.InferInput("input", list(batch.shape), "FP32")
+        default.set_data_from_numpy(batch)
+        assert client.infer("digits", [default]).as_numpy("output").shape == (3, 10)
         scores = result.as_numpy("output")
     finally:
         client.close()

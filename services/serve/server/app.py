@@ -20,7 +20,13 @@ from prometheus_client import (
 from torchrelay import __version__
 from torchrelay.services.serve.server.batching import DynamicBatcher, Overloaded
 from torchrelay.services.serve.server.model import LoadedModel
-from torchrelay.services.serve.server.protocol import BadRequest, infer_response, parse_infer
+from torchrelay.services.serve.server.protocol import (
+    HEADER_LENGTH,
+    BadRequest,
+    infer_response,
+    parse_infer,
+    split_binary,
+)
 
 LATENCY_BUCKETS_S = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1, 2, 5)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
@@ -147,7 +153,8 @@ class ModelApi:
         if (missing := self._unknown(request)) is not None:
             return missing
         try:
-            parsed = parse_infer(await self._body(request), self.model.inputs)
+            header, binary = await self._body(request)
+            parsed = parse_infer(header, self.model.inputs, binary)
         except BadRequest as exc:
             return error(400, str(exc))
         # One loop turn lets requests that are already here reach this point too: if none did,
@@ -158,19 +165,34 @@ class ModelApi:
         except Overloaded as exc:
             return error(503, f"overloaded: {exc}; retry shortly", **{"Retry-After": RETRY_AFTER_S})
         model = self.model
-        payload: dict[str, Any] = infer_response(
-            model.name, model.version, parsed.id, model.outputs[0].name, output
+        body, header_length = infer_response(
+            model.name,
+            model.version,
+            parsed.id,
+            model.outputs[0].name,
+            output,
+            binary=parsed.binary_output,
         )
-        return web.Response(body=json.dumps(payload), content_type="application/json")
+        if header_length is None:
+            return web.Response(body=body, content_type="application/json")
+        return web.Response(
+            body=body,
+            content_type="application/octet-stream",
+            headers={HEADER_LENGTH: str(header_length)},
+        )
 
-    async def _body(self, request: web.Request) -> Any:
+    async def _body(self, request: web.Request) -> tuple[Any, bytes]:
+        """The decoded JSON header and the binary tensor bytes after it (if any)."""
         too_big = f"the body is larger than {self.max_body_bytes} bytes"
         if request.content_length is not None and request.content_length > self.max_body_bytes:
             raise BadRequest(too_big)
         try:
-            return json.loads(await request.read())
+            raw = await request.read()
         except web.HTTPRequestEntityTooLarge as exc:
             raise BadRequest(too_big) from exc
+        header, binary = split_binary(raw, request.headers.get(HEADER_LENGTH))
+        try:
+            return json.loads(header), binary
         except ValueError as exc:
             raise BadRequest(f"the body is not JSON: {exc}") from exc
 

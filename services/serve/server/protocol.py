@@ -3,6 +3,7 @@ against a model's signature and shaping responses. Pure: no HTTP, no torch."""
 
 from __future__ import annotations
 
+import json
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -45,10 +46,29 @@ class InferRequest:
     id: str | None
     array: np.ndarray[Any, Any]
     output_names: tuple[str, ...]
+    binary_output: bool = False
 
 
-def parse_infer(body: Any, inputs: Sequence[TensorSpec]) -> InferRequest:
-    """Validate a decoded JSON body against the model's single input."""
+HEADER_LENGTH = "Inference-Header-Content-Length"
+"""The binary tensor data extension: the JSON header's length; raw tensor bytes follow."""
+
+
+def split_binary(body: bytes, header_length: str | None) -> tuple[bytes, bytes]:
+    """(JSON part, binary part) of a request body."""
+    if header_length is None:
+        return body, b""
+    try:
+        length = int(header_length)
+    except ValueError as exc:
+        raise BadRequest(f"{HEADER_LENGTH} must be an integer, got {header_length!r}") from exc
+    if not 0 <= length <= len(body):
+        raise BadRequest(f"{HEADER_LENGTH} {length} does not fit a body of {len(body)} bytes")
+    return body[:length], body[length:]
+
+
+def parse_infer(body: Any, inputs: Sequence[TensorSpec], binary: bytes = b"") -> InferRequest:
+    """Validate a decoded JSON body (and its binary tensor data, if any) against the model's
+    single input."""
     if not isinstance(body, dict):
         raise BadRequest("the body must be a JSON object with an 'inputs' list")
     request_id = body.get("id")
@@ -57,14 +77,20 @@ def parse_infer(body: Any, inputs: Sequence[TensorSpec]) -> InferRequest:
     tensors = body.get("inputs")
     if not isinstance(tensors, list) or len(tensors) != len(inputs):
         raise BadRequest(f"'inputs' must list {len(inputs)} tensor(s): {[i.name for i in inputs]}")
-    array = _tensor(tensors[0], inputs[0])
+    array = _tensor(tensors[0], inputs[0], binary)
     outputs = body.get("outputs", [])
     if not isinstance(outputs, list) or not all(isinstance(o, dict) for o in outputs):
         raise BadRequest("'outputs' must be a list of objects")
-    return InferRequest(request_id, array, tuple(str(o.get("name")) for o in outputs))
+    parameters = body.get("parameters") or {}
+    binary_output = bool(parameters.get("binary_data_output")) or any(
+        bool((o.get("parameters") or {}).get("binary_data")) for o in outputs
+    )
+    return InferRequest(
+        request_id, array, tuple(str(o.get("name")) for o in outputs), binary_output
+    )
 
 
-def _tensor(tensor: Any, spec: TensorSpec) -> np.ndarray[Any, Any]:
+def _tensor(tensor: Any, spec: TensorSpec, binary: bytes) -> np.ndarray[Any, Any]:
     if not isinstance(tensor, dict):
         raise BadRequest("each input must be an object with name, shape, datatype and data")
     if tensor.get("name") != spec.name:
@@ -89,14 +115,7 @@ def _tensor(tensor: Any, spec: TensorSpec) -> np.ndarray[Any, Any]:
         )
     if shape[0] < 1:
         raise BadRequest(f"input {spec.name!r}: the batch dimension must be at least 1")
-    data = tensor.get("data")
-    if not isinstance(data, list):
-        raise BadRequest(f"input {spec.name!r}: 'data' must be a JSON array")
-    dtype = DATATYPES[spec.datatype]
-    try:
-        array = np.asarray(data, dtype=dtype)
-    except (ValueError, TypeError) as exc:
-        raise BadRequest(f"input {spec.name!r}: data is not {spec.datatype} ({exc})") from exc
+    array = _values(tensor, spec, binary)
     expected = math.prod(shape)
     if array.size != expected:
         raise BadRequest(
@@ -105,21 +124,50 @@ def _tensor(tensor: Any, spec: TensorSpec) -> np.ndarray[Any, Any]:
     return array.reshape(shape)
 
 
+def _values(tensor: dict[str, Any], spec: TensorSpec, binary: bytes) -> np.ndarray[Any, Any]:
+    """The flat values: JSON ``data``, or raw little-endian bytes (binary data extension)."""
+    dtype = DATATYPES[spec.datatype]
+    size = (tensor.get("parameters") or {}).get("binary_data_size")
+    if size is not None:
+        if not isinstance(size, int) or size != len(binary):
+            raise BadRequest(
+                f"input {spec.name!r}: binary_data_size {size!r} but {len(binary)} bytes follow"
+            )
+        if size % dtype.itemsize:
+            raise BadRequest(f"input {spec.name!r}: {size} bytes is not a whole {spec.datatype}")
+        return np.frombuffer(binary, dtype=dtype.newbyteorder("<"))
+    data = tensor.get("data")
+    if not isinstance(data, list):
+        raise BadRequest(f"input {spec.name!r}: 'data' must be a JSON array")
+    try:
+        return np.asarray(data, dtype=dtype)
+    except (ValueError, TypeError) as exc:
+        raise BadRequest(f"input {spec.name!r}: data is not {spec.datatype} ({exc})") from exc
+
+
 def infer_response(
-    model: str, version: str, request_id: str | None, name: str, array: np.ndarray[Any, Any]
-) -> dict[str, Any]:
-    response: dict[str, Any] = {
-        "model_name": model,
-        "model_version": version,
-        "outputs": [
-            {
-                "name": name,
-                "datatype": NAMES.get(array.dtype, "FP32"),
-                "shape": list(array.shape),
-                "data": array.ravel().tolist(),
-            }
-        ],
+    model: str,
+    version: str,
+    request_id: str | None,
+    name: str,
+    array: np.ndarray[Any, Any],
+    *,
+    binary: bool = False,
+) -> tuple[bytes, int | None]:
+    """The response body, and the JSON header's length when tensor bytes follow it."""
+    output: dict[str, Any] = {
+        "name": name,
+        "datatype": NAMES.get(array.dtype, "FP32"),
+        "shape": list(array.shape),
     }
+    raw = b""
+    if binary:
+        raw = np.ascontiguousarray(array).astype(array.dtype.newbyteorder("<")).tobytes()
+        output["parameters"] = {"binary_data_size": len(raw)}
+    else:
+        output["data"] = array.ravel().tolist()
+    response: dict[str, Any] = {"model_name": model, "model_version": version, "outputs": [output]}
     if request_id is not None:
         response["id"] = request_id
-    return response
+    header = json.dumps(response).encode()
+    return (header + raw, len(header)) if binary else (header, None)
