@@ -219,5 +219,9 @@ class Deployer:
             "causationid": cause,
         }
 
+    def endpoint_of(self, model: str) -> str | None:
+        """The stable endpoint of a model this replica serves, or None."""
+        return self.serving.endpoint(model) if model in self._active else None
+
     async def aclose(self) -> None:
         await self.serving.aclose()

@@ -5,7 +5,10 @@ from __future__ import annotations
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 
+import aiohttp
+
 from torchrelay.services.serve.handlers import Deployer
+from torchrelay.services.serve.http import routes
 from torchrelay.services.serve.settings import ServeSettings
 from torchrelay.shared.bus import Subscription
 from torchrelay.shared.cluster.local_serving import LocalServing, ServerOptions
@@ -36,9 +39,18 @@ async def build(platform: Platform[ServeSettings]) -> AsyncIterator[Service]:
         replicas=options.replicas,
         ready_timeout_s=options.ready_timeout_s,
     )
+    session: aiohttp.ClientSession | None = None
+
+    def client() -> aiohttp.ClientSession:
+        nonlocal session
+        if session is None:
+            session = aiohttp.ClientSession()
+        return session
+
     try:
         yield Service(
             NAME,
+            routes=routes(deployer.endpoint_of, client),
             subscriptions=[
                 # Rollouts take seconds and are serialised per model: one at a time here.
                 Subscription(
@@ -52,6 +64,8 @@ async def build(platform: Platform[ServeSettings]) -> AsyncIterator[Service]:
             ],
         )
     finally:
+        if session is not None:
+            await session.close()
         await deployer.aclose()
 
 

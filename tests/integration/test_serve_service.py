@@ -215,5 +215,23 @@ async def test_rollback_restores_the_previous_version(
     await assert_eventually(lambda: _is_version(endpoint, "first"), timeout_s=10)
 
 
+async def test_the_service_port_routes_to_every_deployed_model(
+    bus: tuple[JetStreamBus, Watcher], serve: ServiceProcess
+) -> None:
+    publisher, watcher = bus
+    port = await serve.wait_ready()
+    routed = f"http://127.0.0.1:{port}/v2/models/digits"
+    async with aiohttp.ClientSession() as http, http.get(routed) as response:
+        assert response.status == 404, "not deployed yet"
+    await publisher.publish(deploy("first"))
+    await deployed(watcher, "first")
+    assert await served_version(routed) == "first"
+    await publisher.publish(deploy("second"))
+    await deployed(watcher, "second")
+    await assert_eventually(lambda: _is_version(routed, "second"), timeout_s=10)
+    async with aiohttp.ClientSession() as http, http.get(routed) as response:
+        assert (await response.json())["versions"] == ["second"]
+
+
 async def _is_version(endpoint: str, version: str) -> bool:
     return all([await served_version(endpoint) == version for _ in range(10)])
