@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+from datetime import datetime
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict
+
 SERVICES = frozenset({"ingest", "train", "serve", "monitor", "cli"})
 EXTERNAL = "external"
 UNKNOWN = "unknown"
@@ -22,3 +27,57 @@ def source_label(source: str) -> str:
 def type_label(event_type: str | None, known: frozenset[str]) -> str:
     """An event type if torchrelay knows it, else ``unknown`` (malformed payloads)."""
     return event_type if event_type in known else UNKNOWN
+
+
+# --- recovery ---------------------------------------------------------------------------------
+
+RunState = Literal["running", "stalled", "ended"]
+
+
+class RunWatch(BaseModel):
+    """What the monitor knows of a run, in the ``monitor`` bucket (shared by its replicas)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    run_id: str
+    attempt: int
+    max_restarts: int
+    state: RunState
+    started_at: datetime
+    attempt_started_at: datetime
+    last_progress_at: datetime | None = None
+    pipeline_id: str | None = None
+
+
+class Stamp(BaseModel):
+    """When a stage began (an ingest request, a rollout), to time it when it ends."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    at: datetime
+
+
+def backoff_s(next_attempt: int, *, base_s: float, cap_s: float) -> float:
+    """Exponential backoff before restart ``next_attempt`` (1, 2, ...): base, 2x base, ..."""
+    return float(min(cap_s, base_s * 2 ** max(next_attempt - 1, 0)))
+
+
+def stalled(watch: RunWatch, now: datetime, *, after_s: float) -> bool:
+    """A running attempt that has reported nothing for ``after_s`` (start counts as a report)."""
+    if watch.state != "running":
+        return False
+    last = max(watch.attempt_started_at, watch.last_progress_at or watch.attempt_started_at)
+    return (now - last).total_seconds() > after_s
+
+
+def can_restart(watch: RunWatch) -> bool:
+    return watch.attempt < watch.max_restarts
+
+
+def dead_letter_category(reason: str) -> str:
+    """A bounded label for a dead letter's free-text reason."""
+    if reason.startswith(("payload ", "unknown event type")) or " failed validation" in reason:
+        return "malformed"
+    if reason.startswith("gave up after"):
+        return "exhausted"
+    return "refused"

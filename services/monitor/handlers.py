@@ -1,34 +1,370 @@
-"""Glue: decoded events -> metrics."""
+"""Glue: every event -> metrics; failed and stalled runs -> restarts from their checkpoints."""
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter
+import asyncio
+import uuid
+from datetime import UTC, datetime
 
-from torchrelay.services.monitor.domain import source_label, type_label
-from torchrelay.shared.events import EVENT_TYPES, AnyEvent, DeadLettered
+import structlog
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+from torchrelay.services.monitor.domain import (
+    RunWatch,
+    Stamp,
+    backoff_s,
+    can_restart,
+    dead_letter_category,
+    source_label,
+    stalled,
+    type_label,
+)
+from torchrelay.services.monitor.settings import MonitorOptions
+from torchrelay.shared.bus.port import Publish
+from torchrelay.shared.errors import StaleRevision
+from torchrelay.shared.events import (
+    EVENT_TYPES,
+    AnyEvent,
+    DatasetIngestRequested,
+    DatasetRejected,
+    DatasetStaged,
+    DeadLettered,
+    ModelDeployed,
+    ModelRolloutFailed,
+    ModelRolloutStarted,
+    TrainCancelRequested,
+    TrainCompleted,
+    TrainFailed,
+    TrainProgressed,
+    TrainRequested,
+    TrainRestartRequested,
+    TrainStarted,
+)
+from torchrelay.shared.events.data import (
+    TrainCancelRequestedData,
+    TrainFailedData,
+    TrainRestartRequestedData,
+)
+from torchrelay.shared.state import Leases, State, Store, key_part
+
+log = structlog.get_logger("torchrelay.monitor")
+_IDS = uuid.UUID("9a4b2c1d-3e5f-4a6b-8c7d-0e1f2a3b4c5d")
+STAGE_BUCKETS_S = (0.1, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1800, 3600, 7200)
+SCAN_LEASE = "monitor.stall-scan"
 
 
 class EventMetrics:
-    """Counts every event on the bus by type and producing service, and dead letters."""
+    """Every event on the bus, by type and producing service; dead letters; stage times;
+    training progress of active runs; active model versions."""
 
     def __init__(self, registry: CollectorRegistry) -> None:
         self._known = frozenset(EVENT_TYPES)
-        self._events = Counter(
+        self.events = Counter(
             "torchrelay_events_total",
             "Events seen on the bus, by type and producing service.",
             ["type", "source"],
             registry=registry,
         )
-        self._dead = Counter(
+        self.dead = Counter(
             "torchrelay_dead_letters_total",
-            "Events given up on, by the consumer that gave up and the original type.",
-            ["consumer", "original_type"],
+            "Events given up on, by the consumer that gave up, the original type and why.",
+            ["consumer", "original_type", "reason"],
+            registry=registry,
+        )
+        self.stage = Histogram(
+            "torchrelay_stage_duration_seconds",
+            "Time from one pipeline stage's event to the next (staging, queueing for training, "
+            "training, rollout).",
+            ["stage"],
+            buckets=STAGE_BUCKETS_S,
+            registry=registry,
+        )
+        self.loss = Gauge(
+            "torchrelay_train_loss",
+            "Last reported loss of an active run.",
+            ["run"],
+            registry=registry,
+        )
+        self.samples = Gauge(
+            "torchrelay_train_samples_per_second",
+            "Last reported throughput of an active run.",
+            ["run"],
+            registry=registry,
+        )
+        self.last_progress = Gauge(
+            "torchrelay_train_last_progress_timestamp_seconds",
+            "When an active run last reported progress (Unix time).",
+            ["run"],
+            registry=registry,
+        )
+        self.restarts = Counter(
+            "torchrelay_train_restarts_total",
+            "Restarts the monitor asked for, by cause (failed, stalled).",
+            ["cause"],
+            registry=registry,
+        )
+        self.run_restarts = Gauge(
+            "torchrelay_train_run_restarts",
+            "Restarts used so far by an active run.",
+            ["run"],
+            registry=registry,
+        )
+        self.given_up = Counter(
+            "torchrelay_train_given_up_total",
+            "Runs that ended failed with no restart left.",
+            registry=registry,
+        )
+        self.active_version = Gauge(
+            "torchrelay_model_active_version",
+            "1 for the version that serves a model.",
+            ["model", "version"],
             registry=registry,
         )
 
-    async def on_event(self, event: AnyEvent) -> None:
-        self._events.labels(event.type, source_label(event.source)).inc()
+    def count(self, event: AnyEvent) -> None:
+        self.events.labels(event.type, source_label(event.source)).inc()
         if isinstance(event, DeadLettered):
-            self._dead.labels(
-                event.data.consumer, type_label(event.data.original_type, self._known)
+            self.dead.labels(
+                event.data.consumer,
+                type_label(event.data.original_type, self._known),
+                dead_letter_category(event.data.reason),
             ).inc()
+
+    def forget_run(self, run_id: str) -> None:
+        """Active-run series go when the run ends: labels stay bounded by active runs."""
+        for gauge in (self.loss, self.samples, self.last_progress, self.run_restarts):
+            try:
+                gauge.remove(run_id)
+            except KeyError:
+                continue
+
+
+class Monitor:
+    def __init__(
+        self,
+        *,
+        metrics: EventMetrics,
+        state: State,
+        publish: Publish,
+        options: MonitorOptions,
+        source: str,
+        instance: str,
+    ) -> None:
+        self.metrics = metrics
+        self.watches: Store[RunWatch] = state.store("monitor", RunWatch)
+        self.stamps: Store[Stamp] = state.store("monitor", Stamp)
+        self._leases: Leases = state.leases
+        self._publish = publish
+        self._options = options
+        self._source = source
+        self._instance = instance
+        self._versions: dict[str, str] = {}
+
+    async def on_event(self, event: AnyEvent) -> None:
+        self.metrics.count(event)
+        handler = {
+            DatasetIngestRequested: self._ingest_requested,
+            TrainRequested: self._train_requested,
+            DatasetStaged: self._staged,
+            DatasetRejected: self._staged,
+            TrainStarted: self._started,
+            TrainProgressed: self._progressed,
+            TrainCompleted: self._completed,
+            TrainFailed: self._failed,
+            ModelRolloutStarted: self._rollout_started,
+            ModelDeployed: self._rollout_ended,
+            ModelRolloutFailed: self._rollout_ended,
+        }.get(type(event))
+        if handler is not None:
+            await handler(event)
+
+    # --- stage times -----------------------------------------------------------------------
+
+    async def _staged(self, event: AnyEvent) -> None:
+        started = await self._stamp(f"ingest.{key_part(event.data.request_id)}")
+        if started is not None:
+            self.metrics.stage.labels("staging").observe((event.time - started).total_seconds())
+
+    async def _rollout_started(self, event: AnyEvent) -> None:
+        await self._put_stamp(f"rollout.{key_part(event.causationid or event.id)}", event.time)
+
+    async def _rollout_ended(self, event: AnyEvent) -> None:
+        started = await self._stamp(f"rollout.{key_part(event.causationid or event.id)}")
+        if started is not None:
+            self.metrics.stage.labels("rollout").observe((event.time - started).total_seconds())
+        if isinstance(event, ModelDeployed):
+            model, version = event.data.model_name, event.data.version
+            previous = self._versions.get(model)
+            if previous is not None and previous != version:
+                self.metrics.active_version.labels(model, previous).set(0)
+            self._versions[model] = version
+            self.metrics.active_version.labels(model, version).set(1)
+
+    async def _ingest_requested(self, event: AnyEvent) -> None:
+        await self._put_stamp(f"ingest.{key_part(event.data.request_id)}", event.time)
+
+    async def _train_requested(self, event: AnyEvent) -> None:
+        if event.data.run_id is not None:
+            await self._put_stamp(f"train.{key_part(event.data.run_id)}", event.time)
+
+    async def _stamp(self, key: str) -> datetime | None:
+        stamp = await self.stamps.get(key)
+        return stamp.value.at if stamp else None
+
+    async def _put_stamp(self, key: str, at: datetime) -> None:
+        await self.stamps.put(key, Stamp(at=at))
+
+    # --- runs --------------------------------------------------------------------------------
+
+    async def _started(self, event: AnyEvent) -> None:
+        data = event.data
+        if data.attempt == 0:
+            requested = await self._stamp(f"train.{key_part(data.run_id)}")
+            if requested is not None:
+                self.metrics.stage.labels("queued").observe(
+                    (event.time - requested).total_seconds()
+                )
+
+        def change(current: RunWatch | None) -> RunWatch:
+            return RunWatch(
+                run_id=data.run_id,
+                attempt=data.attempt,
+                max_restarts=data.max_restarts,
+                state="running",
+                started_at=current.started_at if current else event.time,
+                attempt_started_at=event.time,
+                pipeline_id=event.pipelineid,
+            )
+
+        await self.watches.mutate(_run_key(data.run_id), change)
+        self.metrics.run_restarts.labels(data.run_id).set(data.attempt)
+
+    async def _progressed(self, event: AnyEvent) -> None:
+        data = event.data
+        self.metrics.loss.labels(data.run_id).set(data.loss)
+        self.metrics.samples.labels(data.run_id).set(data.samples_per_s)
+        self.metrics.last_progress.labels(data.run_id).set(event.time.timestamp())
+
+        def change(current: RunWatch | None) -> RunWatch | None:
+            if current is None or current.state != "running":
+                return None
+            return current.model_copy(update={"last_progress_at": event.time})
+
+        await self.watches.mutate(_run_key(data.run_id), change)
+
+    async def _completed(self, event: AnyEvent) -> None:
+        watch = await self.watches.get(_run_key(event.data.run_id))
+        if watch is not None:
+            seconds = (event.time - watch.value.started_at).total_seconds()
+            self.metrics.stage.labels("training").observe(seconds)
+            await self._end(watch.value)
+        self.metrics.forget_run(event.data.run_id)
+
+    async def _failed(self, event: AnyEvent) -> None:
+        data: TrainFailedData = event.data
+        current = await self.watches.get(_run_key(data.run_id))
+        watch = current.value if current else None
+        if watch is not None and watch.state == "stalled" and data.attempt == watch.attempt:
+            # The attempt we cancelled for stalling has stopped: restart it or give up.
+            if can_restart(watch):
+                await self._restart(
+                    watch, "stalled", f"no progress for {self._options.stall_after_s:g}s"
+                )
+            else:
+                silent = f"stalled for {self._options.stall_after_s:g}s"
+                await self._give_up(watch, f"{silent}; its {watch.max_restarts} restarts are used")
+            return
+        if data.final or watch is None:
+            if watch is not None:
+                await self._end(watch)
+            self.metrics.given_up.inc()
+            self.metrics.forget_run(data.run_id)
+            return
+        await self._restart(watch, "failed", data.reason)
+
+    async def _restart(self, watch: RunWatch, cause: str, reason: str) -> None:
+        attempt = watch.attempt + 1
+        delay = backoff_s(
+            attempt, base_s=self._options.backoff_base_s, cap_s=self._options.backoff_cap_s
+        )
+        log.info("run.restarting", run_id=watch.run_id, attempt=attempt, delay_s=delay, cause=cause)
+        await asyncio.sleep(delay)
+        self.metrics.restarts.labels(cause).inc()
+        # The id is the idempotency key: two replicas (or a redelivery) ask once.
+        await self._publish(
+            TrainRestartRequested(
+                id=str(uuid.uuid5(_IDS, f"restart:{watch.run_id}:{attempt}")),
+                source=self._source,
+                subject=watch.run_id,
+                pipelineid=watch.pipeline_id,
+                data=TrainRestartRequestedData(
+                    run_id=watch.run_id, reason=reason[:512], attempt=attempt
+                ),
+            )
+        )
+
+    async def _give_up(self, watch: RunWatch, reason: str) -> None:
+        await self._end(watch)
+        self.metrics.given_up.inc()
+        self.metrics.forget_run(watch.run_id)
+        await self._publish(
+            TrainFailed(
+                id=str(uuid.uuid5(_IDS, f"gave-up:{watch.run_id}:{watch.attempt}")),
+                source=self._source,
+                subject=watch.run_id,
+                pipelineid=watch.pipeline_id,
+                data=TrainFailedData(
+                    run_id=watch.run_id, attempt=watch.attempt, reason=reason, final=True
+                ),
+            )
+        )
+
+    async def _end(self, watch: RunWatch) -> None:
+        await self.watches.put(_run_key(watch.run_id), watch.model_copy(update={"state": "ended"}))
+
+    # --- stalls ------------------------------------------------------------------------------
+
+    async def scan_for_stalls(self, stop: asyncio.Event) -> None:
+        """One replica at a time (a lease) looks for silent runs and cancels them; the
+        cancellation's train.failed then leads to a restart (or a final failure)."""
+        while not stop.is_set():
+            lease = await self._leases.acquire(
+                SCAN_LEASE, self._instance, ttl_s=self._options.stall_check_s * 3
+            )
+            if lease is not None:
+                try:
+                    await self._scan_once()
+                finally:
+                    await self._leases.release(lease)
+            try:
+                async with asyncio.timeout(self._options.stall_check_s):
+                    await stop.wait()
+            except TimeoutError:
+                continue
+
+    async def _scan_once(self) -> None:
+        now = datetime.now(UTC)
+        for item in await self.watches.items("runs"):
+            watch = item.value
+            if not stalled(watch, now, after_s=self._options.stall_after_s):
+                continue
+            try:
+                await self.watches.update(
+                    item.key, watch.model_copy(update={"state": "stalled"}), revision=item.revision
+                )
+            except StaleRevision:  # another replica moved it; look again next round
+                continue
+            log.warning("run.stalled", run_id=watch.run_id, attempt=watch.attempt)
+            await self._publish(
+                TrainCancelRequested(
+                    id=str(uuid.uuid5(_IDS, f"stall-cancel:{watch.run_id}:{watch.attempt}")),
+                    source=self._source,
+                    subject=watch.run_id,
+                    pipelineid=watch.pipeline_id,
+                    data=TrainCancelRequestedData(run_id=watch.run_id, reason="stalled"),
+                )
+            )
+
+
+def _run_key(run_id: str) -> str:
+    return f"runs.{key_part(run_id)}"

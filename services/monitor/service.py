@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 
-from torchrelay.services.monitor.handlers import EventMetrics
+from torchrelay.services.monitor.handlers import EventMetrics, Monitor
 from torchrelay.services.monitor.settings import MonitorSettings
 from torchrelay.shared.bus import Subscription
 from torchrelay.shared.events import EVENT_TYPES
@@ -16,12 +16,21 @@ NAME = "monitor"
 
 @asynccontextmanager
 async def build(platform: Platform[MonitorSettings]) -> AsyncIterator[Service]:
-    metrics = EventMetrics(platform.registry)
+    monitor = Monitor(
+        metrics=EventMetrics(platform.registry),
+        state=platform.state,
+        publish=platform.bus.publish,
+        options=platform.settings.monitor,
+        source=platform.source,
+        instance=platform.settings.instance,
+    )
     yield Service(
         NAME,
         subscriptions=[
-            Subscription("monitor-events", list(EVENT_TYPES.values()), metrics.on_event),
+            # Restarts wait out their backoff inside the handler: the heartbeat keeps them.
+            Subscription("monitor-events", list(EVENT_TYPES.values()), monitor.on_event),
         ],
+        background=[monitor.scan_for_stalls],
     )
 
 

@@ -1,13 +1,25 @@
-"""Settings of the monitor service (``TORCHRELAY_*``, see the shared runtime settings)."""
+"""Settings of the monitor service: ``TORCHRELAY_MONITOR_<FIELD>`` plus the common ones."""
 
 from __future__ import annotations
 
-from torchrelay.shared.runtime.settings import HttpSettings, ServiceSettings
+from pydantic import Field
+
+from torchrelay.shared.runtime.settings import Group, HttpSettings, ServiceSettings
 
 DEFAULT_PORT = 8084
 
 
+class MonitorOptions(Group):
+    stall_after_s: float = Field(
+        default=120.0, gt=0, description="A run silent this long (no progress) is stalled."
+    )
+    stall_check_s: float = Field(default=5.0, gt=0, description="How often stalls are looked for.")
+    backoff_base_s: float = Field(default=2.0, ge=0, description="First restart's delay.")
+    backoff_cap_s: float = Field(default=60.0, ge=0, description="Longest restart delay.")
+
+
 class MonitorSettings(ServiceSettings):
-    """The monitor needs only the common settings; its HTTP port defaults to 8084."""
+    """Metrics for the whole pipeline and recovery of failed or stalled runs."""
 
     http: HttpSettings = HttpSettings(port=DEFAULT_PORT)
+    monitor: MonitorOptions = MonitorOptions()

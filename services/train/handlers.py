@@ -169,6 +169,7 @@ class Trainer:
                     run_id=record.run_id,
                     attempt=record.attempt,
                     world_size=record.spec.world_size,
+                    max_restarts=record.spec.max_restarts,
                     backend=self.backend.name,
                     dataset=record.spec.dataset,
                 ),
@@ -216,6 +217,7 @@ class Trainer:
                 **self._envelope(record, cause),
                 data=TrainFailedData(
                     run_id=record.run_id,
+                    attempt=record.attempt,
                     reason=ended.reason[:512],
                     rank=ended.rank,
                     exit_code=ended.exit_code,

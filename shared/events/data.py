@@ -114,6 +114,7 @@ class TrainCancelRequestedData(Data):
 class TrainStartedData(Data):
     run_id: Identifier
     attempt: int = Field(ge=0, description="0 for the first launch, then one more per restart.")
+    max_restarts: int = Field(default=0, ge=0, description="Restarts the run may still use up to.")
     world_size: int = Field(ge=1)
     backend: NonEmpty
     dataset: DatasetRef
@@ -145,6 +146,7 @@ class TrainCompletedData(Data):
 
 class TrainFailedData(Data):
     run_id: Identifier
+    attempt: int = Field(default=0, ge=0, description="The attempt that failed.")
     reason: NonEmpty
     rank: int | None = Field(default=None, ge=0)
     exit_code: int | None = None

@@ -19,7 +19,7 @@ from pydantic import BaseModel, ValidationError
 
 from torchrelay.shared.errors import AlreadyExists, LeaseLost, PermanentError, StaleRevision
 
-BUCKETS = ("pipelines", "datasets", "runs", "models", "deployments")
+BUCKETS = ("pipelines", "datasets", "runs", "models", "deployments", "monitor")
 LEASE_BUCKET = "leases"
 
 M = TypeVar("M", bound=BaseModel)

@@ -4,54 +4,39 @@ from __future__ import annotations
 
 import asyncio
 import os
+import re
 import signal
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
+import aiohttp
 import nats
 import pytest
 
 from tests.integration.conftest import FAST_STREAM
 from tests.integration.processes import ServiceProcess
+from tests.integration.training import Watcher, request, workers_of
 from torchrelay.services.ingest.fill import fill_for
 from torchrelay.services.ingest.settings import IngestOptions
 from torchrelay.services.ingest.staging import Stager, StageRequest
 from torchrelay.shared.bus.jetstream import JetStreamBus
 from torchrelay.shared.bus.port import Subscription
 from torchrelay.shared.events import (
-    AnyEvent,
     TrainCancelRequested,
     TrainCheckpointed,
     TrainCompleted,
     TrainFailed,
     TrainProgressed,
-    TrainRequested,
     TrainRestartRequested,
     TrainStarted,
 )
 from torchrelay.shared.events.data import (
-    DatasetRef,
     TrainCancelRequestedData,
-    TrainJobSpec,
-    TrainRequestedData,
     TrainRestartRequestedData,
 )
 from torchrelay.shared.testing import assert_eventually
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(240)]
-DIGITS = "torchrelay.services.train.examples.digits:train"
-WORKER = "torchrelay.services.train.worker"
-
-
-class Watcher:
-    def __init__(self) -> None:
-        self.events: list[AnyEvent] = []
-
-    async def record(self, event: AnyEvent) -> None:
-        self.events.append(event)
-
-    def of(self, kind: type[AnyEvent], run_id: str) -> list[AnyEvent]:
-        return [e for e in self.events if isinstance(e, kind) and e.data.run_id == run_id]
 
 
 @pytest.fixture(scope="module")
@@ -95,39 +80,6 @@ def train(nats_url: str, staged: tuple[Path, str], tmp_path: Path) -> Iterator[S
     )
     yield process
     process.stop()
-
-
-def request(staged: tuple[Path, str], run_id: str, **spec: object) -> TrainRequested:
-    fields: dict[str, object] = {
-        "dataset": DatasetRef(name="digits", version=staged[1]),
-        "entrypoint": DIGITS,
-        "world_size": 2,
-        "model_name": "digits",
-        "checkpoint_every_steps": 20,
-        "hyperparameters": {"epochs": 6},
-        **spec,
-    }
-    return TrainRequested(
-        source="/tests",
-        pipelineid="pipe-t",
-        data=TrainRequestedData(run_id=run_id, spec=TrainJobSpec.model_validate(fields)),
-    )
-
-
-def workers_of(run_id: str) -> list[int]:
-    """Live worker processes of a run (read from /proc: their environment names the run)."""
-    pids = []
-    for proc in Path("/proc").iterdir():
-        if not proc.name.isdigit():
-            continue
-        try:
-            if WORKER not in (proc / "cmdline").read_text():
-                continue
-            if f'"run_id":"{run_id}"' in (proc / "environ").read_text(errors="replace"):
-                pids.append(int(proc.name))
-        except OSError:
-            continue
-    return pids
 
 
 async def test_a_request_trains_reports_and_completes(
@@ -215,3 +167,102 @@ async def test_cancel_stops_a_run(
     await assert_eventually(lambda: watcher.of(TrainFailed, "stopme"), timeout_s=30)
     assert watcher.of(TrainFailed, "stopme")[0].data.reason == "cancelled"
     assert workers_of("stopme") == []
+
+
+# --- recovery by the monitor -------------------------------------------------------------------
+
+
+@pytest.fixture
+def monitors(nats_url: str, tmp_path: Path) -> Iterator[list[ServiceProcess]]:
+    started = [
+        ServiceProcess(
+            ["-m", "torchrelay", "service", "monitor", "--nats-url", nats_url, "--http-port", "0"],
+            tmp_path / f"monitor-{index}.log",
+            env={
+                "TORCHRELAY_MONITOR_STALL_AFTER_S": "4",
+                "TORCHRELAY_MONITOR_STALL_CHECK_S": "0.5",
+                "TORCHRELAY_MONITOR_BACKOFF_BASE_S": "0.2",
+                "TORCHRELAY_SHUTDOWN_GRACE_S": "5",
+                "TORCHRELAY_SHUTDOWN_DEADLINE_S": "10",
+            },
+        )
+        for index in range(2)
+    ]
+    yield started
+    for process in started:
+        process.stop()
+
+
+async def restarts_counted(monitors: list[ServiceProcess], cause: str) -> float:
+    total = 0.0
+    async with aiohttp.ClientSession() as http:
+        for process in monitors:
+            async with http.get(f"http://127.0.0.1:{process.http_port}/metrics") as response:
+                text = await response.text()
+            match = re.search(rf'torchrelay_train_restarts_total\{{cause="{cause}"\}} (\S+)', text)
+            total += float(match[1]) if match else 0.0
+    return total
+
+
+async def test_a_killed_worker_is_restarted_once_by_two_monitors_and_the_run_completes(
+    bus: tuple[JetStreamBus, Watcher],
+    train: ServiceProcess,
+    monitors: list[ServiceProcess],
+    staged: tuple[Path, str],
+) -> None:
+    publisher, watcher = bus
+    await train.wait_ready()
+    for monitor in monitors:
+        await monitor.wait_ready()
+    await publisher.publish(request(staged, "healed", hyperparameters={"epochs": 20}))
+    await assert_eventually(
+        lambda: any(e.data.step >= 40 for e in watcher.of(TrainCheckpointed, "healed")),
+        timeout_s=60,
+    )
+    os.kill(max(workers_of("healed")), signal.SIGKILL)
+    await assert_eventually(lambda: watcher.of(TrainCompleted, "healed"), timeout_s=120)
+    assert [e.data.attempt for e in watcher.of(TrainStarted, "healed")] == [0, 1]
+    assert await restarts_counted(monitors, "failed") == 1.0
+
+
+async def test_with_no_restarts_left_the_run_ends_failed_with_the_reason(
+    bus: tuple[JetStreamBus, Watcher],
+    train: ServiceProcess,
+    monitors: list[ServiceProcess],
+    staged: tuple[Path, str],
+) -> None:
+    publisher, watcher = bus
+    await train.wait_ready()
+    for monitor in monitors:
+        await monitor.wait_ready()
+    await publisher.publish(
+        request(staged, "mortal", max_restarts=0, hyperparameters={"epochs": 20})
+    )
+    await assert_eventually(lambda: len(workers_of("mortal")) == 2, timeout_s=30)
+    await asyncio.sleep(1.0)
+    os.kill(max(workers_of("mortal")), signal.SIGKILL)
+    await assert_eventually(lambda: watcher.of(TrainFailed, "mortal"), timeout_s=60)
+    failed = watcher.of(TrainFailed, "mortal")[0].data
+    assert failed.final
+    assert "killed by SIGKILL" in failed.reason
+    await asyncio.sleep(2.0)
+    assert [e.data.attempt for e in watcher.of(TrainStarted, "mortal")] == [0]
+    assert await restarts_counted(monitors, "failed") == 0.0
+
+
+async def test_a_stalled_run_is_detected_and_restarted(
+    bus: tuple[JetStreamBus, Watcher],
+    train: ServiceProcess,
+    monitors: list[ServiceProcess],
+    staged: tuple[Path, str],
+) -> None:
+    publisher, watcher = bus
+    await train.wait_ready()
+    for monitor in monitors:
+        await monitor.wait_ready()
+    await publisher.publish(request(staged, "frozen", hyperparameters={"epochs": 20}))
+    await assert_eventually(lambda: watcher.of(TrainProgressed, "frozen"), timeout_s=60)
+    os.kill(max(workers_of("frozen")), signal.SIGSTOP)
+    await assert_eventually(lambda: watcher.of(TrainCompleted, "frozen"), timeout_s=120)
+    assert [e.data.attempt for e in watcher.of(TrainStarted, "frozen")] == [0, 1]
+    assert await restarts_counted(monitors, "stalled") == 1.0

@@ -2,7 +2,19 @@
 
 from __future__ import annotations
 
-from torchrelay.services.monitor.domain import EXTERNAL, UNKNOWN, source_label, type_label
+from datetime import UTC, datetime, timedelta
+
+from torchrelay.services.monitor.domain import (
+    EXTERNAL,
+    UNKNOWN,
+    RunWatch,
+    backoff_s,
+    can_restart,
+    dead_letter_category,
+    source_label,
+    stalled,
+    type_label,
+)
 
 
 def test_sources_of_our_services_are_named() -> None:
@@ -20,3 +32,42 @@ def test_unknown_types_collapse_into_one_label() -> None:
     assert type_label("io.torchrelay.dataset.staged.v1", known) == "io.torchrelay.dataset.staged.v1"
     assert type_label("whatever-a-publisher-sent", known) == UNKNOWN
     assert type_label(None, known) == UNKNOWN
+
+
+def test_backoff_doubles_up_to_its_cap() -> None:
+    delays = [backoff_s(n, base_s=2, cap_s=10) for n in (1, 2, 3, 4, 5)]
+    assert delays == [2, 4, 8, 10, 10]
+
+
+def watch(**fields: object) -> RunWatch:
+    start = datetime(2026, 1, 1, tzinfo=UTC)
+    base: dict[str, object] = {
+        "run_id": "r1",
+        "attempt": 0,
+        "max_restarts": 2,
+        "state": "running",
+        "started_at": start,
+        "attempt_started_at": start,
+    }
+    return RunWatch.model_validate({**base, **fields})
+
+
+def test_a_run_is_stalled_after_a_silence() -> None:
+    start = datetime(2026, 1, 1, tzinfo=UTC)
+    assert not stalled(watch(), start + timedelta(seconds=59), after_s=60)
+    assert stalled(watch(), start + timedelta(seconds=61), after_s=60)
+    fresh = watch(last_progress_at=start + timedelta(seconds=50))
+    assert not stalled(fresh, start + timedelta(seconds=100), after_s=60)
+    assert not stalled(watch(state="ended"), start + timedelta(hours=1), after_s=60)
+
+
+def test_restarts_are_bounded() -> None:
+    assert can_restart(watch(attempt=1, max_restarts=2))
+    assert not can_restart(watch(attempt=2, max_restarts=2))
+
+
+def test_dead_letter_reasons_fall_into_three_labels() -> None:
+    assert dead_letter_category("payload is not JSON: x") == "malformed"
+    assert dead_letter_category("io.torchrelay.x.v1 failed validation: data: y") == "malformed"
+    assert dead_letter_category("gave up after 5 deliveries; last error E") == "exhausted"
+    assert dead_letter_category("PermanentError: bad path") == "refused"
