@@ -266,3 +266,31 @@ async def test_a_stalled_run_is_detected_and_restarted(
     await assert_eventually(lambda: watcher.of(TrainCompleted, "frozen"), timeout_s=120)
     assert [e.data.attempt for e in watcher.of(TrainStarted, "frozen")] == [0, 1]
     assert await restarts_counted(monitors, "stalled") == 1.0
+
+
+async def test_a_stalled_run_with_no_restart_left_is_given_up_with_the_reason(
+    bus: tuple[JetStreamBus, Watcher],
+    train: ServiceProcess,
+    monitors: list[ServiceProcess],
+    staged: tuple[Path, str],
+) -> None:
+    publisher, watcher = bus
+    await train.wait_ready()
+    for monitor in monitors:
+        await monitor.wait_ready()
+    await publisher.publish(
+        request(staged, "stuck", max_restarts=0, hyperparameters={"epochs": 20})
+    )
+    await assert_eventually(lambda: watcher.of(TrainProgressed, "stuck"), timeout_s=60)
+    os.kill(max(workers_of("stuck")), signal.SIGSTOP)
+
+    def given_up() -> bool:
+        return any("stalled" in e.data.reason for e in watcher.of(TrainFailed, "stuck"))
+
+    await assert_eventually(given_up, timeout_s=60)
+    final = next(e for e in watcher.of(TrainFailed, "stuck") if "stalled" in e.data.reason)
+    assert final.data.final
+    assert final.source == "/torchrelay/monitor"
+    assert "restarts are used" in final.data.reason
+    assert [e.data.attempt for e in watcher.of(TrainStarted, "stuck")] == [0]
+    await assert_eventually(lambda: workers_of("stuck") == [], timeout_s=15)
