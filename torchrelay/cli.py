@@ -51,14 +51,174 @@ def _service(name: str, argv: Sequence[str]) -> int:
     return result
 
 
-def _demo() -> int:
-    print(
-        "torchrelay demo: the digits pipeline (stage sklearn:digits, train with world size 2, "
-        "deploy) arrives with the local platform issue (#7).\n"
-        "Available now: `torchrelay service ingest|train|serve|monitor` and "
-        "`torchrelay schema export DIR`."
-    )
-    return 1
+def _nats_url(args: argparse.Namespace) -> str:
+    from torchrelay import platform
+
+    if args.nats_url:
+        return str(args.nats_url)
+    described = platform.running(args.state_dir)
+    if described is None:
+        print(
+            f"torchrelay: no platform runs from {args.state_dir}: start one with `torchrelay up` "
+            "or pass --nats-url",
+            file=sys.stderr,
+        )
+        raise SystemExit(EXIT_USAGE)
+    return str(described["nats_url"])
+
+
+def _up(args: argparse.Namespace) -> int:
+    import signal
+
+    from torchrelay import platform
+
+    if platform.running(args.state_dir) is not None:
+        print(f"torchrelay: a platform already runs from {args.state_dir}", file=sys.stderr)
+        return EXIT_USAGE
+    started = platform.start(args.state_dir, nats_url=args.nats_url)
+    print(f"NATS      {started.nats_url}")
+    for name, port in started.ports.items():
+        print(f"{name:9s} http://127.0.0.1:{port}   (log: {args.state_dir / 'logs' / name}.log)")
+    print(f"storage   {started.storage_root}")
+    print("Ctrl-C stops everything.", flush=True)
+    stop = {"requested": False}
+
+    def request_stop(signum: int, frame: object) -> None:
+        stop["requested"] = True
+
+    signal.signal(signal.SIGTERM, request_stop)
+    signal.signal(signal.SIGINT, request_stop)
+    try:
+        while not stop["requested"]:
+            for name, process in started.processes.items():
+                if process.poll() is not None:
+                    print(f"torchrelay: the {name} service exited ({process.returncode})")
+                    stop["requested"] = True
+            signal.sigtimedwait([signal.SIGTERM, signal.SIGINT], 0.5)
+    finally:
+        print("stopping...", flush=True)
+        platform.stop(started)
+    return 0
+
+
+def _submit(args: argparse.Namespace) -> int:
+    import asyncio
+
+    from torchrelay.client import Client, load_spec
+
+    spec = load_spec(args.file)
+
+    async def run() -> int:
+        client = await Client.connect(_nats_url(args))
+        try:
+            pipeline_id = await client.submit(spec)
+            print(f"submitted {pipeline_id}", flush=True)
+            if not args.wait:
+                return 0
+            record = await client.wait(pipeline_id, timeout_s=args.timeout)
+            print(f"{pipeline_id}: {record.status}")
+            return 0 if record.status == "succeeded" else 1
+        finally:
+            await client.aclose()
+
+    return asyncio.run(run())
+
+
+def _status(args: argparse.Namespace) -> int:
+    import asyncio
+
+    from torchrelay.client import Client, timing
+
+    async def run() -> int:
+        client = await Client.connect(_nats_url(args))
+        try:
+            if args.id is None:
+                records = sorted(await client.records(), key=lambda r: r.submitted)
+                rows = [timing(r) for r in records]
+                if args.json:
+                    print(json.dumps(rows, indent=2, default=str))
+                for row in [] if args.json else rows:
+                    print(f"{row['pipeline_id']:32s} {row['status']:9s} {row['submitted']}")
+                return 0
+            record = await client.record(args.id)
+            if record is None:
+                print(f"torchrelay: no pipeline {args.id}", file=sys.stderr)
+                return 1
+            report = timing(record)
+            if args.json:
+                print(json.dumps(report, indent=2, default=str))
+                return 0
+            print(f"{report['pipeline_id']} ({report['name']}): {report['status']}")
+            for name, stage in report["stages"].items():
+                seconds = "" if stage["seconds"] is None else f"{stage['seconds']:.2f}s"
+                note = stage["reason"] or " ".join(
+                    f"{k}={v}" for k, v in stage["detail"].items() if not isinstance(v, dict)
+                )
+                print(f"  {name:7s} {stage['status']:9s} {seconds:>9s}  {note}")
+            if report["overhead_seconds"] is not None:
+                print(
+                    f"  platform overhead (gaps between stages): {report['overhead_seconds']:.2f}s"
+                )
+            return 0
+        finally:
+            await client.aclose()
+
+    return asyncio.run(run())
+
+
+def _demo(args: argparse.Namespace) -> int:
+    import asyncio
+
+    import numpy as np
+
+    from torchrelay import platform
+    from torchrelay.client import DEMO, Client, predict
+    from torchrelay.shared.events.data import PipelineSpec
+
+    described = platform.running(args.state_dir)
+    started = None
+    if described is None:
+        print("starting the platform (NATS and four services)...", flush=True)
+        started = platform.start(args.state_dir)
+        described = started.describe()
+
+    async def run() -> int:
+        client = await Client.connect(str(described["nats_url"]))
+        try:
+            pipeline_id = await client.submit(PipelineSpec.model_validate(DEMO))
+            print(
+                f"pipeline {pipeline_id}: stage sklearn:digits, train (2 ranks), deploy", flush=True
+            )
+            record = await client.wait(pipeline_id, timeout_s=args.timeout)
+            if record.status != "succeeded":
+                print(f"the demo pipeline {record.status}; see `torchrelay status {pipeline_id}`")
+                return 1
+            endpoint = str(record.stages["deploy"].detail["endpoint"])
+            dataset = record.stages["ingest"].detail
+            data_file = (
+                Path(described["storage_root"]) / "datasets" / str(dataset["dataset"])
+                / str(dataset["version"]) / "data" / "digits.npz"
+            )  # fmt: skip
+            with np.load(data_file, allow_pickle=False) as arrays:
+                image, label = arrays["x"][7:8] / 16.0, int(arrays["y"][7])
+            scores = await predict(endpoint, image[:, None, :, :])
+            accuracy = record.stages["train"].detail.get("metrics", {})
+            print(f"\nendpoint   {endpoint}")
+            print(f"accuracy   {accuracy}")
+            print(f"prediction digit {int(np.argmax(scores))} for an image of a {label}")
+            overhead = record.overhead_s()
+            if overhead is not None:
+                print(f"platform overhead between stages: {overhead:.2f}s")
+            return 0
+        finally:
+            await client.aclose()
+
+    try:
+        return asyncio.run(run())
+    finally:
+        if started is not None:
+            print("stopping the platform the demo started (`torchrelay up` keeps one running)")
+            platform.stop(started)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -77,7 +237,20 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("directory", type=Path)
     schema_commands.add_parser("catalogue", help="print the event catalogue as Markdown")
 
-    commands.add_parser("demo", help="run the digits demo pipeline")
+    state = argparse.ArgumentParser(add_help=False)
+    state.add_argument("--state-dir", type=Path, default=Path(".torchrelay"))
+    state.add_argument("--nats-url", help="use this NATS instead of the platform's own")
+
+    commands.add_parser("up", parents=[state], help="run NATS and the four services here")
+    submit = commands.add_parser("submit", parents=[state], help="submit a pipeline (YAML/JSON)")
+    submit.add_argument("file", type=Path)
+    submit.add_argument("--wait", action="store_true", help="follow it to the end")
+    submit.add_argument("--timeout", type=float, default=1800)
+    status = commands.add_parser("status", parents=[state], help="pipelines and their stages")
+    status.add_argument("id", nargs="?")
+    status.add_argument("--json", action="store_true")
+    demo = commands.add_parser("demo", parents=[state], help="run the digits demo pipeline")
+    demo.add_argument("--timeout", type=float, default=600)
     return parser
 
 
@@ -94,4 +267,5 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     if args.command == "schema":
         return _schema_export(args.directory)
-    return _demo()
+    handlers = {"up": _up, "submit": _submit, "status": _status, "demo": _demo}
+    return handlers[args.command](args)

@@ -6,25 +6,29 @@ id, so the stream stores it once) and stages nothing.
 
 from __future__ import annotations
 
+import contextlib
 import uuid
 from datetime import UTC, datetime
 from typing import Literal
 
 import structlog
 from prometheus_client import CollectorRegistry, Counter, Histogram
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, JsonValue
 
 from torchrelay.services.ingest.domain import Rejected
 from torchrelay.services.ingest.fill import fill_for
 from torchrelay.services.ingest.settings import IngestOptions
 from torchrelay.services.ingest.staging import Fill, StagedVersion, Stager, StageRequest
 from torchrelay.shared.bus.port import Publish
+from torchrelay.shared.errors import AlreadyExists
 from torchrelay.shared.events import (
     DatasetIngestRequested,
     DatasetRejected,
     DatasetStaged,
+    PipelineSubmitted,
 )
 from torchrelay.shared.events.data import DatasetRejectedData, DatasetStagedData
+from torchrelay.shared.pipelines import PipelineRecord, pipeline_key, record_stage
 from torchrelay.shared.state import State, Store, key_part
 
 log = structlog.get_logger("torchrelay.ingest")
@@ -120,10 +124,25 @@ class Ingestor:
         self.stager = stager
         self.options = options
         self.versions: Store[VersionRecord] = state.store("datasets", VersionRecord)
+        self.pipelines: Store[PipelineRecord] = state.store("pipelines", PipelineRecord)
         self.requests: Store[RequestRecord] = state.store("datasets", RequestRecord)
         self._publish = publish
         self._metrics = metrics
         self._source = source
+
+    async def on_pipeline_submitted(self, event: PipelineSubmitted) -> None:
+        """A pipeline starts here: store its record, then stage its dataset."""
+        pipeline_id = event.pipelineid or event.id
+        record = PipelineRecord(pipeline_id=pipeline_id, spec=event.data.spec, submitted=event.time)
+        with contextlib.suppress(AlreadyExists):  # a redelivery: the record is there
+            await self.pipelines.create(pipeline_key(pipeline_id), record)
+        source = event.data.spec.dataset
+        await record_stage(self.pipelines, pipeline_id, "ingest", "running", datetime.now(UTC))
+        await self.ingest(
+            StageRequest(f"{pipeline_id}.dataset", source.name, source.source, source.format),
+            pipeline_id=pipeline_id,
+            causation_id=event.id,
+        )
 
     async def on_requested(self, event: DatasetIngestRequested) -> None:
         """Handler of ``dataset.ingest.requested``."""
@@ -203,6 +222,11 @@ class Ingestor:
         )
         outcome = self._outcome_of(record, causation_id)
         await self._publish(outcome)
+        if pipeline_id is not None:
+            detail: dict[str, JsonValue] = {"dataset": manifest.name, "version": manifest.version}
+            await record_stage(
+                self.pipelines, pipeline_id, "ingest", "succeeded", datetime.now(UTC), detail=detail
+            )
         return outcome
 
     async def _reject(
@@ -229,6 +253,15 @@ class Ingestor:
         )
         outcome = self._outcome_of(record, causation_id)
         await self._publish(outcome)
+        if pipeline_id is not None:
+            await record_stage(
+                self.pipelines,
+                pipeline_id,
+                "ingest",
+                "failed",
+                datetime.now(UTC),
+                reason=f"{rejected.code.value}: {rejected.reason}"[:512],
+            )
         return outcome
 
     def _outcome_of(self, record: RequestRecord, causation_id: str | None) -> Outcome:

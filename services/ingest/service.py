@@ -14,7 +14,7 @@ from torchrelay.services.ingest.http import routes
 from torchrelay.services.ingest.settings import IngestSettings
 from torchrelay.services.ingest.staging import Stager
 from torchrelay.shared.bus import Subscription
-from torchrelay.shared.events import DatasetIngestRequested
+from torchrelay.shared.events import DatasetIngestRequested, PipelineSubmitted
 from torchrelay.shared.runtime import Platform, Service, service_main
 from torchrelay.shared.storage import clean_temporaries
 
@@ -59,7 +59,15 @@ async def build(platform: Platform[IngestSettings]) -> AsyncIterator[Service]:
                 max_in_flight=4,
                 prefetch=4,
                 ack_wait_s=60.0,
-            )
+            ),
+            Subscription(
+                "ingest-pipelines",
+                [PipelineSubmitted],
+                ingestor.on_pipeline_submitted,
+                max_in_flight=4,
+                prefetch=4,
+                ack_wait_s=60.0,
+            ),
         ],
         routes=routes(ingestor),
         background=[sweep],

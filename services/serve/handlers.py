@@ -31,12 +31,14 @@ from torchrelay.shared.events import (
     ModelRollbackRequested,
     ModelRolloutFailed,
     ModelRolloutStarted,
+    TrainCompleted,
 )
 from torchrelay.shared.events.data import (
     ModelDeployedData,
     ModelRolloutFailedData,
     ModelRolloutStartedData,
 )
+from torchrelay.shared.pipelines import PipelineRecord, pipeline_key, record_stage
 from torchrelay.shared.state import State, Store, key_part
 
 log = structlog.get_logger("torchrelay.serve")
@@ -60,6 +62,7 @@ class Deployer:
     ) -> None:
         self.serving = serving
         self.deployments: Store[DeploymentRecord] = state.store("deployments", DeploymentRecord)
+        self.pipelines: Store[PipelineRecord] = state.store("pipelines", PipelineRecord)
         self._publish = publish
         self._source = source
         self._replicas = replicas
@@ -87,16 +90,44 @@ class Deployer:
         replicas = current.value.replicas if current else self._replicas
         await self.deploy(event.data.model_name, target, replicas, event.id, event.pipelineid)
 
+    async def on_train_completed(self, event: TrainCompleted) -> None:
+        """A pipeline's model is trained: deploy it if the pipeline asks to."""
+        if event.pipelineid is None:
+            return
+        pipeline = await self.pipelines.get(pipeline_key(event.pipelineid))
+        if pipeline is None:
+            return
+        stage = pipeline.value.spec.deploy
+        now = datetime.now(UTC)
+        if not stage.enabled:
+            await record_stage(self.pipelines, event.pipelineid, "deploy", "skipped", now)
+            return
+        await record_stage(self.pipelines, event.pipelineid, "deploy", "running", now)
+        data = event.data
+        ok, said = await self.deploy(
+            data.model_name, data.model_version, stage.replicas, event.id, event.pipelineid
+        )
+        await record_stage(
+            self.pipelines,
+            event.pipelineid,
+            "deploy",
+            "succeeded" if ok else "failed",
+            datetime.now(UTC),
+            detail={"endpoint": said, "version": data.model_version} if ok else None,
+            reason=None if ok else said,
+        )
+
     async def deploy(
         self, model: str, version: str, replicas: int, cause: str, pipeline_id: str | None
-    ) -> None:
+    ) -> tuple[bool, str]:
+        """Roll ``version`` out; (True, endpoint) or (False, reason)."""
         async with self._locks.setdefault(model, asyncio.Lock()):
             current = await self.deployments.get(key_part(model))
             record = current.value if current else None
             active = self._active.get(model)
             if active is not None and active.version == version:
                 await self._deployed(model, version, cause, pipeline_id)  # a repeat: same answer
-                return
+                return True, self.serving.endpoint(model)
             previous = record.active_version if record else None
             await self._publish(
                 ModelRolloutStarted(
@@ -118,7 +149,7 @@ class Deployer:
                     cause=cause,
                     pipeline_id=pipeline_id,
                 )
-                return
+                return False, str(exc)
             endpoint = await self.serving.promote(handle)
             self._active[model] = handle
             if active is not None:
@@ -136,6 +167,7 @@ class Deployer:
                 ),
             )
             await self._deployed(model, version, cause, pipeline_id)
+            return True, endpoint
 
     async def _start_checked(self, model: str, version: str, replicas: int) -> VersionHandle:
         folder = self.serving.model_dir(model, version)

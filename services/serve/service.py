@@ -12,7 +12,7 @@ from torchrelay.services.serve.http import routes
 from torchrelay.services.serve.settings import ServeSettings
 from torchrelay.shared.bus import Subscription
 from torchrelay.shared.cluster.local_serving import LocalServing, ServerOptions
-from torchrelay.shared.events import ModelDeployRequested, ModelRollbackRequested
+from torchrelay.shared.events import ModelDeployRequested, ModelRollbackRequested, TrainCompleted
 from torchrelay.shared.runtime import Platform, Service, service_main
 
 NAME = "serve"
@@ -60,7 +60,15 @@ async def build(platform: Platform[ServeSettings]) -> AsyncIterator[Service]:
                     max_in_flight=1,
                     prefetch=1,
                     ack_wait_s=120.0,
-                )
+                ),
+                Subscription(
+                    "serve-pipelines",
+                    [TrainCompleted],
+                    deployer.on_train_completed,
+                    max_in_flight=1,
+                    prefetch=1,
+                    ack_wait_s=120.0,
+                ),
             ],
         )
     finally:

@@ -9,12 +9,14 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import structlog
+from pydantic import JsonValue
 
 from torchrelay.services.train.domain import RunRecord, restart_allowed, run_id_for
 from torchrelay.shared.bus.port import Publish
 from torchrelay.shared.cluster import Backend, Ended, Status, Unplaceable, WorkerJob
 from torchrelay.shared.errors import AlreadyExists, TransientError
 from torchrelay.shared.events import (
+    DatasetStaged,
     TrainCancelRequested,
     TrainCompleted,
     TrainFailed,
@@ -23,11 +25,13 @@ from torchrelay.shared.events import (
     TrainStarted,
 )
 from torchrelay.shared.events.data import (
+    DatasetRef,
     TrainCompletedData,
     TrainFailedData,
     TrainJobSpec,
     TrainStartedData,
 )
+from torchrelay.shared.pipelines import PipelineRecord, pipeline_key, record_stage
 from torchrelay.shared.state import State, Store, key_part
 
 log = structlog.get_logger("torchrelay.train")
@@ -47,6 +51,7 @@ class Trainer:
     ) -> None:
         self.backend = backend
         self.runs: Store[RunRecord] = state.store("runs", RunRecord)
+        self.pipelines: Store[PipelineRecord] = state.store("pipelines", PipelineRecord)
         self._publish = publish
         self._root = storage_root
         self._nats_url = nats_url
@@ -58,15 +63,32 @@ class Trainer:
 
     async def on_requested(self, event: TrainRequested) -> None:
         run_id = run_id_for(event.data.run_id, event.id)
-        spec = event.data.spec
+        await self.start(run_id, event.data.spec, event.pipelineid, event.id)
+
+    async def on_dataset_staged(self, event: DatasetStaged) -> None:
+        """A pipeline's dataset is ready: train on it as the pipeline's spec says."""
+        if event.pipelineid is None:
+            return
+        pipeline = await self.pipelines.get(pipeline_key(event.pipelineid))
+        if pipeline is None:
+            return
+        training = pipeline.value.spec.training
+        spec = TrainJobSpec(
+            dataset=DatasetRef(name=event.data.name, version=event.data.version),
+            **training.model_dump(),
+        )
+        await self.start(f"{event.pipelineid}.train", spec, event.pipelineid, event.id)
+
+    async def start(
+        self, run_id: str, spec: TrainJobSpec, pipeline_id: str | None, cause: str
+    ) -> None:
+        """Check, record and launch a run (a run id that exists is left alone)."""
         if await self.runs.get(key_part(run_id)) is not None:
             return  # a redelivery: the run exists and is being (or was) handled
         problem, dataset_path = self._check(spec)
         if problem is None:
             try:
-                self.backend.check(
-                    self._worker_job(run_id, 0, spec, dataset_path, event.pipelineid)
-                )
+                self.backend.check(self._worker_job(run_id, 0, spec, dataset_path, pipeline_id))
             except Unplaceable as exc:
                 problem = str(exc)
         record = RunRecord(
@@ -76,7 +98,7 @@ class Trainer:
             status="failed" if problem else "running",
             attempt=0,
             owner=self._instance,
-            pipeline_id=event.pipelineid,
+            pipeline_id=pipeline_id,
             reason=problem,
             updated=datetime.now(UTC),
         )
@@ -84,10 +106,15 @@ class Trainer:
             await self.runs.create(key_part(run_id), record)
         except AlreadyExists:
             return
+        if pipeline_id is not None:
+            await record_stage(
+                self.pipelines, pipeline_id, "train", "running", datetime.now(UTC),
+                detail={"run_id": run_id},
+            )  # fmt: skip
         if problem is not None:
-            await self._failed(record, Ended(Status.FAILED, problem), final=True, cause=event.id)
+            await self._failed(record, Ended(Status.FAILED, problem), final=True, cause=cause)
             return
-        await self._launch(record, cause=event.id)
+        await self._launch(record, cause=cause)
 
     async def on_restart_requested(self, event: TrainRestartRequested) -> None:
         current = await self.runs.get(key_part(event.data.run_id))
@@ -208,6 +235,16 @@ class Trainer:
             )
         )
         log.info("run.completed", run_id=record.run_id, metrics=result["metrics"])
+        if record.pipeline_id is not None:
+            detail: dict[str, JsonValue] = {
+                "model": result["model_name"],
+                "version": result["version"],
+                "metrics": result["metrics"],
+            }
+            await record_stage(
+                self.pipelines, record.pipeline_id, "train", "succeeded", datetime.now(UTC),
+                detail=detail,
+            )  # fmt: skip
 
     async def _failed(self, record: RunRecord, ended: Ended, *, final: bool, cause: str) -> None:
         status = "cancelled" if ended.status is Status.CANCELLED else "failed"
@@ -228,6 +265,11 @@ class Trainer:
             )
         )
         log.warning("run.failed", run_id=record.run_id, reason=ended.reason, final=final)
+        if final and record.pipeline_id is not None:
+            await record_stage(
+                self.pipelines, record.pipeline_id, "train", "failed", datetime.now(UTC),
+                reason=ended.reason[:512],
+            )  # fmt: skip
 
     async def _set(
         self,

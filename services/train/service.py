@@ -9,7 +9,12 @@ from torchrelay.services.train.handlers import Trainer
 from torchrelay.services.train.settings import TrainSettings
 from torchrelay.shared.bus import Subscription
 from torchrelay.shared.cluster.local import LocalBackend
-from torchrelay.shared.events import TrainCancelRequested, TrainRequested, TrainRestartRequested
+from torchrelay.shared.events import (
+    DatasetStaged,
+    TrainCancelRequested,
+    TrainRequested,
+    TrainRestartRequested,
+)
 from torchrelay.shared.runtime import Platform, Service, service_main
 
 NAME = "train"
@@ -57,6 +62,13 @@ async def build(platform: Platform[TrainSettings]) -> AsyncIterator[Service]:
                     prefetch=2,
                 ),
                 Subscription("train-cancels", [TrainCancelRequested], trainer.on_cancel_requested),
+                Subscription(
+                    "train-pipelines",
+                    [DatasetStaged],
+                    trainer.on_dataset_staged,
+                    max_in_flight=2,
+                    prefetch=2,
+                ),
             ],
         )
     finally:

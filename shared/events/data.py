@@ -19,18 +19,6 @@ Version = Annotated[
 Metrics = dict[str, float]
 
 
-# --- pipeline ---------------------------------------------------------------------------------
-
-
-class PipelineSubmittedData(Data):
-    """A pipeline spec (dataset source -> training -> deployment) was submitted."""
-
-    name: Name
-    spec: dict[str, JsonValue] = Field(
-        description="The pipeline spec as submitted; validated by the pipeline model."
-    )
-
-
 # --- dataset ----------------------------------------------------------------------------------
 
 
@@ -155,6 +143,54 @@ class TrainFailedData(Data):
     final: bool = Field(
         default=False, description="True when no restart will follow (restarts exhausted)."
     )
+
+
+# --- pipeline ---------------------------------------------------------------------------------
+
+
+class DatasetSource(Data):
+    """Where a pipeline's dataset comes from (as in dataset.ingest.requested)."""
+
+    name: Name
+    source: NonEmpty
+    format: Literal["auto", "npz", "csv", "images", "pt"] = "auto"
+
+
+class TrainingStage(Data):
+    """A pipeline's training job; the dataset version comes from the staging stage."""
+
+    entrypoint: Annotated[
+        str, StringConstraints(pattern=r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$", max_length=256)
+    ]
+    model_name: Name
+    world_size: int = Field(default=1, ge=1, le=1024)
+    resources: Resources = Resources()
+    hyperparameters: dict[str, JsonValue] = Field(default_factory=dict)
+    seed: int = Field(default=0, ge=0)
+    checkpoint_every_steps: int = Field(default=100, ge=1)
+    keep_checkpoints: int = Field(default=3, ge=1)
+    max_restarts: int = Field(default=3, ge=0)
+
+
+class DeployStage(Data):
+    enabled: bool = True
+    replicas: int = Field(default=1, ge=1, le=64)
+
+
+class PipelineSpec(Data):
+    """Dataset source -> training job -> deployment. YAML or JSON; schema exported with the
+    events (``torchrelay schema export``)."""
+
+    name: Name
+    dataset: DatasetSource
+    training: TrainingStage
+    deploy: DeployStage = DeployStage()
+
+
+class PipelineSubmittedData(Data):
+    """A pipeline (dataset source -> training -> deployment) was submitted."""
+
+    spec: PipelineSpec
 
 
 # --- model ------------------------------------------------------------------------------------
