@@ -23,6 +23,7 @@ EXIT_USAGE = 2
 
 
 def _schema_export(directory: Path) -> int:
+    from torchrelay.shared.events.data import PipelineSpec
     from torchrelay.shared.events.schema import (
         all_json_schemas,
         asyncapi_document,
@@ -34,7 +35,11 @@ def _schema_export(directory: Path) -> int:
     for event_type, schema in schemas.items():
         (directory / schema_file_name(event_type)).write_text(json.dumps(schema, indent=2) + "\n")
     (directory / "asyncapi.json").write_text(json.dumps(asyncapi_document(), indent=2) + "\n")
-    print(f"wrote {len(schemas)} event schemas and asyncapi.json to {directory}")
+    pipeline = PipelineSpec.model_json_schema()
+    (directory / "pipeline.schema.json").write_text(json.dumps(pipeline, indent=2) + "\n")
+    print(
+        f"wrote {len(schemas)} event schemas, asyncapi.json and pipeline.schema.json to {directory}"
+    )
     return 0
 
 

@@ -29,7 +29,8 @@ def test_schema_export_writes_a_schema_per_event_and_an_asyncapi_document(tmp_pa
     assert result.returncode == 0, result.stderr
     files = sorted(p.name for p in (tmp_path / "out").iterdir())
     assert "asyncapi.json" in files
-    assert len(files) == len(EVENT_TYPES) + 1
+    assert "pipeline.schema.json" in files
+    assert len(files) == len(EVENT_TYPES) + 2
     for name in files:
         document = json.loads((tmp_path / "out" / name).read_text())
         if name != "asyncapi.json":
