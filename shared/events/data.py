@@ -66,13 +66,13 @@ class Resources(Data):
     gpu: int = Field(default=0, ge=0, description="GPUs per worker (nvidia.com/gpu).")
 
 
-class TrainJobSpec(Data):
-    """What to train, on what, with which resources; the same for every backend."""
+class TrainingStage(Data):
+    """How to train: the function, the workers, the schedule (a pipeline's training stage)."""
 
-    dataset: DatasetRef
     entrypoint: Annotated[
         str, StringConstraints(pattern=r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$", max_length=256)
     ] = Field(description="module:function of the training function.")
+    model_name: Name
     world_size: int = Field(default=1, ge=1, le=1024)
     resources: Resources = Resources()
     hyperparameters: dict[str, JsonValue] = Field(default_factory=dict)
@@ -80,7 +80,12 @@ class TrainJobSpec(Data):
     checkpoint_every_steps: int = Field(default=100, ge=1)
     keep_checkpoints: int = Field(default=3, ge=1)
     max_restarts: int = Field(default=3, ge=0)
-    model_name: Name
+
+
+class TrainJobSpec(TrainingStage):
+    """What to train, on what, with which resources; the same for every backend."""
+
+    dataset: DatasetRef
 
 
 class TrainRequestedData(Data):
@@ -154,22 +159,6 @@ class DatasetSource(Data):
     name: Name
     source: NonEmpty
     format: Literal["auto", "npz", "csv", "images", "pt"] = "auto"
-
-
-class TrainingStage(Data):
-    """A pipeline's training job; the dataset version comes from the staging stage."""
-
-    entrypoint: Annotated[
-        str, StringConstraints(pattern=r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$", max_length=256)
-    ]
-    model_name: Name
-    world_size: int = Field(default=1, ge=1, le=1024)
-    resources: Resources = Resources()
-    hyperparameters: dict[str, JsonValue] = Field(default_factory=dict)
-    seed: int = Field(default=0, ge=0)
-    checkpoint_every_steps: int = Field(default=100, ge=1)
-    keep_checkpoints: int = Field(default=3, ge=1)
-    max_restarts: int = Field(default=3, ge=0)
 
 
 class DeployStage(Data):

@@ -193,6 +193,11 @@ def monitors(nats_url: str, tmp_path: Path) -> Iterator[list[ServiceProcess]]:
         process.stop()
 
 
+async def ready(*processes: ServiceProcess) -> None:
+    for process in processes:
+        await process.wait_ready()
+
+
 async def restarts_counted(monitors: list[ServiceProcess], cause: str) -> float:
     total = 0.0
     async with aiohttp.ClientSession() as http:
@@ -211,9 +216,7 @@ async def test_a_killed_worker_is_restarted_once_by_two_monitors_and_the_run_com
     staged: tuple[Path, str],
 ) -> None:
     publisher, watcher = bus
-    await train.wait_ready()
-    for monitor in monitors:
-        await monitor.wait_ready()
+    await ready(train, *monitors)
     await publisher.publish(request(staged, "healed", hyperparameters={"epochs": 20}))
     await assert_eventually(
         lambda: any(e.data.step >= 40 for e in watcher.of(TrainCheckpointed, "healed")),
@@ -232,9 +235,7 @@ async def test_with_no_restarts_left_the_run_ends_failed_with_the_reason(
     staged: tuple[Path, str],
 ) -> None:
     publisher, watcher = bus
-    await train.wait_ready()
-    for monitor in monitors:
-        await monitor.wait_ready()
+    await ready(train, *monitors)
     await publisher.publish(
         request(staged, "mortal", max_restarts=0, hyperparameters={"epochs": 20})
     )
@@ -257,9 +258,7 @@ async def test_a_stalled_run_is_detected_and_restarted(
     staged: tuple[Path, str],
 ) -> None:
     publisher, watcher = bus
-    await train.wait_ready()
-    for monitor in monitors:
-        await monitor.wait_ready()
+    await ready(train, *monitors)
     await publisher.publish(request(staged, "frozen", hyperparameters={"epochs": 20}))
     await assert_eventually(lambda: watcher.of(TrainProgressed, "frozen"), timeout_s=60)
     os.kill(max(workers_of("frozen")), signal.SIGSTOP)
@@ -275,9 +274,7 @@ async def test_a_stalled_run_with_no_restart_left_is_given_up_with_the_reason(
     staged: tuple[Path, str],
 ) -> None:
     publisher, watcher = bus
-    await train.wait_ready()
-    for monitor in monitors:
-        await monitor.wait_ready()
+    await ready(train, *monitors)
     await publisher.publish(
         request(staged, "stuck", max_restarts=0, hyperparameters={"epochs": 20})
     )
