@@ -7,6 +7,7 @@ import asyncio
 import json
 import time
 import uuid
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -107,7 +108,7 @@ def _short(detail: dict[str, Any]) -> str:
     return " ".join(f"{k}={v}" for k, v in detail.items() if not isinstance(v, dict))
 
 
-def _progress(pipeline_id: str, show: bool):  # type: ignore[no-untyped-def]
+def _progress(pipeline_id: str, show: bool) -> Callable[[Any], Awaitable[None]]:
     last = [0.0]
 
     async def on_message(msg: Any) -> None:

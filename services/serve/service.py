@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
 
 import aiohttp
@@ -77,7 +77,9 @@ async def build(platform: Platform[ServeSettings]) -> AsyncIterator[Service]:
         await deployer.aclose()
 
 
-def _route(deployer: Deployer):  # type: ignore[no-untyped-def]
+def _route(
+    deployer: Deployer,
+) -> Callable[[ModelDeployRequested | ModelRollbackRequested], Awaitable[None]]:
     async def handle(event: ModelDeployRequested | ModelRollbackRequested) -> None:
         if isinstance(event, ModelDeployRequested):
             await deployer.on_deploy_requested(event)
