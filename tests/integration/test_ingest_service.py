@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import io
 import json
 import os
@@ -11,16 +10,13 @@ from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import aiohttp
-import nats
 import numpy as np
 import pytest
 
-from tests.integration.conftest import FAST_STREAM
 from tests.integration.processes import ServiceProcess
+from tests.integration.watching import Watcher, watching
 from torchrelay.shared.bus.jetstream import JetStreamBus
-from torchrelay.shared.bus.port import Subscription
 from torchrelay.shared.events import (
-    AnyEvent,
     DatasetIngestRequested,
     DatasetRejected,
     DatasetStaged,
@@ -32,33 +28,11 @@ from torchrelay.shared.testing import assert_eventually
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(180)]
 
 
-class Watcher:
-    """Collects the events ingest publishes."""
-
-    def __init__(self) -> None:
-        self.events: list[AnyEvent] = []
-
-    async def record(self, event: AnyEvent) -> None:
-        self.events.append(event)
-
-    def of(self, kind: type[AnyEvent]) -> list[AnyEvent]:
-        return [e for e in self.events if isinstance(e, kind)]
-
-
 @pytest.fixture
 async def bus_and_watcher(nats_url: str) -> AsyncIterator[tuple[JetStreamBus, Watcher]]:
-    bus = JetStreamBus(await nats.connect(nats_url), FAST_STREAM)
-    watcher = Watcher()
-    sub = Subscription(
-        "test-ingest-watch", [DatasetStaged, DatasetRejected, DeadLettered], watcher.record
-    )
-    await bus.provision([sub])
-    stop = asyncio.Event()
-    task = asyncio.create_task(bus.consume(sub, stop))
-    yield bus, watcher
-    stop.set()
-    await task
-    await bus.aclose()
+    kinds = [DatasetStaged, DatasetRejected, DeadLettered]
+    async with watching(nats_url, "test-ingest-watch", kinds) as pair:
+        yield pair
 
 
 @pytest.fixture

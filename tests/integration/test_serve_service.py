@@ -10,17 +10,14 @@ from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import aiohttp
-import nats
 import numpy as np
 import pytest
 
-from tests.integration.conftest import FAST_STREAM
 from tests.integration.models import train_digits
 from tests.integration.processes import ServiceProcess
+from tests.integration.watching import Watcher, watching
 from torchrelay.shared.bus.jetstream import JetStreamBus
-from torchrelay.shared.bus.port import Subscription
 from torchrelay.shared.events import (
-    AnyEvent,
     ModelDeployed,
     ModelDeployRequested,
     ModelRollbackRequested,
@@ -31,17 +28,6 @@ from torchrelay.shared.events.data import ModelDeployRequestedData, ModelRollbac
 from torchrelay.shared.testing import assert_eventually
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(240)]
-
-
-class Watcher:
-    def __init__(self) -> None:
-        self.events: list[AnyEvent] = []
-
-    async def record(self, event: AnyEvent) -> None:
-        self.events.append(event)
-
-    def of(self, kind: type[AnyEvent], version: str | None = None) -> list[AnyEvent]:
-        return [e for e in self.events if isinstance(e, kind) and version in (None, e.data.version)]
 
 
 @pytest.fixture(scope="module")
@@ -66,17 +52,9 @@ def storage(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture
 async def bus(nats_url: str) -> AsyncIterator[tuple[JetStreamBus, Watcher]]:
-    bus = JetStreamBus(await nats.connect(nats_url), FAST_STREAM)
-    watcher = Watcher()
     kinds = [ModelRolloutStarted, ModelDeployed, ModelRolloutFailed]
-    sub = Subscription("test-serve-watch", kinds, watcher.record)
-    await bus.provision([sub])
-    stop = asyncio.Event()
-    task = asyncio.create_task(bus.consume(sub, stop))
-    yield bus, watcher
-    stop.set()
-    await task
-    await bus.aclose()
+    async with watching(nats_url, "test-serve-watch", kinds) as pair:
+        yield pair
 
 
 @pytest.fixture
@@ -123,8 +101,10 @@ def infer_body() -> dict[str, object]:
 
 
 async def deployed(watcher: Watcher, version: str, count: int = 1) -> str:
-    await assert_eventually(lambda: len(watcher.of(ModelDeployed, version)) >= count, timeout_s=90)
-    return str(watcher.of(ModelDeployed, version)[-1].data.endpoint)
+    await assert_eventually(
+        lambda: len(watcher.of(ModelDeployed, version=version)) >= count, timeout_s=90
+    )
+    return str(watcher.of(ModelDeployed, version=version)[-1].data.endpoint)
 
 
 async def served_version(endpoint: str) -> str:
@@ -189,8 +169,8 @@ async def test_a_version_that_fails_never_takes_traffic(
     await publisher.publish(deploy("first"))
     endpoint = await deployed(watcher, "first")
     await publisher.publish(deploy(bad))
-    await assert_eventually(lambda: watcher.of(ModelRolloutFailed, bad), timeout_s=90)
-    failed = watcher.of(ModelRolloutFailed, bad)[0].data
+    await assert_eventually(lambda: watcher.of(ModelRolloutFailed, version=bad), timeout_s=90)
+    failed = watcher.of(ModelRolloutFailed, version=bad)[0].data
     assert reason in failed.reason
     assert failed.serving_version == "first"
     for _ in range(20):

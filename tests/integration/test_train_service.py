@@ -10,17 +10,15 @@ from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import aiohttp
-import nats
 import pytest
 
-from tests.integration.conftest import FAST_STREAM
 from tests.integration.processes import ServiceProcess
-from tests.integration.training import Watcher, request, workers_of
+from tests.integration.training import request, workers_of
+from tests.integration.watching import Watcher, watching
 from torchrelay.services.ingest.fill import fill_for
 from torchrelay.services.ingest.settings import IngestOptions
 from torchrelay.services.ingest.staging import Stager, StageRequest
 from torchrelay.shared.bus.jetstream import JetStreamBus
-from torchrelay.shared.bus.port import Subscription
 from torchrelay.shared.events import (
     TrainCancelRequested,
     TrainCheckpointed,
@@ -53,17 +51,9 @@ def staged(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
 
 @pytest.fixture
 async def bus(nats_url: str) -> AsyncIterator[tuple[JetStreamBus, Watcher]]:
-    bus = JetStreamBus(await nats.connect(nats_url), FAST_STREAM)
-    watcher = Watcher()
     kinds = [TrainStarted, TrainProgressed, TrainCheckpointed, TrainCompleted, TrainFailed]
-    sub = Subscription("test-train-watch", kinds, watcher.record)
-    await bus.provision([sub])
-    stop = asyncio.Event()
-    task = asyncio.create_task(bus.consume(sub, stop))
-    yield bus, watcher
-    stop.set()
-    await task
-    await bus.aclose()
+    async with watching(nats_url, "test-train-watch", kinds) as pair:
+        yield pair
 
 
 @pytest.fixture
@@ -88,16 +78,16 @@ async def test_a_request_trains_reports_and_completes(
     publisher, watcher = bus
     await train.wait_ready()
     await publisher.publish(request(staged, "ok-run"))
-    await assert_eventually(lambda: watcher.of(TrainCompleted, "ok-run"), timeout_s=120)
-    completed = watcher.of(TrainCompleted, "ok-run")[0]
+    await assert_eventually(lambda: watcher.of(TrainCompleted, run_id="ok-run"), timeout_s=120)
+    completed = watcher.of(TrainCompleted, run_id="ok-run")[0]
     assert completed.data.model_version == "ok-run"
     assert completed.pipelineid == "pipe-t"
     assert (staged[0] / completed.data.path / "model.json").exists()
-    started = watcher.of(TrainStarted, "ok-run")
+    started = watcher.of(TrainStarted, run_id="ok-run")
     assert [e.data.attempt for e in started] == [0]
     assert started[0].data.backend == "local"
-    assert watcher.of(TrainProgressed, "ok-run"), "rank 0 reported progress"
-    assert watcher.of(TrainCheckpointed, "ok-run")
+    assert watcher.of(TrainProgressed, run_id="ok-run"), "rank 0 reported progress"
+    assert watcher.of(TrainCheckpointed, run_id="ok-run")
     assert workers_of("ok-run") == []
 
 
@@ -120,8 +110,8 @@ async def test_bad_requests_end_in_train_failed_with_the_reason(
     publisher, watcher = bus
     await train.wait_ready()
     await publisher.publish(request(staged, "bad-run", max_restarts=0, **spec))
-    await assert_eventually(lambda: watcher.of(TrainFailed, "bad-run"), timeout_s=60)
-    failed = watcher.of(TrainFailed, "bad-run")[0].data
+    await assert_eventually(lambda: watcher.of(TrainFailed, run_id="bad-run"), timeout_s=60)
+    failed = watcher.of(TrainFailed, run_id="bad-run")[0].data
     assert reason in failed.reason
     assert failed.final
     assert workers_of("bad-run") == []
@@ -134,13 +124,13 @@ async def test_a_killed_worker_fails_the_run_and_a_restart_resumes_it(
     await train.wait_ready()
     await publisher.publish(request(staged, "phoenix", hyperparameters={"epochs": 20}))
     await assert_eventually(
-        lambda: any(e.data.step >= 40 for e in watcher.of(TrainCheckpointed, "phoenix")),
+        lambda: any(e.data.step >= 40 for e in watcher.of(TrainCheckpointed, run_id="phoenix")),
         timeout_s=60,
     )
     victim = max(workers_of("phoenix"))
     os.kill(victim, signal.SIGKILL)
-    await assert_eventually(lambda: watcher.of(TrainFailed, "phoenix"), timeout_s=60)
-    failed = watcher.of(TrainFailed, "phoenix")[0].data
+    await assert_eventually(lambda: watcher.of(TrainFailed, run_id="phoenix"), timeout_s=60)
+    failed = watcher.of(TrainFailed, run_id="phoenix")[0].data
     assert failed.signal == "SIGKILL"
     assert not failed.final, "restarts are left"
     assert workers_of("phoenix") == [], "the other rank was torn down"
@@ -150,8 +140,8 @@ async def test_a_killed_worker_fails_the_run_and_a_restart_resumes_it(
             data=TrainRestartRequestedData(run_id="phoenix", reason="worker died", attempt=1),
         )
     )
-    await assert_eventually(lambda: watcher.of(TrainCompleted, "phoenix"), timeout_s=120)
-    assert [e.data.attempt for e in watcher.of(TrainStarted, "phoenix")] == [0, 1]
+    await assert_eventually(lambda: watcher.of(TrainCompleted, run_id="phoenix"), timeout_s=120)
+    assert [e.data.attempt for e in watcher.of(TrainStarted, run_id="phoenix")] == [0, 1]
 
 
 async def test_cancel_stops_a_run(
@@ -164,8 +154,8 @@ async def test_cancel_stops_a_run(
     await publisher.publish(
         TrainCancelRequested(source="/tests", data=TrainCancelRequestedData(run_id="stopme"))
     )
-    await assert_eventually(lambda: watcher.of(TrainFailed, "stopme"), timeout_s=30)
-    assert watcher.of(TrainFailed, "stopme")[0].data.reason == "cancelled"
+    await assert_eventually(lambda: watcher.of(TrainFailed, run_id="stopme"), timeout_s=30)
+    assert watcher.of(TrainFailed, run_id="stopme")[0].data.reason == "cancelled"
     assert workers_of("stopme") == []
 
 
@@ -219,12 +209,12 @@ async def test_a_killed_worker_is_restarted_once_by_two_monitors_and_the_run_com
     await ready(train, *monitors)
     await publisher.publish(request(staged, "healed", hyperparameters={"epochs": 20}))
     await assert_eventually(
-        lambda: any(e.data.step >= 40 for e in watcher.of(TrainCheckpointed, "healed")),
+        lambda: any(e.data.step >= 40 for e in watcher.of(TrainCheckpointed, run_id="healed")),
         timeout_s=60,
     )
     os.kill(max(workers_of("healed")), signal.SIGKILL)
-    await assert_eventually(lambda: watcher.of(TrainCompleted, "healed"), timeout_s=120)
-    assert [e.data.attempt for e in watcher.of(TrainStarted, "healed")] == [0, 1]
+    await assert_eventually(lambda: watcher.of(TrainCompleted, run_id="healed"), timeout_s=120)
+    assert [e.data.attempt for e in watcher.of(TrainStarted, run_id="healed")] == [0, 1]
     assert await restarts_counted(monitors, "failed") == 1.0
 
 
@@ -242,12 +232,12 @@ async def test_with_no_restarts_left_the_run_ends_failed_with_the_reason(
     await assert_eventually(lambda: len(workers_of("mortal")) == 2, timeout_s=30)
     await asyncio.sleep(1.0)
     os.kill(max(workers_of("mortal")), signal.SIGKILL)
-    await assert_eventually(lambda: watcher.of(TrainFailed, "mortal"), timeout_s=60)
-    failed = watcher.of(TrainFailed, "mortal")[0].data
+    await assert_eventually(lambda: watcher.of(TrainFailed, run_id="mortal"), timeout_s=60)
+    failed = watcher.of(TrainFailed, run_id="mortal")[0].data
     assert failed.final
     assert "killed by SIGKILL" in failed.reason
     await asyncio.sleep(2.0)
-    assert [e.data.attempt for e in watcher.of(TrainStarted, "mortal")] == [0]
+    assert [e.data.attempt for e in watcher.of(TrainStarted, run_id="mortal")] == [0]
     assert await restarts_counted(monitors, "failed") == 0.0
 
 
@@ -260,10 +250,10 @@ async def test_a_stalled_run_is_detected_and_restarted(
     publisher, watcher = bus
     await ready(train, *monitors)
     await publisher.publish(request(staged, "frozen", hyperparameters={"epochs": 20}))
-    await assert_eventually(lambda: watcher.of(TrainProgressed, "frozen"), timeout_s=60)
+    await assert_eventually(lambda: watcher.of(TrainProgressed, run_id="frozen"), timeout_s=60)
     os.kill(max(workers_of("frozen")), signal.SIGSTOP)
-    await assert_eventually(lambda: watcher.of(TrainCompleted, "frozen"), timeout_s=120)
-    assert [e.data.attempt for e in watcher.of(TrainStarted, "frozen")] == [0, 1]
+    await assert_eventually(lambda: watcher.of(TrainCompleted, run_id="frozen"), timeout_s=120)
+    assert [e.data.attempt for e in watcher.of(TrainStarted, run_id="frozen")] == [0, 1]
     assert await restarts_counted(monitors, "stalled") == 1.0
 
 
@@ -278,16 +268,16 @@ async def test_a_stalled_run_with_no_restart_left_is_given_up_with_the_reason(
     await publisher.publish(
         request(staged, "stuck", max_restarts=0, hyperparameters={"epochs": 20})
     )
-    await assert_eventually(lambda: watcher.of(TrainProgressed, "stuck"), timeout_s=60)
+    await assert_eventually(lambda: watcher.of(TrainProgressed, run_id="stuck"), timeout_s=60)
     os.kill(max(workers_of("stuck")), signal.SIGSTOP)
 
     def given_up() -> bool:
-        return any("stalled" in e.data.reason for e in watcher.of(TrainFailed, "stuck"))
+        return any("stalled" in e.data.reason for e in watcher.of(TrainFailed, run_id="stuck"))
 
     await assert_eventually(given_up, timeout_s=60)
-    final = next(e for e in watcher.of(TrainFailed, "stuck") if "stalled" in e.data.reason)
+    final = next(e for e in watcher.of(TrainFailed, run_id="stuck") if "stalled" in e.data.reason)
     assert final.data.final
     assert final.source == "/torchrelay/monitor"
     assert "restarts are used" in final.data.reason
-    assert [e.data.attempt for e in watcher.of(TrainStarted, "stuck")] == [0]
+    assert [e.data.attempt for e in watcher.of(TrainStarted, run_id="stuck")] == [0]
     await assert_eventually(lambda: workers_of("stuck") == [], timeout_s=15)

@@ -4,22 +4,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from torchrelay.shared.events import AnyEvent, TrainRequested
+from torchrelay.shared.events import TrainRequested
 from torchrelay.shared.events.data import DatasetRef, TrainJobSpec, TrainRequestedData
 
 DIGITS = "torchrelay.services.train.examples.digits:train"
 WORKER = "torchrelay.services.train.worker"
-
-
-class Watcher:
-    def __init__(self) -> None:
-        self.events: list[AnyEvent] = []
-
-    async def record(self, event: AnyEvent) -> None:
-        self.events.append(event)
-
-    def of(self, kind: type[AnyEvent], run_id: str) -> list[AnyEvent]:
-        return [e for e in self.events if isinstance(e, kind) and e.data.run_id == run_id]
 
 
 def request(staged: tuple[Path, str], run_id: str, **spec: object) -> TrainRequested:
