@@ -14,6 +14,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.integration.training import workers_of
+
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
 
 
@@ -85,3 +87,44 @@ def test_a_pipeline_with_a_bad_source_fails_at_ingest_with_the_reason_in_status(
     assert report["stages"]["train"]["status"] == "pending"
     listing = torchrelay("status", cwd=platform)
     assert pipeline_id in listing.stdout
+
+
+def test_a_pipeline_whose_worker_dies_completes_after_a_restart_from_checkpoint(
+    platform: Path,
+) -> None:
+    spec = {
+        "name": "phoenix",
+        "dataset": {"name": "digits", "source": "sklearn:digits"},
+        "training": {
+            "entrypoint": "torchrelay.services.train.examples.digits:train",
+            "model_name": "digits",
+            "world_size": 2,
+            "checkpoint_every_steps": 20,
+            "hyperparameters": {"epochs": 20},
+        },
+        "deploy": {"enabled": True, "replicas": 1},
+    }
+    (platform / "phoenix.json").write_text(json.dumps(spec))
+    submitted = torchrelay("submit", "phoenix.json", cwd=platform)
+    pipeline_id = re.search(r"submitted (\S+)", submitted.stdout)[1]  # type: ignore[index]
+    described = json.loads((platform / ".torchrelay" / "platform.json").read_text())
+    checkpoints = Path(described["storage_root"]) / "runs" / f"{pipeline_id}.train" / "checkpoints"
+    deadline = time.monotonic() + 120
+    while not (checkpoints.is_dir() and any(checkpoints.glob("step-*.pt"))):
+        assert time.monotonic() < deadline, "no checkpoint was written"
+        time.sleep(0.2)
+    victim = max(workers_of(f"{pipeline_id}.train"))
+    os.kill(victim, signal.SIGKILL)
+    deadline = time.monotonic() + 240
+    while True:
+        report = json.loads(torchrelay("status", pipeline_id, "--json", cwd=platform).stdout)
+        if report["status"] != "running" or time.monotonic() > deadline:
+            break
+        time.sleep(1)
+    assert report["status"] == "succeeded", report
+    assert report["stages"]["train"]["detail"]["metrics"]["accuracy"] >= 0.9
+    logs = Path(described["storage_root"]) / "runs" / f"{pipeline_id}.train" / "logs"
+    assert sorted(p.name for p in logs.iterdir()) == ["attempt-0", "attempt-1"], "one restart"
+    resumed = (logs / "attempt-1" / "rank-0.log").read_text()
+    assert '"resumed_from_step": ' in resumed
+    assert '"resumed_from_step": null' not in resumed
