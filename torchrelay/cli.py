@@ -172,6 +172,23 @@ def _status(args: argparse.Namespace) -> int:
     return asyncio.run(run())
 
 
+def _logs(args: argparse.Namespace) -> int:
+    """Every attempt's rank logs of a run, from the platform's storage."""
+    from torchrelay import platform
+
+    described = platform.running(args.state_dir)
+    root = Path(described["storage_root"]) if described else args.state_dir / "storage"
+    folder = root / "runs" / args.run_id / "logs"
+    logs = sorted(folder.glob("attempt-*/rank-*.log"))
+    if not logs:
+        print(f"torchrelay: no logs for run {args.run_id} under {folder}", file=sys.stderr)
+        return 1
+    for log in logs:
+        print(f"==> {log.parent.name}/{log.name} <==")
+        print(log.read_text(errors="replace"), end="")
+    return 0
+
+
 def _demo(args: argparse.Namespace) -> int:
     import asyncio
 
@@ -255,6 +272,8 @@ def build_parser() -> argparse.ArgumentParser:
     status = commands.add_parser("status", parents=[state], help="pipelines and their stages")
     status.add_argument("id", nargs="?")
     status.add_argument("--json", action="store_true")
+    logs = commands.add_parser("logs", parents=[state], help="a run's worker logs")
+    logs.add_argument("run_id")
     demo = commands.add_parser("demo", parents=[state], help="run the digits demo pipeline")
     demo.add_argument("--timeout", type=float, default=600)
     return parser
@@ -273,5 +292,5 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     if args.command == "schema":
         return _schema_export(args.directory)
-    handlers = {"up": _up, "submit": _submit, "status": _status, "demo": _demo}
+    handlers = {"up": _up, "submit": _submit, "status": _status, "logs": _logs, "demo": _demo}
     return handlers[args.command](args)

@@ -128,3 +128,9 @@ def test_a_pipeline_whose_worker_dies_completes_after_a_restart_from_checkpoint(
     resumed = (logs / "attempt-1" / "rank-0.log").read_text()
     assert '"resumed_from_step": ' in resumed
     assert '"resumed_from_step": null' not in resumed
+    shown = torchrelay("logs", f"{pipeline_id}.train", cwd=platform)
+    assert shown.returncode == 0
+    assert "==> attempt-0/rank-1.log <==" in shown.stdout
+    assert "==> attempt-1/rank-0.log <==" in shown.stdout
+    assert "worker.finished" in shown.stdout
+    assert torchrelay("logs", "no-such-run", cwd=platform).returncode == 1
