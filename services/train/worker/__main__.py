@@ -58,6 +58,10 @@ def main() -> int:
         context = TrainingContext(spec, reporter)
         log.info("worker.started", resumed_from_step=context.resumed_from_step)
         function(context)
+        if spec.world_size > 1:
+            # Every rank is done before any tears the group down: gloo aborts a rank whose
+            # peer destroys the group while it still talks to it.
+            dist.barrier()
     except Exception:
         log.exception("worker.failed")
         return EXIT_FAILED
