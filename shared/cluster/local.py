@@ -150,8 +150,12 @@ class LocalBackend:
             for task in pending:
                 task.cancel()
             await _stop_all(processes)
+            # A finished job leaves nothing behind here: a long-lived service runs many.
             self._jobs.pop(handle, None)
-        if handle in self._cancelled:
+            self._requests.pop(handle, None)
+            cancelled = handle in self._cancelled
+            self._cancelled.discard(handle)
+        if cancelled:
             return Ended(Status.CANCELLED, "cancelled")
         return Ended(Status.SUCCEEDED, "every rank finished")
 
