@@ -41,7 +41,6 @@ class MemoryBus:
         self._stored: list[_Delivery] = []  # the stream: every stored delivery, in order
         self._busy = 0
         self.published: list[AnyEvent] = []
-        self.terminated: list[int] = []
 
     async def publish(self, event: AnyEvent) -> bool:
         if event.id in self._seen_ids:
@@ -101,7 +100,6 @@ class MemoryBus:
             if outcome.action is Action.NAK:
                 self._redeliver(queue, delivery, outcome.delay_s)
             elif outcome.action is Action.TERM:
-                self.terminated.append(delivery.sequence)
                 dead_letter = dead_letter_for(
                     subscription,
                     subject=delivery.subject,
