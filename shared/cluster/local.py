@@ -20,6 +20,7 @@ from typing import BinaryIO
 
 import structlog
 
+from torchrelay.shared.cluster.lifeline import parent_env
 from torchrelay.shared.cluster.port import Ended, Status, Unplaceable, WorkerJob
 from torchrelay.shared.cluster.worker_spec import WORKER_ENV, WorkerSpec
 
@@ -91,7 +92,7 @@ class LocalBackend:
                 nats_url=job.nats_url,
                 pipeline_id=job.pipeline_id,
             )
-            env = {WORKER_ENV: spec.model_dump_json(), "OMP_NUM_THREADS": "1"}
+            env = {WORKER_ENV: spec.model_dump_json(), "OMP_NUM_THREADS": "1", **parent_env()}
             if backend == "nccl":
                 env["CUDA_VISIBLE_DEVICES"] = str(rank)
             ranks.append(

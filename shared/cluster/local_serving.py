@@ -24,6 +24,8 @@ from pathlib import Path
 import aiohttp
 import structlog
 
+from torchrelay.shared.cluster.lifeline import parent_env
+
 log = structlog.get_logger("torchrelay.cluster.serving")
 SERVER_MODULE = "torchrelay.services.serve.server"
 
@@ -109,7 +111,7 @@ class LocalServing:
                     stdin=asyncio.subprocess.DEVNULL,
                     stdout=output,
                     stderr=asyncio.subprocess.STDOUT,
-                    env={**os.environ, "OMP_NUM_THREADS": "1"},
+                    env={**os.environ, "OMP_NUM_THREADS": "1", **parent_env()},
                     start_new_session=True,
                 )  # fmt: skip
             handle.servers.append(ServerProcess(process, log_path))

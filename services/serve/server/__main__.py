@@ -23,6 +23,7 @@ from prometheus_client import CollectorRegistry
 from torchrelay.services.serve.server.app import ServerMetrics, build_app
 from torchrelay.services.serve.server.batching import DynamicBatcher
 from torchrelay.services.serve.server.model import ModelLoadError, load_model
+from torchrelay.shared.cluster.lifeline import die_with_parent
 
 EXIT_LOAD_FAILED = 3
 
@@ -149,6 +150,7 @@ class Control:
 
 
 def main(argv: list[str] | None = None) -> int:
+    die_with_parent()
     return asyncio.run(serve(parse(argv)))
 
 

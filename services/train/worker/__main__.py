@@ -18,6 +18,7 @@ import torch.distributed as dist
 
 from torchrelay.services.train.worker.context import TrainingContext
 from torchrelay.services.train.worker.report import Reporter
+from torchrelay.shared.cluster.lifeline import die_with_parent
 from torchrelay.shared.cluster.worker_spec import WorkerSpec
 from torchrelay.shared.runtime.logging import configure_logging
 from torchrelay.shared.runtime.settings import LogSettings
@@ -32,6 +33,7 @@ def result_path(storage_root: Path, run_id: str) -> Path:
 
 
 def main() -> int:
+    die_with_parent()
     spec = WorkerSpec.from_env()
     configure_logging(LogSettings())
     structlog.contextvars.bind_contextvars(run_id=spec.run_id, rank=spec.rank, attempt=spec.attempt)
