@@ -20,6 +20,12 @@ class DeploymentRecord(BaseModel):
     replicas: int = 1
     status: str = "none"
     reason: str | None = None
+    owner: str | None = None
+    """The serve replica whose model servers serve the active version."""
+    port: int | None = None
+    """The model's stable port, kept across versions and owners."""
+    servers: list[str] = []
+    """The active version's servers (private URLs), for whichever replica retires them."""
     updated: datetime
 
 

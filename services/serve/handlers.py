@@ -8,6 +8,7 @@ stable endpoint and retires the old version. A version that fails never takes tr
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import uuid
 from datetime import UTC, datetime
@@ -40,6 +41,7 @@ from torchrelay.shared.events.data import (
 )
 from torchrelay.shared.pipelines import PipelineRecord, pipeline_key, record_stage
 from torchrelay.shared.state import State, Store, key_part
+from torchrelay.shared.state.presence import Presence, exclusive
 
 log = structlog.get_logger("torchrelay.serve")
 _EVENT_IDS = uuid.UUID("3e8f1a2b-6c4d-4f9e-8a7b-2c1d0e9f8a7b")
@@ -56,9 +58,11 @@ class Deployer:
         serving: LocalServing,
         state: State,
         publish: Publish,
+        presence: Presence,
         source: str,
         replicas: int,
         ready_timeout_s: float,
+        reclaim_every_s: float = 2.0,
     ) -> None:
         self.serving = serving
         self.deployments: Store[DeploymentRecord] = state.store("deployments", DeploymentRecord)
@@ -67,8 +71,11 @@ class Deployer:
         self._source = source
         self._replicas = replicas
         self._ready_timeout_s = ready_timeout_s
+        self._leases = state.leases
+        self._presence = presence
+        self._reclaim_every_s = reclaim_every_s
         self._active: dict[str, VersionHandle] = {}
-        self._locks: dict[str, asyncio.Lock] = {}
+        """Versions whose servers are this replica's children."""
 
     async def on_deploy_requested(self, event: ModelDeployRequested) -> None:
         data = event.data
@@ -120,14 +127,18 @@ class Deployer:
     async def deploy(
         self, model: str, version: str, replicas: int, cause: str, pipeline_id: str | None
     ) -> tuple[bool, str]:
-        """Roll ``version`` out; (True, endpoint) or (False, reason)."""
-        async with self._locks.setdefault(model, asyncio.Lock()):
+        """Roll ``version`` out; (True, endpoint) or (False, reason).
+
+        One rollout of a model at a time across all replicas (a lease). Whichever replica
+        rolls out serves the new version on the model's port and retires the old servers,
+        its own or another replica's.
+        """
+        async with self._exclusive(model):
             current = await self.deployments.get(key_part(model))
             record = current.value if current else None
-            active = self._active.get(model)
-            if active is not None and active.version == version:
-                await self._deployed(model, version, cause, pipeline_id)  # a repeat: same answer
-                return True, self.serving.endpoint(model)
+            if record is not None and record.endpoint and await self._serving_now(record, version):
+                await self._deployed(model, version, record.endpoint, cause, pipeline_id)
+                return True, record.endpoint  # a repeat: same answer
             previous = record.active_version if record else None
             await self._publish(
                 ModelRolloutStarted(
@@ -140,6 +151,7 @@ class Deployer:
             )
             try:
                 handle = await self._start_checked(model, version, replicas)
+                endpoint = await self._promote(handle, record)
             except RolloutFailed as exc:
                 await self._failed(
                     model,
@@ -150,10 +162,8 @@ class Deployer:
                     pipeline_id=pipeline_id,
                 )
                 return False, str(exc)
-            endpoint = await self.serving.promote(handle)
+            await self._retire_previous(model, record)
             self._active[model] = handle
-            if active is not None:
-                await self.serving.retire(active)
             await self.deployments.put(
                 key_part(model),
                 DeploymentRecord(
@@ -163,11 +173,96 @@ class Deployer:
                     endpoint=endpoint,
                     replicas=replicas,
                     status="deployed",
+                    owner=self._presence.instance,
+                    port=self.serving.stable_port(model),
+                    servers=handle.private_urls,
                     updated=datetime.now(UTC),
                 ),
             )
-            await self._deployed(model, version, cause, pipeline_id)
+            await self._deployed(model, version, endpoint, cause, pipeline_id)
             return True, endpoint
+
+    def _exclusive(self, model: str) -> contextlib.AbstractAsyncContextManager[None]:
+        return exclusive(self._leases, f"serve.model.{key_part(model)}", self._presence.instance)
+
+    async def _serving_now(self, record: DeploymentRecord, version: str) -> bool:
+        return (
+            record.status == "deployed"
+            and record.active_version == version
+            and record.owner is not None
+            and await self._presence.alive(record.owner)
+        )
+
+    async def _promote(self, handle: VersionHandle, record: DeploymentRecord | None) -> str:
+        """Join the model's port: the one it has (whoever served it before) or a new one."""
+        try:
+            self.serving.stable_port(handle.model, record.port if record else None)
+            return await self.serving.promote(handle)
+        except (OSError, aiohttp.ClientError) as exc:
+            await self.serving.stop(handle)
+            raise RolloutFailed(f"version {handle.version} could not join its port: {exc}") from exc
+
+    async def _retire_previous(self, model: str, record: DeploymentRecord | None) -> None:
+        mine = self._active.pop(model, None)
+        if mine is not None:
+            await self.serving.retire(mine)
+        if record is not None and record.owner != self._presence.instance and record.servers:
+            await self.serving.retire_servers(record.servers)  # another replica's servers
+
+    # --- models whose replica died -----------------------------------------------------------
+
+    async def reclaim(self, stop: asyncio.Event) -> None:
+        """Background loop: a deployed model whose serving replica is gone (its servers died
+        with it) is served again here, same version, same port."""
+        while not stop.is_set():
+            try:
+                await self.reclaim_orphans()
+            except Exception as exc:  # noqa: BLE001 - a loop that outlives one bad round
+                log.warning("reclaim.failed", error=repr(exc))
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(self._reclaim_every_s):
+                    await stop.wait()
+
+    async def reclaim_orphans(self) -> list[str]:
+        """One round of :meth:`reclaim`; returns the models this replica took over."""
+        taken = []
+        for item in await self.deployments.items():
+            if not await self._orphaned(item.value):
+                continue
+            async with self._exclusive(item.value.model):
+                current = await self.deployments.get(item.key)
+                if current is None or not await self._orphaned(current.value):
+                    continue  # another replica took it over (or rolled out) meanwhile
+                await self._serve_again(current.value)
+                taken.append(current.value.model)
+        return taken
+
+    async def _orphaned(self, record: DeploymentRecord) -> bool:
+        return (
+            record.status == "deployed"
+            and record.owner not in (None, self._presence.instance)
+            and not await self._presence.alive(record.owner)
+        )
+
+    async def _serve_again(self, record: DeploymentRecord) -> None:
+        model, version = record.model, str(record.active_version)
+        log.warning("model.orphaned", model=model, version=version, owner=record.owner)
+        try:
+            handle = await self._start_checked(model, version, record.replicas)
+            endpoint = await self._promote(handle, record)
+        except RolloutFailed as exc:
+            log.warning("model.reclaim_failed", model=model, version=version, reason=str(exc))
+            update = {"status": "failed", "reason": str(exc)[:512], "servers": []}
+        else:
+            self._active[model] = handle
+            log.info("model.reclaimed", model=model, version=version, endpoint=endpoint)
+            update = {"servers": handle.private_urls, "endpoint": endpoint}
+        await self.deployments.put(
+            key_part(model),
+            record.model_copy(
+                update={**update, "owner": self._presence.instance, "updated": datetime.now(UTC)}
+            ),
+        )
 
     async def _start_checked(self, model: str, version: str, replicas: int) -> VersionHandle:
         folder = self.serving.model_dir(model, version)
@@ -204,9 +299,8 @@ class Deployer:
                     raise RolloutFailed(problem)
 
     async def _deployed(
-        self, model: str, version: str, cause: str, pipeline_id: str | None
+        self, model: str, version: str, endpoint: str, cause: str, pipeline_id: str | None
     ) -> None:
-        endpoint = self.serving.endpoint(model)
         log.info("model.deployed", model=model, version=version, endpoint=endpoint)
         await self._publish(
             ModelDeployed(
@@ -251,9 +345,12 @@ class Deployer:
             "causationid": cause,
         }
 
-    def endpoint_of(self, model: str) -> str | None:
-        """The stable endpoint of a model this replica serves, or None."""
-        return self.serving.endpoint(model) if model in self._active else None
+    async def endpoint_of(self, model: str) -> str | None:
+        """The stable endpoint of a deployed model (whichever replica serves it), or None."""
+        current = await self.deployments.get(key_part(model))
+        if current is None or current.value.status != "deployed":
+            return None
+        return current.value.endpoint
 
     async def aclose(self) -> None:
         await self.serving.aclose()

@@ -7,7 +7,7 @@ fraction of a millisecond talk to the model's port directly (``model.deployed`` 
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 
 import aiohttp
 from aiohttp import web
@@ -19,13 +19,14 @@ PASSED_RESPONSE_HEADERS = ("Content-Type", "Inference-Header-Content-Length", "R
 
 
 def routes(
-    endpoint_of: Callable[[str], str | None], session: Callable[[], aiohttp.ClientSession]
+    endpoint_of: Callable[[str], Awaitable[str | None]],
+    session: Callable[[], aiohttp.ClientSession],
 ) -> list[web.RouteDef]:
     async def forward(request: web.Request) -> web.Response:
         name = request.match_info["name"]
-        endpoint = endpoint_of(name)
+        endpoint = await endpoint_of(name)
         if endpoint is None:
-            return json_error(404, f"model {name!r} is not deployed here")
+            return json_error(404, f"model {name!r} is not deployed")
         base = endpoint.split("/v2/", 1)[0]
         headers = {k: request.headers[k] for k in PASSED_REQUEST_HEADERS if k in request.headers}
         try:

@@ -35,6 +35,7 @@ async def build(platform: Platform[ServeSettings]) -> AsyncIterator[Service]:
         serving=serving,
         state=platform.state,
         publish=platform.bus.publish,
+        presence=platform.presence,
         source=platform.source,
         replicas=options.replicas,
         ready_timeout_s=options.ready_timeout_s,
@@ -70,6 +71,7 @@ async def build(platform: Platform[ServeSettings]) -> AsyncIterator[Service]:
                     ack_wait_s=120.0,
                 ),
             ],
+            background=[deployer.reclaim],
         )
     finally:
         if session is not None:

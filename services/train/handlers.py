@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import importlib.util
 import json
 from datetime import UTC, datetime
@@ -14,7 +15,7 @@ from pydantic import JsonValue
 from torchrelay.services.train.domain import RunRecord, restart_allowed, run_id_for
 from torchrelay.shared.bus.port import Publish
 from torchrelay.shared.cluster import Backend, Ended, Status, Unplaceable, WorkerJob
-from torchrelay.shared.errors import AlreadyExists, TransientError
+from torchrelay.shared.errors import AlreadyExists, StaleRevision, TransientError
 from torchrelay.shared.events import (
     DatasetStaged,
     TrainCancelRequested,
@@ -33,6 +34,7 @@ from torchrelay.shared.events.data import (
 )
 from torchrelay.shared.pipelines import PipelineRecord, pipeline_key, record_stage
 from torchrelay.shared.state import State, Store, key_part
+from torchrelay.shared.state.presence import Presence
 
 log = structlog.get_logger("torchrelay.train")
 
@@ -46,8 +48,9 @@ class Trainer:
         publish: Publish,
         storage_root: Path,
         nats_url: str,
-        instance: str,
+        presence: Presence,
         source: str,
+        reclaim_every_s: float = 2.0,
     ) -> None:
         self.backend = backend
         self.runs: Store[RunRecord] = state.store("runs", RunRecord)
@@ -55,7 +58,9 @@ class Trainer:
         self._publish = publish
         self._root = storage_root
         self._nats_url = nats_url
-        self._instance = instance
+        self._presence = presence
+        self._instance = presence.instance
+        self._reclaim_every_s = reclaim_every_s
         self._source = source
         self._watchers: dict[str, asyncio.Task[None]] = {}
 
@@ -147,6 +152,41 @@ class Trainer:
             raise TransientError(f"run {run_id} is owned by {current.value.owner}", delay_s=1.0)
         await self.backend.cancel(f"{run_id}/{current.value.attempt}")
 
+    # --- runs whose replica died ------------------------------------------------------------
+
+    async def reclaim(self, stop: asyncio.Event) -> None:
+        """Background loop: a running run whose owner replica is gone (its workers died with
+        it) ends as a failed attempt, so the monitor restarts it from its last checkpoint."""
+        while not stop.is_set():
+            try:
+                await self.reclaim_orphans()
+            except Exception as exc:  # noqa: BLE001 - a loop that outlives one bad round
+                log.warning("reclaim.failed", error=repr(exc))
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(self._reclaim_every_s):
+                    await stop.wait()
+
+    async def reclaim_orphans(self) -> list[str]:
+        """One round of :meth:`reclaim`; returns the runs this replica took over."""
+        taken = []
+        for item in await self.runs.items():
+            run = item.value
+            if run.status != "running" or run.owner == self._instance:
+                continue
+            if await self._presence.alive(run.owner):
+                continue
+            reason = f"the train replica {run.owner} that ran attempt {run.attempt} is gone"
+            try:  # compare-and-set: of all replicas that noticed, one takes the run over
+                claimed = run.model_copy(update={"owner": self._instance})
+                await self.runs.update(item.key, claimed, revision=item.revision)
+            except StaleRevision:
+                continue
+            log.warning("run.orphaned", run_id=run.run_id, attempt=run.attempt, owner=run.owner)
+            final = run.attempt >= run.spec.max_restarts
+            await self._failed(run, Ended(Status.FAILED, reason), final=final, cause=None)
+            taken.append(run.run_id)
+        return taken
+
     # --- launching and watching ------------------------------------------------------------
 
     def _check(self, spec: TrainJobSpec) -> tuple[str | None, str]:
@@ -219,7 +259,7 @@ class Trainer:
         finally:
             self._watchers.pop(record.run_id, None)
 
-    async def _completed(self, record: RunRecord, cause: str) -> None:
+    async def _completed(self, record: RunRecord, cause: str | None) -> None:
         result = json.loads((self._root / "runs" / record.run_id / "result.json").read_text())
         await self._set(record, "succeeded", reason=None, model_version=result["version"])
         await self._publish(
@@ -246,7 +286,9 @@ class Trainer:
                 detail=detail,
             )  # fmt: skip
 
-    async def _failed(self, record: RunRecord, ended: Ended, *, final: bool, cause: str) -> None:
+    async def _failed(
+        self, record: RunRecord, ended: Ended, *, final: bool, cause: str | None
+    ) -> None:
         status = "cancelled" if ended.status is Status.CANCELLED else "failed"
         await self._set(record, status, reason=ended.reason)
         await self._publish(
@@ -292,7 +334,7 @@ class Trainer:
 
         await self.runs.mutate(key_part(record.run_id), change)
 
-    def _envelope(self, record: RunRecord, cause: str) -> dict[str, str | None]:
+    def _envelope(self, record: RunRecord, cause: str | None) -> dict[str, str | None]:
         return {
             "source": self._source,
             "subject": record.run_id,

@@ -39,7 +39,7 @@ async def build(platform: Platform[TrainSettings]) -> AsyncIterator[Service]:
         publish=platform.bus.publish,
         storage_root=platform.settings.storage_root.resolve(),
         nats_url=platform.settings.nats.url,
-        instance=platform.settings.instance,
+        presence=platform.presence,
         source=platform.source,
     )
     try:
@@ -70,6 +70,7 @@ async def build(platform: Platform[TrainSettings]) -> AsyncIterator[Service]:
                     prefetch=2,
                 ),
             ],
+            background=[trainer.reclaim],
         )
     finally:
         await trainer.aclose()

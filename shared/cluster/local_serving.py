@@ -75,15 +75,24 @@ class LocalServing:
     def model_dir(self, model: str, version: str) -> Path:
         return self.root / "models" / model / version
 
-    def stable_port(self, model: str) -> int:
-        """The model's port for good: reserved on first use, shared by all its versions."""
-        if model not in self._reservations:
-            reservation = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-            reservation.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-            reservation.bind((self.host, 0))
-            self._reservations[model] = reservation
-        port: int = self._reservations[model].getsockname()[1]
-        return port
+    def stable_port(self, model: str, port: int | None = None) -> int:
+        """The model's port for good: reserved on first use, shared by all its versions (and
+        by every replica that serves them: pass the port the model already has)."""
+        held = self._reservations.get(model)
+        if held is not None and port not in (None, held.getsockname()[1]):
+            held.close()
+            held = None
+        if held is None:
+            held = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            held.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+            try:
+                held.bind((self.host, port or 0))
+            except OSError:
+                held.close()
+                raise
+            self._reservations[model] = held
+        bound: int = held.getsockname()[1]
+        return bound
 
     def endpoint(self, model: str) -> str:
         return f"http://{self.host}:{self.stable_port(model)}/v2/models/{model}"
@@ -148,12 +157,17 @@ class LocalServing:
 
     async def retire(self, handle: VersionHandle) -> None:
         """Stop taking connections, drain, exit (in the background; bounded by drain_s)."""
-        async with aiohttp.ClientSession() as http:
-            for url in handle.private_urls:
-                with contextlib.suppress(aiohttp.ClientError):
+        await self.retire_servers(handle.private_urls)
+        asyncio.get_running_loop().create_task(self._reap(handle), name=f"reap:{handle.version}")
+
+    async def retire_servers(self, urls: list[str]) -> None:
+        """Ask servers (this replica's or another's) to drain and exit; gone ones are skipped."""
+        timeout = aiohttp.ClientTimeout(total=5)
+        async with aiohttp.ClientSession(timeout=timeout) as http:
+            for url in urls:
+                with contextlib.suppress(aiohttp.ClientError, TimeoutError):
                     async with http.post(f"{url}/admin/retire") as response:
                         await response.read()
-        asyncio.get_running_loop().create_task(self._reap(handle), name=f"reap:{handle.version}")
 
     async def _reap(self, handle: VersionHandle) -> None:
         try:

@@ -29,6 +29,7 @@ from torchrelay.shared.runtime.http import build_app, start_http
 from torchrelay.shared.runtime.metrics import RuntimeMetrics
 from torchrelay.shared.runtime.settings import ServiceSettings
 from torchrelay.shared.state import State
+from torchrelay.shared.state.presence import Presence
 
 S = TypeVar("S", bound=ServiceSettings)
 BackgroundTask = Callable[[asyncio.Event], Coroutine[Any, Any, None]]
@@ -58,6 +59,7 @@ class Platform(Generic[S]):
     state: State
     registry: CollectorRegistry
     source: str
+    presence: Presence
     ready_checks: list[Callable[[], Awaitable[bool]]] = field(default_factory=list)
 
 
@@ -124,7 +126,11 @@ async def _run(name: str, settings: S, factory: ServiceFactory[S], stop: asyncio
         stack.push_async_callback(lambda: bus.aclose(deadline.remaining()))
         await bus.ensure_stream()
         state = await State.open(nc.jetstream(), replicas=settings.stream.replicas)
-        platform = Platform(settings, bus, state, registry, source)
+        # Presence first: work this replica starts is known to be its own from the start.
+        presence = Presence(state.leases, name, settings.instance)
+        await presence.announce()
+        stack.push_async_callback(presence.withdraw)
+        platform = Platform(settings, bus, state, registry, source, presence)
         service = await stack.enter_async_context(factory(platform))
         await bus.provision(service.subscriptions)
 
@@ -140,6 +146,7 @@ async def _run(name: str, settings: S, factory: ServiceFactory[S], stop: asyncio
             failure = await _serve(
                 settings=settings,
                 service=service,
+                background=[presence.keep, *service.background],
                 bus=bus,
                 metrics=metrics,
                 readiness=readiness,
@@ -161,6 +168,7 @@ async def _serve(
     *,
     settings: ServiceSettings,
     service: Service,
+    background: Sequence[BackgroundTask],
     bus: JetStreamBus,
     metrics: RuntimeMetrics,
     readiness: _Readiness,
@@ -176,7 +184,7 @@ async def _serve(
         for sub in service.subscriptions
     ] + [
         asyncio.create_task(task(consuming), name=f"background:{index}")
-        for index, task in enumerate(service.background)
+        for index, task in enumerate(background)
     ]
     readiness.started = True
     metrics.ready.set(1)

@@ -191,6 +191,17 @@ class Leases:
             raise LeaseLost(f"lease {lease.name} held by {lease.holder} was lost") from exc
         return Lease(lease.name, lease.holder, int(ack.seq), lease.ttl_s)
 
+    async def holder(self, name: str) -> str | None:
+        """Who holds the lease now, or None when nobody does (never taken, released, expired)."""
+        try:
+            entry = await self._kv.get(name)
+        except nats.js.errors.KeyNotFoundError:
+            return None
+        if not entry.value:
+            return None
+        held: str = json.loads(entry.value)["holder"]
+        return held
+
     async def release(self, lease: Lease) -> None:
         """Give the lease up; a lease already lost is not an error."""
         try:

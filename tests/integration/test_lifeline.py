@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 from torchrelay.shared.cluster.lifeline import PARENT_ENV
 
@@ -34,8 +35,7 @@ def _alive(pid: int) -> bool:
     except ProcessLookupError:
         return False
     # A zombie awaits a reaper that is gone: init reaps it soon after.
-    with open(f"/proc/{pid}/stat") as stat:
-        return stat.read().split()[2] != "Z"
+    return Path(f"/proc/{pid}/stat").read_text().split()[2] != "Z"
 
 
 def test_a_child_dies_when_its_parent_is_killed() -> None:
