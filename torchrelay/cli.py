@@ -81,12 +81,13 @@ def _up(args: argparse.Namespace) -> int:
     if platform.running(args.state_dir) is not None:
         print(f"torchrelay: a platform already runs from {args.state_dir}", file=sys.stderr)
         return EXIT_USAGE
-    started = platform.start(args.state_dir, nats_url=args.nats_url)
-    print(f"NATS      {started.nats_url}")
-    for name, port in started.ports.items():
-        print(f"{name:9s} http://127.0.0.1:{port}   (log: {args.state_dir / 'logs' / name}.log)")
-    print(f"storage   {started.storage_root}")
-    print("Ctrl-C stops everything.", flush=True)
+    started = platform.start(args.state_dir, nats_url=args.nats_url, replicas=args.replicas)
+    print(f"NATS        {started.nats_url}")
+    for replica in started.replicas:
+        log = started.log_path(replica.name)
+        print(f"{replica.name:11s} http://127.0.0.1:{replica.port}   (log: {log})")
+    print(f"storage     {started.storage_root}")
+    print("A service that dies is started again. Ctrl-C stops everything.", flush=True)
     stop = {"requested": False}
 
     def request_stop(signum: int, frame: object) -> None:
@@ -96,10 +97,7 @@ def _up(args: argparse.Namespace) -> int:
     signal.signal(signal.SIGINT, request_stop)
     try:
         while not stop["requested"]:
-            for name, process in started.processes.items():
-                if process.poll() is not None:
-                    print(f"torchrelay: the {name} service exited ({process.returncode})")
-                    stop["requested"] = True
+            platform.supervise(started, say=lambda line: print(line, flush=True))
             time.sleep(0.5)  # a signal runs the handler, then the loop sees the flag
     finally:
         print("stopping...", flush=True)
@@ -264,7 +262,8 @@ def build_parser() -> argparse.ArgumentParser:
     state.add_argument("--state-dir", type=Path, default=Path(".torchrelay"))
     state.add_argument("--nats-url", help="use this NATS instead of the platform's own")
 
-    commands.add_parser("up", parents=[state], help="run NATS and the four services here")
+    up = commands.add_parser("up", parents=[state], help="run NATS and the four services here")
+    up.add_argument("--replicas", type=int, default=1, help="processes per service (default 1)")
     submit = commands.add_parser("submit", parents=[state], help="submit a pipeline (YAML/JSON)")
     submit.add_argument("file", type=Path)
     submit.add_argument("--wait", action="store_true", help="follow it to the end")

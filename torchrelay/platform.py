@@ -1,6 +1,8 @@
 """The local platform: a real nats-server and the four services as processes on loopback.
 
-``torchrelay up`` runs it in the foreground; ``torchrelay demo`` starts one if none is
+``torchrelay up`` runs it in the foreground and supervises it: a service process that dies is
+started again (with a growing pause if it keeps dying), as a Kubernetes Deployment would, and
+the other replicas take its work over meanwhile. ``torchrelay demo`` starts one if none is
 running. The running platform is described in ``<state>/platform.json`` for the other commands.
 """
 
@@ -13,6 +15,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -22,6 +25,27 @@ from torchrelay.shared.errors import ConfigError
 
 SERVICES = ("ingest", "train", "serve", "monitor")
 DEFAULT_STATE = Path(".torchrelay")
+RESTART_PAUSES_S = (0.5, 1.0, 2.0, 5.0, 10.0, 30.0)
+STEADY_AFTER_S = 60.0
+"""A replica that ran this long before dying is restarted at once again."""
+
+
+@dataclass
+class Replica:
+    """One service process."""
+
+    service: str
+    index: int
+    process: subprocess.Popen[bytes]
+    port: int = 0
+    started: float = field(default_factory=time.monotonic)
+    restarts: int = 0
+    due: float | None = None
+    """When a dead replica is to be started again."""
+
+    @property
+    def name(self) -> str:
+        return f"{self.service}-{self.index}"
 
 
 @dataclass
@@ -29,20 +53,31 @@ class Platform:
     state_dir: Path
     nats_url: str
     nats: NatsServer | None = None
-    processes: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
-    ports: dict[str, int] = field(default_factory=dict)
+    replicas: list[Replica] = field(default_factory=list)
 
     @property
     def storage_root(self) -> Path:
         return self.state_dir / "storage"
+
+    def log_path(self, name: str) -> Path:
+        return self.state_dir / "logs" / f"{name}.log"
 
     def describe(self) -> dict[str, Any]:
         return {
             "pid": os.getpid(),
             "nats_url": self.nats_url,
             "storage_root": str(self.storage_root.resolve()),
-            "services": {name: f"http://127.0.0.1:{port}" for name, port in self.ports.items()},
+            "services": {
+                r.name: {"url": f"http://127.0.0.1:{r.port}", "pid": r.process.pid}
+                for r in self.replicas
+            },
         }
+
+    def save(self) -> None:
+        path = self.state_dir / "platform.json"
+        temporary = path.with_suffix(".json.tmp")
+        temporary.write_text(json.dumps(self.describe(), indent=2))
+        temporary.replace(path)
 
 
 def running(state_dir: Path) -> dict[str, Any] | None:
@@ -55,7 +90,15 @@ def running(state_dir: Path) -> dict[str, Any] | None:
     return described
 
 
-def start(state_dir: Path, *, nats_url: str | None = None, timeout_s: float = 90) -> Platform:
+def start(
+    state_dir: Path,
+    *,
+    nats_url: str | None = None,
+    replicas: int = 1,
+    timeout_s: float = 90,
+) -> Platform:
+    if replicas < 1:
+        raise ConfigError(f"replicas must be at least 1, not {replicas}")
     state_dir.mkdir(parents=True, exist_ok=True)
     (state_dir / "logs").mkdir(exist_ok=True)
     nats = None
@@ -63,50 +106,81 @@ def start(state_dir: Path, *, nats_url: str | None = None, timeout_s: float = 90
         nats = NatsServer(state_dir / "nats").start()
         nats_url = nats.url
     platform = Platform(state_dir, nats_url, nats)
-    env = {**os.environ, "TORCHRELAY_STORAGE_ROOT": str(platform.storage_root.resolve())}
     try:
         for name in SERVICES:
-            log = (state_dir / "logs" / f"{name}.log").open("wb")
-            platform.processes[name] = subprocess.Popen(
-                [sys.executable, "-m", "torchrelay", "service", name,
-                 "--nats-url", nats_url, "--http-port", "0"],
-                stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
-            )  # fmt: skip
-            log.close()
+            for index in range(replicas):
+                platform.replicas.append(Replica(name, index, _spawn(platform, name, index)))
         deadline = time.monotonic() + timeout_s
-        for name in SERVICES:
-            platform.ports[name] = _wait_ready(platform, name, deadline)
+        for replica in platform.replicas:
+            replica.port = _wait_ready(platform, replica, deadline)
     except BaseException:
         stop(platform)
         raise
-    (state_dir / "platform.json").write_text(json.dumps(platform.describe(), indent=2))
+    platform.save()
     return platform
 
 
-def _wait_ready(platform: Platform, name: str, deadline: float) -> int:
-    log = platform.state_dir / "logs" / f"{name}.log"
+def _spawn(platform: Platform, service: str, index: int) -> subprocess.Popen[bytes]:
+    env = {**os.environ, "TORCHRELAY_STORAGE_ROOT": str(platform.storage_root.resolve())}
+    with platform.log_path(f"{service}-{index}").open("ab") as log:
+        return subprocess.Popen(
+            [sys.executable, "-m", "torchrelay", "service", service,
+             "--nats-url", platform.nats_url, "--http-port", "0"],
+            stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
+        )  # fmt: skip
+
+
+def _wait_ready(platform: Platform, replica: Replica, deadline: float) -> int:
+    """The replica's HTTP port, once its log says it is ready (this start's line, not an
+    earlier run's: the log is appended to across restarts)."""
+    log = platform.log_path(replica.name)
     while time.monotonic() < deadline:
         for line in log.read_text(errors="replace").splitlines():
             if '"service.ready"' in line:
-                return int(json.loads(line)["http_port"])
-        if platform.processes[name].poll() is not None:
+                ready = json.loads(line)
+                if ready.get("pid") == replica.process.pid:
+                    return int(ready["http_port"])
+        if replica.process.poll() is not None:
             tail = " | ".join(log.read_text(errors="replace").splitlines()[-5:])
-            raise ConfigError(f"the {name} service exited: {tail}")
+            raise ConfigError(f"the {replica.name} service exited: {tail}")
         time.sleep(0.1)
-    raise ConfigError(f"the {name} service was not ready in time (see {log})")
+    raise ConfigError(f"the {replica.name} service was not ready in time (see {log})")
+
+
+def supervise(platform: Platform, *, say: Callable[[str], None]) -> None:
+    """One round: start again what died, when its pause is over (call it every half second)."""
+    now = time.monotonic()
+    for replica in platform.replicas:
+        code = replica.process.poll()
+        if code is not None and replica.due is None:
+            steady = now - replica.started >= STEADY_AFTER_S
+            replica.restarts = 0 if steady else replica.restarts + 1
+            pause = RESTART_PAUSES_S[min(replica.restarts, len(RESTART_PAUSES_S) - 1)]
+            replica.due = now + pause
+            say(f"{replica.name} exited ({code}); starting it again in {pause:g}s")
+        if replica.due is not None and now >= replica.due:
+            replica.process = _spawn(platform, replica.service, replica.index)
+            replica.started, replica.due = now, None
+            try:
+                replica.port = _wait_ready(platform, replica, time.monotonic() + 90)
+            except ConfigError as exc:
+                say(str(exc))
+                continue  # dead again: the next round schedules it
+            say(f"{replica.name} is back: http://127.0.0.1:{replica.port}")
+            platform.save()
 
 
 def stop(platform: Platform, timeout_s: float = 30) -> None:
     """SIGTERM every service (they stop what they started), then the NATS server."""
-    for process in platform.processes.values():
-        if process.poll() is None:
-            process.send_signal(signal.SIGTERM)
-    for process in platform.processes.values():
+    for replica in platform.replicas:
+        if replica.process.poll() is None:
+            replica.process.send_signal(signal.SIGTERM)
+    for replica in platform.replicas:
         try:
-            process.wait(timeout_s)
+            replica.process.wait(timeout_s)
         except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+            replica.process.kill()
+            replica.process.wait()
     if platform.nats is not None:
         platform.nats.stop()
     with contextlib.suppress(FileNotFoundError):

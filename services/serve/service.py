@@ -60,7 +60,6 @@ async def build(platform: Platform[ServeSettings]) -> AsyncIterator[Service]:
                     _route(deployer),
                     max_in_flight=1,
                     prefetch=1,
-                    ack_wait_s=120.0,
                 ),
                 Subscription(
                     "serve-pipelines",
@@ -68,7 +67,6 @@ async def build(platform: Platform[ServeSettings]) -> AsyncIterator[Service]:
                     deployer.on_train_completed,
                     max_in_flight=1,
                     prefetch=1,
-                    ack_wait_s=120.0,
                 ),
             ],
             background=[deployer.reclaim],

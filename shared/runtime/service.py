@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import signal
 import time
 from collections.abc import Awaitable, Callable, Coroutine, Sequence
@@ -192,6 +193,7 @@ async def _serve(
         "service.ready",
         http_host=settings.http.host,
         http_port=port,
+        pid=os.getpid(),
         nats_url=settings.nats.url,
         subscriptions=[sub.name for sub in service.subscriptions],
     )

@@ -85,7 +85,7 @@ class Presence:
 
 @contextlib.asynccontextmanager
 async def exclusive(
-    leases: Leases, name: str, holder: str, *, ttl_s: float = 30.0, poll_s: float = 0.2
+    leases: Leases, name: str, holder: str, *, ttl_s: float = 15.0, poll_s: float = 0.2
 ) -> AsyncIterator[None]:
     """Hold the lease ``name`` for the body, waiting for it when another holder has it, and
     renewing it in the background (a crashed holder blocks the others for at most ``ttl_s``)."""
