@@ -131,18 +131,18 @@ def _submit(args: argparse.Namespace) -> int:
 def _status(args: argparse.Namespace) -> int:
     import asyncio
 
-    from torchrelay.client import Client, timing
+    from torchrelay.client import Client, lineage, table, timing
 
     async def run() -> int:
         client = await Client.connect(_nats_url(args))
         try:
             if args.id is None:
-                records = sorted(await client.records(), key=lambda r: r.submitted)
-                rows = [timing(r) for r in records]
+                rows = (await client.inventory()).rows()
                 if args.json:
                     print(json.dumps(rows, indent=2, default=str))
-                for row in [] if args.json else rows:
-                    print(f"{row['pipeline_id']:32s} {row['status']:9s} {row['submitted']}")
+                    return 0
+                for kind, listed in rows.items():
+                    print(f"{kind.upper()}\n{table(listed)}\n")
                 return 0
             record = await client.record(args.id)
             if record is None:
@@ -153,6 +153,9 @@ def _status(args: argparse.Namespace) -> int:
                 print(json.dumps(report, indent=2, default=str))
                 return 0
             print(f"{report['pipeline_id']} ({report['name']}): {report['status']}")
+            linked = lineage(record)
+            chain = [f"{k} {linked[k]}" for k in ("dataset", "run", "model", "endpoint")]
+            print("  lineage: " + " -> ".join(c for c in chain if not c.endswith(" ")))
             for name, stage in report["stages"].items():
                 seconds = "" if stage["seconds"] is None else f"{stage['seconds']:.2f}s"
                 note = stage["reason"] or " ".join(
@@ -185,6 +188,38 @@ def _logs(args: argparse.Namespace) -> int:
         print(f"==> {log.parent.name}/{log.name} <==")
         print(log.read_text(errors="replace"), end="")
     return 0
+
+
+def _predict(args: argparse.Namespace) -> int:
+    import asyncio
+
+    from torchrelay.client import Client, load_input, predict
+
+    try:
+        sample = load_input(args.file)
+    except ValueError as exc:
+        print(f"torchrelay: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+
+    async def run() -> int:
+        client = await Client.connect(_nats_url(args))
+        try:
+            deployment = await client.deployment(args.model)
+        finally:
+            await client.aclose()
+        if deployment is None or deployment.status != "deployed" or not deployment.endpoint:
+            print(f"torchrelay: model {args.model!r} is not deployed", file=sys.stderr)
+            return 1
+        batch = sample if args.batched else sample[None, ...]
+        try:
+            answer = await predict(deployment.endpoint, batch)
+        except (RuntimeError, ValueError, OSError) as exc:
+            print(f"torchrelay: {exc}", file=sys.stderr)
+            return 1
+        print(json.dumps(answer, indent=2))
+        return 0
+
+    return asyncio.run(run())
 
 
 def _demo(args: argparse.Namespace) -> int:
@@ -222,7 +257,8 @@ def _demo(args: argparse.Namespace) -> int:
             )  # fmt: skip
             with np.load(data_file, allow_pickle=False) as arrays:
                 image, label = arrays["x"][7:8] / 16.0, int(arrays["y"][7])
-            scores = await predict(endpoint, image[:, None, :, :])
+            answer = await predict(endpoint, image[:, None, :, :])
+            scores = answer["outputs"][0]["data"]
             accuracy = record.stages["train"].detail.get("metrics", {})
             print(f"\nendpoint   {endpoint}")
             print(f"accuracy   {accuracy}")
@@ -273,6 +309,12 @@ def build_parser() -> argparse.ArgumentParser:
     status.add_argument("--json", action="store_true")
     logs = commands.add_parser("logs", parents=[state], help="a run's worker logs")
     logs.add_argument("run_id")
+    predict = commands.add_parser("predict", parents=[state], help="send an input to a model")
+    predict.add_argument("model")
+    predict.add_argument("file", type=Path, help="one input: .npy, or .json list of numbers")
+    predict.add_argument(
+        "--batched", action="store_true", help="the file holds a batch (first axis), not one"
+    )
     demo = commands.add_parser("demo", parents=[state], help="run the digits demo pipeline")
     demo.add_argument("--timeout", type=float, default=600)
     return parser
@@ -291,5 +333,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     if args.command == "schema":
         return _schema_export(args.directory)
-    handlers = {"up": _up, "submit": _submit, "status": _status, "logs": _logs, "demo": _demo}
+    handlers = {
+        "up": _up,
+        "submit": _submit,
+        "status": _status,
+        "logs": _logs,
+        "predict": _predict,
+        "demo": _demo,
+    }
     return handlers[args.command](args)

@@ -8,6 +8,7 @@ import json
 import time
 import uuid
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -15,12 +16,14 @@ import aiohttp
 import numpy as np
 import yaml
 
+from torchrelay.services.serve.domain import DeploymentRecord
+from torchrelay.services.train.domain import ModelRecord, RunRecord
 from torchrelay.shared.bus.connection import NatsSettings, connect
 from torchrelay.shared.bus.jetstream import JetStreamBus
 from torchrelay.shared.events import PipelineSubmitted
 from torchrelay.shared.events.data import PipelineSpec, PipelineSubmittedData
 from torchrelay.shared.pipelines import STAGES, PipelineRecord, pipeline_key
-from torchrelay.shared.state import State
+from torchrelay.shared.state import State, key_part
 
 DEMO = {
     "name": "digits-demo",
@@ -47,6 +50,9 @@ class Client:
     def __init__(self, bus: JetStreamBus, state: State) -> None:
         self.bus = bus
         self.pipelines = state.store("pipelines", PipelineRecord)
+        self.runs = state.store("runs", RunRecord)
+        self.models = state.store("models", ModelRecord)
+        self.deployments = state.store("deployments", DeploymentRecord)
 
     @classmethod
     async def connect(cls, nats_url: str) -> Client:
@@ -76,6 +82,18 @@ class Client:
 
     async def records(self) -> list[PipelineRecord]:
         return [item.value for item in await self.pipelines.items()]
+
+    async def deployment(self, model: str) -> DeploymentRecord | None:
+        item = await self.deployments.get(key_part(model))
+        return item.value if item else None
+
+    async def inventory(self) -> Inventory:
+        return Inventory(
+            pipelines=sorted(await self.records(), key=lambda r: r.submitted),
+            runs=sorted((i.value for i in await self.runs.items()), key=lambda r: r.updated),
+            models=sorted((i.value for i in await self.models.items()), key=lambda m: m.created),
+            deployments=[i.value for i in await self.deployments.items()],
+        )
 
     async def wait(
         self, pipeline_id: str, *, timeout_s: float, show: bool = True
@@ -129,6 +147,87 @@ def _progress(pipeline_id: str, show: bool) -> Callable[[Any], Awaitable[None]]:
     return on_message
 
 
+@dataclass(frozen=True)
+class Inventory:
+    """Everything the platform records, for `torchrelay status`."""
+
+    pipelines: list[PipelineRecord]
+    runs: list[RunRecord]
+    models: list[ModelRecord]
+    deployments: list[DeploymentRecord]
+
+    def rows(self) -> dict[str, list[dict[str, Any]]]:
+        """Each kind as table rows, linked: dataset -> run -> model -> deployment."""
+        serving = {d.model: d.active_version for d in self.deployments if d.status == "deployed"}
+        return {
+            "pipelines": [lineage(p) for p in self.pipelines],
+            "runs": [
+                {
+                    "run": r.run_id,
+                    "status": r.status,
+                    "attempt": r.attempt,
+                    "dataset": f"{r.spec.dataset.name}@{r.spec.dataset.version}",
+                    "model": f"{r.spec.model_name}@{r.model_version}" if r.model_version else "",
+                    "pipeline": r.pipeline_id or "",
+                    "replica": r.owner,
+                }
+                for r in self.runs
+            ],
+            "models": [
+                {
+                    "model": f"{m.name}@{m.version}",
+                    "serving": "yes" if serving.get(m.name) == m.version else "",
+                    "metrics": " ".join(f"{k}={v:.4g}" for k, v in m.metrics.items()),
+                    "run": m.run_id,
+                    "dataset": m.dataset,
+                    "pipeline": m.pipeline_id or "",
+                }
+                for m in self.models
+            ],
+            "deployments": [
+                {
+                    "model": d.model,
+                    "status": d.status,
+                    "version": d.active_version or "",
+                    "previous": d.previous_version or "",
+                    "endpoint": d.endpoint or "",
+                    "replica": d.owner or "",
+                    "reason": d.reason or "",
+                }
+                for d in self.deployments
+            ],
+        }
+
+
+def lineage(record: PipelineRecord) -> dict[str, Any]:
+    ingest, train, deploy = (record.stages[name].detail for name in ("ingest", "train", "deploy"))
+    dataset = f"{ingest['dataset']}@{ingest['version']}" if "version" in ingest else ""
+    model = f"{train['model']}@{train['version']}" if "version" in train else ""
+    return {
+        "pipeline": record.pipeline_id,
+        "status": record.status,
+        "submitted": record.submitted.strftime("%Y-%m-%d %H:%M:%S"),
+        "dataset": dataset,
+        "run": f"{record.pipeline_id}.train" if record.stages["train"].status != "pending" else "",
+        "model": model,
+        "endpoint": deploy.get("endpoint", ""),
+    }
+
+
+def table(rows: list[dict[str, Any]]) -> str:
+    """Rows as aligned text columns, headed by their keys."""
+    if not rows:
+        return "  (none)"
+    columns = list(rows[0])
+    cells = [[c.upper() for c in columns]] + [[str(row[c]) for c in columns] for row in rows]
+    widths = [max(len(line[i]) for line in cells) for i in range(len(columns))]
+    return "\n".join(
+        "  "
+        + "  ".join(cell.ljust(width) for cell, width in zip(line, widths, strict=True)).rstrip()
+        for line in cells
+    )
+
+
 def timing(record: PipelineRecord) -> dict[str, Any]:
     """Each stage's duration and the platform's own overhead, for `status`."""
     stages = {
@@ -150,20 +249,49 @@ def timing(record: PipelineRecord) -> dict[str, Any]:
     }
 
 
-async def predict(endpoint: str, sample: np.ndarray[Any, Any]) -> list[float]:
-    body = {
-        "inputs": [
-            {
-                "name": "input",
-                "shape": list(sample.shape),
-                "datatype": "FP32",
-                "data": sample.astype(np.float32).ravel().tolist(),
-            }
-        ]
+async def predict(endpoint: str, sample: np.ndarray[Any, Any]) -> dict[str, Any]:
+    """One V2 inference of ``sample`` (with its batch dimension) at a model's endpoint; the
+    input's name and datatype come from the model's own metadata."""
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=60)) as http:
+        async with http.get(endpoint) as r:
+            metadata = await r.json(content_type=None)
+            if r.status != 200:
+                raise RuntimeError(f"{endpoint} answered HTTP {r.status}: {metadata}")
+        declared = metadata["inputs"][0]
+        body = {"inputs": [_tensor(declared["name"], declared["datatype"], sample)]}
+        async with http.post(f"{endpoint}/infer", json=body) as r:
+            answer: dict[str, Any] = await r.json(content_type=None)
+            if r.status != 200:
+                raise RuntimeError(f"inference failed: HTTP {r.status} {answer}")
+    return answer
+
+
+_NUMPY = {"FP32": np.float32, "FP64": np.float64, "INT64": np.int64, "INT32": np.int32}
+
+
+def _tensor(name: str, datatype: str, sample: np.ndarray[Any, Any]) -> dict[str, Any]:
+    kind = _NUMPY.get(datatype)
+    if kind is None:
+        raise ValueError(f"the model takes {datatype}; predict sends {sorted(_NUMPY)}")
+    return {
+        "name": name,
+        "shape": list(sample.shape),
+        "datatype": datatype,
+        "data": sample.astype(kind).ravel().tolist(),
     }
-    async with aiohttp.ClientSession() as http, http.post(f"{endpoint}/infer", json=body) as r:
-        answer = await r.json()
-        if r.status != 200:
-            raise RuntimeError(f"inference failed: HTTP {r.status} {answer}")
-    scores: list[float] = answer["outputs"][0]["data"]
-    return scores
+
+
+def load_input(path: Path) -> np.ndarray[Any, Any]:
+    """An input batch from ``.npy``, or from ``.json`` holding a (nested) list of numbers."""
+    if path.suffix not in (".npy", ".json"):
+        raise ValueError(f"{path}: give a .npy file or a .json list of numbers")
+    try:
+        if path.suffix == ".npy":
+            array: np.ndarray[Any, Any] = np.load(path, allow_pickle=False)
+        else:
+            array = np.asarray(json.loads(path.read_text()), dtype=np.float64)
+    except (OSError, ValueError) as exc:
+        raise ValueError(f"cannot read an input from {path}: {exc}") from exc
+    if array.ndim == 0 or array.dtype.kind not in "biuf":
+        raise ValueError(f"{path}: the input must be a numeric array, not {array.dtype}")
+    return array

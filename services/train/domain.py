@@ -9,6 +9,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict
 
 from torchrelay.shared.events.data import TrainJobSpec
+from torchrelay.shared.state import key_part
 
 RunStatus = Literal["running", "succeeded", "failed", "cancelled"]
 _RUN_IDS = uuid.UUID("7c1d9e2a-4b3f-4e8a-9c6d-1f2e3a4b5c6d")
@@ -34,6 +35,26 @@ class RunRecord(BaseModel):
     reason: str | None = None
     model_version: str | None = None
     updated: datetime
+
+
+class ModelRecord(BaseModel):
+    """A trained model version in the ``models`` bucket, with where it came from."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    name: str
+    version: str
+    path: str
+    metrics: dict[str, float]
+    run_id: str
+    dataset: str
+    """``name@version`` of the dataset it was trained on."""
+    pipeline_id: str | None = None
+    created: datetime
+
+
+def model_key(name: str, version: str) -> str:
+    return f"{key_part(name)}.{key_part(version)}"
 
 
 def restart_allowed(record: RunRecord, attempt: int) -> str | None:

@@ -12,7 +12,13 @@ from pathlib import Path
 import structlog
 from pydantic import JsonValue
 
-from torchrelay.services.train.domain import RunRecord, restart_allowed, run_id_for
+from torchrelay.services.train.domain import (
+    ModelRecord,
+    RunRecord,
+    model_key,
+    restart_allowed,
+    run_id_for,
+)
 from torchrelay.shared.bus.port import Publish
 from torchrelay.shared.cluster import Backend, Ended, Status, Unplaceable, WorkerJob
 from torchrelay.shared.errors import AlreadyExists, StaleRevision, TransientError
@@ -54,6 +60,7 @@ class Trainer:
     ) -> None:
         self.backend = backend
         self.runs: Store[RunRecord] = state.store("runs", RunRecord)
+        self.models: Store[ModelRecord] = state.store("models", ModelRecord)
         self.pipelines: Store[PipelineRecord] = state.store("pipelines", PipelineRecord)
         self._publish = publish
         self._root = storage_root
@@ -261,6 +268,18 @@ class Trainer:
 
     async def _completed(self, record: RunRecord, cause: str | None) -> None:
         result = json.loads((self._root / "runs" / record.run_id / "result.json").read_text())
+        dataset = record.spec.dataset
+        model = ModelRecord(
+            name=result["model_name"],
+            version=result["version"],
+            path=result["path"],
+            metrics=result["metrics"],
+            run_id=record.run_id,
+            dataset=f"{dataset.name}@{dataset.version}",
+            pipeline_id=record.pipeline_id,
+            created=datetime.now(UTC),
+        )
+        await self.models.put(model_key(model.name, model.version), model)
         await self._set(record, "succeeded", reason=None, model_version=result["version"])
         await self._publish(
             TrainCompleted(

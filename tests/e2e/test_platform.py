@@ -77,3 +77,45 @@ def test_a_pipeline_whose_worker_dies_completes_after_a_restart_from_checkpoint(
     assert "==> attempt-1/rank-0.log <==" in shown.stdout
     assert "worker.finished" in shown.stdout
     assert torchrelay("logs", "no-such-run", cwd=platform.folder).returncode == 1
+
+
+def test_status_links_each_pipeline_to_its_run_model_and_deployment_and_predict_uses_it(
+    platform: Up,
+) -> None:
+    pipeline_id = platform.submit(digits_pipeline("lineage", epochs=10, world_size=1))
+    assert platform.finish(pipeline_id)["status"] == "succeeded"
+    rows = json.loads(torchrelay("status", "--json", cwd=platform.folder).stdout)
+    (pipeline,) = [row for row in rows["pipelines"] if row["pipeline"] == pipeline_id]
+    (run,) = [row for row in rows["runs"] if row["pipeline"] == pipeline_id]
+    (model,) = [row for row in rows["models"] if row["pipeline"] == pipeline_id]
+    (deployment,) = rows["deployments"]
+    assert pipeline["run"] == run["run"] == model["run"] == f"{pipeline_id}.train"
+    assert pipeline["dataset"] == run["dataset"] == model["dataset"]
+    assert pipeline["model"] == run["model"] == model["model"]
+    assert model["model"] == f"digits@{deployment['version']}"
+    assert model["serving"] == "yes"
+    assert pipeline["endpoint"] == deployment["endpoint"]
+    listing = torchrelay("status", cwd=platform.folder).stdout
+    for heading in ("PIPELINES", "RUNS", "MODELS", "DEPLOYMENTS"):
+        assert heading in listing
+    shown = torchrelay("status", pipeline_id, cwd=platform.folder).stdout
+    assert f"lineage: dataset {pipeline['dataset']} -> run {pipeline['run']}" in shown
+
+    image = [[0.0] * 8 for _ in range(8)]
+    (platform.folder / "image.json").write_text(json.dumps([image]))  # one 1x8x8 input
+    predicted = torchrelay("predict", "digits", "image.json", cwd=platform.folder)
+    assert predicted.returncode == 0, predicted.stderr
+    answer = json.loads(predicted.stdout)
+    assert answer["model_version"] == deployment["version"]
+    assert answer["outputs"][0]["shape"] == [1, 10]
+
+    missing = torchrelay("predict", "no-such-model", "image.json", cwd=platform.folder)
+    assert missing.returncode == 1
+    assert "model 'no-such-model' is not deployed" in missing.stderr
+    (platform.folder / "bad.json").write_text("{not json")
+    unreadable = torchrelay("predict", "digits", "bad.json", cwd=platform.folder)
+    assert unreadable.returncode == 2
+    assert "cannot read an input from bad.json" in unreadable.stderr
+    wrong_shape = torchrelay("predict", "digits", "image.json", "--batched", cwd=platform.folder)
+    assert wrong_shape.returncode == 1
+    assert "HTTP 400" in wrong_shape.stderr

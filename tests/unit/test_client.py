@@ -1,0 +1,128 @@
+"""What the CLI shows and sends, as pure functions: tables, lineage rows and input files."""
+
+from __future__ import annotations
+
+import json
+from datetime import UTC, datetime
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from torchrelay.client import Inventory, lineage, load_input, table
+from torchrelay.services.serve.domain import DeploymentRecord
+from torchrelay.services.train.domain import ModelRecord, RunRecord
+from torchrelay.shared.events.data import DatasetRef, PipelineSpec, TrainJobSpec
+from torchrelay.shared.pipelines import PipelineRecord, with_stage
+
+NOW = datetime(2026, 11, 28, 12, 0, tzinfo=UTC)
+SPEC = PipelineSpec.model_validate(
+    {
+        "name": "digits-demo",
+        "dataset": {"name": "digits", "source": "sklearn:digits"},
+        "training": {"entrypoint": "m:f", "model_name": "digits"},
+    }
+)
+
+
+def finished_pipeline() -> PipelineRecord:
+    record = PipelineRecord(pipeline_id="p1", spec=SPEC, submitted=NOW)
+    record = with_stage(
+        record, "ingest", "succeeded", NOW, detail={"dataset": "digits", "version": "d1"}
+    )
+    record = with_stage(
+        record, "train", "succeeded", NOW, detail={"model": "digits", "version": "m2"}
+    )
+    return with_stage(record, "deploy", "succeeded", NOW, detail={"endpoint": "http://e"})
+
+
+def test_a_pipeline_row_links_dataset_run_model_and_endpoint() -> None:
+    assert lineage(finished_pipeline()) == {
+        "pipeline": "p1",
+        "status": "succeeded",
+        "submitted": "2026-11-28 12:00:00",
+        "dataset": "digits@d1",
+        "run": "p1.train",
+        "model": "digits@m2",
+        "endpoint": "http://e",
+    }
+
+
+def test_a_pipeline_that_failed_at_ingest_links_nothing() -> None:
+    record = PipelineRecord(pipeline_id="p2", spec=SPEC, submitted=NOW)
+    record = with_stage(record, "ingest", "failed", NOW, reason="no such file")
+    row = lineage(record)
+    assert (row["dataset"], row["run"], row["model"], row["endpoint"]) == ("", "", "", "")
+
+
+def test_the_served_version_of_a_model_is_marked() -> None:
+    job = TrainJobSpec(
+        entrypoint="m:f", model_name="digits", dataset=DatasetRef(name="digits", version="d1")
+    )
+    run = RunRecord(
+        run_id="p1.train", spec=job, dataset_path="datasets/digits/d1", status="succeeded",
+        attempt=1, owner="train-a", pipeline_id="p1", model_version="m2", updated=NOW,
+    )  # fmt: skip
+    models = [
+        ModelRecord(
+            name="digits",
+            version=v,
+            path=f"models/digits/{v}",
+            metrics={"accuracy": 0.97},
+            run_id="p1.train",
+            dataset="digits@d1",
+            created=NOW,
+        )
+        for v in ("m1", "m2")
+    ]
+    deployment = DeploymentRecord(
+        model="digits", active_version="m2", previous_version="m1", endpoint="http://e",
+        status="deployed", owner="serve-a", updated=NOW,
+    )  # fmt: skip
+    rows = Inventory([finished_pipeline()], [run], models, [deployment]).rows()
+    assert [(m["model"], m["serving"]) for m in rows["models"]] == [
+        ("digits@m1", ""),
+        ("digits@m2", "yes"),
+    ]
+    assert rows["runs"][0]["model"] == "digits@m2"
+    assert rows["deployments"][0]["previous"] == "m1"
+
+
+def test_a_table_aligns_columns_under_their_headings() -> None:
+    shown = table([{"model": "digits", "status": "deployed"}, {"model": "a", "status": "x"}])
+    assert shown.splitlines() == [
+        "  MODEL   STATUS",
+        "  digits  deployed",
+        "  a       x",
+    ]
+    assert table([]) == "  (none)"
+
+
+def test_an_input_comes_from_npy_or_a_json_list(tmp_path: Path) -> None:
+    np.save(tmp_path / "x.npy", np.ones((2, 3), dtype=np.float32))
+    (tmp_path / "x.json").write_text(json.dumps([[1, 2], [3, 4]]))
+    assert load_input(tmp_path / "x.npy").shape == (2, 3)
+    assert load_input(tmp_path / "x.json").tolist() == [[1.0, 2.0], [3.0, 4.0]]
+
+
+@pytest.mark.parametrize(
+    ("name", "content", "problem"),
+    [
+        ("x.csv", "1,2", "give a .npy file or a .json list"),
+        ("x.json", "{broken", "cannot read an input"),
+        ("x.json", "[[1, 2], [3]]", "cannot read an input"),
+        ("x.json", '"text"', "cannot read an input"),
+        ("x.json", "3", "must be a numeric array"),
+    ],
+)
+def test_an_unusable_input_file_is_a_clear_error(
+    tmp_path: Path, name: str, content: str, problem: str
+) -> None:
+    (tmp_path / name).write_text(content)
+    with pytest.raises(ValueError, match=problem):
+        load_input(tmp_path / name)
+
+
+def test_a_missing_input_file_is_a_clear_error(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="cannot read an input"):
+        load_input(tmp_path / "missing.npy")
