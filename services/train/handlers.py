@@ -21,7 +21,12 @@ from torchrelay.services.train.domain import (
 )
 from torchrelay.shared.bus.port import Publish
 from torchrelay.shared.cluster import Backend, Ended, Status, Unplaceable, WorkerJob
-from torchrelay.shared.errors import AlreadyExists, StaleRevision, TransientError
+from torchrelay.shared.errors import (
+    AlreadyExists,
+    StaleRevision,
+    TorchrelayError,
+    TransientError,
+)
 from torchrelay.shared.events import (
     DatasetStaged,
     TrainCancelRequested,
@@ -43,6 +48,7 @@ from torchrelay.shared.state import State, Store, key_part
 from torchrelay.shared.state.presence import Presence
 
 log = structlog.get_logger("torchrelay.train")
+SCHEDULE_RETRIES_S = (1.0, 2.0, 4.0)
 
 
 class Trainer:
@@ -188,6 +194,17 @@ class Trainer:
                 await self.runs.update(item.key, claimed, revision=item.revision)
             except StaleRevision:
                 continue
+            job = self._worker_job(
+                run.run_id, run.attempt, run.spec, run.dataset_path, run.pipeline_id
+            )
+            handle = await self.backend.adopt(self.backend.dryrun(job))
+            if handle is not None:  # the attempt outlived its replica (a Kubernetes Job)
+                log.info("run.adopted", run_id=run.run_id, attempt=run.attempt, owner=run.owner)
+                self._watchers[run.run_id] = asyncio.create_task(
+                    self._watch(claimed, handle, None), name=f"watch:{run.run_id}"
+                )
+                taken.append(run.run_id)
+                continue
             log.warning("run.orphaned", run_id=run.run_id, attempt=run.attempt, owner=run.owner)
             final = run.attempt >= run.spec.max_restarts
             await self._failed(run, Ended(Status.FAILED, reason), final=final, cause=None)
@@ -235,7 +252,13 @@ class Trainer:
         job = self._worker_job(
             record.run_id, record.attempt, record.spec, record.dataset_path, record.pipeline_id
         )
-        handle = await self.backend.schedule(self.backend.dryrun(job))
+        try:
+            handle = await self._schedule(job)
+        except TorchrelayError as exc:  # refused (RBAC, an invalid object) or unreachable
+            await self._failed(
+                record, Ended(Status.FAILED, f"cannot launch: {exc}"), final=True, cause=cause
+            )
+            return
         await self._publish(
             TrainStarted(
                 **self._envelope(record, cause),
@@ -253,7 +276,17 @@ class Trainer:
             self._watch(record, handle, cause), name=f"watch:{record.run_id}"
         )
 
-    async def _watch(self, record: RunRecord, handle: str, cause: str) -> None:
+    async def _schedule(self, job: WorkerJob) -> str:
+        """Launch, retrying a backend that is briefly unreachable (its API restarting)."""
+        for pause in SCHEDULE_RETRIES_S:
+            try:
+                return await self.backend.schedule(self.backend.dryrun(job))
+            except TransientError as exc:
+                log.warning("launch.retrying", run_id=job.run_id, error=str(exc), in_s=pause)
+                await asyncio.sleep(pause)
+        return await self.backend.schedule(self.backend.dryrun(job))
+
+    async def _watch(self, record: RunRecord, handle: str, cause: str | None) -> None:
         try:
             ended = await self.backend.wait(handle)
             if ended.status is Status.SUCCEEDED:

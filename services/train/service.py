@@ -8,6 +8,7 @@ from contextlib import asynccontextmanager
 from torchrelay.services.train.handlers import Trainer
 from torchrelay.services.train.settings import TrainSettings
 from torchrelay.shared.bus import Subscription
+from torchrelay.shared.cluster import Backend
 from torchrelay.shared.cluster.local import LocalBackend
 from torchrelay.shared.events import (
     DatasetStaged,
@@ -26,13 +27,23 @@ def _detect_gpus() -> int:
     return torch.cuda.device_count() if torch.cuda.is_available() else 0
 
 
-@asynccontextmanager
-async def build(platform: Platform[TrainSettings]) -> AsyncIterator[Service]:
-    options = platform.settings.train
-    backend = LocalBackend(
+async def _backend(settings: TrainSettings) -> Backend:
+    options = settings.train
+    if options.backend == "kubernetes":
+        from torchrelay.shared.cluster.kubernetes.api import KubeApi, connect
+        from torchrelay.shared.cluster.kubernetes.training import KubernetesBackend
+
+        api = KubeApi(await connect(settings.kube), settings.kube.namespace)
+        return KubernetesBackend(api, settings.kube)
+    return LocalBackend(
         max_world_size=options.max_world_size,
         gpus=options.gpus if options.gpus is not None else _detect_gpus(),
     )
+
+
+@asynccontextmanager
+async def build(platform: Platform[TrainSettings]) -> AsyncIterator[Service]:
+    backend = await _backend(platform.settings)
     trainer = Trainer(
         backend=backend,
         state=platform.state,

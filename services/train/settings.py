@@ -7,14 +7,16 @@ from typing import Literal
 
 from pydantic import Field
 
+from torchrelay.shared.cluster.kubernetes.options import KubeOptions
 from torchrelay.shared.runtime.settings import Group, HttpSettings, ServiceSettings
 
 DEFAULT_PORT = 8082
 
 
 class TrainOptions(Group):
-    backend: Literal["local"] = Field(
-        default="local", description="Where workers run (kubernetes arrives with its issue)."
+    backend: Literal["local", "kubernetes"] = Field(
+        default="local",
+        description="Where workers run: processes here, or pods (TORCHRELAY_KUBE_* settings).",
     )
     max_world_size: int = Field(
         default_factory=lambda: max(2, 2 * (os.cpu_count() or 1)),
@@ -29,3 +31,4 @@ class TrainOptions(Group):
 class TrainSettings(ServiceSettings):
     http: HttpSettings = HttpSettings(port=DEFAULT_PORT)
     train: TrainOptions = TrainOptions()
+    kube: KubeOptions = KubeOptions()

@@ -160,6 +160,10 @@ class LocalBackend:
             return Ended(Status.CANCELLED, "cancelled")
         return Ended(Status.SUCCEEDED, "every rank finished")
 
+    async def adopt(self, request: object) -> str | None:
+        """Never: a rank is a child of the replica that started it, and died with it."""
+        return None
+
     async def cancel(self, handle: str) -> None:
         self._cancelled.add(handle)
         await _stop_all(self._jobs.get(handle, []))

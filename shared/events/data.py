@@ -66,6 +66,32 @@ class Resources(Data):
     gpu: int = Field(default=0, ge=0, description="GPUs per worker (nvidia.com/gpu).")
 
 
+class Toleration(Data):
+    """A Kubernetes toleration (``tolerationSeconds`` as ``toleration_seconds``)."""
+
+    key: str | None = None
+    operator: Literal["Equal", "Exists"] = "Equal"
+    value: str | None = None
+    effect: Literal["NoSchedule", "PreferNoSchedule", "NoExecute"] | None = None
+    toleration_seconds: int | None = Field(default=None, ge=0)
+
+
+class Placement(Data):
+    """Where the workers may run, for clusters with more than one pool (GPU and CPU nodes).
+    The Kubernetes backend applies it to every worker pod; the local backend ignores it."""
+
+    node_selector: dict[str, str] = Field(
+        default_factory=dict, description="Node labels a worker's node must have."
+    )
+    tolerations: list[Toleration] = Field(
+        default_factory=list, description="Taints the workers tolerate (a GPU pool's taint)."
+    )
+    affinity: dict[str, JsonValue] = Field(
+        default_factory=dict, description="A Kubernetes affinity object, passed as it is."
+    )
+    priority_class: str | None = Field(default=None, description="A PriorityClass name.")
+
+
 class TrainingStage(Data):
     """How to train: the function, the workers, the schedule (a pipeline's training stage)."""
 
@@ -75,6 +101,7 @@ class TrainingStage(Data):
     model_name: Name
     world_size: int = Field(default=1, ge=1, le=1024)
     resources: Resources = Resources()
+    placement: Placement = Placement()
     hyperparameters: dict[str, JsonValue] = Field(default_factory=dict)
     seed: int = Field(default=0, ge=0)
     checkpoint_every_steps: int = Field(default=100, ge=1)

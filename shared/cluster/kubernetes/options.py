@@ -1,0 +1,56 @@
+"""How torchrelay uses a cluster: ``TORCHRELAY_KUBE_<FIELD>``."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import Field
+
+from torchrelay.shared.runtime.settings import Group
+
+
+class KubeOptions(Group):
+    namespace: str = Field(default="torchrelay", description="Where jobs and models run.")
+    api_url: str | None = Field(
+        default=None,
+        description="An API server URL to use without credentials (kubectl proxy, tests); "
+        "unset: the pod's service account in a cluster, else the kubeconfig.",
+    )
+    kubeconfig: Path | None = Field(default=None, description="A kubeconfig file to use.")
+    worker_image: str = Field(
+        default="torchrelay/train:0.1.0", description="The image training workers run."
+    )
+    server_image: str = Field(
+        default="torchrelay/serve:0.1.0", description="The image model servers run."
+    )
+    image_pull_policy: str = Field(default="IfNotPresent")
+    storage_claim: str = Field(
+        default="torchrelay-storage",
+        description="The ReadWriteMany PersistentVolumeClaim mounted at the storage root.",
+    )
+    workload_service_account: str = Field(
+        default="torchrelay-workload",
+        description="Service account of worker and model server pods (they need no API access).",
+    )
+    scheduler_name: str | None = Field(
+        default=None, description="A gang scheduler for worker pods (volcano); default: kube's."
+    )
+    queue: str | None = Field(
+        default=None, description="A queue for training jobs (a Kueue LocalQueue name)."
+    )
+    queue_label: str = Field(
+        default="kueue.x-k8s.io/queue-name", description="The label that names the queue."
+    )
+    rendezvous_port: int = Field(default=29500, ge=1, le=65535)
+    unschedulable_timeout_s: float = Field(
+        default=600.0,
+        gt=0,
+        description="A worker pod unschedulable this long fails the attempt.",
+    )
+    ttl_after_finished_s: int = Field(
+        default=3600, ge=0, description="Finished jobs (and their pods) are deleted after this."
+    )
+    watch_timeout_s: int = Field(
+        default=240, ge=1, description="Server-side length of one watch; it resumes after."
+    )
+    run_as_user: int = Field(default=10001, ge=1, description="The images' non-root user.")

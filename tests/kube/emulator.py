@@ -1,0 +1,371 @@
+"""A stateful Kubernetes API emulator over real HTTP, for the backends' tests.
+
+It serves what the backends use, as an API server does: create (409 on a second), read,
+replace, delete (with foreground cascade to owned objects), list with label selectors, and
+watch streams that replay history after a resourceVersion and then follow live changes, end at
+``timeoutSeconds``, and answer 410 Gone for a version older than what is kept. Tests play the
+controllers and the kubelet through its Python methods (pods for a Job, status changes), drop
+the open watches, compact the history, and deny verbs (403) the way RBAC would.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import json
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+from aiohttp import web
+
+Object = dict[str, Any]
+GROUPS = {"": "v1", "batch": "v1", "apps": "v1"}
+KINDS = {
+    "pods": "Pod",
+    "services": "Service",
+    "jobs": "Job",
+    "deployments": "Deployment",
+    "replicasets": "ReplicaSet",
+}
+GROUP_OF = {
+    "pods": "",
+    "services": "",
+    "jobs": "batch",
+    "deployments": "apps",
+    "replicasets": "apps",
+}
+
+
+def now() -> str:
+    return datetime.now(UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
+
+
+def status(code: int, reason: str, message: str) -> web.Response:
+    body = {
+        "kind": "Status",
+        "apiVersion": "v1",
+        "status": "Failure",
+        "reason": reason,
+        "message": message,
+        "code": code,
+    }
+    return web.json_response(body, status=code)
+
+
+def matches(labels: dict[str, str], selector: str) -> bool:
+    for term in filter(None, (t.strip() for t in selector.split(","))):
+        if "!=" in term:
+            key, value = term.split("!=", 1)
+            if labels.get(key) == value:
+                return False
+        elif "=" in term:
+            key, value = term.split("=", 1)
+            if labels.get(key.rstrip("=")) != value:
+                return False
+        elif term.startswith("!"):
+            if term[1:] in labels:
+                return False
+        elif term not in labels:
+            return False
+    return True
+
+
+@dataclass
+class Change:
+    version: int
+    plural: str
+    namespace: str
+    type: str
+    object: Object
+
+
+@dataclass
+class KubeEmulator:
+    objects: dict[tuple[str, str, str], Object] = field(default_factory=dict)
+    history: list[Change] = field(default_factory=list)
+    requests: list[tuple[str, str, dict[str, str]]] = field(default_factory=list)
+    denied: set[tuple[str, str]] = field(default_factory=set)
+    _versions: itertools.count[int] = field(default_factory=lambda: itertools.count(1000))
+    _version: int = 999
+    _oldest: int = 0
+    _watchers: set[asyncio.Queue[Change | None]] = field(default_factory=set)
+    url: str = ""
+
+    # --- what tests do, as the controllers and the kubelet would -----------------------------
+
+    def get(self, plural: str, name: str, namespace: str = "torchrelay") -> Object | None:
+        return self.objects.get((plural, namespace, name))
+
+    def list(self, plural: str, namespace: str = "torchrelay") -> list[Object]:
+        return [
+            o for (p, ns, _), o in sorted(self.objects.items()) if p == plural and ns == namespace
+        ]
+
+    def put(self, plural: str, obj: Object) -> Object:
+        """Store ``obj`` (created or changed) and tell the watchers."""
+        metadata = obj["metadata"]
+        key = (plural, metadata.get("namespace", "torchrelay"), metadata["name"])
+        kind = "MODIFIED" if key in self.objects else "ADDED"
+        metadata.setdefault("namespace", key[1])
+        metadata.setdefault("uid", str(uuid.uuid4()))
+        metadata.setdefault("creationTimestamp", now())
+        metadata.setdefault("generation", 1)
+        self._version = next(self._versions)
+        metadata["resourceVersion"] = str(self._version)
+        self.objects[key] = obj
+        self._emit(Change(self._version, plural, key[1], kind, obj))
+        return obj
+
+    def set_status(
+        self, plural: str, name: str, status: Object, namespace: str = "torchrelay"
+    ) -> None:
+        obj = json.loads(json.dumps(self.objects[(plural, namespace, name)]))
+        obj["status"] = status
+        self.put(plural, obj)
+
+    def remove(self, plural: str, name: str, namespace: str = "torchrelay") -> None:
+        obj = self.objects.pop((plural, namespace, name))
+        self._version = next(self._versions)
+        obj = {**obj, "metadata": {**obj["metadata"], "resourceVersion": str(self._version)}}
+        self._emit(Change(self._version, plural, namespace, "DELETED", obj))
+        uid = obj["metadata"]["uid"]
+        for (p, ns, n), other in list(self.objects.items()):  # the garbage collector
+            owners = other["metadata"].get("ownerReferences") or []
+            if ns == namespace and any(ref.get("uid") == uid for ref in owners):
+                self.remove(p, n, ns)
+
+    def start_job_pods(self, job_name: str, namespace: str = "torchrelay") -> list[str]:
+        """The Job controller: one pod per completion index, owned by the Job."""
+        job = self.objects[("jobs", namespace, job_name)]
+        template = job["spec"]["template"]
+        names = []
+        for index in range(job["spec"]["completions"]):
+            name = f"{job_name}-{index}-{uuid.uuid4().hex[:5]}"
+            labels = {
+                **template["metadata"]["labels"],
+                "batch.kubernetes.io/job-completion-index": str(index),
+            }
+            self.put(
+                "pods",
+                {
+                    "apiVersion": "v1",
+                    "kind": "Pod",
+                    "metadata": {
+                        "name": name,
+                        "namespace": namespace,
+                        "labels": labels,
+                        "ownerReferences": [
+                            {"apiVersion": "batch/v1", "kind": "Job", "name": job_name,
+                             "uid": job["metadata"]["uid"], "controller": True}
+                        ],
+                    },
+                    "spec": template["spec"],
+                    "status": {"phase": "Pending"},
+                },
+            )  # fmt: skip
+            names.append(name)
+        return names
+
+    def deny(self, verb: str, plural: str) -> None:
+        self.denied.add((verb, plural))
+
+    def drop_watches(self) -> None:
+        """Cut every open watch connection, as a restarting API server or a proxy would."""
+        for queue in list(self._watchers):
+            queue.put_nowait(None)
+
+    def compact(self) -> None:
+        """Forget the history (etcd compaction while clients were away): every version handed
+        out so far is too old to resume a watch from, which answers 410 Gone."""
+        self._version = next(self._versions)
+        self._oldest = self._version
+        self.history.clear()
+
+    def lists(self, plural: str) -> int:
+        """How many list (not watch) requests were made for ``plural``."""
+        return sum(
+            1 for method, path, query in self.requests
+            if method == "GET" and path.endswith(f"/{plural}")
+            and query.get("watch", "").lower() not in ("true", "1")
+        )  # fmt: skip
+
+    def _emit(self, change: Change) -> None:
+        self.history.append(change)
+        for queue in self._watchers:
+            queue.put_nowait(change)
+
+    # --- HTTP ---------------------------------------------------------------------------------
+
+    def app(self) -> web.Application:
+        app = web.Application(middlewares=[self._record])
+        for prefix in ("/api/v1", "/apis/{group}/v1"):
+            base = prefix + "/namespaces/{namespace}/{plural}"
+            app.router.add_get(base, self._list_or_watch)
+            app.router.add_post(base, self._create)
+            app.router.add_get(base + "/{name}", self._read)
+            app.router.add_put(base + "/{name}", self._replace)
+            app.router.add_delete(base + "/{name}", self._delete)
+        return app
+
+    @web.middleware
+    async def _record(self, request: web.Request, handler: Any) -> web.StreamResponse:
+        self.requests.append((request.method, request.path, dict(request.query)))
+        plural = request.match_info.get("plural", "")
+        verb = {
+            "POST": "create", "PUT": "update", "DELETE": "delete",
+            "GET": "get" if "name" in request.match_info else (
+                "watch" if request.query.get("watch", "").lower() in ("true", "1") else "list"
+            ),
+        }[request.method]  # fmt: skip
+        if (verb, plural) in self.denied:
+            group = GROUP_OF.get(plural, "")
+            resource = f"{plural}.{group}" if group else plural
+            return status(
+                403,
+                "Forbidden",
+                f'{resource} is forbidden: User "system:serviceaccount:torchrelay:torchrelay" '
+                f'cannot {verb} resource "{plural}" in API group "{group}" in the namespace '
+                f'"{request.match_info.get("namespace")}"',
+            )
+        response: web.StreamResponse = await handler(request)
+        return response
+
+    def _key(self, request: web.Request, name: str | None = None) -> tuple[str, str, str]:
+        info = request.match_info
+        return info["plural"], info["namespace"], name or info["name"]
+
+    async def _create(self, request: web.Request) -> web.Response:
+        body: Object = await request.json()
+        key = self._key(request, body["metadata"]["name"])
+        if key in self.objects:
+            return status(409, "AlreadyExists", f'{key[0]} "{key[2]}" already exists')
+        body["metadata"]["namespace"] = key[1]
+        body.setdefault("status", {})
+        return web.json_response(self.put(key[0], body), status=201)
+
+    async def _read(self, request: web.Request) -> web.Response:
+        obj = self.objects.get(self._key(request))
+        if obj is None:
+            return status(
+                404,
+                "NotFound",
+                f'{request.match_info["plural"]} "{request.match_info["name"]}" not found',
+            )
+        return web.json_response(obj)
+
+    async def _replace(self, request: web.Request) -> web.Response:
+        key = self._key(request)
+        current = self.objects.get(key)
+        if current is None:
+            return status(404, "NotFound", f'{key[0]} "{key[2]}" not found')
+        body: Object = await request.json()
+        wanted = body["metadata"].get("resourceVersion")
+        if wanted and wanted != current["metadata"]["resourceVersion"]:
+            return status(
+                409,
+                "Conflict",
+                "the object has been modified; apply your changes to the latest version",
+            )
+        metadata = {
+            **current["metadata"],
+            **{k: v for k, v in body["metadata"].items() if k != "resourceVersion"},
+        }
+        if body.get("spec") != current.get("spec"):
+            metadata["generation"] = current["metadata"].get("generation", 1) + 1
+        return web.json_response(
+            self.put(key[0], {**body, "metadata": metadata, "status": current.get("status", {})})
+        )
+
+    async def _delete(self, request: web.Request) -> web.Response:
+        key = self._key(request)
+        if key not in self.objects:
+            return status(404, "NotFound", f'{key[0]} "{key[2]}" not found')
+        self.remove(key[0], key[2], key[1])
+        return web.json_response({"kind": "Status", "apiVersion": "v1", "status": "Success"})
+
+    async def _list_or_watch(self, request: web.Request) -> web.StreamResponse:
+        plural, namespace = request.match_info["plural"], request.match_info["namespace"]
+        selector = request.query.get("labelSelector", "")
+        if request.query.get("watch", "").lower() in ("true", "1"):
+            return await self._watch(request, plural, namespace, selector)
+        items = [
+            o
+            for o in self.list(plural, namespace)
+            if matches(o["metadata"].get("labels") or {}, selector)
+        ]
+        return web.json_response(
+            {
+                "kind": f"{KINDS[plural]}List",
+                "apiVersion": f"{GROUP_OF[plural]}/v1".lstrip("/"),
+                "metadata": {"resourceVersion": str(self._version)},
+                "items": items,
+            }
+        )
+
+    async def _watch(
+        self, request: web.Request, plural: str, namespace: str, selector: str
+    ) -> web.StreamResponse:
+        since = int(request.query.get("resourceVersion") or self._version)
+        timeout = float(request.query.get("timeoutSeconds", 1800))
+        response = web.StreamResponse(headers={"Content-Type": "application/json"})
+        await response.prepare(request)
+        if since < self._oldest:
+            gone = {
+                "kind": "Status",
+                "apiVersion": "v1",
+                "status": "Failure",
+                "reason": "Expired",
+                "message": f"too old resource version: {since} ({self._oldest})",
+                "code": 410,
+            }
+            await response.write(json.dumps({"type": "ERROR", "object": gone}).encode() + b"\n")
+            await response.write_eof()
+            return response  # fmt: skip
+
+        def wanted(change: Change) -> bool:
+            labels = change.object["metadata"].get("labels") or {}
+            return (
+                change.plural == plural and change.namespace == namespace
+                and change.version > since and matches(labels, selector)
+            )  # fmt: skip
+
+        queue: asyncio.Queue[Change | None] = asyncio.Queue()
+        for change in self.history:
+            queue.put_nowait(change)
+        self._watchers.add(queue)
+        try:
+            async with asyncio.timeout(timeout):
+                while (change := await queue.get()) is not None:
+                    if wanted(change):
+                        line = json.dumps({"type": change.type, "object": change.object})
+                        await response.write(line.encode() + b"\n")
+                # Dropped: cut the connection without ending the chunked body.
+                if request.transport is not None:
+                    request.transport.abort()
+                return response
+        except TimeoutError:
+            pass
+        finally:
+            self._watchers.discard(queue)
+        await response.write_eof()
+        return response
+
+
+@contextlib.asynccontextmanager
+async def running_emulator() -> AsyncIterator[KubeEmulator]:
+    emulator = KubeEmulator()
+    runner = web.AppRunner(emulator.app(), handle_signals=False)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = runner.addresses[0][1]
+    emulator.url = f"http://127.0.0.1:{port}"
+    try:
+        yield emulator
+    finally:
+        emulator.drop_watches()
+        await runner.cleanup()
