@@ -5,10 +5,14 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import nats
 import pytest
 
+from torchrelay.services.ingest.fill import fill_for
+from torchrelay.services.ingest.settings import IngestOptions
+from torchrelay.services.ingest.staging import Stager, StageRequest
 from torchrelay.shared.bus.jetstream import JetStreamBus, StreamSettings
 from torchrelay.shared.bus.memory import MemoryBus
 from torchrelay.shared.bus.port import Subscription
@@ -66,3 +70,16 @@ async def harness(request: pytest.FixtureRequest) -> AsyncIterator[Harness]:
         await bus.aclose()
     else:
         bus.close()
+
+
+@pytest.fixture(scope="module")
+def staged_digits(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
+    """The digits, staged once per module onto a fresh storage root: (root, version)."""
+    root = tmp_path_factory.mktemp("storage")
+    result = asyncio.run(
+        Stager(root, IngestOptions().limits()).stage(
+            StageRequest("r", "digits", "sklearn:digits"),
+            fill_for("sklearn:digits", IngestOptions()),
+        )
+    )
+    return root, result.manifest.version

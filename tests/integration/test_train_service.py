@@ -15,9 +15,6 @@ import pytest
 from tests.integration.processes import ServiceProcess
 from tests.integration.training import request, workers_of
 from tests.integration.watching import Watcher, watching
-from torchrelay.services.ingest.fill import fill_for
-from torchrelay.services.ingest.settings import IngestOptions
-from torchrelay.services.ingest.staging import Stager, StageRequest
 from torchrelay.shared.bus.jetstream import JetStreamBus
 from torchrelay.shared.events import (
     TrainCancelRequested,
@@ -38,15 +35,8 @@ pytestmark = [pytest.mark.slow, pytest.mark.timeout(240)]
 
 
 @pytest.fixture(scope="module")
-def staged(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
-    root = tmp_path_factory.mktemp("storage")
-    result = asyncio.run(
-        Stager(root, IngestOptions().limits()).stage(
-            StageRequest("r", "digits", "sklearn:digits"),
-            fill_for("sklearn:digits", IngestOptions()),
-        )
-    )
-    return root, result.manifest.version
+def staged(staged_digits: tuple[Path, str]) -> tuple[Path, str]:
+    return staged_digits
 
 
 @pytest.fixture

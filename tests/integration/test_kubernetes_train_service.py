@@ -1,0 +1,173 @@
+"""The train service with its Kubernetes backend: a real service process, a real nats-server,
+and the API emulator over HTTP. The test plays kubelet and the Job controller; the service turns
+what it sees into the same train.* events as with local workers."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.integration.processes import ServiceProcess
+from tests.integration.training import request
+from tests.integration.watching import Watcher, watching
+from tests.kube.emulator import KubeEmulator, running_emulator
+from torchrelay.shared.bus.jetstream import JetStreamBus
+from torchrelay.shared.cluster.kubernetes.manifests import job_name
+from torchrelay.shared.events import TrainCompleted, TrainFailed, TrainStarted
+from torchrelay.shared.testing import assert_eventually
+
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(120)]
+
+
+@pytest.fixture(scope="module")
+def staged(staged_digits: tuple[Path, str]) -> tuple[Path, str]:
+    return staged_digits
+
+
+@pytest.fixture
+async def emulator() -> AsyncIterator[KubeEmulator]:
+    async with running_emulator() as running:
+        yield running
+
+
+@pytest.fixture
+async def bus(nats_url: str) -> AsyncIterator[tuple[JetStreamBus, Watcher]]:
+    async with watching(
+        nats_url, "test-k8s-train", [TrainStarted, TrainCompleted, TrainFailed]
+    ) as pair:
+        yield pair
+
+
+@pytest.fixture
+def train(
+    nats_url: str,
+    staged: tuple[Path, str],
+    emulator: KubeEmulator,
+    tmp_path: Path,
+) -> Iterator[ServiceProcess]:
+    process = ServiceProcess(
+        ["-m", "torchrelay", "service", "train", "--nats-url", nats_url, "--http-port", "0"],
+        tmp_path / "train.log",
+        env={
+            "TORCHRELAY_STORAGE_ROOT": str(staged[0]),
+            "TORCHRELAY_TRAIN_BACKEND": "kubernetes",
+            "TORCHRELAY_KUBE_API_URL": emulator.url,
+            "TORCHRELAY_KUBE_NAMESPACE": "torchrelay",
+            "TORCHRELAY_SHUTDOWN_GRACE_S": "2",
+            "TORCHRELAY_SHUTDOWN_DEADLINE_S": "5",
+        },
+    )
+    yield process
+    process.stop()
+
+
+async def job_of(emulator: KubeEmulator, run_id: str) -> str:
+    name = job_name(run_id, 0)
+
+    async def created() -> bool:
+        return emulator.get("jobs", name) is not None
+
+    await assert_eventually(created, timeout_s=20)
+    return name
+
+
+async def test_a_failed_pod_is_a_train_failed_naming_it(
+    bus: tuple[JetStreamBus, Watcher],
+    train: ServiceProcess,
+    emulator: KubeEmulator,
+    staged: tuple[Path, str],
+) -> None:
+    publisher, watcher = bus
+    await train.wait_ready()
+    await publisher.publish(request(staged, "k8s-oom", world_size=2))
+    job = await job_of(emulator, "k8s-oom")
+    pods = emulator.start_job_pods(job)
+    for pod in pods:
+        emulator.set_status("pods", pod, {"phase": "Running"})
+    emulator.set_status(
+        "pods",
+        pods[1],
+        {
+            "phase": "Failed",
+            "containerStatuses": [
+                {
+                    "name": "worker",
+                    "state": {"terminated": {"exitCode": 137, "reason": "OOMKilled"}},
+                }
+            ],
+        },
+    )
+
+    async def failed() -> bool:
+        return bool(watcher.of(TrainFailed, run_id="k8s-oom"))
+
+    await assert_eventually(failed, timeout_s=20)
+    (event,) = watcher.of(TrainFailed, run_id="k8s-oom")
+    assert event.data.reason == f"pod {pods[1]} (rank 1) failed: OOMKilled (exit 137, SIGKILL)"
+    assert (event.data.rank, event.data.exit_code, event.data.signal) == (1, 137, "SIGKILL")
+    assert event.data.final is False, "the monitor may restart it"
+    (started,) = watcher.of(TrainStarted, run_id="k8s-oom")
+    assert started.data.backend == "kubernetes"
+    assert emulator.get("jobs", job) is None
+
+
+async def test_all_ranks_succeeded_is_a_train_completed(
+    bus: tuple[JetStreamBus, Watcher],
+    train: ServiceProcess,
+    emulator: KubeEmulator,
+    staged: tuple[Path, str],
+) -> None:
+    publisher, watcher = bus
+    await train.wait_ready()
+    await publisher.publish(request(staged, "k8s-ok", world_size=2))
+    job = await job_of(emulator, "k8s-ok")
+    # Rank 0, as the worker does on the shared storage, records the exported model.
+    result = staged[0] / "runs" / "k8s-ok" / "result.json"
+    result.parent.mkdir(parents=True, exist_ok=True)
+    result.write_text(
+        json.dumps(
+            {"model_name": "digits", "version": "k8s-ok", "path": "models/digits/k8s-ok",
+             "metrics": {"accuracy": 0.97}}
+        )
+    )  # fmt: skip
+    for pod in emulator.start_job_pods(job):
+        emulator.set_status("pods", pod, {"phase": "Succeeded"})
+    emulator.set_status(
+        "jobs", job, {"succeeded": 2, "conditions": [{"type": "Complete", "status": "True"}]}
+    )
+
+    async def completed() -> bool:
+        return bool(watcher.of(TrainCompleted, run_id="k8s-ok"))
+
+    await assert_eventually(completed, timeout_s=20)
+    (event,) = watcher.of(TrainCompleted, run_id="k8s-ok")
+    assert (event.data.model_version, event.data.metrics) == ("k8s-ok", {"accuracy": 0.97})
+
+
+async def test_rbac_denial_fails_the_run_with_the_reason(
+    bus: tuple[JetStreamBus, Watcher],
+    train: ServiceProcess,
+    emulator: KubeEmulator,
+    staged: tuple[Path, str],
+) -> None:
+    publisher, watcher = bus
+    emulator.deny("create", "jobs")
+    await train.wait_ready()
+    await publisher.publish(request(staged, "k8s-denied"))
+
+    async def failed() -> bool:
+        return bool(watcher.of(TrainFailed, run_id="k8s-denied"))
+
+    await assert_eventually(failed, timeout_s=20)
+    (event,) = watcher.of(TrainFailed, run_id="k8s-denied")
+    assert event.data.final is True
+    assert event.data.reason.startswith(
+        "cannot launch: the Kubernetes API refused to create jobs in namespace torchrelay "
+        "(HTTP 403)"
+    )
+    await asyncio.sleep(0.5)
+    assert emulator.list("jobs") == []
