@@ -15,8 +15,8 @@ from torchrelay.services.serve.server.app import ServerMetrics
 from torchrelay.shared.runtime.metrics import RuntimeMetrics
 
 ROOT = Path(__file__).parents[2]
-DASHBOARD = ROOT / "k8s" / "monitoring" / "grafana-dashboard.json"
-ALERTS = ROOT / "k8s" / "monitoring" / "alerts.yaml"
+DASHBOARD = ROOT / "k8s" / "base" / "monitoring" / "grafana-dashboard.json"
+ALERTS = ROOT / "k8s" / "base" / "monitoring" / "alerts.yaml"
 METRIC = re.compile(r"\btorchrelay_[a-z_]+\b")
 
 

@@ -146,10 +146,16 @@ def training_job(job: WorkerJob, options: KubeOptions) -> Object:
     }
     if options.scheduler_name:
         pod["schedulerName"] = options.scheduler_name
-    if placement.node_selector:
-        pod["nodeSelector"] = dict(placement.node_selector)
-    if placement.tolerations:
-        pod["tolerations"] = [_toleration(t.model_dump()) for t in placement.tolerations]
+    # The pool's defaults (GPU or CPU nodes), then the job's own placement on top.
+    pool = options.gpu_node_selector if gpu else options.cpu_node_selector
+    if selector := {**pool, **placement.node_selector}:
+        pod["nodeSelector"] = selector
+    tolerations = [_toleration(t.model_dump()) for t in placement.tolerations]
+    for default in options.gpu_tolerations if gpu else []:
+        if default not in tolerations:
+            tolerations.append(dict(default))
+    if tolerations:
+        pod["tolerations"] = tolerations
     if placement.affinity:
         pod["affinity"] = placement.affinity
     if placement.priority_class:

@@ -41,6 +41,16 @@ class KubeOptions(Group):
     queue_label: str = Field(
         default="kueue.x-k8s.io/queue-name", description="The label that names the queue."
     )
+    gpu_node_selector: dict[str, str] = Field(
+        default_factory=dict,
+        description="Node labels of the GPU pool, for jobs that request GPUs (JSON).",
+    )
+    gpu_tolerations: list[dict[str, str]] = Field(
+        default_factory=list, description="Tolerations of the GPU pool's taints (JSON)."
+    )
+    cpu_node_selector: dict[str, str] = Field(
+        default_factory=dict, description="Node labels of the CPU pool, for jobs without GPUs."
+    )
     rendezvous_port: int = Field(default=29500, ge=1, le=65535)
     unschedulable_timeout_s: float = Field(
         default=600.0,
