@@ -1,31 +1,26 @@
 """Glue: deploy and rollback requests -> gated rollouts -> deployment records and model.* events.
 
-A rollout starts the new version on private ports, waits until it is ready and a smoke
-inference on its declared input signature succeeds, and only then lets it join the model's
-stable endpoint and retires the old version. A version that fails never takes traffic.
+A rollout (:mod:`.rollouts`) gets the new version ready before it takes traffic, and the old
+version keeps serving when it does not. One rollout of a model at a time across replicas.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import uuid
 from datetime import UTC, datetime
 from typing import Any
 
-import aiohttp
 import structlog
 
 from torchrelay.services.serve.domain import (
     DeploymentRecord,
     previous_after,
     rollback_target,
-    smoke_ok,
-    smoke_request,
 )
+from torchrelay.services.serve.rollouts import Current, RolloutFailed, Rollouts
 from torchrelay.shared.bus.port import Publish
-from torchrelay.shared.cluster.local_serving import LocalServing, StartFailed, VersionHandle
 from torchrelay.shared.events import (
     ModelDeployed,
     ModelDeployRequested,
@@ -47,35 +42,27 @@ log = structlog.get_logger("torchrelay.serve")
 _EVENT_IDS = uuid.UUID("3e8f1a2b-6c4d-4f9e-8a7b-2c1d0e9f8a7b")
 
 
-class RolloutFailed(Exception):
-    pass
-
-
 class Deployer:
     def __init__(
         self,
         *,
-        serving: LocalServing,
+        rollouts: Rollouts,
         state: State,
         publish: Publish,
         presence: Presence,
         source: str,
         replicas: int,
-        ready_timeout_s: float,
         reclaim_every_s: float = 2.0,
     ) -> None:
-        self.serving = serving
+        self.rollouts = rollouts
         self.deployments: Store[DeploymentRecord] = state.store("deployments", DeploymentRecord)
         self.pipelines: Store[PipelineRecord] = state.store("pipelines", PipelineRecord)
         self._publish = publish
         self._source = source
         self._replicas = replicas
-        self._ready_timeout_s = ready_timeout_s
         self._leases = state.leases
         self._presence = presence
         self._reclaim_every_s = reclaim_every_s
-        self._active: dict[str, VersionHandle] = {}
-        """Versions whose servers are this replica's children."""
 
     async def on_deploy_requested(self, event: ModelDeployRequested) -> None:
         data = event.data
@@ -150,8 +137,9 @@ class Deployer:
                 )
             )
             try:
-                handle = await self._start_checked(model, version, replicas)
-                endpoint = await self._promote(handle, record)
+                served = await self.rollouts.roll_out(
+                    model, version, replicas, self._current(record)
+                )
             except RolloutFailed as exc:
                 await self._failed(
                     model,
@@ -162,8 +150,7 @@ class Deployer:
                     pipeline_id=pipeline_id,
                 )
                 return False, str(exc)
-            await self._retire_previous(model, record)
-            self._active[model] = handle
+            endpoint = served.endpoint
             await self.deployments.put(
                 key_part(model),
                 DeploymentRecord(
@@ -174,8 +161,8 @@ class Deployer:
                     replicas=replicas,
                     status="deployed",
                     owner=self._presence.instance,
-                    port=self.serving.stable_port(model),
-                    servers=handle.private_urls,
+                    port=served.port,
+                    servers=list(served.servers),
                     updated=datetime.now(UTC),
                 ),
             )
@@ -186,34 +173,30 @@ class Deployer:
         return exclusive(self._leases, f"serve.model.{key_part(model)}", self._presence.instance)
 
     async def _serving_now(self, record: DeploymentRecord, version: str) -> bool:
-        return (
-            record.status == "deployed"
-            and record.active_version == version
-            and record.owner is not None
-            and await self._presence.alive(record.owner)
+        if record.status != "deployed" or record.active_version != version:
+            return False
+        if not self.rollouts.owns_servers:
+            return True  # the cluster keeps it running, whoever rolled it out
+        return record.owner is not None and await self._presence.alive(record.owner)
+
+    def _current(self, record: DeploymentRecord | None) -> Current:
+        if record is None:
+            return Current()
+        return Current(
+            version=record.active_version,
+            replicas=record.replicas,
+            port=record.port,
+            servers=tuple(record.servers),
+            owned_here=record.owner == self._presence.instance,
         )
-
-    async def _promote(self, handle: VersionHandle, record: DeploymentRecord | None) -> str:
-        """Join the model's port: the one it has (whoever served it before) or a new one."""
-        try:
-            self.serving.stable_port(handle.model, record.port if record else None)
-            return await self.serving.promote(handle)
-        except (OSError, aiohttp.ClientError) as exc:
-            await self.serving.stop(handle)
-            raise RolloutFailed(f"version {handle.version} could not join its port: {exc}") from exc
-
-    async def _retire_previous(self, model: str, record: DeploymentRecord | None) -> None:
-        mine = self._active.pop(model, None)
-        if mine is not None:
-            await self.serving.retire(mine)
-        if record is not None and record.owner != self._presence.instance and record.servers:
-            await self.serving.retire_servers(record.servers)  # another replica's servers
 
     # --- models whose replica died -----------------------------------------------------------
 
     async def reclaim(self, stop: asyncio.Event) -> None:
         """Background loop: a deployed model whose serving replica is gone (its servers died
         with it) is served again here, same version, same port."""
+        if not self.rollouts.owns_servers:
+            return  # nothing dies with a replica
         while not stop.is_set():
             try:
                 await self.reclaim_orphans()
@@ -248,55 +231,21 @@ class Deployer:
         model, version = record.model, str(record.active_version)
         log.warning("model.orphaned", model=model, version=version, owner=record.owner)
         try:
-            handle = await self._start_checked(model, version, record.replicas)
-            endpoint = await self._promote(handle, record)
+            served = await self.rollouts.serve_again(
+                model, version, record.replicas, self._current(record)
+            )
         except RolloutFailed as exc:
             log.warning("model.reclaim_failed", model=model, version=version, reason=str(exc))
-            update = {"status": "failed", "reason": str(exc)[:512], "servers": []}
+            update: dict[str, Any] = {"status": "failed", "reason": str(exc)[:512], "servers": []}
         else:
-            self._active[model] = handle
-            log.info("model.reclaimed", model=model, version=version, endpoint=endpoint)
-            update = {"servers": handle.private_urls, "endpoint": endpoint}
+            log.info("model.reclaimed", model=model, version=version, endpoint=served.endpoint)
+            update = {"servers": list(served.servers), "endpoint": served.endpoint}
         await self.deployments.put(
             key_part(model),
             record.model_copy(
                 update={**update, "owner": self._presence.instance, "updated": datetime.now(UTC)}
             ),
         )
-
-    async def _start_checked(self, model: str, version: str, replicas: int) -> VersionHandle:
-        folder = self.serving.model_dir(model, version)
-        try:
-            description: dict[str, Any] = json.loads((folder / "model.json").read_text())
-        except (OSError, ValueError) as exc:
-            raise RolloutFailed(f"no model {model} version {version} on storage ({exc})") from exc
-        try:
-            handle = await self.serving.start(model, version, replicas, self._ready_timeout_s)
-        except StartFailed as exc:
-            raise RolloutFailed(f"version {version} did not start: {exc}") from exc
-        try:
-            await self._smoke(handle, description)
-        except RolloutFailed:
-            await self.serving.stop(handle)
-            raise
-        return handle
-
-    async def _smoke(self, handle: VersionHandle, description: dict[str, Any]) -> None:
-        request = smoke_request(description)
-        timeout = aiohttp.ClientTimeout(total=self._ready_timeout_s)
-        async with aiohttp.ClientSession(timeout=timeout) as http:
-            for url in handle.private_urls:
-                target = f"{url}/v2/models/{handle.model}/versions/{handle.version}/infer"
-                try:
-                    async with http.post(target, json=request) as response:
-                        answer = await response.json(content_type=None)
-                        status = response.status
-                except (aiohttp.ClientError, TimeoutError, ValueError) as exc:
-                    raise RolloutFailed(f"the smoke inference failed: {exc!r}") from exc
-                if status != 200:
-                    raise RolloutFailed(f"the smoke inference answered HTTP {status}: {answer}")
-                if (problem := smoke_ok(description, answer)) is not None:
-                    raise RolloutFailed(problem)
 
     async def _deployed(
         self, model: str, version: str, endpoint: str, cause: str, pipeline_id: str | None
@@ -353,4 +302,4 @@ class Deployer:
         return current.value.endpoint
 
     async def aclose(self) -> None:
-        await self.serving.aclose()
+        await self.rollouts.aclose()

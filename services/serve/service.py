@@ -9,6 +9,7 @@ import aiohttp
 
 from torchrelay.services.serve.handlers import Deployer
 from torchrelay.services.serve.http import routes
+from torchrelay.services.serve.rollouts import LocalRollouts
 from torchrelay.services.serve.settings import ServeSettings
 from torchrelay.shared.bus import Subscription
 from torchrelay.shared.cluster.local_serving import LocalServing, ServerOptions
@@ -32,13 +33,12 @@ async def build(platform: Platform[ServeSettings]) -> AsyncIterator[Service]:
         ),
     )
     deployer = Deployer(
-        serving=serving,
+        rollouts=LocalRollouts(serving, ready_timeout_s=options.ready_timeout_s),
         state=platform.state,
         publish=platform.bus.publish,
         presence=platform.presence,
         source=platform.source,
         replicas=options.replicas,
-        ready_timeout_s=options.ready_timeout_s,
     )
     session: aiohttp.ClientSession | None = None
 
