@@ -9,7 +9,7 @@ import aiohttp
 
 from torchrelay.services.serve.handlers import Deployer
 from torchrelay.services.serve.http import routes
-from torchrelay.services.serve.rollouts import LocalRollouts
+from torchrelay.services.serve.rollouts import LocalRollouts, Rollouts
 from torchrelay.services.serve.settings import ServeSettings
 from torchrelay.shared.bus import Subscription
 from torchrelay.shared.cluster.local_serving import LocalServing, ServerOptions
@@ -19,11 +19,28 @@ from torchrelay.shared.runtime import Platform, Service, service_main
 NAME = "serve"
 
 
-@asynccontextmanager
-async def build(platform: Platform[ServeSettings]) -> AsyncIterator[Service]:
-    options = platform.settings.serve
+async def _rollouts(settings: ServeSettings) -> Rollouts:
+    options = settings.serve
+    if options.backend == "kubernetes":
+        from torchrelay.services.serve.kube_rollouts import KubernetesRollouts
+        from torchrelay.shared.cluster.kubernetes.api import KubeApi, connect
+
+        api = KubeApi(await connect(settings.kube), settings.kube.namespace)
+        server_args = [
+            "--max-batch-size", str(options.max_batch_size),
+            "--max-delay-ms", str(options.max_delay_ms),
+            "--max-queue", str(options.max_queue),
+            "--drain-s", str(options.drain_s),
+        ]  # fmt: skip
+        return KubernetesRollouts(
+            api,
+            settings.kube,
+            storage_root=str(settings.storage_root),
+            server_args=server_args,
+            ready_timeout_s=options.ready_timeout_s,
+        )
     serving = LocalServing(
-        platform.settings.storage_root.resolve(),
+        settings.storage_root.resolve(),
         host=options.endpoint_host,
         options=ServerOptions(
             max_batch_size=options.max_batch_size,
@@ -32,13 +49,19 @@ async def build(platform: Platform[ServeSettings]) -> AsyncIterator[Service]:
             drain_s=options.drain_s,
         ),
     )
+    return LocalRollouts(serving, ready_timeout_s=options.ready_timeout_s)
+
+
+@asynccontextmanager
+async def build(platform: Platform[ServeSettings]) -> AsyncIterator[Service]:
+    rollouts = await _rollouts(platform.settings)
     deployer = Deployer(
-        rollouts=LocalRollouts(serving, ready_timeout_s=options.ready_timeout_s),
+        rollouts=rollouts,
         state=platform.state,
         publish=platform.bus.publish,
         presence=platform.presence,
         source=platform.source,
-        replicas=options.replicas,
+        replicas=platform.settings.serve.replicas,
     )
     session: aiohttp.ClientSession | None = None
 

@@ -2,14 +2,21 @@
 
 from __future__ import annotations
 
+from typing import Literal
+
 from pydantic import Field
 
+from torchrelay.shared.cluster.kubernetes.options import KubeOptions
 from torchrelay.shared.runtime.settings import Group, HttpSettings, ServiceSettings
 
 DEFAULT_PORT = 8083
 
 
 class ServeOptions(Group):
+    backend: Literal["local", "kubernetes"] = Field(
+        default="local",
+        description="Where model servers run: processes here, or a Deployment per model.",
+    )
     endpoint_host: str = Field(
         default="127.0.0.1", description="Where models' stable endpoints listen."
     )
@@ -24,3 +31,4 @@ class ServeOptions(Group):
 class ServeSettings(ServiceSettings):
     http: HttpSettings = HttpSettings(port=DEFAULT_PORT)
     serve: ServeOptions = ServeOptions()
+    kube: KubeOptions = KubeOptions()

@@ -89,6 +89,8 @@ class KubeEmulator:
     history: list[Change] = field(default_factory=list)
     requests: list[tuple[str, str, dict[str, str]]] = field(default_factory=list)
     denied: set[tuple[str, str]] = field(default_factory=set)
+    verbs: set[tuple[str, str]] = field(default_factory=set)
+    """(verb, resource) of every request, as RBAC sees them."""
     _versions: itertools.count[int] = field(default_factory=lambda: itertools.count(1000))
     _version: int = 999
     _oldest: int = 0
@@ -221,6 +223,7 @@ class KubeEmulator:
                 "watch" if request.query.get("watch", "").lower() in ("true", "1") else "list"
             ),
         }[request.method]  # fmt: skip
+        self.verbs.add((verb, plural))
         if (verb, plural) in self.denied:
             group = GROUP_OF.get(plural, "")
             resource = f"{plural}.{group}" if group else plural

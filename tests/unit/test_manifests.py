@@ -173,29 +173,38 @@ def test_training_pods_find_their_claim_and_service_account(folder: Path) -> Non
     )
 
 
-def test_only_train_may_use_the_api_and_only_with_the_verbs_it_needs() -> None:
-    objects = render(ROOT / "k8s" / "base")
-    accounts = of_kind(objects, "ServiceAccount")
-    for service in ("ingest", "serve", "monitor"):
-        assert accounts[f"torchrelay-{service}"]["automountServiceAccountToken"] is False
-    roles = of_kind(objects, "Role")
-    assert set(roles) == {"torchrelay-train"}
-    assert of_kind(objects, "ClusterRole") == {}
-    rules = {
+def rules_of(role: dict[str, Any]) -> dict[tuple[str, str], list[str]]:
+    return {
         (group, resource): sorted(rule["verbs"])
-        for rule in roles["torchrelay-train"]["rules"]
+        for rule in role["rules"]
         for group in rule["apiGroups"]
         for resource in rule["resources"]
     }
-    assert rules == {
+
+
+def test_only_train_and_serve_use_the_api_and_only_with_the_verbs_they_need() -> None:
+    objects = render(ROOT / "k8s" / "base")
+    accounts = of_kind(objects, "ServiceAccount")
+    for service in ("ingest", "monitor"):
+        assert accounts[f"torchrelay-{service}"]["automountServiceAccountToken"] is False
+    roles = of_kind(objects, "Role")
+    assert set(roles) == {"torchrelay-train", "torchrelay-serve"}
+    assert of_kind(objects, "ClusterRole") == {}
+    assert rules_of(roles["torchrelay-train"]) == {
         ("batch", "jobs"): ["create", "delete", "get", "list", "watch"],
         ("", "pods"): ["list", "watch"],
         ("", "services"): ["create"],
     }
-    (binding,) = of_kind(objects, "RoleBinding").values()
-    assert binding["subjects"] == [
-        {"kind": "ServiceAccount", "name": "torchrelay-train", "namespace": "torchrelay"}
-    ]
+    assert rules_of(roles["torchrelay-serve"]) == {
+        ("apps", "deployments"): ["create", "delete", "get", "list", "update", "watch"],
+        ("", "services"): ["create"],
+        ("", "pods"): ["list"],
+    }
+    for name, binding in of_kind(objects, "RoleBinding").items():
+        assert binding["roleRef"]["name"] == name
+        assert binding["subjects"] == [
+            {"kind": "ServiceAccount", "name": name, "namespace": "torchrelay"}
+        ]
 
 
 def test_the_gpu_overlay_sends_gpu_jobs_to_the_gpu_pool_with_cuda_workers() -> None:

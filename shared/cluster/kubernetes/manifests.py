@@ -21,6 +21,9 @@ VERSION_LABEL = f"{GROUP}/version"
 RUN_ID_ANNOTATION = f"{GROUP}/run-id"
 INDEX_LABEL = "batch.kubernetes.io/job-completion-index"
 WORKER_MODULE = "torchrelay.services.train.worker"
+SERVER_MODULE = "torchrelay.services.serve.server"
+VERSION_ANNOTATION = f"{GROUP}/version"
+ALL_INTERFACES = "0.0.0.0"  # noqa: S104 - a pod's server answers its Service
 GPU = "nvidia.com/gpu"
 
 
@@ -228,3 +231,138 @@ def rendezvous_service(job: Object, job_uid: str) -> Object:
             ],
         },
     }
+
+
+# --- serving ----------------------------------------------------------------------------------
+
+
+def model_object_name(model: str) -> str:
+    """The Deployment's and Service's name: the model's own (a DNS label already), prefixed."""
+    name = f"model-{model}"
+    return name if len(name) <= 63 else f"model-{model[:45].rstrip('-')}-{_digest(model)}"
+
+
+def version_label(version: str) -> str:
+    """Versions may be 64 characters; label values at most 63."""
+    return version if len(version) <= 63 else f"{version[:50]}-{_digest(version, 12)}"
+
+
+def model_selector(model: str) -> str:
+    return f"{MODEL_LABEL}={model},app.kubernetes.io/component=model-server"
+
+
+def model_deployment(
+    model: str,
+    version: str,
+    replicas: int,
+    *,
+    options: KubeOptions,
+    storage_root: str,
+    server_args: list[str],
+    progress_deadline_s: int,
+) -> Object:
+    """A model's Deployment serving ``version``: rolling updates that never drop below the
+    wanted replicas (maxUnavailable 0), gated on the server's readiness."""
+    name = model_object_name(model)
+    selector = {MODEL_LABEL: model, "app.kubernetes.io/component": "model-server"}
+    labels = {**_common_labels("model-server"), **selector}
+    pod_labels = {**labels, VERSION_LABEL: version_label(version)}
+    pod_security, container_security = _security(options)
+    volumes, mounts = _volumes(options, storage_root, shm=False)
+    mounts[0]["readOnly"] = True  # servers only read the model
+    model_dir = f"{storage_root.rstrip('/')}/models/{model}/{version}"
+    port = options.server_port
+    threads = str(max(1, math.ceil(options.server_cpu)))
+    container: Object = {
+        "name": "server",
+        "image": options.server_image,
+        "imagePullPolicy": options.image_pull_policy,
+        "command": ["python", "-m", SERVER_MODULE],
+        "args": [
+            "--model-dir",
+            model_dir,
+            "--host",
+            ALL_INTERFACES,
+            "--port",
+            str(port),
+            *server_args,
+        ],
+        "env": [{"name": "OMP_NUM_THREADS", "value": threads}],
+        "ports": [{"name": "http", "containerPort": port}],
+        "readinessProbe": {
+            "httpGet": {"path": "/v2/health/ready", "port": "http"},
+            "periodSeconds": 5,
+        },
+        "livenessProbe": {
+            "httpGet": {"path": "/v2/health/live", "port": "http"},
+            "periodSeconds": 10,
+            "initialDelaySeconds": 10,
+        },
+        "resources": {
+            "requests": {
+                "cpu": f"{options.server_cpu:g}",
+                "memory": f"{options.server_memory_mb}Mi",
+            },
+            "limits": {"memory": f"{options.server_memory_mb}Mi"},
+        },
+        "securityContext": container_security,
+        "volumeMounts": mounts,
+    }
+    return {
+        "apiVersion": "apps/v1",
+        "kind": "Deployment",
+        "metadata": {"name": name, "namespace": options.namespace, "labels": labels},
+        "spec": {
+            "replicas": replicas,
+            "selector": {"matchLabels": selector},
+            "strategy": {
+                "type": "RollingUpdate",
+                "rollingUpdate": {"maxUnavailable": 0, "maxSurge": 1},
+            },
+            "progressDeadlineSeconds": max(progress_deadline_s, 1),
+            "revisionHistoryLimit": 5,
+            "template": {
+                "metadata": {
+                    "labels": pod_labels,
+                    "annotations": {
+                        VERSION_ANNOTATION: version,
+                        "prometheus.io/scrape": "true",
+                        "prometheus.io/port": str(port),
+                        "prometheus.io/path": "/metrics",
+                    },
+                },
+                "spec": {
+                    "serviceAccountName": options.workload_service_account,
+                    "automountServiceAccountToken": False,
+                    "securityContext": pod_security,
+                    "terminationGracePeriodSeconds": 30,
+                    "containers": [container],
+                    "volumes": volumes,
+                },
+            },
+        },
+    }
+
+
+def model_service(model: str, options: KubeOptions) -> Object:
+    """The model's stable endpoint: every version, every replica, behind one name."""
+    name = model_object_name(model)
+    selector = {MODEL_LABEL: model, "app.kubernetes.io/component": "model-server"}
+    return {
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": {
+            "name": name,
+            "namespace": options.namespace,
+            "labels": {**_common_labels("model-server"), **selector},
+        },
+        "spec": {
+            "selector": selector,
+            "ports": [{"name": "http", "port": options.server_port, "targetPort": "http"}],
+        },
+    }
+
+
+def model_endpoint(model: str, options: KubeOptions) -> str:
+    name = model_object_name(model)
+    return f"http://{name}.{options.namespace}.svc:{options.server_port}/v2/models/{model}"

@@ -51,6 +51,9 @@ class KubeOptions(Group):
     cpu_node_selector: dict[str, str] = Field(
         default_factory=dict, description="Node labels of the CPU pool, for jobs without GPUs."
     )
+    server_cpu: float = Field(default=1.0, gt=0, description="CPU cores per model server pod.")
+    server_memory_mb: int = Field(default=1024, gt=0, description="Memory per model server pod.")
+    server_port: int = Field(default=8080, ge=1, le=65535, description="Model servers' port.")
     rendezvous_port: int = Field(default=29500, ge=1, le=65535)
     unschedulable_timeout_s: float = Field(
         default=600.0,

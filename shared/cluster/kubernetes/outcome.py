@@ -119,3 +119,55 @@ def attempt_outcome(
     if "Complete" in conditions or succeeded >= completions:
         return Ended(Status.SUCCEEDED, "every rank finished")
     return None
+
+
+def rollout_state(deployment: Object) -> tuple[str, str]:
+    """("done" | "waiting" | "failed", why): a rollout is done when the controller has seen the
+    new template and every wanted replica is updated and available, with no old one left."""
+    spec = deployment.get("spec") or {}
+    status = deployment.get("status") or {}
+    wanted = int(spec.get("replicas", 1))
+    if int(status.get("observedGeneration", 0)) < int(deployment["metadata"].get("generation", 1)):
+        return "waiting", "the new template is not observed yet"
+    for condition in status.get("conditions") or []:
+        if condition.get("type") == "Progressing" and condition.get("reason") == (
+            "ProgressDeadlineExceeded"
+        ):
+            return "failed", f"progress deadline exceeded: {condition.get('message', '')}".strip()
+    updated = int(status.get("updatedReplicas", 0))
+    available = int(status.get("availableReplicas", 0))
+    total = int(status.get("replicas", 0))
+    if updated < wanted:
+        return "waiting", f"{updated} of {wanted} replicas updated"
+    if total > updated:
+        return "waiting", f"{total - updated} old replicas still running"
+    if available < updated:
+        return "waiting", f"{available} of {wanted} updated replicas available"
+    return "done", f"{wanted} of {wanted} replicas available"
+
+
+def pod_problems(pods: list[Object]) -> list[str]:
+    """Why each of ``pods`` is not serving: it cannot start, failed, or is not ready."""
+    problems = []
+    for pod in pods:
+        status = pod.get("status") or {}
+        cannot = _cannot_start(pod)
+        if cannot is not None:
+            problems.append(cannot.reason)
+            continue
+        if status.get("phase") == "Failed":
+            problems.append(_failed(pod).reason)
+            continue
+        for container in _states(pod):
+            waiting = (container.get("state") or {}).get("waiting") or {}
+            if waiting.get("reason"):
+                problems.append(f"{_who(pod)} is waiting: {waiting['reason']}")
+                break
+            if not container.get("ready", False):
+                restarts = container.get("restartCount", 0)
+                problems.append(f"{_who(pod)} is not ready (restarts: {restarts})")
+                break
+        else:
+            if status.get("phase") == "Pending":
+                problems.append(f"{_who(pod)} is Pending")
+    return problems

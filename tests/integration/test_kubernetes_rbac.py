@@ -1,0 +1,84 @@
+"""The Roles in k8s/base grant exactly what the backends use: every verb each backend sends
+to the API (recorded by the emulator while it trains, cancels, adopts, rolls out and rolls
+back) is granted, and nothing granted goes unused."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+from pathlib import Path
+
+import yaml
+
+from tests.integration.test_kubernetes_serving import available, deployment_changed
+from tests.integration.test_kubernetes_training import gpu_job
+from tests.kube.emulator import running_emulator
+from torchrelay.services.serve.kube_rollouts import KubernetesRollouts
+from torchrelay.services.serve.rollouts import Current, RolloutFailed
+from torchrelay.shared.cluster.kubernetes.api import KubeApi, connect
+from torchrelay.shared.cluster.kubernetes.options import KubeOptions
+from torchrelay.shared.cluster.kubernetes.training import KubernetesBackend
+
+RBAC = Path(__file__).parents[2] / "k8s" / "base" / "rbac.yaml"
+
+
+def granted(role: str) -> set[tuple[str, str]]:
+    (found,) = [
+        doc for doc in yaml.safe_load_all(RBAC.read_text())
+        if doc["kind"] == "Role" and doc["metadata"]["name"] == role
+    ]  # fmt: skip
+    return {
+        (verb, resource)
+        for rule in found["rules"]
+        for resource in rule["resources"]
+        for verb in rule["verbs"]
+    }
+
+
+async def test_train_uses_exactly_the_verbs_its_role_grants() -> None:
+    async with running_emulator() as emulator:
+        options = KubeOptions(api_url=emulator.url, unschedulable_timeout_s=0.1)
+        backend = KubernetesBackend(KubeApi(await connect(options), "torchrelay"), options)
+        try:
+            failing = await backend.schedule(backend.dryrun(gpu_job(world_size=1)))
+            waiting = asyncio.create_task(backend.wait(failing))
+            (pod,) = emulator.start_job_pods(failing)
+            await asyncio.sleep(0.3)  # the watches are open
+            emulator.set_status("pods", pod, {"phase": "Failed"})
+            await asyncio.wait_for(waiting, 10)
+            cancelled = await backend.schedule(backend.dryrun(gpu_job(attempt=1)))
+            assert await backend.adopt(backend.dryrun(gpu_job(attempt=1))) == cancelled
+            await backend.cancel(cancelled)
+        finally:
+            await backend.aclose()
+        assert emulator.verbs == granted("torchrelay-train")
+
+
+async def test_serve_uses_exactly_the_verbs_its_role_grants(tmp_path: Path) -> None:
+    for version in ("v1", "v2"):
+        folder = tmp_path / "models" / "digits" / version
+        folder.mkdir(parents=True)
+        (folder / "model.json").write_text(json.dumps({"version": version}))
+    async with running_emulator() as emulator:
+        options = KubeOptions(api_url=emulator.url)
+        rollouts = KubernetesRollouts(
+            KubeApi(await connect(options), "torchrelay"),
+            options,
+            storage_root=str(tmp_path),
+            server_args=[],
+            ready_timeout_s=1.0,
+        )
+        try:
+            rolling = asyncio.create_task(rollouts.roll_out("digits", "v1", 1, Current()))
+            await deployment_changed(emulator, 1)
+            available(emulator, 1, 1)
+            await asyncio.wait_for(rolling, 5)
+            with contextlib.suppress(RolloutFailed):  # v2 never gets ready: rolled back
+                await rollouts.roll_out("digits", "v2", 1, Current("v1", 1))
+            emulator.remove("deployments", "model-digits")
+            with contextlib.suppress(RolloutFailed):  # a first version never ready: deleted
+                await rollouts.roll_out("digits", "v1", 1, Current())
+        finally:
+            await rollouts.aclose()
+        assert emulator.verbs == granted("torchrelay-serve")
