@@ -196,7 +196,8 @@ class Deployer:
         """Background loop: a deployed model whose serving replica is gone (its servers died
         with it) is served again here, same version, same port."""
         if not self.rollouts.owns_servers:
-            return  # nothing dies with a replica
+            await stop.wait()  # nothing dies with a replica: nothing to take over
+            return
         while not stop.is_set():
             try:
                 await self.reclaim_orphans()
