@@ -288,7 +288,13 @@ class Trainer:
 
     async def _watch(self, record: RunRecord, handle: str, cause: str | None) -> None:
         try:
-            ended = await self.backend.wait(handle)
+            try:
+                ended = await self.backend.wait(handle)
+            except TorchrelayError as exc:  # the backend lost track of it (RBAC, API gone)
+                log.exception("run.lost", run_id=record.run_id, attempt=record.attempt)
+                with contextlib.suppress(TorchrelayError):  # no second copy may keep running
+                    await self.backend.cancel(handle)
+                ended = Ended(Status.FAILED, f"lost track of attempt {record.attempt}: {exc}")
             if ended.status is Status.SUCCEEDED:
                 await self._completed(record, cause)
             else:

@@ -171,3 +171,25 @@ async def test_rbac_denial_fails_the_run_with_the_reason(
     )
     await asyncio.sleep(0.5)
     assert emulator.list("jobs") == []
+
+
+async def test_a_run_whose_pods_cannot_be_watched_fails_and_its_job_is_removed(
+    bus: tuple[JetStreamBus, Watcher],
+    train: ServiceProcess,
+    emulator: KubeEmulator,
+    staged: tuple[Path, str],
+) -> None:
+    publisher, watcher = bus
+    emulator.deny("list", "pods")  # a Role without the pods rule
+    await train.wait_ready()
+    await publisher.publish(request(staged, "k8s-blind"))
+
+    async def failed() -> bool:
+        return bool(watcher.of(TrainFailed, run_id="k8s-blind"))
+
+    await assert_eventually(failed, timeout_s=20)
+    (event,) = watcher.of(TrainFailed, run_id="k8s-blind")
+    assert event.data.reason.startswith(
+        "lost track of attempt 0: the Kubernetes API refused to list pods"
+    )
+    assert emulator.list("jobs") == [], "no copy of the attempt is left running"

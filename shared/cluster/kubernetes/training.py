@@ -114,7 +114,6 @@ class KubernetesBackend:
         jobs = Mirror(self.api, "Job", request.selector, timeout_s=self.options.watch_timeout_s)
         pods = Mirror(self.api, "Pod", request.selector, timeout_s=self.options.watch_timeout_s)
         changed = asyncio.Event()
-        seen_job = False
 
         async def pump(mirror: Mirror) -> None:
             async for _ in mirror.follow():
@@ -133,8 +132,7 @@ class KubernetesBackend:
                     if task.done():
                         task.result()  # a mirror that failed for good (403) ends the wait
                 job = jobs.objects.get(handle)
-                seen_job = seen_job or job is not None
-                if seen_job and job is None and jobs.relists:
+                if job is None and jobs.relists:  # it existed when the wait began
                     if handle in self._cancelled:
                         return Ended(Status.CANCELLED, "cancelled")
                     return Ended(Status.FAILED, f"job {handle} was deleted")
