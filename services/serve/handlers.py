@@ -116,9 +116,8 @@ class Deployer:
     ) -> tuple[bool, str]:
         """Roll ``version`` out; (True, endpoint) or (False, reason).
 
-        One rollout of a model at a time across all replicas (a lease). Whichever replica
-        rolls out serves the new version on the model's port and retires the old servers,
-        its own or another replica's.
+        One rollout of a model at a time across all replicas (a lease). The rollouts backend
+        gets the new version ready on the model's stable endpoint before the old one goes.
         """
         async with self._exclusive(model):
             current = await self.deployments.get(key_part(model))
