@@ -35,6 +35,7 @@ from torchrelay.shared.events.data import (
     ModelRolloutStartedData,
 )
 from torchrelay.shared.pipelines import PipelineRecord, pipeline_key, record_stage
+from torchrelay.shared.runtime.loops import every
 from torchrelay.shared.state import State, Store, key_part
 from torchrelay.shared.state.presence import Presence, exclusive
 
@@ -197,14 +198,7 @@ class Deployer:
         if not self.rollouts.owns_servers:
             await stop.wait()  # nothing dies with a replica: nothing to take over
             return
-        while not stop.is_set():
-            try:
-                await self.reclaim_orphans()
-            except Exception as exc:  # noqa: BLE001 - a loop that outlives one bad round
-                log.warning("reclaim.failed", error=repr(exc))
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(self._reclaim_every_s):
-                    await stop.wait()
+        await every(self._reclaim_every_s, stop, self.reclaim_orphans, name="serve.reclaim")
 
     async def reclaim_orphans(self) -> list[str]:
         """One round of :meth:`reclaim`; returns the models this replica took over."""

@@ -44,6 +44,7 @@ from torchrelay.shared.events.data import (
     TrainStartedData,
 )
 from torchrelay.shared.pipelines import PipelineRecord, pipeline_key, record_stage
+from torchrelay.shared.runtime.loops import every
 from torchrelay.shared.state import State, Store, key_part
 from torchrelay.shared.state.presence import Presence
 
@@ -170,14 +171,7 @@ class Trainer:
     async def reclaim(self, stop: asyncio.Event) -> None:
         """Background loop: a running run whose owner replica is gone (its workers died with
         it) ends as a failed attempt, so the monitor restarts it from its last checkpoint."""
-        while not stop.is_set():
-            try:
-                await self.reclaim_orphans()
-            except Exception as exc:  # noqa: BLE001 - a loop that outlives one bad round
-                log.warning("reclaim.failed", error=repr(exc))
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(self._reclaim_every_s):
-                    await stop.wait()
+        await every(self._reclaim_every_s, stop, self.reclaim_orphans, name="train.reclaim")
 
     async def reclaim_orphans(self) -> list[str]:
         """One round of :meth:`reclaim`; returns the runs this replica took over."""

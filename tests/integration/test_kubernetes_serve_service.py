@@ -16,7 +16,6 @@ from tests.kube.emulator import KubeEmulator, running_emulator
 from torchrelay.shared.bus.jetstream import JetStreamBus
 from torchrelay.shared.events import ModelDeployed, ModelDeployRequested, ModelRolloutFailed
 from torchrelay.shared.events.data import ModelDeployRequestedData
-from torchrelay.shared.testing import assert_eventually
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(120)]
 
@@ -72,20 +71,12 @@ async def test_a_deployment_is_deployed_once_available_and_a_broken_version_is_r
     await deployment_changed(emulator, 1)
     available(emulator, 1, 2)
 
-    async def deployed() -> bool:
-        return bool(watcher.of(ModelDeployed, version="v1"))
-
-    await assert_eventually(deployed, timeout_s=20)
-    (event,) = watcher.of(ModelDeployed, version="v1")
+    event = await watcher.one(ModelDeployed, version="v1", timeout_s=20)
     assert event.data.endpoint == "http://model-digits.torchrelay.svc:8080/v2/models/digits"
 
     await publisher.publish(deploy("v2"))  # its pods never become available
 
-    async def failed() -> bool:
-        return bool(watcher.of(ModelRolloutFailed, version="v2"))
-
-    await assert_eventually(failed, timeout_s=30)
-    (failure,) = watcher.of(ModelRolloutFailed, version="v2")
+    failure = await watcher.one(ModelRolloutFailed, version="v2", timeout_s=30)
     assert failure.data.reason.startswith("version v2 was not available within 3s")
     assert failure.data.serving_version == "v1"
     current = emulator.get("deployments", NAME)

@@ -102,11 +102,7 @@ async def test_a_failed_pod_is_a_train_failed_naming_it(
         },
     )
 
-    async def failed() -> bool:
-        return bool(watcher.of(TrainFailed, run_id="k8s-oom"))
-
-    await assert_eventually(failed, timeout_s=20)
-    (event,) = watcher.of(TrainFailed, run_id="k8s-oom")
+    event = await watcher.one(TrainFailed, run_id="k8s-oom", timeout_s=20)
     assert event.data.reason == f"pod {pods[1]} (rank 1) failed: OOMKilled (exit 137, SIGKILL)"
     assert (event.data.rank, event.data.exit_code, event.data.signal) == (1, 137, "SIGKILL")
     assert event.data.final is False, "the monitor may restart it"
@@ -140,11 +136,7 @@ async def test_all_ranks_succeeded_is_a_train_completed(
         "jobs", job, {"succeeded": 2, "conditions": [{"type": "Complete", "status": "True"}]}
     )
 
-    async def completed() -> bool:
-        return bool(watcher.of(TrainCompleted, run_id="k8s-ok"))
-
-    await assert_eventually(completed, timeout_s=20)
-    (event,) = watcher.of(TrainCompleted, run_id="k8s-ok")
+    event = await watcher.one(TrainCompleted, run_id="k8s-ok", timeout_s=20)
     assert (event.data.model_version, event.data.metrics) == ("k8s-ok", {"accuracy": 0.97})
 
 
@@ -159,11 +151,7 @@ async def test_rbac_denial_fails_the_run_with_the_reason(
     await train.wait_ready()
     await publisher.publish(request(staged, "k8s-denied"))
 
-    async def failed() -> bool:
-        return bool(watcher.of(TrainFailed, run_id="k8s-denied"))
-
-    await assert_eventually(failed, timeout_s=20)
-    (event,) = watcher.of(TrainFailed, run_id="k8s-denied")
+    event = await watcher.one(TrainFailed, run_id="k8s-denied", timeout_s=20)
     assert event.data.final is True
     assert event.data.reason.startswith(
         "cannot launch: the Kubernetes API refused to create jobs in namespace torchrelay "
@@ -184,11 +172,7 @@ async def test_a_run_whose_pods_cannot_be_watched_fails_and_its_job_is_removed(
     await train.wait_ready()
     await publisher.publish(request(staged, "k8s-blind"))
 
-    async def failed() -> bool:
-        return bool(watcher.of(TrainFailed, run_id="k8s-blind"))
-
-    await assert_eventually(failed, timeout_s=20)
-    (event,) = watcher.of(TrainFailed, run_id="k8s-blind")
+    event = await watcher.one(TrainFailed, run_id="k8s-blind", timeout_s=20)
     assert event.data.reason.startswith(
         "lost track of attempt 0: the Kubernetes API refused to list pods"
     )

@@ -13,6 +13,7 @@ from tests.integration.conftest import FAST_STREAM
 from torchrelay.shared.bus.jetstream import JetStreamBus
 from torchrelay.shared.bus.port import Subscription
 from torchrelay.shared.events import AnyEvent
+from torchrelay.shared.testing import assert_eventually
 
 
 class Watcher:
@@ -29,6 +30,16 @@ class Watcher:
             for e in self.events
             if isinstance(e, kind) and all(getattr(e.data, k) == v for k, v in match.items())
         ]
+
+    async def one(self, kind: type[AnyEvent], *, timeout_s: float = 20, **match: Any) -> Any:
+        """The one recorded event of ``kind`` matching ``match``, once it has arrived."""
+
+        async def arrived() -> bool:
+            return bool(self.of(kind, **match))
+
+        await assert_eventually(arrived, timeout_s=timeout_s, message=f"no {kind.__name__}")
+        (event,) = self.of(kind, **match)
+        return event
 
 
 @contextlib.asynccontextmanager
