@@ -18,7 +18,6 @@ SERVICES = {
     "serve": "torchrelay.services.serve.service",
     "train": "torchrelay.services.train.service",
 }
-PLANNED: dict[str, int] = {}
 EXIT_USAGE = 2
 
 
@@ -44,13 +43,6 @@ def _schema_export(directory: Path) -> int:
 
 
 def _service(name: str, argv: Sequence[str]) -> int:
-    if name in PLANNED:
-        print(
-            f"torchrelay: the {name} service is not implemented yet (issue #{PLANNED[name]}); "
-            f"available: {', '.join(sorted(SERVICES))}",
-            file=sys.stderr,
-        )
-        return EXIT_USAGE
     module = importlib.import_module(SERVICES[name])
     result: int = module.main(list(argv))
     return result
@@ -284,7 +276,7 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True)
 
     service = commands.add_parser("service", help="run one service", add_help=False)
-    service.add_argument("name", choices=sorted({*SERVICES, *PLANNED}))
+    service.add_argument("name", choices=sorted(SERVICES))
 
     schema = commands.add_parser("schema", help="event schemas")
     schema_commands = schema.add_subparsers(dest="schema_command", required=True)
