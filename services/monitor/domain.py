@@ -7,6 +7,15 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict
 
+from torchrelay.shared.events import (
+    AnyEvent,
+    DatasetRejected,
+    ModelDeployed,
+    ModelRolloutFailed,
+    TrainCompleted,
+    TrainFailed,
+)
+
 SERVICES = frozenset({"ingest", "train", "serve", "monitor", "cli"})
 EXTERNAL = "external"
 UNKNOWN = "unknown"
@@ -50,11 +59,13 @@ class RunWatch(BaseModel):
 
 
 class Stamp(BaseModel):
-    """When a stage began (an ingest request, a rollout), to time it when it ends."""
+    """When a stage began (an ingest request, a rollout, a pipeline), to time it when it ends."""
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
     at: datetime
+    last_stage: str | None = None
+    """For a pipeline: the stage whose success ends it (train when it does not deploy)."""
 
 
 def backoff_s(next_attempt: int, *, base_s: float, cap_s: float) -> float:
@@ -81,3 +92,16 @@ def dead_letter_category(reason: str) -> str:
     if reason.startswith("gave up after"):
         return "exhausted"
     return "refused"
+
+
+def pipeline_end(event: AnyEvent, last_stage: str | None) -> str | None:
+    """How a pipeline ended, if ``event`` ends it: "succeeded", "failed" or None."""
+    if isinstance(event, ModelDeployed):
+        return "succeeded"
+    if isinstance(event, TrainCompleted) and last_stage == "train":
+        return "succeeded"
+    if isinstance(event, DatasetRejected | ModelRolloutFailed):
+        return "failed"
+    if isinstance(event, TrainFailed) and event.data.final:
+        return "failed"
+    return None

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import uuid
 from datetime import UTC, datetime
 
@@ -15,6 +16,7 @@ from torchrelay.services.monitor.domain import (
     backoff_s,
     can_restart,
     dead_letter_category,
+    pipeline_end,
     source_label,
     stalled,
     type_label,
@@ -32,6 +34,7 @@ from torchrelay.shared.events import (
     ModelDeployed,
     ModelRolloutFailed,
     ModelRolloutStarted,
+    PipelineSubmitted,
     TrainCancelRequested,
     TrainCompleted,
     TrainFailed,
@@ -76,6 +79,14 @@ class EventMetrics:
             "Time from one pipeline stage's event to the next (staging, queueing for training, "
             "training, rollout).",
             ["stage"],
+            buckets=STAGE_BUCKETS_S,
+            registry=registry,
+        )
+        self.pipeline = Histogram(
+            "torchrelay_pipeline_duration_seconds",
+            "Time from a pipeline's submission to its end (deployed, or trained when it does "
+            "not deploy), by how it ended.",
+            ["status"],
             buckets=STAGE_BUCKETS_S,
             registry=registry,
         )
@@ -162,6 +173,8 @@ class Monitor:
 
     async def on_event(self, event: AnyEvent) -> None:
         self.metrics.count(event)
+        if event.pipelineid is not None:
+            await self._pipeline(event, event.pipelineid)
         handler = {
             DatasetIngestRequested: self._ingest_requested,
             TrainRequested: self._train_requested,
@@ -179,6 +192,23 @@ class Monitor:
             await handler(event)
 
     # --- stage times -----------------------------------------------------------------------
+
+    async def _pipeline(self, event: AnyEvent, pipeline_id: str) -> None:
+        key = f"pipeline.{key_part(pipeline_id)}"
+        if isinstance(event, PipelineSubmitted):
+            last = "deploy" if event.data.spec.deploy.enabled else "train"
+            await self.stamps.put(key, Stamp(at=event.time, last_stage=last))
+            return
+        stamp = await self.stamps.get(key)
+        if stamp is None:
+            return
+        status = pipeline_end(event, stamp.value.last_stage)
+        if status is None:
+            return
+        with contextlib.suppress(StaleRevision):  # a replica or a redelivery got there first
+            await self.stamps.delete(key, revision=stamp.revision)
+            seconds = (event.time - stamp.value.at).total_seconds()
+            self.metrics.pipeline.labels(status).observe(seconds)
 
     async def _staged(self, event: AnyEvent) -> None:
         started = await self._stamp(f"ingest.{key_part(event.data.request_id)}")

@@ -7,6 +7,7 @@ import os
 import re
 import signal
 import time
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -100,6 +101,14 @@ def test_status_links_each_pipeline_to_its_run_model_and_deployment_and_predict_
         assert heading in listing
     shown = torchrelay("status", pipeline_id, cwd=platform.folder).stdout
     assert f"lineage: dataset {pipeline['dataset']} -> run {pipeline['run']}" in shown
+    monitor = platform.described["services"]["monitor-0"]["url"]
+    with urllib.request.urlopen(f"{monitor}/metrics", timeout=10) as response:  # noqa: S310
+        metrics = response.read().decode()
+    count = re.search(
+        r'^torchrelay_pipeline_duration_seconds_count\{status="succeeded"\} (\S+)$', metrics, re.M
+    )
+    assert count is not None
+    assert float(count[1]) >= 1, "the whole pipeline's duration was observed"
 
     image = [[0.0] * 8 for _ in range(8)]
     (platform.folder / "image.json").write_text(json.dumps([image]))  # one 1x8x8 input

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import pytest
 
 from torchrelay.services.monitor.domain import (
     EXTERNAL,
@@ -11,9 +14,24 @@ from torchrelay.services.monitor.domain import (
     backoff_s,
     can_restart,
     dead_letter_category,
+    pipeline_end,
     source_label,
     stalled,
     type_label,
+)
+from torchrelay.shared.events import (
+    DatasetRejected,
+    ModelDeployed,
+    ModelRolloutFailed,
+    TrainCompleted,
+    TrainFailed,
+)
+from torchrelay.shared.events.data import (
+    DatasetRejectedData,
+    ModelDeployedData,
+    ModelRolloutFailedData,
+    TrainCompletedData,
+    TrainFailedData,
 )
 
 
@@ -71,3 +89,42 @@ def test_dead_letter_reasons_fall_into_three_labels() -> None:
     assert dead_letter_category("io.torchrelay.x.v1 failed validation: data: y") == "malformed"
     assert dead_letter_category("gave up after 5 deliveries; last error E") == "exhausted"
     assert dead_letter_category("PermanentError: bad path") == "refused"
+
+
+def _event(kind: type[Any], data: object) -> Any:
+    return kind(source="/t", subject="s", pipelineid="p", data=data)
+
+
+DEPLOYED = _event(
+    ModelDeployed, ModelDeployedData(model_name="m", version="v", endpoint="http://e")
+)
+TRAINED = _event(
+    TrainCompleted,
+    TrainCompletedData(run_id="r", model_name="m", model_version="v", path="m/v", metrics={}),
+)
+RETRIED = _event(TrainFailed, TrainFailedData(run_id="r", attempt=0, reason="x", final=False))
+GAVE_UP = _event(TrainFailed, TrainFailedData(run_id="r", attempt=3, reason="x", final=True))
+REJECTED = _event(
+    DatasetRejected, DatasetRejectedData(request_id="q", code="missing_path", reason="x")
+)
+NOT_ROLLED = _event(
+    ModelRolloutFailed, ModelRolloutFailedData(model_name="m", version="v", reason="x")
+)
+
+
+@pytest.mark.parametrize(
+    ("event", "last_stage", "ended"),
+    [
+        (DEPLOYED, "deploy", "succeeded"),
+        (TRAINED, "train", "succeeded"),
+        (TRAINED, "deploy", None),
+        (RETRIED, "deploy", None),
+        (GAVE_UP, "deploy", "failed"),
+        (REJECTED, "deploy", "failed"),
+        (NOT_ROLLED, "deploy", "failed"),
+    ],
+)
+def test_a_pipeline_ends_with_its_last_stage_or_its_first_final_failure(
+    event: Any, last_stage: str, ended: str | None
+) -> None:
+    assert pipeline_end(event, last_stage) == ended
