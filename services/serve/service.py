@@ -23,9 +23,9 @@ async def _rollouts(settings: ServeSettings) -> Rollouts:
     options = settings.serve
     if options.backend == "kubernetes":
         from torchrelay.services.serve.kube_rollouts import KubernetesRollouts
-        from torchrelay.shared.cluster.kubernetes.api import KubeApi, connect
+        from torchrelay.shared.cluster.kubernetes.api import connect
 
-        api = KubeApi(await connect(settings.kube), settings.kube.namespace)
+        api = await connect(settings.kube)
         server_args = [
             "--max-batch-size", str(options.max_batch_size),
             "--max-delay-ms", str(options.max_delay_ms),

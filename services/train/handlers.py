@@ -188,15 +188,10 @@ class Trainer:
                 await self.runs.update(item.key, claimed, revision=item.revision)
             except StaleRevision:
                 continue
-            job = self._worker_job(
-                run.run_id, run.attempt, run.spec, run.dataset_path, run.pipeline_id
-            )
-            handle = await self.backend.adopt(self.backend.dryrun(job))
+            handle = await self.backend.adopt(self.backend.dryrun(self._attempt_of(run)))
             if handle is not None:  # the attempt outlived its replica (a Kubernetes Job)
                 log.info("run.adopted", run_id=run.run_id, attempt=run.attempt, owner=run.owner)
-                self._watchers[run.run_id] = asyncio.create_task(
-                    self._watch(claimed, handle, None), name=f"watch:{run.run_id}"
-                )
+                self._follow(claimed, handle, None)
                 taken.append(run.run_id)
                 continue
             log.warning("run.orphaned", run_id=run.run_id, attempt=run.attempt, owner=run.owner)
@@ -242,12 +237,20 @@ class Trainer:
             pipeline_id=pipeline_id,
         )
 
-    async def _launch(self, record: RunRecord, *, cause: str) -> None:
-        job = self._worker_job(
+    def _attempt_of(self, record: RunRecord) -> WorkerJob:
+        return self._worker_job(
             record.run_id, record.attempt, record.spec, record.dataset_path, record.pipeline_id
         )
+
+    def _follow(self, record: RunRecord, handle: str, cause: str | None) -> None:
+        """Watch the attempt in the background until it ends."""
+        self._watchers[record.run_id] = asyncio.create_task(
+            self._watch(record, handle, cause), name=f"watch:{record.run_id}"
+        )
+
+    async def _launch(self, record: RunRecord, *, cause: str) -> None:
         try:
-            handle = await self._schedule(job)
+            handle = await self._schedule(self._attempt_of(record))
         except TorchrelayError as exc:  # refused (RBAC, an invalid object) or unreachable
             await self._failed(
                 record, Ended(Status.FAILED, f"cannot launch: {exc}"), final=True, cause=cause
@@ -266,9 +269,7 @@ class Trainer:
                 ),
             )
         )
-        self._watchers[record.run_id] = asyncio.create_task(
-            self._watch(record, handle, cause), name=f"watch:{record.run_id}"
-        )
+        self._follow(record, handle, cause)
 
     async def _schedule(self, job: WorkerJob) -> str:
         """Launch, retrying a backend that is briefly unreachable (its API restarting)."""

@@ -30,10 +30,10 @@ def _detect_gpus() -> int:
 async def _backend(settings: TrainSettings) -> Backend:
     options = settings.train
     if options.backend == "kubernetes":
-        from torchrelay.shared.cluster.kubernetes.api import KubeApi, connect
+        from torchrelay.shared.cluster.kubernetes.api import connect
         from torchrelay.shared.cluster.kubernetes.training import KubernetesBackend
 
-        api = KubeApi(await connect(settings.kube), settings.kube.namespace)
+        api = await connect(settings.kube)
         return KubernetesBackend(api, settings.kube)
     return LocalBackend(
         max_world_size=options.max_world_size,

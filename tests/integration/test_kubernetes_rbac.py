@@ -16,7 +16,7 @@ from tests.integration.test_kubernetes_training import gpu_job
 from tests.kube.emulator import running_emulator
 from torchrelay.services.serve.kube_rollouts import KubernetesRollouts
 from torchrelay.services.serve.rollouts import Current, RolloutFailed
-from torchrelay.shared.cluster.kubernetes.api import KubeApi, connect
+from torchrelay.shared.cluster.kubernetes.api import connect
 from torchrelay.shared.cluster.kubernetes.options import KubeOptions
 from torchrelay.shared.cluster.kubernetes.training import KubernetesBackend
 
@@ -39,7 +39,7 @@ def granted(role: str) -> set[tuple[str, str]]:
 async def test_train_uses_exactly_the_verbs_its_role_grants() -> None:
     async with running_emulator() as emulator:
         options = KubeOptions(api_url=emulator.url, unschedulable_timeout_s=0.1)
-        backend = KubernetesBackend(KubeApi(await connect(options), "torchrelay"), options)
+        backend = KubernetesBackend(await connect(options), options)
         try:
             failing = await backend.schedule(backend.dryrun(gpu_job(world_size=1)))
             waiting = asyncio.create_task(backend.wait(failing))
@@ -63,7 +63,7 @@ async def test_serve_uses_exactly_the_verbs_its_role_grants(tmp_path: Path) -> N
     async with running_emulator() as emulator:
         options = KubeOptions(api_url=emulator.url)
         rollouts = KubernetesRollouts(
-            KubeApi(await connect(options), "torchrelay"),
+            await connect(options),
             options,
             storage_root=str(tmp_path),
             server_args=[],

@@ -16,7 +16,7 @@ import pytest
 from tests.kube.emulator import KubeEmulator, running_emulator
 from torchrelay.services.serve.kube_rollouts import KubernetesRollouts
 from torchrelay.services.serve.rollouts import Current, RolloutFailed
-from torchrelay.shared.cluster.kubernetes.api import KubeApi, connect
+from torchrelay.shared.cluster.kubernetes.api import connect
 from torchrelay.shared.cluster.kubernetes.options import KubeOptions
 from torchrelay.shared.testing import assert_eventually
 
@@ -42,7 +42,7 @@ def storage(tmp_path: Path) -> Path:
 async def rollouts(emulator: KubeEmulator, storage: Path) -> AsyncIterator[KubernetesRollouts]:
     options = KubeOptions(api_url=emulator.url, namespace="torchrelay")
     rollouts = KubernetesRollouts(
-        KubeApi(await connect(options), "torchrelay"),
+        await connect(options),
         options,
         storage_root=str(storage),
         server_args=["--max-batch-size", "64"],

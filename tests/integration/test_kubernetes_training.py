@@ -12,7 +12,7 @@ import kubernetes_validate
 import pytest
 
 from tests.kube.emulator import KubeEmulator, running_emulator
-from torchrelay.shared.cluster.kubernetes.api import KubeApi, Refused, connect
+from torchrelay.shared.cluster.kubernetes.api import Refused, connect
 from torchrelay.shared.cluster.kubernetes.manifests import job_name
 from torchrelay.shared.cluster.kubernetes.options import KubeOptions
 from torchrelay.shared.cluster.kubernetes.training import KubernetesBackend
@@ -62,7 +62,7 @@ async def backend(emulator: KubeEmulator) -> AsyncIterator[KubernetesBackend]:
     options = KubeOptions(
         api_url=emulator.url, namespace=NS, queue="gpu-queue", unschedulable_timeout_s=0.5
     )
-    backend = KubernetesBackend(KubeApi(await connect(options), NS), options)
+    backend = KubernetesBackend(await connect(options), options)
     yield backend
     await backend.aclose()
 

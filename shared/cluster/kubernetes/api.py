@@ -52,8 +52,9 @@ KINDS = {
 }
 
 
-async def connect(options: KubeOptions) -> client.ApiClient:
-    """An API client: ``api_url`` as given, else in-cluster credentials, else a kubeconfig."""
+async def connect(options: KubeOptions) -> KubeApi:
+    """The API of ``options.namespace``: at ``api_url`` as given, else with in-cluster
+    credentials, else with a kubeconfig."""
     configuration = client.Configuration()
     if options.api_url:
         configuration.host = options.api_url
@@ -64,7 +65,7 @@ async def connect(options: KubeOptions) -> client.ApiClient:
             config_file=str(options.kubeconfig) if options.kubeconfig else None,
             client_configuration=configuration,
         )
-    return client.ApiClient(configuration)
+    return KubeApi(client.ApiClient(configuration), options.namespace)
 
 
 class KubeApi:
