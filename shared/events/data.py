@@ -96,7 +96,10 @@ class TrainingStage(Data):
     """How to train: the function, the workers, the schedule (a pipeline's training stage)."""
 
     entrypoint: Annotated[
-        str, StringConstraints(pattern=r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$", max_length=256)
+        str,
+        StringConstraints(
+            pattern=r"^[A-Za-z_][A-Za-z0-9_.]*:[A-Za-z_][A-Za-z0-9_]*$", max_length=256
+        ),
     ] = Field(description="module:function of the training function.")
     model_name: Name
     world_size: int = Field(default=1, ge=1, le=1024)

@@ -11,8 +11,9 @@ from __future__ import annotations
 import re
 import uuid
 from datetime import UTC, datetime
-from typing import Annotated, Any, ClassVar, Generic, Literal, TypeVar, Union
+from typing import Annotated, Any, ClassVar, Generic, Literal, TypeVar, Union, get_args
 
+import pydantic_core
 from pydantic import (
     AwareDatetime,
     BaseModel,
@@ -21,6 +22,8 @@ from pydantic import (
     StringConstraints,
     TypeAdapter,
     ValidationError,
+    ValidationInfo,
+    field_validator,
 )
 
 from torchrelay.shared.errors import PermanentError
@@ -49,9 +52,29 @@ def utc_now() -> datetime:
 
 
 class Data(BaseModel):
-    """Base of every event's ``data``: frozen, unknown fields refused."""
+    """Base of every event's ``data``: frozen, unknown fields refused, finite numbers only."""
 
-    model_config = ConfigDict(frozen=True, extra="forbid")
+    model_config = ConfigDict(frozen=True, extra="forbid", allow_inf_nan=False)
+
+    _integer_fields: ClassVar[frozenset[str]] = frozenset()
+
+    @classmethod
+    def __pydantic_init_subclass__(cls, **kwargs: Any) -> None:
+        super().__pydantic_init_subclass__(**kwargs)
+        cls._integer_fields = frozenset(
+            name
+            for name, field in cls.model_fields.items()
+            if field.annotation is int or int in get_args(field.annotation)
+        )
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _integral_numbers(cls, value: Any, info: ValidationInfo) -> Any:
+        """JSON Schema's ``integer`` is any number without a fraction (``1.0``, ``1e3``); strict
+        validation would refuse those, so they become ints here. ``1.5`` is still refused."""
+        if isinstance(value, float) and info.field_name in cls._integer_fields:
+            return int(value) if value.is_integer() else value
+        return value
 
 
 NonEmpty = Annotated[str, StringConstraints(min_length=1, max_length=512)]
@@ -64,15 +87,55 @@ Identifier = Annotated[
 DataT = TypeVar("DataT", bound=Data)
 
 
+REQUIRED_ATTRIBUTES = ("specversion", "id", "source", "type")
+"""The CloudEvents 1.0 REQUIRED context attributes: an incoming event must carry each."""
+
+OPTIONAL_ATTRIBUTES = (
+    "subject",
+    "dataschema",
+    "pipelineid",
+    "causationid",
+    "traceparent",
+    "tracestate",
+)
+"""Optional string attributes: absent or a string, never ``null`` on the wire."""
+
+
+def _wire_schema(schema: dict[str, Any]) -> None:
+    """The JSON Schema says what :func:`decode` enforces: the REQUIRED attributes are
+    required (their defaults exist only for events built in code), and an optional attribute
+    is a string when present (pydantic would otherwise allow ``null``)."""
+    properties = schema.get("properties", {})
+    required = schema.setdefault("required", [])
+    for name in REQUIRED_ATTRIBUTES:
+        if name not in required:
+            required.append(name)
+        properties.get(name, {}).pop("default", None)
+    for name in OPTIONAL_ATTRIBUTES:
+        prop = properties.get(name)
+        if prop is None or "anyOf" not in prop:
+            continue
+        not_null = [branch for branch in prop.pop("anyOf") if branch != {"type": "null"}]
+        prop.pop("default", None)
+        (only,) = not_null
+        prop.update(only)
+
+
 class CloudEvent(BaseModel, Generic[DataT]):
     """A CloudEvents 1.0 event in structured JSON mode, with torchrelay's extensions.
 
     Extension attributes: ``pipelineid`` (the pipeline this event belongs to, the correlation
     id) and ``causationid`` (the id of the event that caused this one). ``traceparent`` and
     ``tracestate`` from the CloudEvents distributed-tracing extension are accepted and kept.
+
+    Built in code, ``id``, ``specversion`` and ``time`` get defaults and ``None`` means an
+    absent attribute. Decoded from the wire (:func:`decode`) there are no defaults for the
+    REQUIRED attributes and no ``null`` attributes: exactly what the exported schema says.
     """
 
-    model_config = ConfigDict(frozen=True, extra="forbid")
+    model_config = ConfigDict(
+        frozen=True, extra="forbid", allow_inf_nan=False, json_schema_extra=_wire_schema
+    )
 
     event_type: ClassVar[str]
     nats_subject: ClassVar[str]
@@ -149,15 +212,25 @@ def _adapter() -> TypeAdapter[Any]:
 
 
 def decode(payload: bytes, *, subject: str | None = None) -> AnyEvent:
-    """Parse a structured-mode CloudEvent into its registered class.
+    """Parse a structured-mode CloudEvent into its registered class, accepting exactly what
+    the type's exported JSON Schema accepts.
 
     Raises :class:`InvalidEvent` with a reason a human can act on: not JSON, not an object,
     an unknown type, a type that does not belong on ``subject``, or the fields that failed.
     """
     try:
-        event: AnyEvent = _adapter().validate_json(payload)
+        # RFC 8259 first: the validator below would take NaN and Infinity literals.
+        parsed = pydantic_core.from_json(payload, allow_inf_nan=False)
+    except ValueError as exc:
+        raise InvalidEvent(f"payload is not JSON (RFC 8259): {exc}") from exc
+    problems = _attribute_problems(parsed)
+    try:
+        # Strict: no coercion the schema does not allow (a number for a time, "1" for 1).
+        event: AnyEvent = _adapter().validate_json(payload, strict=True)
     except ValidationError as exc:
-        raise InvalidEvent(_describe(exc)) from exc
+        raise InvalidEvent(_describe(exc, problems)) from exc
+    if problems:
+        raise InvalidEvent(f"{event.type} failed validation: {'; '.join(problems)}")
     if subject is not None and subject != event.nats_subject:
         raise InvalidEvent(
             f"event type {event.type} belongs on {event.nats_subject}, not on {subject}"
@@ -165,7 +238,27 @@ def decode(payload: bytes, *, subject: str | None = None) -> AnyEvent:
     return event
 
 
-def _describe(exc: ValidationError) -> str:
+def _attribute_problems(wire: Any) -> list[str]:
+    """What the models' defaults would hide: no defaults for REQUIRED attributes on the way
+    in (a made-up id would defeat deduplication), and no ``null`` attributes. A missing or
+    unknown ``type`` is left to the validator, which says so."""
+    if not isinstance(wire, dict) or wire.get("type") not in EVENT_TYPES:
+        return []
+    return [
+        *(
+            f"{name}: a CloudEvents REQUIRED attribute is missing"
+            for name in REQUIRED_ATTRIBUTES
+            if name not in wire
+        ),
+        *(
+            f"{name}: null is not allowed, leave an absent attribute out"
+            for name in OPTIONAL_ATTRIBUTES
+            if name in wire and wire[name] is None
+        ),
+    ]
+
+
+def _describe(exc: ValidationError, attribute_problems: list[str]) -> str:
     errors = exc.errors(include_url=False)
     first = errors[0]
     kind = first["type"]
@@ -180,6 +273,12 @@ def _describe(exc: ValidationError) -> str:
         return f"unknown event type {given!r}"
     event_type = str(first["loc"][0]) if first["loc"] else "event"
     problems = "; ".join(
-        f"{'.'.join(str(p) for p in err['loc'][1:]) or '<root>'}: {err['msg']}" for err in errors
+        [
+            *attribute_problems,
+            *(
+                f"{'.'.join(str(p) for p in err['loc'][1:]) or 'event'}: {err['msg']}"
+                for err in errors
+            ),
+        ]
     )
     return f"{event_type} failed validation: {problems}"
