@@ -19,6 +19,12 @@ class PipelineSubmitted(CloudEvent[d.PipelineSubmittedData]):
     type: Literal["io.torchrelay.pipeline.submitted.v1"] = "io.torchrelay.pipeline.submitted.v1"
 
 
+class PipelineRejected(CloudEvent[d.PipelineRejectedData]):
+    """A pipeline submission was refused (its id holds another spec); nothing changed."""
+
+    type: Literal["io.torchrelay.pipeline.rejected.v1"] = "io.torchrelay.pipeline.rejected.v1"
+
+
 class DatasetIngestRequested(CloudEvent[d.DatasetIngestRequestedData]):
     """Someone asks ingest to stage a dataset from a source."""
 
@@ -128,6 +134,14 @@ class ModelRolloutFailed(CloudEvent[d.ModelRolloutFailedData]):
 
 
 class DeadLettered(CloudEvent[d.DeadLetteredData]):
-    """An event was given up on: malformed, permanently failing, or out of deliveries."""
+    """An event was given up on: malformed, permanently failing, or out of deliveries.
 
-    type: Literal["io.torchrelay.deadletter.v1"] = "io.torchrelay.deadletter.v1"
+    Version 2 names the original by stream sequence, size and sha256 and keeps a 1 KiB prefix
+    of it, so a dead letter stays a few KiB however large the original was (version 1 embedded
+    the whole original and could exceed NATS's max payload, losing the event). Nothing
+    produces version 1 any more, so its class is gone; a v1 letter still in the stream no
+    longer decodes, is never dead-lettered itself (nothing on the dead-letter subject is), and
+    ``torchrelay deadletters`` lists it as unreadable.
+    """
+
+    type: Literal["io.torchrelay.deadletter.v2"] = "io.torchrelay.deadletter.v2"

@@ -212,6 +212,16 @@ class PipelineSubmittedData(Data):
     spec: PipelineSpec
 
 
+class PipelineRejectedData(Data):
+    """A pipeline submission was refused; the pipeline stored under its id is unchanged."""
+
+    pipeline_id: Identifier
+    code: Annotated[str, StringConstraints(pattern=r"^[a-z][a-z_]{1,40}$")] = Field(
+        description="Machine-readable reason (conflicting_spec: the id holds another spec)."
+    )
+    reason: NonEmpty = Field(description="What was wrong and what to do about it.")
+
+
 # --- model ------------------------------------------------------------------------------------
 
 
@@ -251,13 +261,34 @@ class ModelRolloutFailedData(Data):
 
 
 class DeadLetteredData(Data):
-    """An event no consumer could handle, with what is needed to inspect and replay it."""
+    """An event no consumer could handle: bounded in size whatever the original's size.
+
+    It names the original (stream sequence, size, sha256, ids) and keeps only a short prefix of
+    it; the original itself stays in the stream for the stream's retention period, at
+    ``original_sequence``, from where ``torchrelay deadletters replay`` republishes it.
+    """
 
     original_subject: NonEmpty
-    original_type: str | None = None
-    original_id: str | None = None
-    consumer: NonEmpty
-    payload: str = Field(description="The original payload, as text or base64.")
-    payload_encoding: Literal["utf-8", "base64"]
+    original_sequence: int = Field(
+        ge=1, description="Stream sequence of the original: where to fetch or replay it from."
+    )
+    original_msg_id: NonEmpty | None = Field(
+        default=None,
+        description="The original's Nats-Msg-Id (its dedup key), else its event id, if any.",
+    )
+    original_type: NonEmpty | None = Field(default=None, description="When it decoded.")
+    original_id: NonEmpty | None = Field(default=None, description="Event id, when it decoded.")
+    original_size_bytes: int = Field(ge=0, description="Size of the original payload.")
+    original_sha256: Annotated[str, StringConstraints(pattern=r"^[0-9a-f]{64}$")] = Field(
+        description="sha256 of the original payload, hex."
+    )
+    original_prefix: Annotated[str, StringConstraints(max_length=2048)] = Field(
+        description="The start of the original payload (at most 1 KiB of it), text or base64."
+    )
+    original_prefix_encoding: Literal["utf-8", "base64"]
+    original_truncated: bool = Field(
+        description="True when the prefix is not the whole original payload."
+    )
+    consumer: NonEmpty = Field(description="The durable consumer that gave up.")
     reason: NonEmpty
     deliveries: int = Field(ge=1)

@@ -32,6 +32,7 @@ def test_every_design_event_type_is_defined_and_versioned() -> None:
     names = {t.removeprefix("io.torchrelay.").rsplit(".v", 1)[0] for t in EVENT_TYPES}
     assert names == {
         "pipeline.submitted",
+        "pipeline.rejected",
         "dataset.ingest.requested",
         "dataset.staged",
         "dataset.rejected",
@@ -50,7 +51,9 @@ def test_every_design_event_type_is_defined_and_versioned() -> None:
         "model.rollout.failed",
         "deadletter",
     }
-    assert all(t.endswith(".v1") for t in EVENT_TYPES)
+    # Dead letters went to v2 when they stopped embedding the original (bounded size).
+    assert DeadLettered.event_type == "io.torchrelay.deadletter.v2"
+    assert all(t.endswith(".v1") for t in EVENT_TYPES if t != DeadLettered.event_type)
 
 
 def test_subjects_derive_from_types() -> None:
