@@ -1,11 +1,13 @@
 """Pipeline records in the ``pipelines`` bucket: the spec, and each stage's status and times.
 
 Pure: each service applies its stage's change through :func:`with_stage` inside a
-compare-and-set update; the overall status follows from the stages.
+compare-and-set update; the overall status follows from the stages. A stage only moves
+forward, and a pipeline id names one spec for good (:func:`judge_submission`).
 """
 
 from __future__ import annotations
 
+import enum
 from datetime import datetime
 from typing import TYPE_CHECKING, Literal
 
@@ -19,6 +21,7 @@ if TYPE_CHECKING:
 StageName = Literal["ingest", "train", "deploy"]
 STAGES: tuple[StageName, ...] = ("ingest", "train", "deploy")
 StageState = Literal["pending", "running", "succeeded", "failed", "skipped"]
+FINISHED: frozenset[StageState] = frozenset({"succeeded", "failed", "skipped"})
 
 
 class StageStatus(BaseModel):
@@ -43,6 +46,9 @@ class PipelineRecord(BaseModel):
     pipeline_id: str
     spec: PipelineSpec
     submitted: datetime
+    submitted_event_id: str | None = None
+    """The id of the ``pipeline.submitted`` event that created the record (None in records
+    written before it was kept): tells a redelivery of that event from a new submission."""
     status: Literal["running", "succeeded", "failed"] = "running"
     stages: dict[StageName, StageStatus] = Field(
         default_factory=lambda: {name: StageStatus() for name in STAGES}
@@ -75,13 +81,20 @@ def with_stage(
     detail: dict[str, JsonValue] | None = None,
     reason: str | None = None,
 ) -> PipelineRecord:
-    """The record after ``stage`` moves to ``status`` at ``at``."""
+    """The record after ``stage`` moves to ``status`` at ``at``.
+
+    Stages only move forward: a finished stage (succeeded, failed, skipped) keeps its outcome,
+    times and details, and ``record`` itself is returned. Redeliveries and late events arrive
+    after the outcome they would overwrite, so "running" again (or a second outcome) is stale.
+    """
     current = record.stages[stage]
+    if current.status in FINISHED:
+        return record
     updated = current.model_copy(
         update={
             "status": status,
             "started": current.started or at,
-            "ended": at if status in {"succeeded", "failed", "skipped"} else None,
+            "ended": at if status in FINISHED else None,
             "detail": {**current.detail, **(detail or {})},
             "reason": reason if reason is not None else current.reason,
         }
@@ -94,6 +107,74 @@ def with_stage(
     else:
         overall = "running"
     return record.model_copy(update={"stages": stages, "status": overall})
+
+
+class Submission(enum.StrEnum):
+    """What a ``pipeline.submitted`` event means, given what its pipeline id already holds."""
+
+    NEW = "new"
+    """Nothing stored under the id: create the record and start the pipeline."""
+    REDELIVERY = "redelivery"
+    """The very event that created the record, delivered again: carry on with its work."""
+    REPEATED = "repeated"
+    """Another submission of the same spec under an existing id: nothing to do."""
+    CONFLICTING = "conflicting_spec"
+    """Another spec under an existing id: refused, the stored pipeline stays as it is."""
+
+
+def judge_submission(
+    existing: PipelineRecord | None, event_id: str, spec: PipelineSpec
+) -> Submission:
+    """Decide what a submission of ``spec`` by event ``event_id`` does to its pipeline id.
+
+    A pipeline id names one spec for good. Records written before ``submitted_event_id`` was
+    kept cannot tell a redelivery from a repeat: while their ingest stage has not finished they
+    carry on (staging is idempotent per request), afterwards a repeat changes nothing.
+    """
+    if existing is None:
+        return Submission.NEW
+    if existing.spec != spec:
+        return Submission.CONFLICTING
+    if existing.submitted_event_id is None:
+        unfinished = existing.stages["ingest"].status not in FINISHED
+        return Submission.REDELIVERY if unfinished else Submission.REPEATED
+    if existing.submitted_event_id == event_id:
+        return Submission.REDELIVERY
+    return Submission.REPEATED
+
+
+def spec_differences(old: PipelineSpec, new: PipelineSpec) -> list[str]:
+    """Dotted paths of the fields where ``new`` differs from ``old`` (sorted)."""
+    found: list[str] = []
+
+    def walk(a: JsonValue, b: JsonValue, path: str) -> None:
+        if isinstance(a, dict) and isinstance(b, dict):
+            for key in sorted(a.keys() | b.keys()):
+                walk(a.get(key), b.get(key), f"{path}.{key}" if path else key)
+        elif a != b:
+            found.append(path or "<spec>")
+
+    walk(old.model_dump(mode="json"), new.model_dump(mode="json"), "")
+    return found
+
+
+def conflict_reason(existing: PipelineRecord, spec: PipelineSpec, *, limit: int = 512) -> str:
+    """Why a submission of ``spec`` under ``existing``'s id is refused, and what to do."""
+    fields = spec_differences(existing.spec, spec)
+    shown = ", ".join(fields[:8]) + (f" and {len(fields) - 8} more" if len(fields) > 8 else "")
+    head = (
+        f"pipeline {existing.pipeline_id!r} was already submitted "
+        f"({existing.submitted.isoformat()}) with a different spec"
+    )
+    advice = (
+        "; the stored pipeline is unchanged: submit the new spec under a new pipelineid "
+        "(or without one)"
+    )
+    differs = f" (differs in {shown})"
+    reason = head + differs + advice
+    if len(reason) > limit:
+        reason = head + advice
+    return reason[:limit]
 
 
 def pipeline_key(pipeline_id: str) -> str:
@@ -112,11 +193,13 @@ async def record_stage(
     detail: dict[str, JsonValue] | None = None,
     reason: str | None = None,
 ) -> None:
-    """Apply one stage change with compare-and-set (a pipeline nobody stored is left alone)."""
+    """Apply one stage change with compare-and-set. A pipeline nobody stored is left alone,
+    and so is a stage that already finished (nothing is written)."""
 
     def change(current: PipelineRecord | None) -> PipelineRecord | None:
         if current is None:
             return None
-        return with_stage(current, stage, status, at, detail=detail, reason=reason)
+        updated = with_stage(current, stage, status, at, detail=detail, reason=reason)
+        return None if updated is current else updated
 
     await store.mutate(pipeline_key(pipeline_id), change)

@@ -22,7 +22,14 @@ from torchrelay.shared.bus.connection import NatsSettings, connect
 from torchrelay.shared.bus.jetstream import JetStreamBus
 from torchrelay.shared.events import PipelineSubmitted
 from torchrelay.shared.events.data import PipelineSpec, PipelineSubmittedData
-from torchrelay.shared.pipelines import STAGES, PipelineRecord, pipeline_key
+from torchrelay.shared.pipelines import (
+    STAGES,
+    PipelineRecord,
+    Submission,
+    conflict_reason,
+    judge_submission,
+    pipeline_key,
+)
 from torchrelay.shared.state import State, key_part
 
 DEMO = {
@@ -46,9 +53,30 @@ def load_spec(path: Path) -> PipelineSpec:
     return PipelineSpec.model_validate(raw)
 
 
+class PipelineRefused(Exception):
+    """The platform refused a submission: its pipeline id already holds another spec."""
+
+    def __init__(self, pipeline_id: str, code: str, reason: str) -> None:
+        super().__init__(f"{code}: {reason}")
+        self.pipeline_id = pipeline_id
+        self.code = code
+        self.reason = reason
+
+
+def refusal(record: PipelineRecord, submitted: PipelineSubmitted) -> PipelineRefused | None:
+    """Ingest's refusal of ``submitted`` given the stored ``record`` (the same rule it
+    applies), or None: a pipeline id that holds another spec is not this submission's."""
+    verdict = judge_submission(record, submitted.id, submitted.data.spec)
+    if verdict is not Submission.CONFLICTING:
+        return None
+    reason = conflict_reason(record, submitted.data.spec)
+    return PipelineRefused(record.pipeline_id, verdict.value, reason)
+
+
 class Client:
     def __init__(self, bus: JetStreamBus, state: State) -> None:
         self.bus = bus
+        self._submitted: dict[str, PipelineSubmitted] = {}
         self.pipelines = state.store("pipelines", PipelineRecord)
         self.runs = state.store("runs", RunRecord)
         self.models = state.store("models", ModelRecord)
@@ -64,16 +92,17 @@ class Client:
     async def aclose(self) -> None:
         await self.bus.aclose()
 
-    async def submit(self, spec: PipelineSpec) -> str:
-        pipeline_id = f"{spec.name}-{uuid.uuid4().hex[:8]}"
-        await self.bus.publish(
-            PipelineSubmitted(
-                source="/torchrelay/cli",
-                subject=spec.name,
-                pipelineid=pipeline_id,
-                data=PipelineSubmittedData(spec=spec),
-            )
+    async def submit(self, spec: PipelineSpec, *, pipeline_id: str | None = None) -> str:
+        """Publish ``pipeline.submitted``; the pipeline id is fresh unless one is given."""
+        pipeline_id = pipeline_id or f"{spec.name}-{uuid.uuid4().hex[:8]}"
+        event = PipelineSubmitted(
+            source="/torchrelay/cli",
+            subject=spec.name,
+            pipelineid=pipeline_id,
+            data=PipelineSubmittedData(spec=spec),
         )
+        await self.bus.publish(event)
+        self._submitted[pipeline_id] = event
         return pipeline_id
 
     async def record(self, pipeline_id: str) -> PipelineRecord | None:
@@ -98,7 +127,12 @@ class Client:
     async def wait(
         self, pipeline_id: str, *, timeout_s: float, show: bool = True
     ) -> PipelineRecord:
-        """Follow a pipeline to its end, printing each stage change and training progress."""
+        """Follow a pipeline to its end, printing each stage change and training progress.
+
+        Raises :class:`PipelineRefused` when this client submitted ``pipeline_id`` and the
+        platform refused it (the id holds another spec), rather than following that pipeline.
+        """
+        submitted = self._submitted.get(pipeline_id)
         seen: dict[str, str] = {}
         progress = await self.bus.nc.subscribe(
             "torchrelay.train.progress", cb=_progress(pipeline_id, show)
@@ -107,6 +141,11 @@ class Client:
         try:
             while time.monotonic() < deadline:
                 record = await self.record(pipeline_id)
+                refused = refusal(record, submitted) if record and submitted else None
+                if refused is not None:
+                    if show:
+                        print(f"  refused {refused}", flush=True)  # noqa: T201
+                    raise refused
                 if record is not None:
                     for name in STAGES:
                         stage = record.stages[name]

@@ -6,7 +6,6 @@ id, so the stream stores it once) and stages nothing.
 
 from __future__ import annotations
 
-import contextlib
 import uuid
 from datetime import UTC, datetime
 from typing import Literal
@@ -20,15 +19,27 @@ from torchrelay.services.ingest.fill import fill_for
 from torchrelay.services.ingest.settings import IngestOptions
 from torchrelay.services.ingest.staging import Fill, StagedVersion, Stager, StageRequest
 from torchrelay.shared.bus.port import Publish
-from torchrelay.shared.errors import AlreadyExists
+from torchrelay.shared.errors import AlreadyExists, TransientError
 from torchrelay.shared.events import (
     DatasetIngestRequested,
     DatasetRejected,
     DatasetStaged,
+    PipelineRejected,
     PipelineSubmitted,
 )
-from torchrelay.shared.events.data import DatasetRejectedData, DatasetStagedData
-from torchrelay.shared.pipelines import PipelineRecord, pipeline_key, record_stage
+from torchrelay.shared.events.data import (
+    DatasetRejectedData,
+    DatasetStagedData,
+    PipelineRejectedData,
+)
+from torchrelay.shared.pipelines import (
+    PipelineRecord,
+    Submission,
+    conflict_reason,
+    judge_submission,
+    pipeline_key,
+    record_stage,
+)
 from torchrelay.shared.state import State, Store, key_part
 
 log = structlog.get_logger("torchrelay.ingest")
@@ -131,17 +142,63 @@ class Ingestor:
         self._source = source
 
     async def on_pipeline_submitted(self, event: PipelineSubmitted) -> None:
-        """A pipeline starts here: store its record, then stage its dataset."""
+        """A pipeline starts here: store its record, then stage its dataset.
+
+        A pipeline id names one spec for good: the same spec again changes nothing, another
+        spec is refused with ``pipeline.rejected`` (see :func:`judge_submission`).
+        """
         pipeline_id = event.pipelineid or event.id
-        record = PipelineRecord(pipeline_id=pipeline_id, spec=event.data.spec, submitted=event.time)
-        with contextlib.suppress(AlreadyExists):  # a redelivery: the record is there
-            await self.pipelines.create(pipeline_key(pipeline_id), record)
-        source = event.data.spec.dataset
+        spec = event.data.spec
+        key = pipeline_key(pipeline_id)
+        stored = await self.pipelines.get(key)
+        existing = stored.value if stored else None
+        verdict = judge_submission(existing, event.id, spec)
+        if existing is not None and verdict is Submission.CONFLICTING:
+            await self._refuse(event, pipeline_id, conflict_reason(existing, spec))
+            return
+        if existing is not None and verdict is Submission.REPEATED:
+            log.info(
+                "pipeline.resubmitted",
+                note="same spec under an existing pipeline id: nothing to do",
+                status=existing.status,
+                submitted_event_id=existing.submitted_event_id,
+            )
+            return
+        if verdict is Submission.NEW:
+            record = PipelineRecord(
+                pipeline_id=pipeline_id,
+                spec=spec,
+                submitted=event.time,
+                submitted_event_id=event.id,
+            )
+            try:
+                await self.pipelines.create(key, record)
+            except AlreadyExists as exc:
+                # Another submission under this id got there first: judge against it again.
+                raise TransientError(
+                    f"pipeline {pipeline_id} was created meanwhile", delay_s=0
+                ) from exc
+        source = spec.dataset
         await record_stage(self.pipelines, pipeline_id, "ingest", "running", datetime.now(UTC))
         await self.ingest(
             StageRequest(f"{pipeline_id}.dataset", source.name, source.source, source.format),
             pipeline_id=pipeline_id,
             causation_id=event.id,
+        )
+
+    async def _refuse(self, event: PipelineSubmitted, pipeline_id: str, reason: str) -> None:
+        code = Submission.CONFLICTING.value
+        log.warning("pipeline.rejected", code=code, reason=reason)
+        await self._publish(
+            PipelineRejected(
+                # Derived from the submission: a redelivery publishes the same event again.
+                id=str(uuid.uuid5(_EVENT_IDS, f"pipeline-rejected:{event.id}")),
+                source=self._source,
+                subject=pipeline_id,
+                pipelineid=pipeline_id,
+                causationid=event.id,
+                data=PipelineRejectedData(pipeline_id=pipeline_id, code=code, reason=reason),
+            )
         )
 
     async def on_requested(self, event: DatasetIngestRequested) -> None:

@@ -7,6 +7,7 @@ import json
 import os
 import time
 from collections.abc import AsyncIterator, Iterator
+from datetime import UTC, datetime
 from pathlib import Path
 
 import aiohttp
@@ -17,12 +18,21 @@ from tests.integration.processes import ServiceProcess
 from tests.integration.watching import Watcher, watching
 from torchrelay.shared.bus.jetstream import JetStreamBus
 from torchrelay.shared.events import (
+    AnyEvent,
     DatasetIngestRequested,
     DatasetRejected,
     DatasetStaged,
     DeadLettered,
+    PipelineRejected,
+    PipelineSubmitted,
 )
-from torchrelay.shared.events.data import DatasetIngestRequestedData
+from torchrelay.shared.events.data import (
+    DatasetIngestRequestedData,
+    PipelineSpec,
+    PipelineSubmittedData,
+)
+from torchrelay.shared.pipelines import PipelineRecord, pipeline_key, record_stage
+from torchrelay.shared.state import State, Store, Versioned
 from torchrelay.shared.testing import assert_eventually
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(180)]
@@ -30,7 +40,7 @@ pytestmark = [pytest.mark.slow, pytest.mark.timeout(180)]
 
 @pytest.fixture
 async def bus_and_watcher(nats_url: str) -> AsyncIterator[tuple[JetStreamBus, Watcher]]:
-    kinds = [DatasetStaged, DatasetRejected, DeadLettered]
+    kinds: list[type[AnyEvent]] = [DatasetStaged, DatasetRejected, DeadLettered, PipelineRejected]
     async with watching(nats_url, "test-ingest-watch", kinds) as pair:
         yield pair
 
@@ -224,3 +234,129 @@ async def test_staging_leftovers_of_a_crash_are_cleaned_at_start(
     await process.wait_ready()
     await assert_eventually(lambda: not crashed.exists(), timeout_s=10)
     assert in_progress.exists(), "a fresh staging folder may belong to another replica"
+
+
+# --- pipeline.submitted -------------------------------------------------------------------------
+
+SPEC = PipelineSpec.model_validate(
+    {
+        "name": "digits-demo",
+        "dataset": {"name": "digits", "source": "sklearn:digits"},
+        "training": {"entrypoint": "m:f", "model_name": "digits", "hyperparameters": {"e": 3}},
+        "deploy": {"enabled": False},
+    }
+)
+
+
+def submitted(spec: PipelineSpec, pipeline_id: str) -> PipelineSubmitted:
+    return PipelineSubmitted(
+        source="/tests", pipelineid=pipeline_id, data=PipelineSubmittedData(spec=spec)
+    )
+
+
+async def pipelines_of(bus: JetStreamBus) -> Store[PipelineRecord]:
+    return (await State.open(bus.nc.jetstream())).store("pipelines", PipelineRecord)
+
+
+async def publish_and_wait_handled(bus: JetStreamBus, event: PipelineSubmitted) -> None:
+    """Publish ``event`` and wait until ingest's pipeline consumer has acked it, whatever it
+    did with it."""
+    js = bus.nc.jetstream()
+    ack = await js.publish(event.nats_subject, event.to_json(), headers={"Nats-Msg-Id": event.id})
+
+    async def handled() -> bool:
+        info = await js.consumer_info(ack.stream, "ingest-pipelines")
+        return info.ack_floor is not None and (info.ack_floor.stream_seq or 0) >= ack.seq
+
+    await assert_eventually(handled, timeout_s=30, message="ingest did not handle the event")
+
+
+async def stored(pipelines: Store[PipelineRecord], pipeline_id: str) -> Versioned[PipelineRecord]:
+    item = await pipelines.get(pipeline_key(pipeline_id))
+    assert item is not None, f"no record of {pipeline_id}"
+    return item
+
+
+async def test_a_finished_pipeline_submitted_again_with_the_same_spec_stays_as_it_was(
+    bus_and_watcher: tuple[JetStreamBus, Watcher], ingest: tuple[ServiceProcess, Path, Path]
+) -> None:
+    bus, watcher = bus_and_watcher
+    process, _, _ = ingest
+    await process.wait_ready()
+    pipelines = await pipelines_of(bus)
+    first = submitted(SPEC, "nightly-42")
+    await bus.publish(first)
+    await assert_eventually(lambda: len(watcher.of(DatasetStaged)) == 1, timeout_s=60)
+
+    async def ingest_ended() -> bool:
+        return (await stored(pipelines, "nightly-42")).value.stages["ingest"].status == "succeeded"
+
+    await assert_eventually(ingest_ended, timeout_s=30)
+    # Train and serve are not running here: finish the pipeline as they would.
+    now = datetime.now(UTC)
+    await record_stage(pipelines, "nightly-42", "train", "succeeded", now, detail={"v": "m1"})
+    await record_stage(pipelines, "nightly-42", "deploy", "skipped", now)
+    finished = await stored(pipelines, "nightly-42")
+    assert finished.value.status == "succeeded"
+    assert finished.value.submitted_event_id == first.id
+
+    # The README's example publishes with a fixed pipelineid: the same spec, a new event id.
+    await publish_and_wait_handled(bus, submitted(SPEC, "nightly-42"))
+
+    assert await stored(pipelines, "nightly-42") == finished, "the record was not touched"
+    assert [e.pipelineid for e in watcher.of(DatasetStaged)] == ["nightly-42"]
+    assert watcher.of(PipelineRejected) == []
+    assert len(process.logged("pipeline.resubmitted")) == 1
+    assert "torchrelay_ingest_staging_seconds_count 1.0" in await _metrics(process)
+
+
+async def test_another_spec_under_an_existing_pipeline_id_is_rejected_and_changes_nothing(
+    bus_and_watcher: tuple[JetStreamBus, Watcher], ingest: tuple[ServiceProcess, Path, Path]
+) -> None:
+    bus, watcher = bus_and_watcher
+    process, _, _ = ingest
+    await process.wait_ready()
+    pipelines = await pipelines_of(bus)
+    await bus.publish(submitted(SPEC, "nightly-42"))
+    await assert_eventually(lambda: len(watcher.of(DatasetStaged)) == 1, timeout_s=60)
+    before = await stored(pipelines, "nightly-42")
+
+    other = SPEC.model_copy(update={"dataset": SPEC.dataset.model_copy(update={"name": "other"})})
+    conflicting = submitted(other, "nightly-42")
+    await bus.publish(conflicting)
+
+    rejected = await watcher.one(PipelineRejected, timeout_s=30)
+    assert rejected.data.code == "conflicting_spec"
+    assert rejected.data.pipeline_id == "nightly-42"
+    assert "dataset.name" in rejected.data.reason
+    assert "new pipelineid" in rejected.data.reason
+    assert (rejected.pipelineid, rejected.causationid) == ("nightly-42", conflicting.id)
+    after = await stored(pipelines, "nightly-42")
+    assert after == before
+    assert after.value.spec == SPEC
+    assert [e.data.name for e in watcher.of(DatasetStaged)] == ["digits"]
+
+
+async def test_a_redelivered_submission_whose_record_exists_still_stages_the_dataset(
+    bus_and_watcher: tuple[JetStreamBus, Watcher], ingest: tuple[ServiceProcess, Path, Path]
+) -> None:
+    bus, watcher = bus_and_watcher
+    process, _, _ = ingest
+    event = submitted(SPEC, "nightly-7")
+    pipelines = await pipelines_of(bus)
+    # A replica created the record from this very event, then died before staging.
+    await pipelines.create(
+        pipeline_key("nightly-7"),
+        PipelineRecord(
+            pipeline_id="nightly-7", spec=SPEC, submitted=event.time, submitted_event_id=event.id
+        ),
+    )
+    await process.wait_ready()
+    await bus.publish(event)
+    staged = await watcher.one(DatasetStaged, timeout_s=60)
+    assert staged.pipelineid == "nightly-7"
+
+    async def ingest_ended() -> bool:
+        return (await stored(pipelines, "nightly-7")).value.stages["ingest"].status == "succeeded"
+
+    await assert_eventually(ingest_ended, timeout_s=30)

@@ -9,10 +9,16 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from torchrelay.client import Inventory, lineage, load_input, table
+from torchrelay.client import Inventory, lineage, load_input, refusal, table
 from torchrelay.services.serve.domain import DeploymentRecord
 from torchrelay.services.train.domain import ModelRecord, RunRecord
-from torchrelay.shared.events.data import DatasetRef, PipelineSpec, TrainJobSpec
+from torchrelay.shared.events import PipelineSubmitted
+from torchrelay.shared.events.data import (
+    DatasetRef,
+    PipelineSpec,
+    PipelineSubmittedData,
+    TrainJobSpec,
+)
 from torchrelay.shared.pipelines import PipelineRecord, with_stage
 
 NOW = datetime(2026, 11, 28, 12, 0, tzinfo=UTC)
@@ -126,3 +132,32 @@ def test_an_unusable_input_file_is_a_clear_error(
 def test_a_missing_input_file_is_a_clear_error(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="cannot read an input"):
         load_input(tmp_path / "missing.npy")
+
+
+def submission(spec: PipelineSpec, event_id: str) -> PipelineSubmitted:
+    return PipelineSubmitted(
+        id=event_id,
+        source="/torchrelay/cli",
+        pipelineid="p1",
+        data=PipelineSubmittedData(spec=spec),
+    )
+
+
+def test_waiting_on_a_pipeline_id_that_holds_another_spec_ends_with_the_refusal() -> None:
+    other = SPEC.model_copy(update={"name": "other-demo"})
+    stored = PipelineRecord(
+        pipeline_id="p1", spec=other, submitted=NOW, submitted_event_id="theirs"
+    )
+    refused = refusal(stored, submission(SPEC, "mine"))
+    assert refused is not None
+    assert (refused.pipeline_id, refused.code) == ("p1", "conflicting_spec")
+    assert "(differs in name)" in refused.reason
+    assert "new pipelineid" in refused.reason
+
+
+@pytest.mark.parametrize("owner", ["mine", "theirs", None])
+def test_waiting_follows_a_pipeline_with_the_same_spec_whoever_submitted_it(
+    owner: str | None,
+) -> None:
+    stored = PipelineRecord(pipeline_id="p1", spec=SPEC, submitted=NOW, submitted_event_id=owner)
+    assert refusal(stored, submission(SPEC, "mine")) is None
