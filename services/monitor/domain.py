@@ -89,7 +89,7 @@ def dead_letter_category(reason: str) -> str:
     """A bounded label for a dead letter's free-text reason."""
     if reason.startswith(("payload ", "unknown event type")) or " failed validation" in reason:
         return "malformed"
-    if reason.startswith("gave up after"):
+    if reason.startswith(("gave up after", "exhausted")):
         return "exhausted"
     return "refused"
 

@@ -187,9 +187,25 @@ class Monitor:
             ModelRolloutStarted: self._rollout_started,
             ModelDeployed: self._rollout_ended,
             ModelRolloutFailed: self._rollout_ended,
+            DeadLettered: self._dead_lettered,
         }.get(type(event))
         if handler is not None:
             await handler(event)
+
+    async def _dead_lettered(self, event: AnyEvent) -> None:
+        data = event.data
+        # One line per dead letter, whichever replica gave up: where the original is and how
+        # to replay it once its cause is fixed.
+        log.warning(
+            "deadletter.recorded",
+            consumer=data.consumer,
+            reason=data.reason,
+            original_subject=data.original_subject,
+            original_id=data.original_id,
+            original_sequence=data.original_sequence,
+            original_size_bytes=data.original_size_bytes,
+            replay=f"torchrelay deadletters replay {data.original_sequence}",
+        )
 
     # --- stage times -----------------------------------------------------------------------
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 
@@ -12,6 +13,7 @@ from torchrelay.shared.events import EVENT_TYPES
 from torchrelay.shared.runtime import Platform, Service, service_main
 
 NAME = "monitor"
+EXHAUSTED_CONSUMER = "monitor-max-deliveries"
 
 
 @asynccontextmanager
@@ -30,7 +32,12 @@ async def build(platform: Platform[MonitorSettings]) -> AsyncIterator[Service]:
             # Restarts wait out their backoff inside the handler: the heartbeat keeps them.
             Subscription("monitor-events", list(EVENT_TYPES.values()), monitor.on_event),
         ],
-        background=[monitor.scan_for_stalls],
+        background=[
+            monitor.scan_for_stalls,
+            # An event whose handler died on its last allowed delivery gets its dead letter
+            # here: one consumer of JetStream's max-deliveries advisories, shared by replicas.
+            functools.partial(platform.bus.consume_exhausted, durable=EXHAUSTED_CONSUMER),
+        ],
     )
 
 

@@ -7,22 +7,20 @@ The adapter turns the outcome into its own ack, nak or term; cancellation propag
 from __future__ import annotations
 
 import asyncio
-import base64
-import uuid
 from typing import NamedTuple
 
 import structlog
 
+from torchrelay.shared.bus.deadletters import (
+    StoredMessage,
+    build_dead_letter,
+    is_dead_letter_subject,
+)
 from torchrelay.shared.bus.outcome import Action, Outcome, decide
 from torchrelay.shared.bus.port import Subscription
 from torchrelay.shared.events import AnyEvent, DeadLettered, InvalidEvent, decode
-from torchrelay.shared.events.data import DeadLetteredData
 
 log = structlog.get_logger("torchrelay.bus")
-
-# Dead-letter ids derive from (consumer, delivery key): a dead letter re-published after a
-# crash is deduplicated by the stream like any other event.
-_DEADLETTER_NAMESPACE = uuid.UUID("5f0c5a8e-3c1e-4d7e-9a51-2b1f0e6d7c11")
 
 
 class Dispatched(NamedTuple):
@@ -64,7 +62,14 @@ async def dispatch(
         max_deliver=subscription.max_deliver,
         backoff_s=subscription.backoff_s,
     )
-    if outcome.dead_letter_reason is not None:
+    if outcome.dead_letter_reason is not None and is_dead_letter_subject(subject):
+        log.error(
+            "deadletter.dropped",
+            consumer=subscription.name,
+            event_id=event.id if event is not None else None,
+            reason=outcome.dead_letter_reason,
+        )
+    elif outcome.dead_letter_reason is not None:
         log.warning(
             "event.dead_lettered",
             consumer=subscription.name,
@@ -87,36 +92,21 @@ async def dispatch(
 def dead_letter_for(
     subscription: Subscription,
     *,
-    subject: str,
-    payload: bytes,
+    original: StoredMessage,
     dispatched: Dispatched,
     delivered: int,
-    delivery_key: str,
     source: str,
 ) -> DeadLettered | None:
-    """The dead-letter event for a terminated delivery, or None for a dead letter itself
-    (never dead-letter a dead letter: that could loop)."""
+    """The dead-letter event for a terminated delivery of ``original``, or None for anything
+    on the dead-letter subject (never dead-letter a dead letter: that could loop)."""
     event, outcome = dispatched.event, dispatched.outcome
-    if outcome.dead_letter_reason is None or isinstance(event, DeadLettered):
+    if outcome.dead_letter_reason is None or is_dead_letter_subject(original.subject):
         return None
-    try:
-        text, encoding = payload.decode(), "utf-8"
-    except UnicodeDecodeError:
-        text, encoding = base64.b64encode(payload).decode(), "base64"
-    return DeadLettered(
-        id=str(uuid.uuid5(_DEADLETTER_NAMESPACE, f"{subscription.name}:{delivery_key}")),
+    return build_dead_letter(
+        original,
+        consumer=subscription.name,
+        reason=outcome.dead_letter_reason,
+        deliveries=delivered,
         source=source,
-        subject=subscription.name,
-        pipelineid=event.pipelineid if event is not None else None,
-        causationid=event.id if event is not None else None,
-        data=DeadLetteredData(
-            original_subject=subject,
-            original_type=event.type if event is not None else None,
-            original_id=event.id if event is not None else None,
-            consumer=subscription.name,
-            payload=text,
-            payload_encoding=encoding,
-            reason=outcome.dead_letter_reason[:512],
-            deliveries=delivered,
-        ),
+        event=event,
     )

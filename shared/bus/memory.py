@@ -1,7 +1,8 @@
 """An in-process bus with the JetStream adapter's semantics, for fast unit tests of handlers.
 
 Same outcome table (through :func:`dispatch`), same dedup by event id, work-queue delivery per
-subscription name, redelivery with the nak delay, dead letters published on the bus. It keeps
+subscription name, redelivery with the nak delay, stream sequences (from 1, in publishing order),
+bounded dead letters published on the bus that name their original by that sequence. It keeps
 no state across processes and is never used by a running service.
 """
 
@@ -14,6 +15,7 @@ from dataclasses import dataclass
 
 import structlog
 
+from torchrelay.shared.bus.deadletters import StoredMessage
 from torchrelay.shared.bus.dispatch import dead_letter_for, dispatch
 from torchrelay.shared.bus.outcome import Action
 from torchrelay.shared.bus.port import Subscription
@@ -25,7 +27,12 @@ class _Delivery:
     sequence: int
     subject: str
     payload: bytes
+    msg_id: str | None
     delivered: int
+
+    def stored(self) -> StoredMessage:
+        headers = {"Nats-Msg-Id": self.msg_id} if self.msg_id else None
+        return StoredMessage(self.sequence, self.subject, self.payload, self.msg_id, headers)
 
 
 class MemoryBus:
@@ -47,19 +54,32 @@ class MemoryBus:
             return False
         self._seen_ids.add(event.id)
         self.published.append(event)
-        self._fan_out(event.nats_subject, event.to_json())
+        self._fan_out(event.nats_subject, event.to_json(), event.id)
         return True
 
-    async def publish_raw(self, subject: str, payload: bytes) -> None:
-        """Put bytes on a subject as a foreign publisher would (malformed ones included)."""
-        self._fan_out(subject, payload)
+    async def publish_raw(self, subject: str, payload: bytes, msg_id: str | None = None) -> int:
+        """Put bytes on a subject as a foreign publisher would (malformed ones included), with
+        an optional Nats-Msg-Id (deduplicated like an event id). Returns the stream sequence,
+        or 0 for a duplicate."""
+        if msg_id is not None:
+            if msg_id in self._seen_ids:
+                return 0
+            self._seen_ids.add(msg_id)
+        return self._fan_out(subject, payload, msg_id)
 
-    def _fan_out(self, subject: str, payload: bytes) -> None:
-        delivery = _Delivery(next(self._sequence), subject, payload, 1)
+    async def message_at(self, sequence: int) -> StoredMessage | None:
+        """The message stored at ``sequence``, as :meth:`JetStreamBus.message_at`."""
+        if 1 <= sequence <= len(self._stored):
+            return self._stored[sequence - 1].stored()
+        return None
+
+    def _fan_out(self, subject: str, payload: bytes, msg_id: str | None) -> int:
+        delivery = _Delivery(next(self._sequence), subject, payload, msg_id, 1)
         self._stored.append(delivery)
         for name, subjects in self._subjects.items():
             if subject in subjects:
                 self._queues[name].put_nowait(delivery)
+        return delivery.sequence
 
     async def provision(self, subscriptions: Sequence[Subscription]) -> None:
         for subscription in subscriptions:
@@ -102,11 +122,9 @@ class MemoryBus:
             elif outcome.action is Action.TERM:
                 dead_letter = dead_letter_for(
                     subscription,
-                    subject=delivery.subject,
-                    payload=delivery.payload,
+                    original=delivery.stored(),
                     dispatched=dispatched,
                     delivered=delivery.delivered,
-                    delivery_key=str(delivery.sequence),
                     source=self._source,
                 )
                 if dead_letter is not None:
@@ -116,7 +134,11 @@ class MemoryBus:
         self, queue: asyncio.Queue[_Delivery], delivery: _Delivery, delay: float
     ) -> None:
         again = _Delivery(
-            delivery.sequence, delivery.subject, delivery.payload, delivery.delivered + 1
+            delivery.sequence,
+            delivery.subject,
+            delivery.payload,
+            delivery.msg_id,
+            delivery.delivered + 1,
         )
         handle = asyncio.get_running_loop().call_later(delay, queue.put_nowait, again)
         self._timers.add(handle)

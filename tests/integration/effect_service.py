@@ -2,7 +2,7 @@
 
 The handler counts its attempts, records the effect with a KV create keyed by the event id
 (so a redelivery cannot do it twice), then holds for ``EFFECT_HOLD_S`` seconds, long enough
-for a test to kill the process mid-event.
+for a test to kill the process mid-event. ``EFFECT_MAX_DELIVER`` (10) bounds the deliveries.
 """
 
 from __future__ import annotations
@@ -58,7 +58,7 @@ async def build(platform: Platform[ServiceSettings]) -> AsyncIterator[Service]:
                 handle,
                 ack_wait_s=float(os.environ.get("EFFECT_ACK_WAIT_S", "2")),
                 max_in_flight=int(os.environ.get("EFFECT_MAX_IN_FLIGHT", "16")),
-                max_deliver=10,
+                max_deliver=int(os.environ.get("EFFECT_MAX_DELIVER", "10")),
             )
         ],
     )

@@ -46,6 +46,12 @@ async def test_provisioning_is_idempotent_and_applies_changes(nats_url: str) -> 
         assert stream.config.duplicate_window == FAST_STREAM.duplicate_window_s
         assert str(stream.config.storage).endswith("file")
         assert await bus.stream_ready()
+        # Beside it, the max-deliveries advisories about its consumers, kept for the monitor.
+        advisories = await bus.nc.jetstream().stream_info("TORCHRELAY_ADVISORIES")
+        assert advisories.config.subjects == [
+            "$JS.EVENT.ADVISORY.CONSUMER.MAX_DELIVERIES.TORCHRELAY.>"
+        ]
+        assert advisories.config.max_age == FAST_STREAM.advisories_max_age_s
     finally:
         await bus.aclose()
 
