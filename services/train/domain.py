@@ -1,8 +1,11 @@
-"""Pure rules of the train service: run ids, the run record, and which requests to act on."""
+"""Pure rules of the train service: run ids, the run record, which requests to act on, and
+which training code may run."""
 
 from __future__ import annotations
 
+import ast
 import uuid
+from collections.abc import Sequence
 from datetime import datetime
 from typing import Literal
 
@@ -68,3 +71,99 @@ def restart_allowed(record: RunRecord, attempt: int) -> str | None:
     if attempt > record.spec.max_restarts:
         return f"run {record.run_id} has used its {record.spec.max_restarts} restarts"
     return None
+
+
+# --- the entrypoint policy -------------------------------------------------------------------
+
+ENTRYPOINTS_SETTING = "TORCHRELAY_TRAIN_ENTRYPOINTS"
+"""Where the allowed module prefixes come from (named in every refusal)."""
+
+
+def module_allowed(module: str, allowed: Sequence[str]) -> bool:
+    """Whether ``module`` is one of ``allowed`` or lies under one, by whole dotted components
+    (``a.b`` allows ``a.b`` and ``a.b.c``, never ``a.bc``)."""
+    return any(module == prefix or module.startswith(f"{prefix}.") for prefix in allowed)
+
+
+def entrypoint_module_refusal(entrypoint: str, allowed: Sequence[str]) -> str | None:
+    """Why ``entrypoint``'s module is outside the policy, or None if it is inside.
+
+    Apply it before looking the module up: finding ``a.b.c`` imports the packages ``a`` and
+    ``a.b``, and only code under ``allowed`` may run in the service.
+    """
+    module = entrypoint.partition(":")[0]
+    if module_allowed(module, allowed):
+        return None
+    return (
+        f"entrypoint {entrypoint!r} is not allowed: module {module!r} is not under "
+        f"{ENTRYPOINTS_SETTING} ({','.join(allowed) or 'empty: nothing is allowed'}); "
+        "add its package to that setting"
+    )
+
+
+def entrypoint_refusal(entrypoint: str, allowed: Sequence[str], source: str | None) -> str | None:
+    """Why ``entrypoint`` (``module:function``) must not run, or None if it may.
+
+    It may when its module lies under one of the ``allowed`` prefixes and the module's own
+    Python ``source`` (None: it has none, e.g. a builtin or C module) binds ``function`` last
+    to a top-level ``def`` or ``async def``: a name imported or assigned there (``os:system``,
+    a re-export of ``subprocess.call``) is code from elsewhere. The source is parsed, never run.
+
+    ``allowed`` is the operator's setting today; code the platform stages for a run (a
+    workspace) is allowed by passing its package along with it.
+    """
+    refusal = entrypoint_module_refusal(entrypoint, allowed)
+    if refusal is not None:
+        return refusal
+    module, _, function = entrypoint.partition(":")
+    if source is None:
+        return (
+            f"entrypoint {entrypoint!r} is not allowed: module {module!r} has no Python source "
+            "to check; point it at a function in a .py module"
+        )
+    try:
+        tree = ast.parse(source)
+    except (SyntaxError, ValueError) as exc:  # ValueError: a null byte in the source
+        return (
+            f"entrypoint {entrypoint!r} is not allowed: module {module!r} does not parse "
+            f"({exc}); fix its source"
+        )
+    if not isinstance(_last_binding(tree, function), ast.FunctionDef | ast.AsyncFunctionDef):
+        return (
+            f"entrypoint {entrypoint!r} is not allowed: {function!r} is not a function defined "
+            f"in module {module!r}; name a top-level def of that module"
+        )
+    return None
+
+
+def _last_binding(tree: ast.Module, name: str) -> ast.stmt | None:
+    """The module's last top-level statement that binds ``name`` (the binding that wins)."""
+    found = None
+    for statement in tree.body:
+        bound = _bound_by(statement)
+        if name in bound or "*" in bound:  # a star import may rebind any name
+            found = statement
+    return found
+
+
+def _bound_by(statement: ast.stmt) -> set[str]:
+    """Names a top-level statement binds (or deletes) in the module's scope, nested blocks
+    included; the bodies of functions and classes are scopes of their own."""
+    names: set[str] = set()
+    pending: list[ast.AST] = [statement]
+    while pending:
+        node = pending.pop()
+        if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef | ast.ClassDef):
+            names.add(node.name)
+            continue
+        if isinstance(node, ast.Import | ast.ImportFrom):
+            names.update((alias.asname or alias.name).partition(".")[0] for alias in node.names)
+            continue
+        if isinstance(node, ast.Name) and isinstance(node.ctx, ast.Store | ast.Del):
+            names.add(node.id)
+        elif isinstance(node, ast.ExceptHandler | ast.MatchAs | ast.MatchStar) and node.name:
+            names.add(node.name)
+        elif isinstance(node, ast.MatchMapping) and node.rest:
+            names.add(node.rest)
+        pending.extend(ast.iter_child_nodes(node))
+    return names

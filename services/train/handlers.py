@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import importlib.machinery
 import importlib.util
 import json
+from collections.abc import Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -15,6 +17,8 @@ from pydantic import JsonValue
 from torchrelay.services.train.domain import (
     ModelRecord,
     RunRecord,
+    entrypoint_module_refusal,
+    entrypoint_refusal,
     model_key,
     restart_allowed,
     run_id_for,
@@ -63,6 +67,7 @@ class Trainer:
         nats_url: str,
         presence: Presence,
         source: str,
+        entrypoints: Sequence[str],
         reclaim_every_s: float = 2.0,
     ) -> None:
         self.backend = backend
@@ -76,6 +81,7 @@ class Trainer:
         self._instance = presence.instance
         self._reclaim_every_s = reclaim_every_s
         self._source = source
+        self._entrypoints = tuple(entrypoints)
         self._watchers: dict[str, asyncio.Task[None]] = {}
 
     # --- handlers ---------------------------------------------------------------------------
@@ -210,6 +216,10 @@ class Trainer:
                 "stage it first (dataset.ingest.requested)",
                 dataset_path,
             )
+        # Before any lookup: finding a module imports its parent packages.
+        refusal = entrypoint_module_refusal(spec.entrypoint, self._entrypoints)
+        if refusal is not None:
+            return refusal, dataset_path
         module = spec.entrypoint.partition(":")[0]
         try:
             found = importlib.util.find_spec(module)
@@ -217,7 +227,8 @@ class Trainer:
             found = None
         if found is None:
             return f"entrypoint module {module!r} is not importable by the workers", dataset_path
-        return None, dataset_path
+        source = _source_of(found)
+        return entrypoint_refusal(spec.entrypoint, self._entrypoints, source), dataset_path
 
     def _worker_job(
         self,
@@ -401,3 +412,14 @@ class Trainer:
             task.cancel()
         await asyncio.gather(*self._watchers.values(), return_exceptions=True)
         await self.backend.aclose()
+
+
+def _source_of(found: importlib.machinery.ModuleSpec) -> str | None:
+    """The module's Python source, read (never run); None for a builtin, frozen, C or
+    bytecode-only module, or one whose file cannot be read."""
+    if found.origin is None or not found.has_location or not found.origin.endswith(".py"):
+        return None
+    try:
+        return importlib.util.decode_source(Path(found.origin).read_bytes())
+    except (OSError, SyntaxError, ValueError):  # a bad coding cookie, undecodable bytes
+        return None

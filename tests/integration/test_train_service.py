@@ -7,6 +7,7 @@ import os
 import re
 import signal
 from collections.abc import AsyncIterator, Iterator
+from datetime import UTC, datetime
 from pathlib import Path
 
 import aiohttp
@@ -15,8 +16,10 @@ import pytest
 from tests.integration.processes import ServiceProcess
 from tests.integration.training import request, workers_of
 from tests.integration.watching import Watcher, watching
+from torchrelay.services.train.domain import RunRecord
 from torchrelay.shared.bus.jetstream import JetStreamBus
 from torchrelay.shared.events import (
+    DatasetStaged,
     TrainCancelRequested,
     TrainCheckpointed,
     TrainCompleted,
@@ -26,12 +29,21 @@ from torchrelay.shared.events import (
     TrainStarted,
 )
 from torchrelay.shared.events.data import (
+    DatasetSource,
+    DatasetStagedData,
+    PipelineSpec,
     TrainCancelRequestedData,
+    TrainingStage,
     TrainRestartRequestedData,
 )
+from torchrelay.shared.pipelines import PipelineRecord, pipeline_key
+from torchrelay.shared.state import State, key_part
 from torchrelay.shared.testing import assert_eventually
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(240)]
+EXAMPLES = "torchrelay.services.train.examples"
+# The bundled examples plus this suite's failure trainers; nothing else may run.
+ENTRYPOINTS = f"{EXAMPLES},tests.integration.trainers"
 
 
 @pytest.fixture(scope="module")
@@ -54,6 +66,7 @@ def train(nats_url: str, staged: tuple[Path, str], tmp_path: Path) -> Iterator[S
         env={
             "TORCHRELAY_STORAGE_ROOT": str(staged[0]),
             "TORCHRELAY_TRAIN_MAX_WORLD_SIZE": "4",
+            "TORCHRELAY_TRAIN_ENTRYPOINTS": ENTRYPOINTS,
             "TORCHRELAY_SHUTDOWN_GRACE_S": "5",
             "TORCHRELAY_SHUTDOWN_DEADLINE_S": "10",
         },
@@ -85,7 +98,12 @@ async def test_a_request_trains_reports_and_completes(
     ("spec", "reason"),
     [
         ({"dataset": {"name": "digits", "version": "nope"}}, "unknown dataset digits version nope"),
-        ({"entrypoint": "no_such_module:train"}, "not importable"),
+        ({"entrypoint": f"{EXAMPLES}.no_such_module:train"}, "not importable"),
+        ({"entrypoint": "os:system"}, f"not under TORCHRELAY_TRAIN_ENTRYPOINTS ({ENTRYPOINTS})"),
+        (
+            {"entrypoint": "tests.integration.trainers:Unscriptable"},
+            "'Unscriptable' is not a function defined in module 'tests.integration.trainers'",
+        ),
         ({"world_size": 8}, "world size 8"),
         ({"entrypoint": "tests.integration.trainers:explode"}, "training function raised"),
     ],
@@ -105,6 +123,67 @@ async def test_bad_requests_end_in_train_failed_with_the_reason(
     assert reason in failed.reason
     assert failed.final
     assert workers_of("bad-run") == []
+
+
+async def test_code_outside_the_entrypoint_policy_never_reaches_a_worker(
+    bus: tuple[JetStreamBus, Watcher], train: ServiceProcess, staged: tuple[Path, str]
+) -> None:
+    publisher, watcher = bus
+    state = await State.open(publisher.nc.jetstream())
+    pipelines = state.store("pipelines", PipelineRecord)
+    training = TrainingStage(entrypoint="subprocess:call", model_name="digits", world_size=2)
+    spec = PipelineSpec(
+        name="digits",
+        dataset=DatasetSource(name="digits", source="sklearn:digits"),
+        training=training,
+    )
+    now = datetime.now(UTC)
+    await pipelines.create(
+        pipeline_key("pipe-evil"),
+        PipelineRecord(pipeline_id="pipe-evil", spec=spec, submitted=now),
+    )
+    await train.wait_ready()
+    await publisher.publish(request(staged, "sneaky", entrypoint="os:system"))
+    await publisher.publish(
+        DatasetStaged(
+            source="/tests",
+            pipelineid="pipe-evil",
+            data=DatasetStagedData(
+                name="digits",
+                version=staged[1],
+                path=f"datasets/digits/{staged[1]}",
+                format="npz",
+                files=1,
+                size_bytes=1,
+                manifest_sha256="0" * 64,
+            ),
+        )
+    )
+
+    for run_id, entrypoint in [("sneaky", "os:system"), ("pipe-evil.train", "subprocess:call")]:
+        failed = await watcher.one(TrainFailed, run_id=run_id, timeout_s=30)
+        module = entrypoint.partition(":")[0]
+        assert failed.data.reason == (
+            f"entrypoint {entrypoint!r} is not allowed: module {module!r} is not under "
+            f"TORCHRELAY_TRAIN_ENTRYPOINTS ({ENTRYPOINTS}); add its package to that setting"
+        )
+        assert failed.data.final, "no restart may follow a refusal"
+        assert failed.data.exit_code is None
+        assert watcher.of(TrainStarted, run_id=run_id) == []
+        assert not (staged[0] / "runs" / run_id).exists(), "no attempt was ever launched"
+        run = await state.store("runs", RunRecord).get(key_part(run_id))
+        assert run is not None
+        assert (run.value.status, run.value.reason) == ("failed", failed.data.reason)
+
+    pipeline = await pipelines.get(pipeline_key("pipe-evil"))
+    assert pipeline is not None
+    stage = pipeline.value.stages["train"]
+    assert stage.status == "failed"
+    assert stage.reason is not None
+    assert "'subprocess:call' is not allowed" in stage.reason
+    assert "TORCHRELAY_TRAIN_ENTRYPOINTS" in stage.reason
+    assert pipeline.value.status == "failed"
+    assert train.logged("run.failed"), "the service said why"
 
 
 async def test_a_killed_worker_fails_the_run_and_a_restart_resumes_it(

@@ -1,12 +1,14 @@
 """One training rank: ``python -m torchrelay.services.train.worker`` (started by a backend).
 
 Exit codes: 0 done and exported; 1 the training function raised; 3 the entrypoint cannot be
-imported or never exported a model. Rank 0 writes ``runs/<id>/result.json`` on success.
+imported, is not a function defined in the module it names, or never exported a model.
+Rank 0 writes ``runs/<id>/result.json`` on success.
 """
 
 from __future__ import annotations
 
 import importlib
+import inspect
 import json
 import sys
 from datetime import timedelta
@@ -43,6 +45,16 @@ def main() -> int:
         function = getattr(importlib.import_module(module_name), function_name)
     except (ImportError, AttributeError):
         log.exception("worker.bad_entrypoint", entrypoint=spec.job.entrypoint)
+        return EXIT_BAD_ENTRYPOINT
+    # The train service checked the module's source; this checks what the import produced
+    # (a name rebound at import time, or a service that skipped the check).
+    if not inspect.isfunction(function) or function.__module__ != module_name:
+        log.error(
+            "worker.bad_entrypoint",
+            entrypoint=spec.job.entrypoint,
+            reason=f"{function_name!r} is not a function defined in module {module_name!r} "
+            f"(it is {type(function).__name__} from {getattr(function, '__module__', None)!r})",
+        )
         return EXIT_BAD_ENTRYPOINT
     if spec.backend == "nccl":
         torch.cuda.set_device(spec.rank % torch.cuda.device_count())

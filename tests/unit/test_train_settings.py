@@ -1,0 +1,46 @@
+"""The train service's settings: which training code it may run."""
+
+from __future__ import annotations
+
+import pytest
+from pydantic import ValidationError
+
+from torchrelay.services.train.settings import TrainSettings
+from torchrelay.shared.runtime.main import describe_settings_error
+
+
+def test_by_default_only_the_bundled_examples_may_run(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("TORCHRELAY_TRAIN_ENTRYPOINTS", raising=False)
+    assert TrainSettings().train.entrypoints == ("torchrelay.services.train.examples",)
+
+
+@pytest.mark.parametrize(
+    ("value", "prefixes"),
+    [
+        ("a.b,c.d", ("a.b", "c.d")),
+        (
+            " team.trainers , torchrelay.services.train.examples ,",
+            ("team.trainers", "torchrelay.services.train.examples"),
+        ),
+        ("solo", ("solo",)),
+        ("", ()),
+    ],
+)
+def test_the_environment_gives_comma_separated_prefixes(
+    monkeypatch: pytest.MonkeyPatch, value: str, prefixes: tuple[str, ...]
+) -> None:
+    monkeypatch.setenv("TORCHRELAY_TRAIN_ENTRYPOINTS", value)
+    assert TrainSettings().train.entrypoints == prefixes
+
+
+@pytest.mark.parametrize("value", ["team.trainers:train", "team..trainers", "team/trainers"])
+def test_a_prefix_that_is_not_a_module_name_is_a_settings_error_naming_the_variable(
+    monkeypatch: pytest.MonkeyPatch, value: str
+) -> None:
+    monkeypatch.setenv("TORCHRELAY_TRAIN_ENTRYPOINTS", value)
+    with pytest.raises(ValidationError) as caught:
+        TrainSettings()
+    message = describe_settings_error(caught.value)
+    assert "TORCHRELAY_TRAIN_ENTRYPOINTS" in message
+    assert repr(value) in message
+    assert "without ':function'" in message
