@@ -1,6 +1,6 @@
 """Bus benchmark: torchrelay's hop against the raw nats-py floor, on one nats-server.
 
-    python bench/bus.py [--events 20000] [--samples 2000]
+    python bench/bus.py [--events 20000] [--samples 2000] [--auth]
 
 Latency: one event at a time, from "publish" to "the consumer has it" (raw: the fetched
 message; torchrelay: the handler is running), publish ack included in both; both consumers
@@ -10,6 +10,9 @@ and the clock stops when the consumer has nothing pending and nothing unacked.
 The raw floor uses nats-py the fastest way for each case (a waiting fetch(1) for latency,
 fetch(64) batches acked in line for throughput); torchrelay runs JetStreamBus.consume with the
 runtime's metrics observer, exactly as a service does.
+With ``--auth`` the server runs with the users and subject permissions `torchrelay up`
+generates: torchrelay connects as the ingest service (its own inbox prefix, every publish and
+JetStream call checked against its permissions), the raw floor as admin (no checks).
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ import argparse
 import asyncio
 import json
 import multiprocessing
+import secrets
 import statistics
 import sys
 import tempfile
@@ -30,6 +34,7 @@ from prometheus_client import CollectorRegistry
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from torchrelay.shared.bus import principals
 from torchrelay.shared.bus.jetstream import JetStreamBus, StreamSettings
 from torchrelay.shared.bus.port import Subscription
 from torchrelay.shared.bus.server import NatsServer
@@ -40,6 +45,21 @@ from torchrelay.shared.runtime.metrics import RuntimeMetrics
 from torchrelay.shared.runtime.settings import LogSettings
 
 STREAM = StreamSettings()
+PASSWORDS = {user: secrets.token_urlsafe(16) for user in principals.USERS}
+Login = dict[str, str]
+
+
+def login(user: str | None) -> Login:
+    """nats.connect options for ``user`` (None: no authorization on the server)."""
+    if user is None:
+        return {}
+    return {
+        "user": user,
+        "password": PASSWORDS[user],
+        "inbox_prefix": principals.inbox_prefix(user),
+    }
+
+
 SUBJECT = DatasetStaged.nats_subject
 GO_SUBJECT = "bench.go"
 
@@ -60,8 +80,8 @@ def make_event(i: int) -> DatasetStaged:
     )
 
 
-async def reset(url: str) -> None:
-    nc = await nats.connect(url)
+async def reset(url: str, admin: Login) -> None:
+    nc = await nats.connect(url, **admin)
     js = nc.jetstream()
     for info in await js.streams_info():
         if info.config.name:
@@ -70,8 +90,8 @@ async def reset(url: str) -> None:
     await nc.close()
 
 
-async def add_consumer(url: str, name: str) -> None:
-    nc = await nats.connect(url)
+async def add_consumer(url: str, name: str, admin: Login) -> None:
+    nc = await nats.connect(url, **admin)
     await nc.jetstream().add_consumer(
         STREAM.name,
         api.ConsumerConfig(
@@ -89,10 +109,10 @@ async def add_consumer(url: str, name: str) -> None:
 # --- latency --------------------------------------------------------------------------------
 
 
-async def latency_raw(url: str, samples: int) -> list[float]:
-    await reset(url)
-    await add_consumer(url, "raw")
-    nc = await nats.connect(url)
+async def latency_raw(url: str, samples: int, raw: Login) -> list[float]:
+    await reset(url, raw)
+    await add_consumer(url, "raw", raw)
+    nc = await nats.connect(url, **raw)
     js = nc.jetstream()
     psub = await js.pull_subscribe_bind(durable="raw", stream=STREAM.name)
     arrived: asyncio.Queue[float] = asyncio.Queue()
@@ -122,9 +142,9 @@ async def latency_raw(url: str, samples: int) -> list[float]:
     return results
 
 
-async def latency_torchrelay(url: str, samples: int) -> list[float]:
-    await reset(url)
-    nc = await nats.connect(url)
+async def latency_torchrelay(url: str, samples: int, raw: Login, hop: Login) -> list[float]:
+    await reset(url, raw)
+    nc = await nats.connect(url, **hop)
     bus = JetStreamBus(nc, STREAM, observer=RuntimeMetrics(CollectorRegistry(), "bench", "0"))
     arrived: asyncio.Queue[float] = asyncio.Queue()
 
@@ -149,13 +169,21 @@ async def latency_torchrelay(url: str, samples: int) -> list[float]:
 # --- throughput ---------------------------------------------------------------------------------
 
 
-def replica_main(kind: str, url: str, ready: multiprocessing.Queue) -> None:  # type: ignore[type-arg]
-    asyncio.run(_replica(kind, url, ready))
+def replica_main(
+    kind: str, url: str, ready: multiprocessing.Queue, logins: tuple[Login, Login]
+) -> None:  # type: ignore[type-arg]
+    asyncio.run(_replica(kind, url, ready, logins))
 
 
-async def _replica(kind: str, url: str, ready: multiprocessing.Queue) -> None:  # type: ignore[type-arg]
+async def _replica(
+    kind: str, url: str, ready: multiprocessing.Queue, logins: tuple[Login, Login]
+) -> None:  # type: ignore[type-arg]
+    """One consumer process; ``logins``: (the consumer's own, the bench's control channel)."""
     configure_logging(LogSettings())
-    nc = await nats.connect(url)
+    you, control = logins
+    nc = await nats.connect(url, **you)
+    # The go/done signal travels on a subject no service user may read: its own connection.
+    control_nc = await nats.connect(url, **control)
     go = asyncio.Event()
     done = asyncio.Event()
 
@@ -163,7 +191,8 @@ async def _replica(kind: str, url: str, ready: multiprocessing.Queue) -> None:  
         data = getattr(msg, "data", b"")
         (go if data == b"go" else done).set()
 
-    await nc.subscribe(GO_SUBJECT, cb=on_control)
+    await control_nc.subscribe(GO_SUBJECT, cb=on_control)
+    await control_nc.flush()
     if kind == "raw":
         psub = await nc.jetstream().pull_subscribe_bind(durable="throughput", stream=STREAM.name)
         ready.put(1)
@@ -177,6 +206,7 @@ async def _replica(kind: str, url: str, ready: multiprocessing.Queue) -> None:  
                 await msg.ack()
         await nc.flush()
         await nc.close()
+        await control_nc.close()
         return
     bus = JetStreamBus(nc, STREAM, observer=RuntimeMetrics(CollectorRegistry(), "bench", "0"))
 
@@ -190,14 +220,17 @@ async def _replica(kind: str, url: str, ready: multiprocessing.Queue) -> None:  
     await done.wait()
     await consuming
     await bus.aclose()
+    await control_nc.close()
 
 
-async def throughput(kind: str, url: str, events: int, replicas: int) -> float:
-    await reset(url)
-    nc = await nats.connect(url)
+async def throughput(
+    kind: str, url: str, events: int, replicas: int, *, raw: Login, hop: Login
+) -> float:
+    await reset(url, raw)
+    nc = await nats.connect(url, **raw)
     bus = JetStreamBus(nc, STREAM)
     if kind == "raw":
-        await add_consumer(url, "throughput")
+        await add_consumer(url, "throughput", raw)
     else:
         await bus.provision(
             [Subscription("throughput", [DatasetStaged], _noop)]  # same config a service uses
@@ -214,7 +247,10 @@ async def throughput(kind: str, url: str, events: int, replicas: int) -> float:
     context = multiprocessing.get_context("spawn")
     ready = context.Queue()
     processes = [
-        context.Process(target=replica_main, args=(kind, url, ready)) for _ in range(replicas)
+        context.Process(
+            target=replica_main, args=(kind, url, ready, (raw if kind == "raw" else hop, raw))
+        )
+        for _ in range(replicas)
     ]
     for process in processes:
         process.start()
@@ -250,24 +286,33 @@ async def main() -> None:
     parser.add_argument("--events", type=int, default=20000)
     parser.add_argument("--samples", type=int, default=2000)
     parser.add_argument("--json", type=Path, help="also write the figures here")
+    parser.add_argument(
+        "--auth", action="store_true", help="users and permissions as `torchrelay up` runs them"
+    )
     args = parser.parse_args()
     configure_logging(LogSettings(level="warning"))
-    with NatsServer(Path(tempfile.mkdtemp(prefix="bench-nats-"))) as server:
+    authorization = principals.server_authorization(PASSWORDS) if args.auth else None
+    raw, hop = (login("admin"), login("ingest")) if args.auth else ({}, {})
+    folder = Path(tempfile.mkdtemp(prefix="bench-nats-"))
+    with NatsServer(folder, authorization=authorization) as server:
         # Interleave the two sides so drift on a noisy machine hits both alike.
         raw_lat, hop_lat = [], []
         for _ in range(2):
-            raw_lat += await latency_raw(server.url, args.samples // 2)
-            hop_lat += await latency_torchrelay(server.url, args.samples // 2)
+            raw_lat += await latency_raw(server.url, args.samples // 2, raw)
+            hop_lat += await latency_torchrelay(server.url, args.samples // 2, raw, hop)
         rates: dict[str, dict[int, float]] = {"raw": {}, "torchrelay": {}}
         for replicas in (1, 2):
             for kind in ("raw", "torchrelay"):
-                rates[kind][replicas] = await throughput(kind, server.url, args.events, replicas)
+                rates[kind][replicas] = await throughput(
+                    kind, server.url, args.events, replicas, raw=raw, hop=hop
+                )
     figures = {
         "latency_ms": {
             "raw": {"p50": pct(raw_lat, 50) * 1e3, "p99": pct(raw_lat, 99) * 1e3},
             "torchrelay": {"p50": pct(hop_lat, 50) * 1e3, "p99": pct(hop_lat, 99) * 1e3},
         },
         "events_per_s": rates,
+        "authorization": args.auth,
     }
     figures["ratios"] = {
         "p50_latency_hop_over_raw": figures["latency_ms"]["torchrelay"]["p50"]

@@ -5,9 +5,11 @@ from __future__ import annotations
 import argparse
 import importlib
 import json
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from torchrelay import __version__
 
@@ -51,8 +53,8 @@ def _service(name: str, argv: Sequence[str]) -> int:
 def _nats_url(args: argparse.Namespace) -> str:
     from torchrelay import platform
 
-    if args.nats_url:
-        return str(args.nats_url)
+    if args.nats_url or os.environ.get("TORCHRELAY_NATS_URL"):
+        return str(args.nats_url or os.environ["TORCHRELAY_NATS_URL"])
     described = platform.running(args.state_dir)
     if described is None:
         print(
@@ -61,7 +63,35 @@ def _nats_url(args: argparse.Namespace) -> str:
             file=sys.stderr,
         )
         raise SystemExit(EXIT_USAGE)
-    return str(described["nats_url"])
+    return platform.client_url(args.state_dir, str(described["nats_url"]))
+
+
+def _env(args: argparse.Namespace) -> int:
+    """``export`` lines for shells and other systems: where NATS is, as whom to connect."""
+    import shlex
+
+    from torchrelay import platform
+    from torchrelay.shared.bus import principals
+
+    described = platform.running(args.state_dir)
+    if described is None:
+        print(
+            f"torchrelay: no platform runs from {args.state_dir}: start one with `torchrelay up`",
+            file=sys.stderr,
+        )
+        return EXIT_USAGE
+    url = str(described["nats_url"])
+    lines = {
+        # The operator's own user (the command line): everything, replay included.
+        "TORCHRELAY_NATS_URL": platform.client_url(args.state_dir, url),
+        # For other systems: may publish requests (pipeline.submitted, *.requested) and read
+        # facts, nothing else.
+        "TORCHRELAY_PUBLISHER_URL": platform.client_url(args.state_dir, url, principals.PUBLISHER),
+        "TORCHRELAY_STORAGE_ROOT": str(described["storage_root"]),
+    }
+    for name, value in lines.items():
+        print(f"export {name}={shlex.quote(value)}")
+    return 0
 
 
 def _up(args: argparse.Namespace) -> int:
@@ -74,7 +104,7 @@ def _up(args: argparse.Namespace) -> int:
         print(f"torchrelay: a platform already runs from {args.state_dir}", file=sys.stderr)
         return EXIT_USAGE
     started = platform.start(args.state_dir, nats_url=args.nats_url, replicas=args.replicas)
-    print(f"NATS        {started.nats_url}")
+    print(f"NATS        {started.nats_url}   (credentials: `torchrelay env`)")
     for replica in started.replicas:
         log = started.log_path(replica.name)
         print(f"{replica.name:11s} http://127.0.0.1:{replica.port}   (log: {log})")
@@ -100,7 +130,7 @@ def _up(args: argparse.Namespace) -> int:
 def _submit(args: argparse.Namespace) -> int:
     import asyncio
 
-    from torchrelay.client import Client, load_spec
+    from torchrelay.client import Client, PipelineRefused, load_spec
 
     spec = load_spec(args.file)
 
@@ -111,7 +141,11 @@ def _submit(args: argparse.Namespace) -> int:
             print(f"submitted {pipeline_id}", flush=True)
             if not args.wait:
                 return 0
-            record = await client.wait(pipeline_id, timeout_s=args.timeout)
+            try:
+                record = await client.wait(pipeline_id, timeout_s=args.timeout)
+            except PipelineRefused as exc:
+                print(f"torchrelay: pipeline {pipeline_id} refused: {exc.reason}", file=sys.stderr)
+                return 1
             print(f"{pipeline_id}: {record.status}")
             return 0 if record.status == "succeeded" else 1
         finally:
@@ -231,7 +265,9 @@ def _demo(args: argparse.Namespace) -> int:
         described = started.describe()
 
     async def run() -> int:
-        client = await Client.connect(str(described["nats_url"]))
+        client = await Client.connect(
+            platform.client_url(args.state_dir, str(described["nats_url"]))
+        )
         try:
             pipeline_id = await client.submit(PipelineSpec.model_validate(DEMO))
             print(
@@ -270,6 +306,64 @@ def _demo(args: argparse.Namespace) -> int:
             platform.stop(started)
 
 
+def _deadletters(args: argparse.Namespace) -> int:
+    """List the dead letters the stream holds, or replay the original at a stream sequence."""
+    import asyncio
+
+    from torchrelay.shared.bus.connection import NatsSettings, connect
+    from torchrelay.shared.bus.deadletters import ReplayRefused, listing_row
+    from torchrelay.shared.bus.jetstream import JetStreamBus, StreamSettings
+
+    async def run() -> int:
+        nc = await connect(NatsSettings(url=_nats_url(args), startup_wait_s=10))
+        # No ensure_stream: reading and replaying must not reconfigure the platform's stream.
+        bus = JetStreamBus(nc, StreamSettings(name=args.stream), source="/torchrelay/cli")
+        try:
+            if not await bus.stream_ready():
+                print(f"torchrelay: no stream {args.stream} on this NATS", file=sys.stderr)
+                return 1
+            if args.deadletters_command == "replay":
+                try:
+                    copy = await bus.replay(args.sequence)
+                except ReplayRefused as exc:
+                    print(f"torchrelay: {exc}", file=sys.stderr)
+                    return 1
+                print(f"replayed sequence {args.sequence} as sequence {copy.sequence}")
+                return 0
+            rows = [listing_row(sequence, letter) for sequence, letter in await bus.dead_letters()]
+        finally:
+            await bus.aclose()
+        if args.json:
+            print(json.dumps(rows, indent=2))
+            return 0
+        print(_dead_letter_table(rows))
+        return 0
+
+    return asyncio.run(run())
+
+
+def _dead_letter_table(rows: list[dict[str, object]]) -> str:
+    from torchrelay.client import table
+
+    def original(row: dict[str, object]) -> str:
+        described = row.get("original_type") or row.get("original_subject") or "?"
+        return f"{described} {row.get('original_id') or row.get('original_msg_id') or ''}"
+
+    return table(
+        [
+            {
+                "time": str(row.get("time", ""))[:19],
+                "consumer": row.get("consumer", ""),
+                "original": original(row).strip(),
+                "seq": row.get("original_sequence", ""),
+                "bytes": row.get("original_size_bytes", ""),
+                "reason": row["reason"],
+            }
+            for row in rows
+        ]
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="torchrelay", description=__doc__)
     parser.add_argument("--version", action="version", version=f"torchrelay {__version__}")
@@ -285,6 +379,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     export.add_argument("directory", type=Path)
     schema_commands.add_parser("catalogue", help="print the event catalogue as Markdown")
+    schema_commands.add_parser(
+        "nats-auth", help="print nats-server's authorization block (users and permissions)"
+    )
 
     state = argparse.ArgumentParser(add_help=False)
     state.add_argument("--state-dir", type=Path, default=Path(".torchrelay"))
@@ -307,9 +404,37 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument(
         "--batched", action="store_true", help="the file holds a batch (first axis), not one"
     )
+    env = commands.add_parser(
+        "env", help="export lines: the platform's NATS URLs (with credentials) and storage"
+    )
+    env.add_argument("--state-dir", type=Path, default=Path(".torchrelay"))
     demo = commands.add_parser("demo", parents=[state], help="run the digits demo pipeline")
     demo.add_argument("--timeout", type=float, default=600)
+    _add_deadletters(commands, state)
     return parser
+
+
+def _add_deadletters(commands: Any, state: argparse.ArgumentParser) -> None:
+    stream = argparse.ArgumentParser(add_help=False)
+    stream.add_argument(
+        "--stream",
+        default=os.environ.get("TORCHRELAY_STREAM_NAME", "TORCHRELAY"),
+        help="the platform's stream (default: $TORCHRELAY_STREAM_NAME, else TORCHRELAY)",
+    )
+    deadletters = commands.add_parser(
+        "deadletters", parents=[state, stream], help="dead letters, and replaying their originals"
+    )
+    deadletters.add_argument("--json", action="store_true")
+    actions = deadletters.add_subparsers(dest="deadletters_command")
+    # The options again, after `replay`; SUPPRESS keeps values given before it.
+    late = argparse.ArgumentParser(add_help=False)
+    late.add_argument("--state-dir", type=Path, default=argparse.SUPPRESS)
+    late.add_argument("--nats-url", default=argparse.SUPPRESS)
+    late.add_argument("--stream", default=argparse.SUPPRESS)
+    replay = actions.add_parser(
+        "replay", parents=[late], help="republish the original at stream sequence SEQ"
+    )
+    replay.add_argument("sequence", type=int, metavar="SEQ")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -323,6 +448,11 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         print(catalogue_markdown(), end="")
         return 0
+    if args.command == "schema" and args.schema_command == "nats-auth":
+        from torchrelay.shared.bus.principals import authorization_config
+
+        print(authorization_config(), end="")
+        return 0
     if args.command == "schema":
         return _schema_export(args.directory)
     handlers = {
@@ -332,5 +462,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "logs": _logs,
         "predict": _predict,
         "demo": _demo,
+        "deadletters": _deadletters,
+        "env": _env,
     }
     return handlers[args.command](args)

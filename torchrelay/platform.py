@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import secrets
 import signal
 import subprocess
 import sys
@@ -20,14 +21,19 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from torchrelay.shared.bus import principals
+from torchrelay.shared.bus.connection import with_credentials
 from torchrelay.shared.bus.server import NatsServer
 from torchrelay.shared.errors import ConfigError
+from torchrelay.shared.storage import atomic_write_bytes
 
 SERVICES = ("ingest", "train", "serve", "monitor")
 DEFAULT_STATE = Path(".torchrelay")
 RESTART_PAUSES_S = (0.5, 1.0, 2.0, 5.0, 10.0, 30.0)
 STEADY_AFTER_S = 60.0
 """A replica that ran this long before dying is restarted at once again."""
+NATS_PORT = 4222
+"""The embedded NATS listens here when the port is free (else on any free port, and says so)."""
 
 
 @dataclass
@@ -54,6 +60,8 @@ class Platform:
     nats_url: str
     nats: NatsServer | None = None
     replicas: list[Replica] = field(default_factory=list)
+    passwords: dict[str, str] | None = None
+    """The NATS users' passwords when this platform runs its own NATS with authorization."""
 
     @property
     def storage_root(self) -> Path:
@@ -80,6 +88,42 @@ class Platform:
         temporary.replace(path)
 
 
+def users_file(state_dir: Path) -> Path:
+    return state_dir / "nats" / "users.json"
+
+
+def nats_passwords(state_dir: Path) -> dict[str, str]:
+    """Every NATS user's password (:mod:`~torchrelay.shared.bus.principals`): random, made on
+    first use and kept in a file only its owner may read, so restarts keep them."""
+    path = users_file(state_dir)
+    try:
+        stored: dict[str, str] = json.loads(path.read_text())
+    except FileNotFoundError:
+        stored = {}
+    missing = [user for user in principals.USERS if user not in stored]
+    if missing:
+        stored.update({user: secrets.token_urlsafe(24) for user in missing})
+        atomic_write_bytes(path, json.dumps(stored, indent=2).encode(), private=True)
+    return stored
+
+
+def client_url(state_dir: Path, nats_url: str, user: str = principals.ADMIN) -> str:
+    """``nats_url`` with ``user``'s credentials, when the platform runs with authorization."""
+    if not users_file(state_dir).exists():
+        return nats_url
+    return with_credentials(nats_url, user, nats_passwords(state_dir)[user])
+
+
+def start_nats(state_dir: Path, passwords: dict[str, str]) -> NatsServer:
+    authorization = principals.server_authorization(passwords)
+    try:
+        return NatsServer(state_dir / "nats", port=NATS_PORT, authorization=authorization).start()
+    except ConfigError as exc:
+        if "address already in use" not in str(exc):
+            raise
+    return NatsServer(state_dir / "nats", authorization=authorization).start()
+
+
 def running(state_dir: Path) -> dict[str, Any] | None:
     """The platform another process runs from ``state_dir``, if it is alive."""
     try:
@@ -101,11 +145,12 @@ def start(
         raise ConfigError(f"replicas must be at least 1, not {replicas}")
     state_dir.mkdir(parents=True, exist_ok=True)
     (state_dir / "logs").mkdir(exist_ok=True)
-    nats = None
+    nats = passwords = None
     if nats_url is None:
-        nats = NatsServer(state_dir / "nats").start()
+        passwords = nats_passwords(state_dir)
+        nats = start_nats(state_dir, passwords)
         nats_url = nats.url
-    platform = Platform(state_dir, nats_url, nats)
+    platform = Platform(state_dir, nats_url, nats, passwords=passwords)
     try:
         for name in SERVICES:
             for index in range(replicas):
@@ -120,8 +165,30 @@ def start(
     return platform
 
 
+def service_env(
+    service: str, passwords: dict[str, str] | None, inherited: dict[str, str]
+) -> dict[str, str]:
+    """A service's environment: its own NATS user (never credentials inherited from the
+    shell), and for train the user its workers report with."""
+    if passwords is None:
+        return dict(inherited)
+    env = {k: v for k, v in inherited.items() if not k.startswith("TORCHRELAY_NATS_")}
+    env |= {
+        "TORCHRELAY_NATS_USER": service,
+        "TORCHRELAY_NATS_PASSWORD": passwords[service],
+        "TORCHRELAY_NATS_INBOX_PREFIX": principals.inbox_prefix(service),
+    }
+    if service == "train":
+        env |= {
+            "TORCHRELAY_TRAIN_WORKER_NATS_USER": principals.WORKER,
+            "TORCHRELAY_TRAIN_WORKER_NATS_PASSWORD": passwords[principals.WORKER],
+        }
+    return env
+
+
 def _spawn(platform: Platform, service: str, index: int) -> subprocess.Popen[bytes]:
-    env = {**os.environ, "TORCHRELAY_STORAGE_ROOT": str(platform.storage_root.resolve())}
+    env = service_env(service, platform.passwords, dict(os.environ))
+    env["TORCHRELAY_STORAGE_ROOT"] = str(platform.storage_root.resolve())
     with platform.log_path(f"{service}-{index}").open("ab") as log:
         return subprocess.Popen(
             [sys.executable, "-m", "torchrelay", "service", service,

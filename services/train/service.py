@@ -6,8 +6,9 @@ from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 
 from torchrelay.services.train.handlers import Trainer
-from torchrelay.services.train.settings import TrainSettings
+from torchrelay.services.train.settings import TrainOptions, TrainSettings
 from torchrelay.shared.bus import Subscription
+from torchrelay.shared.bus.principals import inbox_prefix
 from torchrelay.shared.cluster import Backend
 from torchrelay.shared.cluster.local import LocalBackend
 from torchrelay.shared.events import (
@@ -38,7 +39,19 @@ async def _backend(settings: TrainSettings) -> Backend:
     return LocalBackend(
         max_world_size=options.max_world_size,
         gpus=options.gpus if options.gpus is not None else _detect_gpus(),
+        worker_env=_worker_nats_env(options),
     )
+
+
+def _worker_nats_env(options: TrainOptions) -> dict[str, str]:
+    """The workers' own NATS user: never the service's (inherited) credentials."""
+    if options.worker_nats_user is None or options.worker_nats_password is None:
+        return {}
+    return {
+        "TORCHRELAY_NATS_USER": options.worker_nats_user,
+        "TORCHRELAY_NATS_PASSWORD": options.worker_nats_password.get_secret_value(),
+        "TORCHRELAY_NATS_INBOX_PREFIX": inbox_prefix(options.worker_nats_user),
+    }
 
 
 @asynccontextmanager
@@ -52,6 +65,7 @@ async def build(platform: Platform[TrainSettings]) -> AsyncIterator[Service]:
         nats_url=platform.settings.nats.url,
         presence=platform.presence,
         source=platform.source,
+        entrypoints=platform.settings.train.entrypoints,
     )
     try:
         yield Service(

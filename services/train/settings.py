@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 import os
-from typing import Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import Field
+from pydantic import Field, SecretStr, field_validator
+from pydantic_settings import NoDecode
 
 from torchrelay.shared.cluster.kubernetes.options import KubeOptions
 from torchrelay.shared.runtime.settings import Group, HttpSettings, ServiceSettings
 
 DEFAULT_PORT = 8082
+EXAMPLES = "torchrelay.services.train.examples"
 
 
 class TrainOptions(Group):
@@ -26,6 +28,41 @@ class TrainOptions(Group):
     gpus: int | None = Field(
         default=None, ge=0, description="GPUs the local backend may use; detected if unset."
     )
+    worker_nats_user: str | None = Field(
+        default=None,
+        description="NATS user the local backend's workers report progress with (a user that "
+        "may publish only train.progress and train.checkpointed). Unset: workers connect "
+        "without credentials. Kubernetes workers read theirs from TORCHRELAY_KUBE_WORKER_NATS_"
+        "SECRET.",
+    )
+    worker_nats_password: SecretStr | None = Field(
+        default=None, description="That user's password."
+    )
+    entrypoints: Annotated[tuple[str, ...], NoDecode] = Field(
+        default=(EXAMPLES,),
+        description="Module prefixes (comma-separated, whole dotted components) a request's "
+        "entrypoint must lie under; anything else is refused before a worker starts, because "
+        "a worker runs the named function with the service's access. Default: the bundled "
+        "examples only. Empty: nothing may run.",
+    )
+
+    @field_validator("entrypoints", mode="before")
+    @classmethod
+    def _comma_separated(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            return tuple(part.strip() for part in value.split(",") if part.strip())
+        return value
+
+    @field_validator("entrypoints")
+    @classmethod
+    def _module_names(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        wrong = [prefix for prefix in value if not all(p.isidentifier() for p in prefix.split("."))]
+        if wrong:
+            raise ValueError(
+                f"not dotted module names: {', '.join(map(repr, wrong))} "
+                "(give packages or modules, e.g. mycompany.trainers, without ':function')"
+            )
+        return value
 
 
 class TrainSettings(ServiceSettings):

@@ -6,6 +6,7 @@ import asyncio
 import ssl
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote, urlsplit, urlunsplit
 
 import nats
 import structlog
@@ -46,6 +47,13 @@ class NatsSettings(BaseModel):
         default=-1, description="-1 reconnects forever: a service outlives a NATS restart."
     )
     name: str | None = Field(default=None, description="Client name shown by the server.")
+    inbox_prefix: str | None = Field(
+        default=None,
+        pattern=r"^[A-Za-z0-9_-]+$",
+        description="Subject prefix of this client's reply inboxes (default _INBOX). With "
+        "per-user permissions each user gets its own (_INBOX_<user>), so that no user can "
+        "read another's replies.",
+    )
 
     @model_validator(mode="after")
     def _one_auth_method(self) -> NatsSettings:
@@ -89,6 +97,8 @@ async def connect(settings: NatsSettings, **callbacks: Any) -> NatsClient:
     }
     if settings.name:
         options["name"] = settings.name
+    if settings.inbox_prefix:
+        options["inbox_prefix"] = settings.inbox_prefix
     if settings.user is not None and settings.password is not None:
         options["user"] = settings.user
         options["password"] = settings.password.get_secret_value()
@@ -118,7 +128,28 @@ async def connect(settings: NatsSettings, **callbacks: Any) -> NatsClient:
         said = [error for error in errors if not isinstance(error, OSError)]
         last = (said or errors or [exc])[-1]
         raise ConfigError(
-            f"cannot reach NATS at {settings.url} within {settings.startup_wait_s}s "
+            f"cannot reach NATS at {redact(settings.url)} within {settings.startup_wait_s}s "
             f"(last error: {type(last).__name__}: {last}); check that nats-server runs there, "
             "TORCHRELAY_NATS_URL and the NATS credentials"
         ) from exc
+
+
+def redact(url: str) -> str:
+    """``url`` with any password replaced, for logs and messages."""
+    return ",".join(_redact_one(part) for part in url.split(","))
+
+
+def _redact_one(url: str) -> str:
+    parsed = urlsplit(url.strip())
+    if parsed.password is None:
+        return url
+    host = parsed.netloc.rsplit("@", 1)[1]
+    return urlunsplit(parsed._replace(netloc=f"{parsed.username}:***@{host}"))
+
+
+def with_credentials(url: str, user: str, password: str) -> str:
+    """A NATS URL carrying ``user`` and ``password`` (for shells and other systems)."""
+    parsed = urlsplit(url)
+    host = parsed.netloc.rsplit("@", 1)[-1]
+    netloc = f"{quote(user, safe='')}:{quote(password, safe='')}@{host}"
+    return urlunsplit(parsed._replace(netloc=netloc))

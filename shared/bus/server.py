@@ -15,11 +15,13 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from types import TracebackType
+from typing import Any
 
 from torchrelay.shared.errors import ConfigError
+from torchrelay.shared.storage import atomic_write_bytes
 
 
 def find_nats_server() -> Path:
@@ -40,7 +42,8 @@ class NatsServer:
     """Run ``nats-server -js`` on 127.0.0.1 with its store under ``state_dir``.
 
     Use as a context manager, or call :meth:`start` / :meth:`stop`. ``url`` is known after
-    start. ``port=None`` lets the server choose a free port. ``extra_args`` go to nats-server
+    start. ``port=None`` lets the server choose a free port. ``authorization`` is nats-server's
+    block of users and permissions (see :mod:`.principals`). ``extra_args`` go to nats-server
     as they are (``--auth``, ``--user``/``--pass``, ``--tls*`` ...).
     """
 
@@ -52,12 +55,14 @@ class NatsServer:
         port: int | None = None,
         start_timeout_s: float = 10.0,
         extra_args: Sequence[str] = (),
+        authorization: Mapping[str, Any] | None = None,
     ) -> None:
         self.state_dir = state_dir
         self.host = host
         self.requested_port = port
         self.start_timeout_s = start_timeout_s
         self.extra_args = tuple(extra_args)
+        self.authorization = authorization
         self.port: int | None = None
         self._process: subprocess.Popen[bytes] | None = None
 
@@ -91,6 +96,7 @@ class NatsServer:
             "-sd", str(store),
             "-l", str(self.log_file),
             "--ports_file_dir", str(ports_dir),
+            *self._config_args(),
             *self.extra_args,
         ]  # fmt: skip
         self._process = subprocess.Popen(argv, stdin=subprocess.DEVNULL)
@@ -111,6 +117,16 @@ class NatsServer:
         raise ConfigError(
             f"nats-server did not start in {self.start_timeout_s}s: {self._log_tail()}"
         )
+
+    def _config_args(self) -> list[str]:
+        """A config file with the ``authorization`` block (users and their permissions),
+        readable by this user only: it holds the passwords."""
+        if self.authorization is None:
+            return []
+        config = self.state_dir / "auth.conf"
+        text = json.dumps({"authorization": self.authorization})  # nats-server reads JSON
+        atomic_write_bytes(config, text.encode(), private=True)
+        return ["-c", str(config)]
 
     def stop(self, timeout_s: float = 10.0) -> None:
         process, self._process = self._process, None

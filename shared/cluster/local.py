@@ -14,6 +14,7 @@ import os
 import signal
 import sys
 from collections import deque
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
@@ -51,10 +52,19 @@ def run_dir(storage_root: str, run_id: str) -> Path:
 class LocalBackend:
     name = "local"
 
-    def __init__(self, *, max_world_size: int, gpus: int = 0, python: str = sys.executable) -> None:
+    def __init__(
+        self,
+        *,
+        max_world_size: int,
+        gpus: int = 0,
+        python: str = sys.executable,
+        worker_env: Mapping[str, str] | None = None,
+    ) -> None:
         self.max_world_size = max_world_size
         self.gpus = gpus
         self.python = python
+        self.worker_env = dict(worker_env or {})
+        """Added to every rank's environment (the workers' own NATS credentials)."""
         self._jobs: dict[str, list[asyncio.subprocess.Process]] = {}
         self._requests: dict[str, LocalRequest] = {}
         self._cancelled: set[str] = set()
@@ -92,7 +102,12 @@ class LocalBackend:
                 nats_url=job.nats_url,
                 pipeline_id=job.pipeline_id,
             )
-            env = {WORKER_ENV: spec.model_dump_json(), "OMP_NUM_THREADS": "1", **parent_env()}
+            env = {
+                WORKER_ENV: spec.model_dump_json(),
+                "OMP_NUM_THREADS": "1",
+                **parent_env(),
+                **self.worker_env,
+            }
             if backend == "nccl":
                 env["CUDA_VISIBLE_DEVICES"] = str(rank)
             ranks.append(
@@ -115,7 +130,7 @@ class LocalBackend:
                 processes.append(
                     await asyncio.create_subprocess_exec(
                         *rank.argv,
-                        env={**os.environ, **rank.env},
+                        env={**_inheritable(os.environ), **rank.env},
                         stdin=asyncio.subprocess.DEVNULL,
                         stdout=log_file,
                         stderr=asyncio.subprocess.STDOUT,
@@ -222,3 +237,16 @@ async def _stop_all(processes: list[asyncio.subprocess.Process]) -> None:
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(process.pid, signal.SIGKILL)
         await asyncio.gather(*(p.wait() for p in alive))
+
+
+_NATS_IDENTITY = frozenset(
+    f"TORCHRELAY_NATS_{name}"
+    for name in ("USER", "PASSWORD", "TOKEN", "NKEY_SEED_FILE", "CREDS_FILE", "INBOX_PREFIX")
+)
+
+
+def _inheritable(environ: Mapping[str, str]) -> dict[str, str]:
+    """The service's environment less its NATS identity: a worker reports as its own user
+    (``worker_env``), never with the credentials of the service that started it. TLS
+    settings pass on."""
+    return {k: v for k, v in environ.items() if k.upper() not in _NATS_IDENTITY}

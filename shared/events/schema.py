@@ -95,12 +95,39 @@ def asyncapi_document() -> dict[str, Any]:
             "local": {
                 "host": "127.0.0.1:4222",
                 "protocol": "nats",
-                "description": "The embedded default started by `torchrelay up`.",
-            }
+                "description": (
+                    "The embedded default started by `torchrelay up`: port 4222 when it is "
+                    "free, else a free port that `up` prints. `torchrelay env` prints the URL "
+                    "with credentials (TORCHRELAY_PUBLISHER_URL for other systems)."
+                ),
+                "security": [{"$ref": "#/components/securitySchemes/userPassword"}],
+            },
+            "kubernetes": {
+                "host": "nats.torchrelay.svc:4222",
+                "protocol": "nats",
+                "description": (
+                    "The NATS Service of the Kubernetes base (k8s/base), in namespace "
+                    "torchrelay; passwords in the torchrelay-nats-<user> Secrets."
+                ),
+                "security": [{"$ref": "#/components/securitySchemes/userPassword"}],
+            },
         },
         "channels": channels,
         "operations": operations,
-        "components": {"messages": messages, "schemas": schemas},
+        "components": {
+            "messages": messages,
+            "schemas": schemas,
+            "securitySchemes": {
+                "userPassword": {
+                    "type": "userPassword",
+                    "description": (
+                        "One NATS user per principal. Other systems connect as `publisher`: "
+                        "it may publish pipeline.submitted and *.requested events and "
+                        "subscribe to torchrelay.>; facts come only from the services."
+                    ),
+                }
+            },
+        },
     }
 
 

@@ -23,7 +23,7 @@ from aiohttp import web
 from prometheus_client import CollectorRegistry
 
 from torchrelay import __version__
-from torchrelay.shared.bus.connection import connect
+from torchrelay.shared.bus.connection import connect, redact
 from torchrelay.shared.bus.jetstream import JetStreamBus
 from torchrelay.shared.bus.port import Subscription
 from torchrelay.shared.runtime.http import build_app, start_http
@@ -194,7 +194,7 @@ async def _serve(
         http_host=settings.http.host,
         http_port=port,
         pid=os.getpid(),
-        nats_url=settings.nats.url,
+        nats_url=redact(settings.nats.url),
         subscriptions=[sub.name for sub in service.subscriptions],
     )
     failure = await _wait_for_stop_or_failure(stop, tasks)

@@ -42,21 +42,24 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` atomically."""
-    with atomic_writer(path) as handle:
+def atomic_write_bytes(path: Path, data: bytes, *, private: bool = False) -> None:
+    """Write ``data`` to ``path`` atomically; ``private``: readable by its owner only."""
+    with atomic_writer(path, private=private) as handle:
         handle.write(data)
 
 
 @contextlib.contextmanager
-def atomic_writer(path: Path, *, fsync: bool = True) -> Iterator[IO[bytes]]:
+def atomic_writer(path: Path, *, fsync: bool = True, private: bool = False) -> Iterator[IO[bytes]]:
     """Yield a binary file that replaces ``path`` atomically when the block exits cleanly;
     on error the temporary file is removed and ``path`` is untouched. ``fsync=False`` is for
-    files inside a folder that is synced as a whole before it is published."""
+    files inside a folder that is synced as a whole before it is published. ``private``
+    creates it with mode 0600 (secrets: never readable by others, not even for a moment)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     temp = temp_sibling(path)
+    mode = 0o600 if private else 0o666
     try:
-        with temp.open("xb") as handle:
+        descriptor = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
+        with os.fdopen(descriptor, "wb") as handle:
             yield handle
             handle.flush()
             if fsync:

@@ -20,6 +20,8 @@ import nats
 import pytest
 from nats.js.api import DeliverPolicy
 
+from torchrelay.platform import client_url
+
 ROOT = Path(__file__).parents[2]
 
 
@@ -84,7 +86,8 @@ class Up:
 
     def events(self) -> Counter[tuple[str, str | None]]:
         """How many events of each (type, pipeline) the stream holds."""
-        return asyncio.run(_count_events(str(self.described["nats_url"])))
+        url = client_url(self.folder / ".torchrelay", str(self.described["nats_url"]))
+        return asyncio.run(_count_events(url))
 
 
 async def _count_events(url: str) -> Counter[tuple[str, str | None]]:
@@ -131,6 +134,10 @@ def stop_up(up: Up) -> str:
     assert up.process.returncode == 0, output
     assert "stopping" in output
     assert not (up.folder / ".torchrelay" / "platform.json").exists()
+    # Every principal (each service, the workers, the command line) had the permissions it
+    # needed: nats-server logs each refused publish or subscription.
+    nats_log = (up.folder / ".torchrelay" / "nats" / "nats-server.log").read_text()
+    assert "Violation" not in nats_log, [x for x in nats_log.splitlines() if "Violation" in x]
     return output
 
 

@@ -19,6 +19,7 @@ import yaml
 from pydantic import BaseModel
 
 from torchrelay import __version__
+from torchrelay.shared.bus import principals
 from torchrelay.shared.cluster.kubernetes.options import KubeOptions
 from torchrelay.shared.runtime.http import OPEN_PATHS
 
@@ -120,7 +121,12 @@ def test_the_services_agree_with_the_code(folder: Path, monkeypatch: pytest.Monk
         env = {}
         for variable in container["env"]:
             value = variable.get("value")
-            if value is None:
+            if value is None and "secretKeyRef" in variable["valueFrom"]:
+                secret = variable["valueFrom"]["secretKeyRef"]
+                assert variable["name"] == "TORCHRELAY_NATS_PASSWORD", service
+                assert secret == {"name": principals.secret_name(service), "key": "password"}
+                value = "from-a-secret"
+            elif value is None:
                 value = FIELD_VALUES[variable["valueFrom"]["fieldRef"]["fieldPath"]]
             env[variable["name"]] = value
         model = settings_type(service)
@@ -134,6 +140,8 @@ def test_the_services_agree_with_the_code(folder: Path, monkeypatch: pytest.Monk
         port = settings.http.port
         assert settings.http.host == "0.0.0.0"
         assert settings.nats.url == "nats://nats:4222"
+        assert settings.nats.user == service, "each service is its own NATS user"
+        assert settings.nats.inbox_prefix == principals.inbox_prefix(service)
         assert (services["nats"]["spec"]["ports"][0]["port"]) == 4222
         assert container["ports"] == [{"name": "http", "containerPort": port}]
         assert template["metadata"]["annotations"]["prometheus.io/port"] == str(port)
@@ -232,3 +240,59 @@ def test_the_dashboard_and_alert_rules_ship_as_config_maps() -> None:
     assert dashboard["data"]["grafana-dashboard.json"] == shipped
     rules = yaml.safe_load(maps["torchrelay-alert-rules"]["data"]["alerts.yaml"])
     assert rules["groups"][0]["rules"]
+
+
+def test_the_shipped_nats_authorization_is_the_generated_one() -> None:
+    shipped = (ROOT / "k8s" / "base" / "nats" / "auth.conf").read_text()
+    assert shipped == principals.authorization_config(), "run `torchrelay schema nats-auth`"
+
+
+def test_nats_reads_every_users_password_from_that_users_secret() -> None:
+    objects = render(ROOT / "k8s" / "base")
+    (nats,) = of_kind(objects, "StatefulSet")["nats"]["spec"]["template"]["spec"]["containers"]
+    secrets = {
+        e["name"]: e["valueFrom"]["secretKeyRef"]
+        for e in nats["env"]
+        if "secretKeyRef" in e.get("valueFrom", {})
+    }
+    assert secrets == {
+        principals.password_variable(user): {
+            "name": principals.secret_name(user),
+            "key": "password",
+        }
+        for user in principals.USERS
+    }
+    train = of_kind(objects, "Deployment")["torchrelay-train"]["spec"]["template"]["spec"]
+    env = {e["name"]: e.get("value") for e in train["containers"][0]["env"]}
+    assert env["TORCHRELAY_KUBE_WORKER_NATS_SECRET"] == principals.secret_name(principals.WORKER)
+
+
+def test_the_rendered_nats_configuration_is_valid_for_nats_server(tmp_path: Path) -> None:
+    from torchrelay.shared.bus.server import find_nats_server
+
+    (config,) = (
+        m for name, m in of_kind(render(ROOT / "k8s" / "base"), "ConfigMap").items()
+        if name.startswith("nats-config")
+    )  # fmt: skip
+    for name, text in config["data"].items():
+        (tmp_path / name).write_text(text)
+    env = {principals.password_variable(user): f"pw-{user}" for user in principals.USERS}
+    checked = subprocess.run(
+        [str(find_nats_server()), "-t", "-c", str(tmp_path / "nats.conf")],
+        capture_output=True,
+        text=True,
+        check=False,
+        env={**os.environ, **env, "POD_NAME": "nats-0"},
+    )
+    assert checked.returncode == 0, checked.stderr
+
+
+def test_the_asyncapi_servers_are_where_up_and_the_manifests_run_nats() -> None:
+    from torchrelay.platform import NATS_PORT
+    from torchrelay.shared.events.schema import asyncapi_document
+
+    servers = asyncapi_document()["servers"]
+    assert servers["local"]["host"] == f"127.0.0.1:{NATS_PORT}"
+    service = of_kind(render(ROOT / "k8s" / "base"), "Service")["nats"]
+    namespace, port = service["metadata"]["namespace"], service["spec"]["ports"][0]["port"]
+    assert servers["kubernetes"]["host"] == f"nats.{namespace}.svc:{port}"

@@ -12,6 +12,7 @@ import threading
 from typing import Any
 
 import structlog
+from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from torchrelay.shared.bus.connection import NatsSettings, connect
 from torchrelay.shared.bus.jetstream import JetStreamBus
@@ -21,6 +22,21 @@ from torchrelay.shared.events.data import TrainCheckpointedData, TrainProgressDa
 
 log = structlog.get_logger("torchrelay.train.worker")
 _DONE = object()
+
+
+class _FromEnvironment(BaseSettings):
+    """TORCHRELAY_NATS_* as the backend set them: the worker's own user, TLS."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="TORCHRELAY_", env_nested_delimiter="_", env_nested_max_split=1, extra="ignore"
+    )
+
+    nats: NatsSettings = NatsSettings()
+
+
+def worker_nats_settings(url: str) -> NatsSettings:
+    """How rank 0 reaches NATS: the URL from its spec, the identity from its environment."""
+    return _FromEnvironment().nats.model_copy(update={"url": url, "startup_wait_s": 10.0})
 
 
 class Reporter:
@@ -63,7 +79,7 @@ class Reporter:
 
     async def _publish_loop(self) -> None:
         assert self._spec.nats_url is not None  # noqa: S101 - checked before the thread starts
-        bus = JetStreamBus(await connect(NatsSettings(url=self._spec.nats_url, startup_wait_s=10)))
+        bus = JetStreamBus(await connect(worker_nats_settings(self._spec.nats_url)))
         try:
             while True:
                 item = await asyncio.to_thread(self._queue.get)

@@ -8,6 +8,7 @@ import math
 import re
 from typing import Any
 
+from torchrelay.shared.bus.principals import WORKER, inbox_prefix
 from torchrelay.shared.cluster.kubernetes.options import KubeOptions
 from torchrelay.shared.cluster.port import WorkerJob
 from torchrelay.shared.cluster.worker_spec import WORKER_ENV, WorkerSpec
@@ -138,6 +139,7 @@ def training_job(job: WorkerJob, options: KubeOptions) -> Object:
                         "name": "OMP_NUM_THREADS",
                         "value": str(max(1, math.ceil(spec.resources.cpu))),
                     },
+                    *_worker_nats_env(options),
                 ],
                 "ports": [{"name": "rendezvous", "containerPort": options.rendezvous_port}],
                 "resources": {"requests": requests, "limits": limits},
@@ -366,3 +368,18 @@ def model_service(model: str, options: KubeOptions) -> Object:
 def model_endpoint(model: str, options: KubeOptions) -> str:
     name = model_object_name(model)
     return f"http://{name}.{options.namespace}.svc:{options.server_port}/v2/models/{model}"
+
+
+def _worker_nats_env(options: KubeOptions) -> list[Object]:
+    """Rank 0 reports as the NATS user ``worker``; the password stays in its Secret (the Job
+    names it, the kubelet reads it: the train service never sees it)."""
+    if options.worker_nats_secret is None:
+        return []
+    return [
+        {"name": "TORCHRELAY_NATS_USER", "value": WORKER},
+        {
+            "name": "TORCHRELAY_NATS_PASSWORD",
+            "valueFrom": {"secretKeyRef": {"name": options.worker_nats_secret, "key": "password"}},
+        },
+        {"name": "TORCHRELAY_NATS_INBOX_PREFIX", "value": inbox_prefix(WORKER)},
+    ]

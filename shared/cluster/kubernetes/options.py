@@ -24,6 +24,12 @@ class KubeOptions(Group):
         default="torchrelay/serve:0.1.0", description="The image model servers run."
     )
     image_pull_policy: str = Field(default="IfNotPresent")
+    worker_nats_secret: str | None = Field(
+        default=None,
+        description="A Secret (key 'password') of the NATS user 'worker': worker pods report "
+        "progress as that user, which may publish nothing but train.progress and "
+        "train.checkpointed. Unset: workers connect without credentials.",
+    )
     storage_claim: str = Field(
         default="torchrelay-storage",
         description="The ReadWriteMany PersistentVolumeClaim mounted at the storage root.",
