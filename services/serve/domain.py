@@ -25,7 +25,8 @@ class DeploymentRecord(BaseModel):
     port: int | None = None
     """The model's stable port, kept across versions and owners."""
     servers: list[str] = []
-    """The active version's servers (private URLs), for whichever replica retires them."""
+    """The active version's servers, by their admin sockets (local backend: unix socket paths,
+    mode 0600), for whichever replica retires them. Their TCP ports take no control."""
     updated: datetime
 
 

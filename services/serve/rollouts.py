@@ -1,7 +1,8 @@
 """How a version gets served: the serve service's two backends behind one interface.
 
 ``LocalRollouts`` runs model servers as processes here (checked on private ports, then joined
-to the model's stable port); they belong to this replica and die with it. ``KubernetesRollouts``
+to the model's stable port over their admin sockets); they belong to this replica and die with
+it. ``KubernetesRollouts``
 (in :mod:`.kube_rollouts`) rolls a Deployment per model and lets Kubernetes keep it running.
 The Deployer above them never asks which one it has, beyond whether a dead replica's models
 need serving again (``owns_servers``).
@@ -31,6 +32,7 @@ class Current:
     replicas: int = 1
     port: int | None = None
     servers: tuple[str, ...] = ()
+    """How to reach its servers' control (local: their admin sockets), to retire them."""
     owned_here: bool = False
 
 
@@ -39,6 +41,7 @@ class Served:
     endpoint: str
     port: int | None = None
     servers: tuple[str, ...] = field(default_factory=tuple)
+    """What :attr:`Current.servers` will say of this version (local: its admin sockets)."""
 
 
 class Rollouts(Protocol):
@@ -63,7 +66,8 @@ class Rollouts(Protocol):
 class LocalRollouts:
     """Model servers as local processes: started on private ports, checked (ready, then a
     smoke inference on the declared signature), then joined to the model's stable port; the
-    old version's servers are retired, this replica's or another's."""
+    old version's servers are retired, this replica's or another's. Joining and retiring go
+    through the servers' admin sockets, never their TCP ports."""
 
     name = "local"
     owns_servers = True
@@ -83,7 +87,7 @@ class LocalRollouts:
         if not current.owned_here and current.servers:
             await self.serving.retire_servers(list(current.servers))  # another replica's
         self._active[model] = handle
-        return Served(endpoint, self.serving.stable_port(model), tuple(handle.private_urls))
+        return Served(endpoint, self.serving.stable_port(model), tuple(handle.admin_sockets))
 
     async def serve_again(
         self, model: str, version: str, replicas: int, current: Current
@@ -91,7 +95,7 @@ class LocalRollouts:
         handle = await self._start_checked(model, version, replicas)
         endpoint = await self._promote(handle, current.port)
         self._active[model] = handle
-        return Served(endpoint, self.serving.stable_port(model), tuple(handle.private_urls))
+        return Served(endpoint, self.serving.stable_port(model), tuple(handle.admin_sockets))
 
     async def _start_checked(self, model: str, version: str, replicas: int) -> VersionHandle:
         folder = self.serving.model_dir(model, version)

@@ -5,6 +5,11 @@ joins the model's stable port, which every version of that model shares through 
 so clients talk to the servers directly (no proxy hop). The port is reserved by a bound,
 non-listening socket held here, so nothing else takes it between versions. A retired version
 stops listening, finishes what it has (answering with ``Connection: close``) and exits.
+
+Joining the stable port and retiring are asked over each server's admin socket, a unix socket
+of mode 0600 in the storage root's private ``serving/_admin`` folder: never over a port that
+serves inference, and open only to this user, so to the serve replicas on this machine (which
+find each other's servers through the sockets' paths in the deployment record).
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ import socket
 import sys
 import uuid
 from collections import deque
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -28,6 +34,36 @@ from torchrelay.shared.cluster.lifeline import parent_env
 
 log = structlog.get_logger("torchrelay.cluster.serving")
 SERVER_MODULE = "torchrelay.services.serve.server"
+ADMIN_FOLDER = "_admin"
+"""Under ``<storage root>/serving``; model names cannot contain ``_``, so it is no model's."""
+SUN_PATH_MAX = 107
+"""Bytes a unix socket's path may have (``sun_path`` is 108 on Linux, with its NUL)."""
+ADMIN_TIMEOUT = aiohttp.ClientTimeout(total=10)
+ADMIN_BASE = "http://model-server/admin"
+"""The host part is never resolved: the admin connector dials the server's unix socket."""
+
+
+@contextlib.contextmanager
+def socket_address(path: Path) -> Iterator[str]:
+    """An address that reaches the unix socket at ``path``, to bind or connect while open.
+
+    A path longer than :data:`SUN_PATH_MAX` (a deep storage root) cannot be a socket's address;
+    then the same file is named through an open descriptor of its folder,
+    ``/proc/self/fd/<n>/<name>``, which Linux resolves like the long path.
+    """
+    if len(os.fsencode(path)) <= SUN_PATH_MAX:
+        yield str(path)
+        return
+    if not sys.platform.startswith("linux"):
+        raise OSError(
+            f"the unix socket path {path} is longer than {SUN_PATH_MAX} bytes; "
+            "use a shorter storage root"
+        )
+    folder = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        yield f"/proc/self/fd/{folder}/{path.name}"
+    finally:
+        os.close(folder)
 
 
 class StartFailed(Exception):
@@ -38,7 +74,10 @@ class StartFailed(Exception):
 class ServerProcess:
     process: asyncio.subprocess.Process
     log_path: Path
+    admin: Path
+    """The server's admin socket (serve-on, retire)."""
     port: int = 0
+    """The server's private port: inference only, for the checks before it joins."""
 
 
 @dataclass
@@ -50,6 +89,11 @@ class VersionHandle:
     @property
     def private_urls(self) -> list[str]:
         return [f"http://127.0.0.1:{s.port}" for s in self.servers]
+
+    @property
+    def admin_sockets(self) -> list[str]:
+        """Where the servers take control requests: what a replica needs to retire them."""
+        return [str(s.admin) for s in self.servers]
 
 
 @dataclass(frozen=True)
@@ -67,6 +111,7 @@ class LocalServing:
         self, storage_root: Path, *, host: str = "127.0.0.1", options: ServerOptions | None = None
     ) -> None:
         self.root = storage_root
+        self.admin_folder = storage_root.absolute() / "serving" / ADMIN_FOLDER
         self.host = host
         self.options = options or ServerOptions()
         self._reservations: dict[str, socket.socket] = {}
@@ -104,10 +149,13 @@ class LocalServing:
         self._handles.append(handle)
         folder = self.root / "serving" / model / version
         await asyncio.to_thread(folder.mkdir, parents=True, exist_ok=True)
+        await asyncio.to_thread(self._private_admin_folder)
         options = self.options
         start = uuid.uuid4().hex[:8]  # a version may start again (rollback): fresh logs
         for index in range(replicas):
             log_path = folder / f"server-{start}-{index}.log"
+            # Short and unique across replicas and restarts: the path must fit a socket address.
+            admin = self.admin_folder / f"{uuid.uuid4().hex[:12]}.sock"
             with log_path.open("ab") as output:
                 process = await asyncio.create_subprocess_exec(
                     sys.executable, "-m", SERVER_MODULE,
@@ -117,13 +165,14 @@ class LocalServing:
                     "--max-delay-ms", str(options.max_delay_ms),
                     "--max-queue", str(options.max_queue),
                     "--drain-s", str(options.drain_s),
+                    "--admin-socket", str(admin),
                     stdin=asyncio.subprocess.DEVNULL,
                     stdout=output,
                     stderr=asyncio.subprocess.STDOUT,
                     env={**os.environ, "OMP_NUM_THREADS": "1", **parent_env()},
                     start_new_session=True,
                 )  # fmt: skip
-            handle.servers.append(ServerProcess(process, log_path))
+            handle.servers.append(ServerProcess(process, log_path, admin))
         try:
             async with asyncio.timeout(timeout_s):
                 await asyncio.gather(*(self._ready(server) for server in handle.servers))
@@ -132,6 +181,11 @@ class LocalServing:
             reason = str(exc) if isinstance(exc, StartFailed) else f"not ready within {timeout_s}s"
             raise StartFailed(reason) from exc
         return handle
+
+    def _private_admin_folder(self) -> None:
+        self.admin_folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+        # mkdir's mode is masked and ignored for a folder that exists: set it outright.
+        self.admin_folder.chmod(0o700)
 
     async def _ready(self, server: ServerProcess) -> None:
         while True:
@@ -147,27 +201,40 @@ class LocalServing:
 
     async def promote(self, handle: VersionHandle) -> str:
         """Join the stable port; returns the model's endpoint."""
-        port = self.stable_port(handle.model)
-        async with aiohttp.ClientSession() as http:
-            for url in handle.private_urls:
-                params = {"port": str(port), "host": self.host}
-                async with http.post(f"{url}/admin/serve-on", params=params) as response:
-                    response.raise_for_status()
+        params = {"port": str(self.stable_port(handle.model)), "host": self.host}
+        for server in handle.servers:
+            await self._admin(server.admin, "serve-on", params)
         return self.endpoint(handle.model)
 
     async def retire(self, handle: VersionHandle) -> None:
         """Stop taking connections, drain, exit (in the background; bounded by drain_s)."""
-        await self.retire_servers(handle.private_urls)
+        await self.retire_servers(handle.admin_sockets)
         asyncio.get_running_loop().create_task(self._reap(handle), name=f"reap:{handle.version}")
 
-    async def retire_servers(self, urls: list[str]) -> None:
-        """Ask servers (this replica's or another's) to drain and exit; gone ones are skipped."""
-        timeout = aiohttp.ClientTimeout(total=5)
-        async with aiohttp.ClientSession(timeout=timeout) as http:
-            for url in urls:
-                with contextlib.suppress(aiohttp.ClientError, TimeoutError):
-                    async with http.post(f"{url}/admin/retire") as response:
-                        await response.read()
+    async def retire_servers(self, admin_sockets: list[str]) -> None:
+        """Ask servers (this replica's or another's) to drain and exit, through their admin
+        sockets; gone ones are skipped."""
+        for entry in admin_sockets:
+            path = Path(entry)
+            if path.parent != self.admin_folder:
+                # Only sockets this backend hands out: not whatever path a record names (a
+                # record from before admin sockets holds the servers' private URLs).
+                log.warning("model_server.not_retired", server=entry, folder=self.admin_folder)
+                continue
+            try:
+                await self._admin(path, "retire")
+            except (aiohttp.ClientError, OSError) as exc:  # OSError: timeouts too
+                # Most often the server is gone already (no socket, or nobody listening).
+                log.info("model_server.not_retired", server=entry, reason=repr(exc))
+
+    async def _admin(self, path: Path, action: str, params: dict[str, str] | None = None) -> None:
+        with socket_address(path) as address:
+            connector = aiohttp.UnixConnector(path=address)
+            async with (
+                aiohttp.ClientSession(connector=connector, timeout=ADMIN_TIMEOUT) as http,
+                http.post(f"{ADMIN_BASE}/{action}", params=params) as response,
+            ):
+                response.raise_for_status()
 
     async def _reap(self, handle: VersionHandle) -> None:
         try:
@@ -191,6 +258,8 @@ class LocalServing:
                 with contextlib.suppress(ProcessLookupError):
                     os.killpg(server.process.pid, signal.SIGKILL)
             await asyncio.gather(*(s.process.wait() for s in handle.servers))
+        for server in handle.servers:
+            server.admin.unlink(missing_ok=True)  # a killed server leaves its socket file
         with contextlib.suppress(ValueError):
             self._handles.remove(handle)
 

@@ -1,10 +1,15 @@
-"""The model server: Open Inference Protocol v2, a stock client, batching, overload, bad input."""
+"""The model server: Open Inference Protocol v2, a stock client, batching, overload, bad input,
+and rollout control on its admin socket only."""
 
 from __future__ import annotations
 
 import asyncio
 import json
+import os
 import re
+import shutil
+import socket
+import stat
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -15,6 +20,12 @@ import torch
 import tritonclient.http as triton
 
 from tests.integration.models import ModelServer, train_digits
+from torchrelay.shared.cluster.local_serving import (
+    SUN_PATH_MAX,
+    LocalServing,
+    ServerOptions,
+    socket_address,
+)
 
 pytestmark = [
     pytest.mark.slow,
@@ -182,3 +193,93 @@ def test_a_model_that_fails_to_load_exits_with_the_reason(tmp_path: Path) -> Non
     assert server.process.wait(60) == 3
     server.stop()
     assert "cannot load the model" in (tmp_path / "broken.log").read_text()
+
+
+async def admin_post(admin: Path, action: str, **params: str) -> int:
+    """POST a control request over the server's admin socket; returns the HTTP status."""
+    with socket_address(admin) as address:
+        connector = aiohttp.UnixConnector(path=address)
+        async with (
+            aiohttp.ClientSession(connector=connector) as http,
+            http.post(f"http://model-server/admin/{action}", params=params) as response,
+        ):
+            await response.read()
+            return response.status
+
+
+async def test_control_is_on_the_admin_socket_and_never_on_a_tcp_port(
+    model_dir: Path, tmp_path: Path
+) -> None:
+    folder = tmp_path / "admin"
+    folder.mkdir(mode=0o700)
+    admin = folder / "server.sock"
+    server = ModelServer(
+        model_dir, tmp_path / "admin.log", "--admin-socket", str(admin), "--drain-s", "1"
+    )
+    # The model's stable port, reserved the way the serve service does: bound, never listening.
+    stable = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    stable.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    stable.bind(("127.0.0.1", 0))
+    port = str(stable.getsockname()[1])
+    try:
+        await asyncio.to_thread(server.wait_ready)
+        mode = admin.stat().st_mode
+        assert stat.S_ISSOCK(mode)
+        assert stat.S_IMODE(mode) == 0o600, f"the admin socket has mode {oct(mode)}"
+        private = f"http://127.0.0.1:{server.port}"
+        shared = f"http://127.0.0.1:{port}"
+        async with aiohttp.ClientSession() as http:
+            async with http.post(f"{private}/admin/serve-on", params={"port": port}) as r:
+                assert r.status == 404
+            with pytest.raises(aiohttp.ClientConnectorError):  # nobody joined the stable port
+                async with http.get(f"{shared}/v2/health/ready"):
+                    pass
+            assert await admin_post(admin, "serve-on", port=port) == 200
+            for base in (private, shared):
+                for action in ("serve-on", "retire"):
+                    async with http.post(f"{base}/admin/{action}", params={"port": port}) as r:
+                        assert r.status == 404, f"{base}/admin/{action} answered {r.status}"
+                async with http.post(f"{base}/v2/models/digits/infer", json=body(digits(1))) as r:
+                    assert r.status == 200
+        assert server.process.poll() is None, "control requests on TCP ports changed nothing"
+        assert await admin_post(admin, "serve-on") == 400
+        assert await admin_post(admin, "retire") == 200
+        assert await asyncio.to_thread(server.process.wait, 30) == 0
+        assert not admin.exists(), "a server that exits removes its admin socket"
+    finally:
+        stable.close()
+        server.stop()
+
+
+async def test_another_replica_retires_the_servers_through_their_admin_sockets(
+    model_dir: Path, tmp_path: Path
+) -> None:
+    # A storage root deep enough that its sockets' paths cannot be socket addresses as they are.
+    root = tmp_path / ("deep-" * 12) / "storage"
+    await asyncio.to_thread(shutil.copytree, model_dir, root / "models" / "digits" / "served")
+    owner = LocalServing(root, options=ServerOptions(drain_s=1))
+    other = LocalServing(root)  # another serve replica on this machine
+    try:
+        handle = await owner.start("digits", "served", 2, 60)
+        endpoint = await owner.promote(handle)
+        admins = [Path(path) for path in handle.admin_sockets]
+        assert all(len(os.fsencode(path)) > SUN_PATH_MAX for path in admins)
+        assert {stat.S_IMODE(path.stat().st_mode) for path in admins} == {0o600}
+        assert stat.S_IMODE(owner.admin_folder.stat().st_mode) == 0o700
+        async with aiohttp.ClientSession() as http:
+            for base in (endpoint.removesuffix("/v2/models/digits"), *handle.private_urls):
+                async with http.post(f"{base}/admin/retire") as r:
+                    assert r.status == 404
+            async with http.post(f"{endpoint}/infer", json=body(digits(1))) as r:
+                assert r.status == 200
+        assert all(server.process.returncode is None for server in handle.servers)
+
+        # A record from before admin sockets names private URLs: those are skipped.
+        await other.retire_servers([*handle.admin_sockets, *handle.private_urls])
+        async with asyncio.timeout(30):
+            codes = await asyncio.gather(*(s.process.wait() for s in handle.servers))
+        assert codes == [0, 0]
+        assert not any(path.exists() for path in admins)
+    finally:
+        await owner.aclose()
+        await other.aclose()

@@ -6,6 +6,7 @@ import asyncio
 import collections
 import json
 import shutil
+import stat
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
@@ -73,6 +74,7 @@ def serve(nats_url: str, storage: Path, tmp_path: Path) -> Iterator[ServiceProce
     yield process
     process.stop()
     assert model_servers(storage) == [], "stopping serve stops its model servers"
+    assert admin_sockets(storage) == set(), "and no admin socket is left behind"
 
 
 def model_servers(storage: Path) -> list[int]:
@@ -89,9 +91,15 @@ def model_servers(storage: Path) -> list[int]:
     return found
 
 
-def deploy(version: str) -> ModelDeployRequested:
+def admin_sockets(storage: Path) -> set[Path]:
+    """The model servers' admin sockets (control only: serve-on, retire)."""
+    return set((storage / "serving" / "_admin").glob("*.sock"))
+
+
+def deploy(version: str, replicas: int = 1) -> ModelDeployRequested:
     return ModelDeployRequested(
-        source="/tests", data=ModelDeployRequestedData(model_name="digits", version=version)
+        source="/tests",
+        data=ModelDeployRequestedData(model_name="digits", version=version, replicas=replicas),
     )
 
 
@@ -215,3 +223,29 @@ async def test_the_service_port_routes_to_every_deployed_model(
 
 async def _is_version(endpoint: str, version: str) -> bool:
     return all([await served_version(endpoint) == version for _ in range(10)])
+
+
+async def test_control_goes_through_admin_sockets_and_never_through_the_endpoint(
+    bus: tuple[JetStreamBus, Watcher], serve: ServiceProcess, storage: Path
+) -> None:
+    publisher, watcher = bus
+    await serve.wait_ready()
+    await publisher.publish(deploy("first", replicas=2))
+    endpoint = await deployed(watcher, "first")
+    first = admin_sockets(storage)
+    assert len(first) == 2, "one admin socket per server process"
+    assert {stat.S_IMODE(path.stat().st_mode) for path in first} == {0o600}
+    async with aiohttp.ClientSession() as http:
+        for action in ("retire", "serve-on"):
+            url = f"{endpoint.removesuffix('/v2/models/digits')}/admin/{action}"
+            async with http.post(url, params={"port": "1"}) as response:
+                assert response.status == 404, f"{url} answered {response.status}"
+    for _ in range(10):
+        assert await served_version(endpoint) == "first"
+
+    await publisher.publish(deploy("second", replicas=2))
+    await deployed(watcher, "second")
+    # The first version's servers were retired over their sockets: they drained and left.
+    await assert_eventually(lambda: not admin_sockets(storage) & first, timeout_s=15)
+    assert len(admin_sockets(storage)) == 2
+    assert await served_version(endpoint) == "second"

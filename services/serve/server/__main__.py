@@ -2,6 +2,11 @@
 
 Several processes may share one port (``--reuse-port``): the kernel spreads connections
 across them, so one model uses more than one core for HTTP and JSON.
+
+Rollout control (join a shared port, retire) listens only on ``--admin-socket``, a unix socket
+of mode 0600: the TCP ports serve inference, health and metrics, and nothing that can reach
+them can take a version off the air. Without ``--admin-socket`` (a Kubernetes pod, where the
+Deployment does the rolling) there is no control at all; SIGTERM still drains and exits.
 """
 
 from __future__ import annotations
@@ -11,10 +16,10 @@ import asyncio
 import contextlib
 import json
 import signal
+import socket
 import sys
 from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Any
 
 import torch
 from aiohttp import web
@@ -22,10 +27,12 @@ from prometheus_client import CollectorRegistry
 
 from torchrelay.services.serve.server.app import ServerMetrics, build_app
 from torchrelay.services.serve.server.batching import DynamicBatcher
-from torchrelay.services.serve.server.model import ModelLoadError, load_model
+from torchrelay.services.serve.server.model import LoadedModel, ModelLoadError, load_model
 from torchrelay.shared.cluster.lifeline import die_with_parent
+from torchrelay.shared.cluster.local_serving import socket_address
 
 EXIT_LOAD_FAILED = 3
+EXIT_ADMIN_FAILED = 4
 
 
 def parse(argv: list[str] | None) -> argparse.Namespace:
@@ -40,6 +47,12 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--max-body-bytes", type=int, default=8 << 20)
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
     parser.add_argument("--drain-s", type=float, default=10.0, help="longest wait for clients")
+    parser.add_argument(
+        "--admin-socket",
+        type=Path,
+        default=None,
+        help="unix socket (created with mode 0600) for rollout control: serve-on, retire",
+    )
     return parser.parse_args(argv)
 
 
@@ -50,6 +63,24 @@ async def serve(args: argparse.Namespace) -> int:
     except ModelLoadError as exc:
         print(json.dumps({"event": "model.load_failed", "error": str(exc)}), flush=True)  # noqa: T201
         return EXIT_LOAD_FAILED
+    admin: socket.socket | None = None
+    if args.admin_socket is not None:
+        try:
+            admin = admin_socket(args.admin_socket)
+        except OSError as exc:
+            failed = {"event": "model.admin_failed", "socket": str(args.admin_socket)}
+            print(json.dumps({**failed, "error": str(exc)}), flush=True)  # noqa: T201
+            return EXIT_ADMIN_FAILED
+    try:
+        await _serve(args, model, admin)
+    finally:
+        if admin is not None:
+            admin.close()  # already closed once it served; not when the start failed
+            args.admin_socket.unlink(missing_ok=True)
+    return 0
+
+
+async def _serve(args: argparse.Namespace, model: LoadedModel, admin: socket.socket | None) -> None:
     registry = CollectorRegistry()
     metrics = ServerMetrics(registry, model.name)
     batcher = DynamicBatcher(
@@ -60,48 +91,84 @@ async def serve(args: argparse.Namespace) -> int:
         on_batch=metrics.batch_size.observe,
     )
     app = build_app(model, batcher, metrics, registry, max_body_bytes=args.max_body_bytes)
-    control = Control(app)
     runner = web.AppRunner(app, handle_signals=False, access_log=None)
+    control = Control(app, runner)
     await runner.setup()
-    control.runner = runner
     site = web.TCPSite(runner, args.host, args.port, reuse_port=args.reuse_port)
     await site.start()
     port = runner.addresses[0][1]
-    control.private_port = port
+    control_runner: web.AppRunner | None = None
+    if admin is not None:
+        # A short shutdown: a control request is answered at once, nothing waits on it.
+        control_runner = web.AppRunner(
+            control.admin_app(), handle_signals=False, access_log=None, shutdown_timeout=1.0
+        )
+        await control_runner.setup()
+        await web.SockSite(control_runner, admin).start()
     loop_task = asyncio.create_task(batcher.run(), name="batcher")
     stop = control.stop
     for signum in (signal.SIGTERM, signal.SIGINT):
         asyncio.get_running_loop().add_signal_handler(signum, stop.set)
-    ready = {"event": "model.ready", "model": model.name, "version": model.version, "port": port}
+    ready = {
+        "event": "model.ready",
+        "model": model.name,
+        "version": model.version,
+        "port": port,
+        "admin": None if args.admin_socket is None else str(args.admin_socket),
+    }
     print(json.dumps(ready), flush=True)  # noqa: T201 - the launcher reads this line
     await stop.wait()
-    # Stop accepting, answer what is in flight (with Connection: close), wait for clients to
-    # leave, then stop the batcher.
+    # No more control, stop accepting, answer what is in flight (with Connection: close), wait
+    # for clients to leave, then stop the batcher.
+    if control_runner is not None:
+        await control_runner.cleanup()
     await control.drain(site, args.drain_s)
     await runner.cleanup()
     loop_task.cancel()
     with contextlib.suppress(asyncio.CancelledError):
         await loop_task
-    return 0
+
+
+def admin_socket(path: Path) -> socket.socket:
+    """The control channel's socket: bound at ``path`` and made 0600 before it listens, so only
+    this user (the serve replicas on this machine) can ever connect."""
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        with socket_address(path) as address:
+            sock.bind(address)  # fails if the path exists: never take over another's socket
+    except OSError:
+        sock.close()
+        raise
+    try:
+        path.chmod(0o600)
+    except OSError:
+        sock.close()
+        path.unlink(missing_ok=True)
+        raise
+    return sock
 
 
 class Control:
-    """Rollout control, on the private port only: join a shared (stable) port, and retire.
+    """Rollout control, served only by :meth:`admin_app` on the admin socket: join a shared
+    (stable) port, and retire. The inference app (every TCP port) has no control routes.
 
     Retiring stops listening everywhere, answers every later request on an open connection
     with ``Connection: close`` (so clients move to the new servers without a failed request),
     and exits once no connection is left or the drain time is up.
     """
 
-    def __init__(self, app: web.Application) -> None:
+    def __init__(self, app: web.Application, runner: web.AppRunner) -> None:
         self.stop = asyncio.Event()
         self.draining = False
-        self.private_port = 0
-        self.runner: web.AppRunner | None = None
+        self.runner = runner
         self.shared: list[web.TCPSite] = []
         app.middlewares.append(self._close_when_draining)
-        app.router.add_post("/admin/serve-on", self._serve_on)
-        app.router.add_post("/admin/retire", self._retire)
+
+    def admin_app(self) -> web.Application:
+        admin = web.Application()
+        admin.router.add_post("/admin/serve-on", self._serve_on)
+        admin.router.add_post("/admin/retire", self._retire)
+        return admin
 
     @web.middleware
     async def _close_when_draining(
@@ -112,14 +179,14 @@ class Control:
             response.force_close()
         return response
 
-    def _private(self, request: web.Request) -> bool:
-        sockname: Any = request.transport.get_extra_info("sockname") if request.transport else None
-        return sockname is not None and sockname[1] == self.private_port
-
     async def _serve_on(self, request: web.Request) -> web.Response:
-        if not self._private(request) or self.runner is None:
-            return web.json_response({"error": "not found"}, status=404)
-        port = int(request.query["port"])
+        if self.stop.is_set():
+            return web.json_response({"error": "retiring: joins no port"}, status=409)
+        try:
+            port = int(request.query["port"])
+        except (KeyError, ValueError):
+            problem = f"serve-on needs ?port=<number>, got {request.query_string!r}"
+            return web.json_response({"error": problem}, status=400)
         site = web.TCPSite(
             self.runner, request.query.get("host", "127.0.0.1"), port, reuse_port=True
         )
@@ -127,9 +194,7 @@ class Control:
         self.shared.append(site)
         return web.json_response({"serving_on": port})
 
-    async def _retire(self, request: web.Request) -> web.Response:
-        if not self._private(request):
-            return web.json_response({"error": "not found"}, status=404)
+    async def _retire(self, _: web.Request) -> web.Response:
         self.stop.set()
         return web.json_response({"retiring": True})
 
@@ -139,14 +204,13 @@ class Control:
         for site in [*self.shared, private]:
             await site.stop()  # closes the listening socket; open connections stay
         self.draining = True
-        server = self.runner.server if self.runner is not None else None
+        server = self.runner.server
         deadline = asyncio.get_running_loop().time() + drain_s
         while server is not None and server.connections:
             if asyncio.get_running_loop().time() >= deadline:
                 break
             await asyncio.sleep(0.05)
-        if self.runner is not None:
-            await self.runner.shutdown()
+        await self.runner.shutdown()
 
 
 def main(argv: list[str] | None = None) -> int:
