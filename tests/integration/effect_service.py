@@ -15,6 +15,7 @@ from contextlib import asynccontextmanager
 
 from pydantic import BaseModel
 
+from torchrelay.shared.bus.jetstream import JetStreamBus
 from torchrelay.shared.bus.port import Subscription
 from torchrelay.shared.errors import AlreadyExists
 from torchrelay.shared.events import AnyEvent, DatasetStaged
@@ -37,11 +38,11 @@ class Attempts(BaseModel):
 async def build(platform: Platform[ServiceSettings]) -> AsyncIterator[Service]:
     js = platform.bus.nc.jetstream()
     effects = Store(await open_bucket(js, EFFECTS_BUCKET), Effect, EFFECTS_BUCKET)
-    attempts = Store(await open_bucket(js, ATTEMPTS_BUCKET), Attempts, ATTEMPTS_BUCKET)
+    counts = Store(await open_bucket(js, ATTEMPTS_BUCKET), Attempts, ATTEMPTS_BUCKET)
     hold_s = float(os.environ.get("EFFECT_HOLD_S", "0"))
 
     async def handle(event: AnyEvent) -> None:
-        await attempts.mutate(
+        await counts.mutate(
             event.id, lambda a: Attempts(count=(a.count if a else 0) + 1), attempts=100
         )
         # AlreadyExists: an earlier delivery did it, and the effect happens once.
@@ -62,6 +63,13 @@ async def build(platform: Platform[ServiceSettings]) -> AsyncIterator[Service]:
             )
         ],
     )
+
+
+async def attempts(bus: JetStreamBus, event_id: str) -> int:
+    """How many times the effect service's handler started on this event (read by tests)."""
+    store = Store(await open_bucket(bus.nc.jetstream(), ATTEMPTS_BUCKET), Attempts, ATTEMPTS_BUCKET)
+    found = await store.get(event_id)
+    return found.value.count if found is not None else 0
 
 
 if __name__ == "__main__":

@@ -19,7 +19,7 @@ import nats.js.errors
 import pytest
 
 from tests.factories import staged
-from tests.integration.effect_service import ATTEMPTS_BUCKET, Attempts
+from tests.integration.effect_service import attempts
 from tests.integration.processes import ServiceProcess
 from torchrelay.shared.bus.deadletters import ReplayRefused, dead_letter_id
 from torchrelay.shared.bus.jetstream import JetStreamBus, StreamSettings
@@ -72,15 +72,6 @@ def start(
 def effects(processes: list[ServiceProcess], url: str, log: Path, hold_s: float) -> ServiceProcess:
     argv = ["-m", "tests.integration.effect_service"]
     return start(processes, argv, url, log, EFFECT_HOLD_S=str(hold_s), **EFFECTS)
-
-
-async def attempts(bus: JetStreamBus, event_id: str) -> int:
-    kv = await bus.nc.jetstream().key_value(ATTEMPTS_BUCKET)
-    try:
-        entry = await kv.get(event_id)
-    except nats.js.errors.KeyNotFoundError:
-        return 0
-    return Attempts.model_validate_json(entry.value or b"").count
 
 
 async def letters(bus: JetStreamBus) -> list[DeadLettered]:

@@ -13,7 +13,7 @@ import pytest
 
 from tests.factories import ingest_requested, staged
 from tests.integration.conftest import FAST_STREAM
-from tests.integration.effect_service import ATTEMPTS_BUCKET, EFFECTS_BUCKET, Attempts
+from tests.integration.effect_service import EFFECTS_BUCKET, attempts
 from tests.integration.processes import ServiceProcess
 from torchrelay.shared.bus.jetstream import JetStreamBus
 from torchrelay.shared.bus.server import NatsServer
@@ -54,16 +54,6 @@ def start(
     )
     processes.append(process)
     return process
-
-
-async def attempts(bus: JetStreamBus, event_id: str) -> int:
-    """How many times the effect service's handler started on this event."""
-    kv = await bus.nc.jetstream().key_value(ATTEMPTS_BUCKET)
-    try:
-        entry = await kv.get(event_id)
-    except nats.js.errors.KeyNotFoundError:
-        return 0
-    return Attempts.model_validate_json(entry.value or b"").count
 
 
 async def kv_keys(bus: JetStreamBus, bucket: str) -> list[str]:
