@@ -111,7 +111,9 @@ def permissions(user: str, *, stream: str = "TORCHRELAY") -> Permissions | None:
                 f"$JS.API.STREAM.INFO.{stream}",
                 f"$JS.API.STREAM.MSG.GET.{stream}",
             ),
-            subscribe_allow=(inbox, "torchrelay.>"),
+            # _INBOX.>: an outside client's default reply prefix (for its publish acks); no
+            # torchrelay principal uses it, so nothing of theirs can be read there.
+            subscribe_allow=(inbox, "_INBOX.>", "torchrelay.>"),
         )
     if user == ADMIN:
         return None

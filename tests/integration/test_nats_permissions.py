@@ -11,6 +11,7 @@ import secrets
 import socket
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
+from typing import Protocol
 
 import nats
 import nats.errors
@@ -68,14 +69,15 @@ class Session:
         return any("permissions violation" in error.lower() for error in self.errors)
 
 
-Login = Callable[[str], Awaitable[Session]]
+class Login(Protocol):
+    def __call__(self, user: str, *, own_inbox: bool = True) -> Awaitable[Session]: ...
 
 
 @pytest.fixture
 async def login(secured: NatsServer) -> AsyncIterator[Login]:
     opened: list[Session] = []
 
-    async def as_user(user: str) -> Session:
+    async def as_user(user: str, *, own_inbox: bool = True) -> Session:
         errors: list[str] = []
 
         async def on_error(error: Exception) -> None:
@@ -85,7 +87,7 @@ async def login(secured: NatsServer) -> AsyncIterator[Login]:
             url=secured.url,
             user=user,
             password=SecretStr(PASSWORDS[user]),
-            inbox_prefix=principals.inbox_prefix(user),
+            inbox_prefix=principals.inbox_prefix(user) if own_inbox else None,
             startup_wait_s=5,
         )
         session = Session(await connect(settings, error_cb=on_error), errors)
@@ -162,7 +164,9 @@ def _progress() -> TrainProgressed:
 
 
 async def test_a_publisher_may_submit_a_pipeline(login: Login) -> None:
-    publisher, admin = await login(principals.PUBLISHER), await login(principals.ADMIN)
+    """As any NATS client would: the default reply inbox gets the publish acknowledgement."""
+    publisher = await login(principals.PUBLISHER, own_inbox=False)
+    admin = await login(principals.ADMIN)
     spec = PipelineSpec.model_validate(DEMO)
     event = PipelineSubmitted(source="/another/system", data=PipelineSubmittedData(spec=spec))
     assert await publisher.bus.publish(event)
