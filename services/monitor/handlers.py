@@ -23,7 +23,7 @@ from torchrelay.services.monitor.domain import (
 )
 from torchrelay.services.monitor.settings import MonitorOptions
 from torchrelay.shared.bus.port import Publish
-from torchrelay.shared.errors import StaleRevision
+from torchrelay.shared.errors import AlreadyExists, StaleRevision
 from torchrelay.shared.events import (
     EVENT_TYPES,
     AnyEvent,
@@ -48,6 +48,7 @@ from torchrelay.shared.events.data import (
     TrainFailedData,
     TrainRestartRequestedData,
 )
+from torchrelay.shared.pipelines import PipelineRecord, Submission, judge_submission, pipeline_key
 from torchrelay.shared.state import Leases, State, Store, key_part
 
 log = structlog.get_logger("torchrelay.monitor")
@@ -164,6 +165,7 @@ class Monitor:
         self.metrics = metrics
         self.watches: Store[RunWatch] = state.store("monitor", RunWatch)
         self.stamps: Store[Stamp] = state.store("monitor", Stamp)
+        self.pipelines: Store[PipelineRecord] = state.store("pipelines", PipelineRecord)
         self._leases: Leases = state.leases
         self._publish = publish
         self._options = options
@@ -212,8 +214,16 @@ class Monitor:
     async def _pipeline(self, event: AnyEvent, pipeline_id: str) -> None:
         key = f"pipeline.{key_part(pipeline_id)}"
         if isinstance(event, PipelineSubmitted):
+            # Only the submission that owns the pipeline starts its clock: a repeat (a no-op)
+            # or a conflicting spec (refused) would restart it, or leave a clock behind that
+            # no end ever stops.
+            record = await self.pipelines.get(pipeline_key(pipeline_id))
+            verdict = judge_submission(record.value if record else None, event.id, event.data.spec)
+            if verdict not in {Submission.NEW, Submission.REDELIVERY}:
+                return
             last = "deploy" if event.data.spec.deploy.enabled else "train"
-            await self.stamps.put(key, Stamp(at=event.time, last_stage=last))
+            with contextlib.suppress(AlreadyExists):  # a redelivery: the clock runs already
+                await self.stamps.create(key, Stamp(at=event.time, last_stage=last))
             return
         stamp = await self.stamps.get(key)
         if stamp is None:

@@ -1,0 +1,87 @@
+"""The monitor times a pipeline from the submission that owns its id: a repeated submission (a
+no-op) or a conflicting one (refused) starts no clock, over real JetStream KV."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import AsyncIterator
+
+import nats
+import pytest
+from prometheus_client import CollectorRegistry
+
+from torchrelay.client import DEMO
+from torchrelay.services.monitor.handlers import EventMetrics, Monitor, Stamp
+from torchrelay.services.monitor.settings import MonitorOptions
+from torchrelay.shared.events import AnyEvent, PipelineSubmitted
+from torchrelay.shared.events.data import PipelineSpec, PipelineSubmittedData
+from torchrelay.shared.pipelines import PipelineRecord, pipeline_key
+from torchrelay.shared.state import State
+
+pytestmark = pytest.mark.timeout(60)
+SPEC = PipelineSpec.model_validate(DEMO)
+
+
+async def _ignore(_: AnyEvent) -> bool:
+    return True
+
+
+@pytest.fixture
+async def state(nats_url: str) -> AsyncIterator[State]:
+    nc = await nats.connect(nats_url)
+    yield await State.open(nc.jetstream())
+    await nc.close()
+
+
+def _monitor(state: State) -> Monitor:
+    return Monitor(
+        metrics=EventMetrics(CollectorRegistry()),
+        state=state,
+        publish=_ignore,
+        options=MonitorOptions(),
+        source="/tests",
+        instance="tests",
+    )
+
+
+def _submitted(pipeline_id: str, spec: PipelineSpec = SPEC) -> PipelineSubmitted:
+    return PipelineSubmitted(
+        source="/elsewhere", pipelineid=pipeline_id, data=PipelineSubmittedData(spec=spec)
+    )
+
+
+async def _owned_by(state: State, event: PipelineSubmitted) -> None:
+    """What ingest stores for the submission that created the pipeline."""
+    record = PipelineRecord(
+        pipeline_id=str(event.pipelineid),
+        spec=event.data.spec,
+        submitted=event.time,
+        submitted_event_id=event.id,
+    )
+    await state.store("pipelines", PipelineRecord).create(pipeline_key(record.pipeline_id), record)
+
+
+async def test_the_owning_submission_starts_the_clock_once(state: State) -> None:
+    monitor, clocks = _monitor(state), state.store("monitor", Stamp)
+    pipeline_id = f"p-{uuid.uuid4().hex[:8]}"
+    first = _submitted(pipeline_id)
+    await monitor.on_event(first)  # before ingest stored the record
+    await _owned_by(state, first)
+    started = await clocks.get(f"pipeline.{pipeline_id}")
+    assert started is not None
+    await monitor.on_event(first)  # a redelivery
+    again = await clocks.get(f"pipeline.{pipeline_id}")
+    assert again is not None
+    assert again.revision == started.revision, "a redelivery does not restart the clock"
+
+
+@pytest.mark.parametrize("conflicting", [False, True])
+async def test_a_repeated_or_refused_submission_starts_no_clock(
+    state: State, conflicting: bool
+) -> None:
+    monitor, clocks = _monitor(state), state.store("monitor", Stamp)
+    pipeline_id = f"p-{uuid.uuid4().hex[:8]}"
+    await _owned_by(state, _submitted(pipeline_id))  # the pipeline ran and ended: no clock
+    spec = SPEC.model_copy(update={"name": "other"}) if conflicting else SPEC
+    await monitor.on_event(_submitted(pipeline_id, spec))
+    assert await clocks.get(f"pipeline.{pipeline_id}") is None
