@@ -238,7 +238,9 @@ def monitors(nats_url: str, tmp_path: Path) -> Iterator[list[ServiceProcess]]:
             ["-m", "torchrelay", "service", "monitor", "--nats-url", nats_url, "--http-port", "0"],
             tmp_path / f"monitor-{index}.log",
             env={
-                "TORCHRELAY_MONITOR_STALL_AFTER_S": "4",
+                # Above a worker's start-up here (torch import, data, the first DDP step: ~6 s
+                # on two busy cores), or every attempt is cancelled before its first step.
+                "TORCHRELAY_MONITOR_STALL_AFTER_S": "15",
                 "TORCHRELAY_MONITOR_STALL_CHECK_S": "0.5",
                 "TORCHRELAY_MONITOR_BACKOFF_BASE_S": "0.2",
                 "TORCHRELAY_SHUTDOWN_GRACE_S": "5",
