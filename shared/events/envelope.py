@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import re
 import uuid
+from collections.abc import Collection
 from datetime import UTC, datetime
 from typing import Annotated, Any, ClassVar, Generic, Literal, TypeVar, Union, get_args
 
@@ -218,17 +219,19 @@ def decode(payload: bytes, *, subject: str | None = None) -> AnyEvent:
     Raises :class:`InvalidEvent` with a reason a human can act on: not JSON, not an object,
     an unknown type, a type that does not belong on ``subject``, or the fields that failed.
     """
-    try:
-        # RFC 8259 first: the validator below would take NaN and Infinity literals.
-        parsed = pydantic_core.from_json(payload, allow_inf_nan=False)
-    except ValueError as exc:
-        raise InvalidEvent(f"payload is not JSON (RFC 8259): {exc}") from exc
-    problems = _attribute_problems(parsed)
+    if b"NaN" in payload or b"Infinity" in payload:
+        # RFC 8259 has no NaN or Infinity, but the validator below takes them: parse strictly
+        # (only then: a second parse of every event would cost the hot path).
+        try:
+            pydantic_core.from_json(payload, allow_inf_nan=False)
+        except ValueError as exc:
+            raise InvalidEvent(f"payload is not JSON (RFC 8259): {exc}") from exc
     try:
         # Strict: no coercion the schema does not allow (a number for a time, "1" for 1).
         event: AnyEvent = _adapter().validate_json(payload, strict=True)
     except ValidationError as exc:
-        raise InvalidEvent(_describe(exc, problems)) from exc
+        raise InvalidEvent(_describe(exc, _attribute_problems(_loaded(payload)))) from exc
+    problems = _attribute_problems(event)
     if problems:
         raise InvalidEvent(f"{event.type} failed validation: {'; '.join(problems)}")
     if subject is not None and subject != event.nats_subject:
@@ -238,23 +241,35 @@ def decode(payload: bytes, *, subject: str | None = None) -> AnyEvent:
     return event
 
 
-def _attribute_problems(wire: Any) -> list[str]:
+def _loaded(payload: bytes) -> Any:
+    try:
+        return pydantic_core.from_json(payload)
+    except ValueError:
+        return None
+
+
+def _attribute_problems(wire: AnyEvent | Any) -> list[str]:
     """What the models' defaults would hide: no defaults for REQUIRED attributes on the way
-    in (a made-up id would defeat deduplication), and no ``null`` attributes. A missing or
-    unknown ``type`` is left to the validator, which says so."""
-    if not isinstance(wire, dict) or wire.get("type") not in EVENT_TYPES:
+    in (a made-up id would defeat deduplication), and no ``null`` attributes. ``wire`` is the
+    decoded event (which knows the attributes it was given) or, when validation failed, the
+    parsed JSON. A missing or unknown ``type`` is left to the validator, which says so."""
+    if isinstance(wire, CloudEvent):
+        given: Collection[str] = wire.model_fields_set
+        nulls = [
+            name for name in OPTIONAL_ATTRIBUTES if name in given and getattr(wire, name) is None
+        ]
+    elif isinstance(wire, dict) and wire.get("type") in EVENT_TYPES:
+        given = wire.keys()
+        nulls = [name for name in OPTIONAL_ATTRIBUTES if name in wire and wire[name] is None]
+    else:
         return []
     return [
         *(
             f"{name}: a CloudEvents REQUIRED attribute is missing"
             for name in REQUIRED_ATTRIBUTES
-            if name not in wire
+            if name not in given
         ),
-        *(
-            f"{name}: null is not allowed, leave an absent attribute out"
-            for name in OPTIONAL_ATTRIBUTES
-            if name in wire and wire[name] is None
-        ),
+        *(f"{name}: null is not allowed, leave an absent attribute out" for name in nulls),
     ]
 
 
