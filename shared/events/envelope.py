@@ -258,7 +258,9 @@ def _attribute_problems(wire: AnyEvent | Any) -> list[str]:
         nulls = [
             name for name in OPTIONAL_ATTRIBUTES if name in given and getattr(wire, name) is None
         ]
-    elif isinstance(wire, dict) and wire.get("type") in EVENT_TYPES:
+    elif (
+        isinstance(wire, dict) and isinstance(wire.get("type"), str) and wire["type"] in EVENT_TYPES
+    ):
         given = wire.keys()
         nulls = [name for name in OPTIONAL_ATTRIBUTES if name in wire and wire[name] is None]
     else:

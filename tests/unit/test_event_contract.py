@@ -246,3 +246,12 @@ def test_events_built_in_code_still_get_their_defaults() -> None:
     wire = json.loads(decode(json.dumps(_progress()).encode()).to_json())
     assert {"specversion", "id", "source", "type", "time"} <= set(wire)
     assert "subject" not in wire
+
+
+@pytest.mark.parametrize("kind", [[1], {"a": 1}, 5, None, True])
+def test_a_type_that_is_not_a_string_is_refused_not_raised(kind: Any) -> None:
+    """Found by the property test: a list as ``type`` once escaped decode as a TypeError."""
+    wire = {**_progress(), "type": kind}
+    del wire["id"]
+    with pytest.raises(InvalidEvent):
+        decode(json.dumps(wire).encode())
