@@ -34,6 +34,12 @@ class JobNotFound(TorchrelayError, LookupError):
     """A backend was asked about a job it does not know."""
 
 
+class NotOwned(JobNotFound):
+    """A backend was asked to act on a job that another replica started and only that one
+    can reach (a local worker is a child of its replica's process): leave the request to the
+    owner, e.g. redeliver the event until the owner picks it up."""
+
+
 class StaleRevision(TorchrelayError):
     """A compare-and-set write lost: the stored revision moved since it was read."""
 

@@ -73,6 +73,19 @@ def refusal(record: PipelineRecord, submitted: PipelineSubmitted) -> PipelineRef
     return PipelineRefused(record.pipeline_id, verdict.value, reason)
 
 
+PIPELINE_ENDS = frozenset({"succeeded", "failed"})
+
+
+def finished(record: PipelineRecord) -> bool:
+    """Whether ``record`` shows how its pipeline ended, so :meth:`Client.wait` may stop.
+
+    Only a terminal status counts: stages only move forward, and a failed training attempt
+    that will be restarted (a crash, or the monitor's cancel of a stalled attempt) marks
+    nothing failed, so a terminal status is the pipeline's last; anything else is followed on.
+    """
+    return record.status in PIPELINE_ENDS
+
+
 class Client:
     def __init__(self, bus: JetStreamBus, state: State) -> None:
         self.bus = bus
@@ -127,7 +140,8 @@ class Client:
     async def wait(
         self, pipeline_id: str, *, timeout_s: float, show: bool = True
     ) -> PipelineRecord:
-        """Follow a pipeline to its end, printing each stage change and training progress.
+        """Follow a pipeline to its end (see :func:`finished`), printing each stage change and
+        training progress.
 
         Raises :class:`PipelineRefused` when this client submitted ``pipeline_id`` and the
         platform refused it (the id holds another spec), rather than following that pipeline.
@@ -153,7 +167,7 @@ class Client:
                             seen[name] = stage.status
                             note = stage.reason or _short(stage.detail)
                             print(f"  {name:7s} {stage.status:9s} {note}", flush=True)  # noqa: T201
-                    if record.status != "running":
+                    if finished(record):
                         return record
                 await asyncio.sleep(0.25)
         finally:

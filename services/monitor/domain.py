@@ -1,7 +1,8 @@
-"""Pure rules of the monitor: keeping metric labels bounded."""
+"""Pure rules of the monitor: keeping metric labels bounded, and when to restart a run."""
 
 from __future__ import annotations
 
+import enum
 from datetime import datetime
 from typing import Literal
 
@@ -83,6 +84,39 @@ def stalled(watch: RunWatch, now: datetime, *, after_s: float) -> bool:
 
 def can_restart(watch: RunWatch) -> bool:
     return watch.attempt < watch.max_restarts
+
+
+class Recovery(enum.StrEnum):
+    """What the monitor does about a ``train.failed``."""
+
+    RESTART = "restart"
+    """Ask for the next attempt (the failure was not final)."""
+    GIVE_UP = "give_up"
+    """The attempt cancelled for stalling has no restart left: end the run and report why."""
+    END = "end"
+    """The failure was final: the run is over, nothing more to ask."""
+    IGNORE = "ignore"
+    """The run ended already: a redelivery, or the monitor's own final report coming back."""
+
+
+def cancelled_for_stall(watch: RunWatch | None, attempt: int) -> bool:
+    """Whether ``attempt`` is the one the monitor cancelled because it stalled."""
+    return watch is not None and watch.state == "stalled" and attempt == watch.attempt
+
+
+def after_failure(watch: RunWatch | None, *, attempt: int, final: bool) -> Recovery:
+    """What a ``train.failed`` of ``attempt`` (``final`` or not) leads to, given the watch.
+
+    A run that ended is ended once: it is given up (and counted) once. A final failure is
+    never restarted, not even a stalled attempt's (its cancel came from a user too).
+    """
+    if watch is None:
+        return Recovery.END
+    if watch.state == "ended":
+        return Recovery.IGNORE
+    if cancelled_for_stall(watch, attempt) and not can_restart(watch):
+        return Recovery.GIVE_UP
+    return Recovery.END if final else Recovery.RESTART
 
 
 def dead_letter_category(reason: str) -> str:

@@ -11,10 +11,13 @@ import structlog
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from torchrelay.services.monitor.domain import (
+    Recovery,
     RunWatch,
     Stamp,
+    after_failure,
     backoff_s,
     can_restart,
+    cancelled_for_stall,
     dead_letter_category,
     pipeline_end,
     source_label,
@@ -320,23 +323,24 @@ class Monitor:
         data: TrainFailedData = event.data
         current = await self.watches.get(_run_key(data.run_id))
         watch = current.value if current else None
-        if watch is not None and watch.state == "stalled" and data.attempt == watch.attempt:
-            # The attempt we cancelled for stalling has stopped: restart it or give up.
-            if can_restart(watch):
-                await self._restart(
-                    watch, "stalled", f"no progress for {self._options.stall_after_s:g}s"
-                )
-            else:
-                silent = f"stalled for {self._options.stall_after_s:g}s"
-                await self._give_up(watch, f"{silent}; its {watch.max_restarts} restarts are used")
+        recovery = after_failure(watch, attempt=data.attempt, final=data.final)
+        if recovery is Recovery.IGNORE:
             return
-        if data.final or watch is None:
+        if recovery is Recovery.END or watch is None:
             if watch is not None:
                 await self._end(watch)
             self.metrics.given_up.inc()
             self.metrics.forget_run(data.run_id)
             return
-        await self._restart(watch, "failed", data.reason)
+        if recovery is Recovery.GIVE_UP:
+            silent = f"stalled for {self._options.stall_after_s:g}s"
+            await self._give_up(watch, f"{silent}; its {watch.max_restarts} restarts are used")
+            return
+        if cancelled_for_stall(watch, data.attempt):
+            silent = f"no progress for {self._options.stall_after_s:g}s"
+            await self._restart(watch, "stalled", silent)
+        else:
+            await self._restart(watch, "failed", data.reason)
 
     async def _restart(self, watch: RunWatch, cause: str, reason: str) -> None:
         attempt = watch.attempt + 1
@@ -381,8 +385,9 @@ class Monitor:
     # --- stalls ------------------------------------------------------------------------------
 
     async def scan_for_stalls(self, stop: asyncio.Event) -> None:
-        """One replica at a time (a lease) looks for silent runs and cancels them; the
-        cancellation's train.failed then leads to a restart (or a final failure)."""
+        """One replica at a time (a lease) looks for silent runs and cancels them (a restart
+        cancel while restarts are left); the cancellation's train.failed then leads to a
+        restart (or, with none left, a final failure)."""
         while not stop.is_set():
             lease = await self._leases.acquire(
                 SCAN_LEASE, self._instance, ttl_s=self._options.stall_check_s * 3
@@ -417,7 +422,11 @@ class Monitor:
                     source=self._source,
                     subject=watch.run_id,
                     pipelineid=watch.pipeline_id,
-                    data=TrainCancelRequestedData(run_id=watch.run_id, reason="stalled"),
+                    # With a restart left the run goes on: the attempt's train.failed is
+                    # not final, and nothing shows the pipeline failed on the way.
+                    data=TrainCancelRequestedData(
+                        run_id=watch.run_id, reason="stalled", restart=can_restart(watch)
+                    ),
                 )
             )
 

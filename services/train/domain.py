@@ -34,6 +34,14 @@ class RunRecord(BaseModel):
     status: RunStatus
     attempt: int
     owner: str
+    handle: str | None = None
+    """The backend's opaque handle of the current attempt (what ``schedule`` returned or
+    ``adopt`` found), used to cancel it; None until the attempt is launched, and in records
+    written before handles were stored."""
+    cancel: Literal["final", "restart"] | None = None
+    """Why the current attempt is being cancelled: a user's cancel (final) or the monitor's
+    cancel of a stalled attempt to restart it. Kept here, not in a replica's memory, because
+    the replica that cancels is not always the one that watches the attempt end."""
     pipeline_id: str | None = None
     reason: str | None = None
     model_version: str | None = None
@@ -71,6 +79,20 @@ def restart_allowed(record: RunRecord, attempt: int) -> str | None:
     if attempt > record.spec.max_restarts:
         return f"run {record.run_id} has used its {record.spec.max_restarts} restarts"
     return None
+
+
+def failure_is_final(
+    *, attempt: int, max_restarts: int, cancelled: bool, restart_cancel: bool
+) -> bool:
+    """Whether an attempt that ended without success ends its run (``train.failed`` final).
+
+    A cancel ends the run, unless it is the monitor's cancel of a stalled attempt in order to
+    restart it (``restart_cancel``): that attempt, like one that failed, is final only when
+    no restart is left.
+    """
+    if cancelled and not restart_cancel:
+        return True
+    return attempt >= max_restarts
 
 
 # --- the entrypoint policy -------------------------------------------------------------------

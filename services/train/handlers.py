@@ -10,6 +10,7 @@ import json
 from collections.abc import Sequence
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Literal
 
 import structlog
 from pydantic import JsonValue
@@ -19,6 +20,7 @@ from torchrelay.services.train.domain import (
     RunRecord,
     entrypoint_module_refusal,
     entrypoint_refusal,
+    failure_is_final,
     model_key,
     restart_allowed,
     run_id_for,
@@ -27,6 +29,7 @@ from torchrelay.shared.bus.port import Publish
 from torchrelay.shared.cluster import Backend, Ended, Status, Unplaceable, WorkerJob
 from torchrelay.shared.errors import (
     AlreadyExists,
+    NotOwned,
     StaleRevision,
     TorchrelayError,
     TransientError,
@@ -155,6 +158,8 @@ class Trainer:
                 "status": "running",
                 "attempt": event.data.attempt,
                 "owner": self._instance,
+                "handle": None,  # the last attempt's; the new one's is stored once launched
+                "cancel": None,
                 "reason": event.data.reason,
                 "updated": datetime.now(UTC),
             }
@@ -167,10 +172,29 @@ class Trainer:
         current = await self.runs.get(key_part(run_id))
         if current is None or current.value.status != "running":
             return
-        if run_id not in self._watchers:
-            # Local workers belong to the replica that started them.
-            raise TransientError(f"run {run_id} is owned by {current.value.owner}", delay_s=1.0)
-        await self.backend.cancel(f"{run_id}/{current.value.attempt}")
+        run = current.value
+        if run.handle is None:
+            raise TransientError(
+                f"run {run_id} attempt {run.attempt} has no stored handle yet (it is being "
+                "launched); the cancel is retried",
+                delay_s=1.0,
+            )
+        intent: Literal["final", "restart"] = "restart" if event.data.restart else "final"
+
+        def mark(latest: RunRecord | None) -> RunRecord | None:
+            if latest is None or latest.attempt != run.attempt or latest.cancel == intent:
+                return None
+            return latest.model_copy(update={"cancel": intent})
+
+        # Before the attempt can end: whichever replica watches it reads why it ended.
+        await self.runs.mutate(key_part(run_id), mark)
+        try:
+            await self.backend.cancel(run.handle)
+        except NotOwned as exc:  # bound to the replica that started it: redeliver to the owner
+            raise TransientError(
+                f"run {run_id} is owned by {run.owner}, which alone can cancel it: {exc}",
+                delay_s=1.0,
+            ) from exc
 
     # --- runs whose replica died ------------------------------------------------------------
 
@@ -197,7 +221,7 @@ class Trainer:
             handle = await self.backend.adopt(self.backend.dryrun(self._attempt_of(run)))
             if handle is not None:  # the attempt outlived its replica (a Kubernetes Job)
                 log.info("run.adopted", run_id=run.run_id, attempt=run.attempt, owner=run.owner)
-                self._follow(claimed, handle, None)
+                self._follow(await self._store_handle(claimed, handle), handle, None)
                 taken.append(run.run_id)
                 continue
             log.warning("run.orphaned", run_id=run.run_id, attempt=run.attempt, owner=run.owner)
@@ -267,6 +291,7 @@ class Trainer:
                 record, Ended(Status.FAILED, f"cannot launch: {exc}"), final=True, cause=cause
             )
             return
+        record = await self._store_handle(record, handle)
         await self._publish(
             TrainStarted(
                 **self._envelope(record, cause),
@@ -281,6 +306,18 @@ class Trainer:
             )
         )
         self._follow(record, handle, cause)
+
+    async def _store_handle(self, record: RunRecord, handle: str) -> RunRecord:
+        """Record the attempt's handle, so any replica can cancel it later."""
+
+        def change(current: RunRecord | None) -> RunRecord | None:
+            base = current or record
+            if base.attempt != record.attempt:  # a later attempt's record: not ours to touch
+                return None
+            return base.model_copy(update={"handle": handle})
+
+        await self.runs.mutate(key_part(record.run_id), change)
+        return record.model_copy(update={"handle": handle})
 
     async def _schedule(self, job: WorkerJob) -> str:
         """Launch, retrying a backend that is briefly unreachable (its API restarting)."""
@@ -304,8 +341,20 @@ class Trainer:
             if ended.status is Status.SUCCEEDED:
                 await self._completed(record, cause)
             else:
-                final = (
-                    ended.status is Status.CANCELLED or record.attempt >= record.spec.max_restarts
+                latest = await self.runs.get(key_part(record.run_id))
+                intent = (
+                    latest.value.cancel
+                    if latest is not None and latest.value.attempt == record.attempt
+                    else None
+                )
+                if intent is not None and ended.status is Status.FAILED:
+                    # Cancelled by another replica (a deleted Job reads as a failure here).
+                    ended = Ended(Status.CANCELLED, "cancelled", log_tail=ended.log_tail)
+                final = failure_is_final(
+                    attempt=record.attempt,
+                    max_restarts=record.spec.max_restarts,
+                    cancelled=ended.status is Status.CANCELLED,
+                    restart_cancel=intent == "restart",
                 )
                 await self._failed(record, ended, final=final, cause=cause)
         finally:

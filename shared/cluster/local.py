@@ -24,6 +24,7 @@ import structlog
 from torchrelay.shared.cluster.lifeline import parent_env
 from torchrelay.shared.cluster.port import Ended, Status, Unplaceable, WorkerJob
 from torchrelay.shared.cluster.worker_spec import WORKER_ENV, WorkerSpec
+from torchrelay.shared.errors import NotOwned
 
 log = structlog.get_logger("torchrelay.cluster.local")
 WORKER_MODULE = "torchrelay.services.train.worker"
@@ -180,12 +181,23 @@ class LocalBackend:
         return None
 
     async def cancel(self, handle: str) -> None:
+        """Stop a job this backend is running; :class:`NotOwned` for any other handle."""
+        try:
+            processes = self._jobs[handle]
+        except KeyError as exc:
+            raise NotOwned(
+                f"no local job {handle!r} runs in this replica: local workers are children of "
+                "the replica that started them, so only that replica can cancel them "
+                "(or the job has already ended)"
+            ) from exc
         self._cancelled.add(handle)
-        await _stop_all(self._jobs.get(handle, []))
+        await _stop_all(processes)
 
     async def aclose(self) -> None:
         for handle in list(self._jobs):
-            await self.cancel(handle)
+            # A job whose wait ended while an earlier one was being stopped is already gone.
+            with contextlib.suppress(NotOwned):
+                await self.cancel(handle)
 
 
 def _prepare(request: LocalRequest) -> list[BinaryIO]:

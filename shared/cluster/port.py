@@ -3,6 +3,9 @@
 ``dryrun`` is pure and returns the exact request (argv and environment per rank locally, the
 manifests on Kubernetes); ``schedule`` does the I/O; ``wait`` reports how the job ended;
 ``cancel`` and ``aclose`` are idempotent.
+
+A handle (what ``schedule`` and ``adopt`` return) is opaque: callers store it and hand it back
+to ``wait`` and ``cancel``, and never build or parse one.
 """
 
 from __future__ import annotations
@@ -63,7 +66,7 @@ class Backend(Protocol):
         ...
 
     async def schedule(self, request: object) -> str:
-        """Launch; returns a handle for wait/cancel."""
+        """Launch; returns an opaque handle for wait/cancel (store it, never parse it)."""
         ...
 
     async def wait(self, handle: str) -> Ended:
@@ -75,6 +78,16 @@ class Backend(Protocol):
         the attempt cannot outlive the replica that started it (local processes)."""
         ...
 
-    async def cancel(self, handle: str) -> None: ...
+    async def cancel(self, handle: str) -> None:
+        """Stop the job behind ``handle``; a ``wait`` on it then ends as ``CANCELLED``.
+
+        Idempotent: cancelling a job twice is success. Who may cancel is the backend's to say:
+        one whose jobs are bound to the replica that started them (local processes) raises
+        :class:`~torchrelay.shared.errors.NotOwned` for a handle it is not running (started
+        elsewhere, or already waited for and forgotten), so the caller can leave the cancel to
+        the owner; one whose jobs outlive any replica (Kubernetes Jobs) cancels any handle it
+        is given, from any replica, and a job already gone is success.
+        """
+        ...
 
     async def aclose(self) -> None: ...

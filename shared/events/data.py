@@ -132,6 +132,11 @@ class TrainRestartRequestedData(Data):
 class TrainCancelRequestedData(Data):
     run_id: Identifier
     reason: NonEmpty = "cancelled by request"
+    restart: bool = Field(
+        default=False,
+        description="The monitor cancels a stalled attempt to restart it: the run goes on "
+        "(its train.failed is final only with no restart left). False: the run ends.",
+    )
 
 
 class TrainStartedData(Data):

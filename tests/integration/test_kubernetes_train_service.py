@@ -15,9 +15,12 @@ from tests.integration.processes import ServiceProcess
 from tests.integration.training import request
 from tests.integration.watching import Watcher, watching
 from tests.kube.emulator import KubeEmulator, running_emulator
+from torchrelay.services.train.domain import RunRecord
 from torchrelay.shared.bus.jetstream import JetStreamBus
 from torchrelay.shared.cluster.kubernetes.manifests import job_name
-from torchrelay.shared.events import TrainCompleted, TrainFailed, TrainStarted
+from torchrelay.shared.events import TrainCancelRequested, TrainCompleted, TrainFailed, TrainStarted
+from torchrelay.shared.events.data import TrainCancelRequestedData
+from torchrelay.shared.state import State, key_part
 from torchrelay.shared.testing import assert_eventually
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(120)]
@@ -177,3 +180,34 @@ async def test_a_run_whose_pods_cannot_be_watched_fails_and_its_job_is_removed(
         "lost track of attempt 0: the Kubernetes API refused to list pods"
     )
     assert emulator.list("jobs") == [], "no copy of the attempt is left running"
+
+
+async def test_cancel_deletes_the_job_and_ends_the_run_as_cancelled(
+    bus: tuple[JetStreamBus, Watcher],
+    train: ServiceProcess,
+    emulator: KubeEmulator,
+    staged: tuple[Path, str],
+) -> None:
+    publisher, watcher = bus
+    await train.wait_ready()
+    await publisher.publish(request(staged, "k8s-stop", world_size=2))
+    job = await job_of(emulator, "k8s-stop")
+    for pod in emulator.start_job_pods(job):
+        emulator.set_status("pods", pod, {"phase": "Running"})
+    await watcher.one(TrainStarted, run_id="k8s-stop", timeout_s=20)
+    runs = (await State.open(publisher.nc.jetstream())).store("runs", RunRecord)
+    run = await runs.get(key_part("k8s-stop"))
+    assert run is not None
+    assert run.value.handle == job, "the handle schedule() returned is what the record keeps"
+
+    await publisher.publish(
+        TrainCancelRequested(source="/tests", data=TrainCancelRequestedData(run_id="k8s-stop"))
+    )
+
+    event = await watcher.one(TrainFailed, run_id="k8s-stop", timeout_s=20)
+    assert (event.data.reason, event.data.final) == ("cancelled", True)
+    assert emulator.get("jobs", job) is None
+    assert emulator.list("pods") == emulator.list("services") == []
+    ended = await runs.get(key_part("k8s-stop"))
+    assert ended is not None
+    assert ended.value.status == "cancelled"

@@ -289,6 +289,22 @@ async def test_cancel_deletes_the_job_and_ends_the_wait_as_cancelled(
     assert emulator.list("jobs") == emulator.list("pods") == emulator.list("services") == []
 
 
+async def test_any_replica_cancels_a_job_and_a_job_already_gone_is_fine(
+    backend: KubernetesBackend, emulator: KubeEmulator
+) -> None:
+    handle = await backend.schedule(backend.dryrun(gpu_job(world_size=2)))
+    emulator.start_job_pods(handle)
+    options = KubeOptions(api_url=emulator.url, namespace=NS, queue="gpu-queue")
+    other = KubernetesBackend(await connect(options), options)  # a replica that never saw it
+    try:
+        await other.cancel(handle)
+        assert emulator.list("jobs") == emulator.list("pods") == emulator.list("services") == []
+        await other.cancel(handle)  # idempotent: the 404 is success
+        await backend.cancel(job_name("never-scheduled", 0))
+    finally:
+        await other.aclose()
+
+
 async def test_rbac_denial_is_a_clear_refusal(
     backend: KubernetesBackend, emulator: KubeEmulator
 ) -> None:

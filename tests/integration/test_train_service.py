@@ -326,6 +326,9 @@ async def test_a_stalled_run_is_detected_and_restarted(
     await assert_eventually(lambda: watcher.of(TrainCompleted, run_id="frozen"), timeout_s=120)
     assert [e.data.attempt for e in watcher.of(TrainStarted, run_id="frozen")] == [0, 1]
     assert await restarts_counted(monitors, "stalled") == 1.0
+    (cancelled,) = watcher.of(TrainFailed, run_id="frozen")
+    assert cancelled.data.attempt == 0
+    assert not cancelled.data.final, "the monitor cancelled it to restart it: the run went on"
 
 
 async def test_a_stalled_run_with_no_restart_left_is_given_up_with_the_reason(

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from torchrelay.client import Inventory, lineage, load_input, refusal, table
+from torchrelay.client import Inventory, finished, lineage, load_input, refusal, table
 from torchrelay.services.serve.domain import DeploymentRecord
 from torchrelay.services.train.domain import ModelRecord, RunRecord
 from torchrelay.shared.events import PipelineSubmitted
@@ -161,3 +161,12 @@ def test_waiting_follows_a_pipeline_with_the_same_spec_whoever_submitted_it(
 ) -> None:
     stored = PipelineRecord(pipeline_id="p1", spec=SPEC, submitted=NOW, submitted_event_id=owner)
     assert refusal(stored, submission(SPEC, "mine")) is None
+
+
+def test_waiting_stops_only_at_a_pipelines_end() -> None:
+    record = PipelineRecord(pipeline_id="p4", spec=SPEC, submitted=NOW)
+    record = with_stage(record, "ingest", "succeeded", NOW)
+    record = with_stage(record, "train", "running", NOW)
+    assert not finished(record), "a training run (restarted or not) is followed on"
+    assert finished(finished_pipeline())
+    assert finished(with_stage(record, "train", "failed", NOW, reason="no restarts left"))

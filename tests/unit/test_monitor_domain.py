@@ -1,4 +1,4 @@
-"""The monitor keeps metric labels bounded."""
+"""The monitor keeps metric labels bounded and decides what a failed attempt leads to."""
 
 from __future__ import annotations
 
@@ -10,9 +10,12 @@ import pytest
 from torchrelay.services.monitor.domain import (
     EXTERNAL,
     UNKNOWN,
+    Recovery,
     RunWatch,
+    after_failure,
     backoff_s,
     can_restart,
+    cancelled_for_stall,
     dead_letter_category,
     pipeline_end,
     source_label,
@@ -128,3 +131,40 @@ def test_a_pipeline_ends_with_its_last_stage_or_its_first_final_failure(
     event: Any, last_stage: str, ended: str | None
 ) -> None:
     assert pipeline_end(event, last_stage) == ended
+
+
+# --- what a train.failed leads to ---------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("state", "attempt", "final", "recovery"),
+    [
+        ("running", 0, False, Recovery.RESTART),
+        ("running", 0, True, Recovery.END),
+        ("stalled", 0, False, Recovery.RESTART),  # the monitor's restart cancel: the run goes on
+        ("stalled", 0, True, Recovery.END),  # a user's cancel got there first: it ends the run
+        ("ended", 0, True, Recovery.IGNORE),  # our own give-up coming back, or a redelivery
+        ("ended", 0, False, Recovery.IGNORE),
+    ],
+)
+def test_a_failure_restarts_ends_or_is_already_accounted_for(
+    state: str, attempt: int, final: bool, recovery: Recovery
+) -> None:
+    assert after_failure(watch(state=state), attempt=attempt, final=final) is recovery
+
+
+def test_a_stalled_attempt_with_no_restart_left_is_given_up_whatever_its_finality() -> None:
+    last = watch(state="stalled", attempt=2, max_restarts=2)
+    assert after_failure(last, attempt=2, final=True) is Recovery.GIVE_UP
+    assert after_failure(last, attempt=2, final=False) is Recovery.GIVE_UP
+
+
+def test_a_run_the_monitor_never_saw_start_ends_with_its_failure() -> None:
+    assert after_failure(None, attempt=0, final=True) is Recovery.END
+
+
+def test_only_the_attempt_that_stalled_counts_as_cancelled_for_it() -> None:
+    assert cancelled_for_stall(watch(state="stalled", attempt=1), 1)
+    assert not cancelled_for_stall(watch(state="stalled", attempt=1), 0)
+    assert not cancelled_for_stall(watch(state="running", attempt=1), 1)
+    assert not cancelled_for_stall(None, 0)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import inspect
+import json
 import os
 import subprocess
 from datetime import UTC, datetime
@@ -190,3 +191,12 @@ def test_a_module_that_does_not_parse_is_refused(source: str) -> None:
         "parse ("
     )
     assert refusal.endswith("); fix its source")
+
+
+def test_a_record_written_before_handles_were_stored_still_loads() -> None:
+    stored = record("running", 0).model_dump(mode="json")
+    del stored["handle"]
+    old = RunRecord.model_validate_json(json.dumps(stored))
+    assert old.handle is None
+    kept = old.model_copy(update={"handle": "job-a0"})
+    assert RunRecord.model_validate_json(kept.model_dump_json()).handle == "job-a0"

@@ -156,7 +156,10 @@ class KubernetesBackend:
             self._cancelled.discard(handle)
 
     async def cancel(self, handle: str) -> None:
-        self._cancelled.add(handle)
+        """Delete the Job (any replica may: it belongs to the cluster, not to the replica that
+        created it); one already gone (404) is success."""
+        if handle in self._requests:  # waited for here: that wait ends as cancelled
+            self._cancelled.add(handle)
         await self.api.delete("Job", handle)
 
     async def aclose(self) -> None:

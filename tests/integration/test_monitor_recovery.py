@@ -1,0 +1,125 @@
+"""The monitor's recovery of a stalled run over real JetStream KV: a restart cancel while
+restarts are left (nothing final on the way), and a run given up once, counted once."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from collections.abc import AsyncIterator
+
+import nats
+import pytest
+from prometheus_client import CollectorRegistry
+
+from torchrelay.services.monitor.handlers import EventMetrics, Monitor
+from torchrelay.services.monitor.settings import MonitorOptions
+from torchrelay.shared.events import (
+    AnyEvent,
+    TrainCancelRequested,
+    TrainFailed,
+    TrainRestartRequested,
+    TrainStarted,
+)
+from torchrelay.shared.events.data import DatasetRef, TrainFailedData, TrainStartedData
+from torchrelay.shared.state import State
+from torchrelay.shared.testing import assert_eventually
+
+pytestmark = pytest.mark.timeout(60)
+# The scan lease lives 3 checks, and a KV entry lives at least a second.
+FAST = MonitorOptions(stall_after_s=0.05, stall_check_s=0.4, backoff_base_s=0)
+
+
+@pytest.fixture
+async def state(nats_url: str) -> AsyncIterator[State]:
+    nc = await nats.connect(nats_url)
+    yield await State.open(nc.jetstream())
+    await nc.close()
+
+
+class Recorder:
+    """A monitor and what it published."""
+
+    def __init__(self, state: State) -> None:
+        self.registry = CollectorRegistry()
+        self.published: list[AnyEvent] = []
+        self.monitor = Monitor(
+            metrics=EventMetrics(self.registry),
+            state=state,
+            publish=self._publish,
+            options=FAST,
+            source="/torchrelay/monitor",
+            instance="tests",
+        )
+
+    async def _publish(self, event: AnyEvent) -> bool:
+        self.published.append(event)
+        return True
+
+    def of(self, kind: type[AnyEvent]) -> list[AnyEvent]:
+        return [e for e in self.published if isinstance(e, kind)]
+
+    def given_up(self) -> float:
+        return self.registry.get_sample_value("torchrelay_train_given_up_total") or 0.0
+
+    async def stall(self, run_id: str, max_restarts: int) -> TrainCancelRequested:
+        """Start the run's first attempt and let it fall silent until the monitor cancels it."""
+        await self.monitor.on_event(
+            TrainStarted(
+                source="/torchrelay/train",
+                pipelineid=f"p-{run_id}",
+                data=TrainStartedData(
+                    run_id=run_id, attempt=0, max_restarts=max_restarts, world_size=1,
+                    backend="local", dataset=DatasetRef(name="digits", version="v1"),
+                ),
+            )
+        )  # fmt: skip
+        stop = asyncio.Event()
+        scan = asyncio.create_task(self.monitor.scan_for_stalls(stop), name="test-scan")
+        try:
+            await assert_eventually(lambda: bool(self.of(TrainCancelRequested)), timeout_s=10)
+        finally:
+            stop.set()
+            await scan
+        (cancel,) = self.of(TrainCancelRequested)
+        assert isinstance(cancel, TrainCancelRequested)
+        return cancel
+
+
+def failed(run_id: str, *, final: bool) -> TrainFailed:
+    """The cancelled attempt's end, as the train service reports it."""
+    return TrainFailed(
+        source="/torchrelay/train",
+        pipelineid=f"p-{run_id}",
+        data=TrainFailedData(run_id=run_id, attempt=0, reason="cancelled", final=final),
+    )
+
+
+async def test_a_stalled_run_with_restarts_left_is_restarted_and_nothing_says_it_failed(
+    state: State,
+) -> None:
+    recorder, run_id = Recorder(state), f"r-{uuid.uuid4().hex[:8]}"
+    cancel = await recorder.stall(run_id, max_restarts=1)
+    assert cancel.data.restart, "the run goes on: its cancelled attempt is not final"
+    await recorder.monitor.on_event(failed(run_id, final=False))
+    (restart,) = recorder.of(TrainRestartRequested)
+    assert isinstance(restart, TrainRestartRequested)
+    assert restart.data.attempt == 1
+    assert recorder.of(TrainFailed) == []
+    assert recorder.given_up() == 0.0
+
+
+async def test_a_stalled_run_with_no_restart_left_is_given_up_once(state: State) -> None:
+    recorder, run_id = Recorder(state), f"r-{uuid.uuid4().hex[:8]}"
+    cancel = await recorder.stall(run_id, max_restarts=0)
+    assert not cancel.data.restart, "no restart left: the cancel ends the run"
+    train_failed = failed(run_id, final=True)
+    await recorder.monitor.on_event(train_failed)
+    (gave_up,) = recorder.of(TrainFailed)
+    assert isinstance(gave_up, TrainFailed)
+    assert gave_up.data.final
+    assert "restarts are used" in gave_up.data.reason
+    # The monitor consumes its own report too, and events are redelivered: still one run.
+    await recorder.monitor.on_event(gave_up)
+    await recorder.monitor.on_event(train_failed)
+    assert recorder.given_up() == 1.0
+    assert recorder.of(TrainRestartRequested) == []
