@@ -150,3 +150,16 @@ def test_rank_zero_reports_with_the_identity_its_backend_gave_it(
     assert settings.password is not None
     assert settings.password.get_secret_value() == "pw-worker"
     assert settings.inbox_prefix == "_INBOX_worker"
+
+
+def test_urls_carry_credentials_for_shells_and_never_show_them_in_logs() -> None:
+    from torchrelay.shared.bus.connection import redact, with_credentials
+
+    url = with_credentials("nats://127.0.0.1:4222", "publisher", "s3cr/et@")
+    assert url == "nats://publisher:s3cr%2Fet%40@127.0.0.1:4222"
+    assert with_credentials(url, "admin", "x") == "nats://admin:x@127.0.0.1:4222"
+    assert (
+        redact(f"{url},nats://other:4222")
+        == "nats://publisher:***@127.0.0.1:4222,nats://other:4222"
+    )
+    assert "s3cr" not in redact(url)
