@@ -12,7 +12,7 @@ import sys
 import time
 from collections import Counter
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -43,6 +43,8 @@ class Up:
 
     folder: Path
     process: subprocess.Popen[str]
+    killed: set[str] = field(default_factory=set)
+    """Replicas a test killed: `up` must have started each again."""
 
     @property
     def described(self) -> dict[str, Any]:
