@@ -319,6 +319,12 @@ async def test_another_spec_under_an_existing_pipeline_id_is_rejected_and_change
     pipelines = await pipelines_of(bus)
     await bus.publish(submitted(SPEC, "nightly-42"))
     await assert_eventually(lambda: len(watcher.of(DatasetStaged)) == 1, timeout_s=60)
+
+    async def ingest_ended() -> bool:
+        # dataset.staged goes out before ingest records its stage: wait for the record too.
+        return (await stored(pipelines, "nightly-42")).value.stages["ingest"].status == "succeeded"
+
+    await assert_eventually(ingest_ended, timeout_s=30)
     before = await stored(pipelines, "nightly-42")
 
     other = SPEC.model_copy(update={"dataset": SPEC.dataset.model_copy(update={"name": "other"})})
