@@ -277,6 +277,16 @@ async def stored(pipelines: Store[PipelineRecord], pipeline_id: str) -> Versione
     return item
 
 
+async def ingest_ended(pipelines: Store[PipelineRecord], pipeline_id: str) -> None:
+    """Wait until ingest has recorded its stage as succeeded (it publishes dataset.staged
+    first, so seeing that event is not enough)."""
+
+    async def ended() -> bool:
+        return (await stored(pipelines, pipeline_id)).value.stages["ingest"].status == "succeeded"
+
+    await assert_eventually(ended, timeout_s=30)
+
+
 async def test_a_finished_pipeline_submitted_again_with_the_same_spec_stays_as_it_was(
     bus_and_watcher: tuple[JetStreamBus, Watcher], ingest: tuple[ServiceProcess, Path, Path]
 ) -> None:
@@ -288,10 +298,7 @@ async def test_a_finished_pipeline_submitted_again_with_the_same_spec_stays_as_i
     await bus.publish(first)
     await assert_eventually(lambda: len(watcher.of(DatasetStaged)) == 1, timeout_s=60)
 
-    async def ingest_ended() -> bool:
-        return (await stored(pipelines, "nightly-42")).value.stages["ingest"].status == "succeeded"
-
-    await assert_eventually(ingest_ended, timeout_s=30)
+    await ingest_ended(pipelines, "nightly-42")
     # Train and serve are not running here: finish the pipeline as they would.
     now = datetime.now(UTC)
     await record_stage(pipelines, "nightly-42", "train", "succeeded", now, detail={"v": "m1"})
@@ -320,11 +327,7 @@ async def test_another_spec_under_an_existing_pipeline_id_is_rejected_and_change
     await bus.publish(submitted(SPEC, "nightly-42"))
     await assert_eventually(lambda: len(watcher.of(DatasetStaged)) == 1, timeout_s=60)
 
-    async def ingest_ended() -> bool:
-        # dataset.staged goes out before ingest records its stage: wait for the record too.
-        return (await stored(pipelines, "nightly-42")).value.stages["ingest"].status == "succeeded"
-
-    await assert_eventually(ingest_ended, timeout_s=30)
+    await ingest_ended(pipelines, "nightly-42")
     before = await stored(pipelines, "nightly-42")
 
     other = SPEC.model_copy(update={"dataset": SPEC.dataset.model_copy(update={"name": "other"})})
@@ -362,7 +365,4 @@ async def test_a_redelivered_submission_whose_record_exists_still_stages_the_dat
     staged = await watcher.one(DatasetStaged, timeout_s=60)
     assert staged.pipelineid == "nightly-7"
 
-    async def ingest_ended() -> bool:
-        return (await stored(pipelines, "nightly-7")).value.stages["ingest"].status == "succeeded"
-
-    await assert_eventually(ingest_ended, timeout_s=30)
+    await ingest_ended(pipelines, "nightly-7")
