@@ -5,7 +5,7 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, model_validator
 
 
 class DeploymentRecord(BaseModel):
@@ -21,13 +21,20 @@ class DeploymentRecord(BaseModel):
     status: str = "none"
     reason: str | None = None
     owner: str | None = None
-    """The serve replica whose model servers serve the active version."""
-    port: int | None = None
-    """The model's stable port, kept across versions and owners."""
-    servers: list[str] = []
-    """The active version's servers, by their admin sockets (local backend: unix socket paths,
-    mode 0600), for whichever replica retires them. Their TCP ports take no control."""
+    """The serve replica that rolled the active version out (or took it over)."""
+    handle: str | None = None
+    """The serving backend's handle of the active version (opaque: only the backend reads
+    it): what the next rollout replaces, and what a replica describes or retires."""
     updated: datetime
+
+    @model_validator(mode="before")
+    @classmethod
+    def _before_handles(cls, data: Any) -> Any:
+        """Records written before handles named the local servers' ``port`` and ``servers``:
+        they are read without them (the servers they named cannot be retired by handle)."""
+        if isinstance(data, dict) and ("port" in data or "servers" in data):
+            return {k: v for k, v in data.items() if k not in ("port", "servers")}
+        return data
 
 
 def smoke_request(description: dict[str, Any]) -> dict[str, Any]:
@@ -80,3 +87,18 @@ def previous_after(record: DeploymentRecord | None, version: str) -> str | None:
     if record.active_version == version:
         return record.previous_version
     return record.active_version
+
+
+def repeat_endpoint(record: DeploymentRecord | None, version: str, *, serving: bool) -> str | None:
+    """The endpoint to answer with when a deploy repeats what is deployed and still serving
+    (``serving``: the backend describes the record's handle as running); None when the deploy
+    is a rollout."""
+    if record is None or record.status != "deployed" or record.active_version != version:
+        return None
+    return record.endpoint if serving else None
+
+
+def is_orphaned(record: DeploymentRecord, *, me: str, owner_alive: bool) -> bool:
+    """A deployed model whose replica is gone: another replica serves it again (or, on a
+    backend whose servers outlive replicas, adopts it)."""
+    return record.status == "deployed" and record.owner not in (None, me) and not owner_alive

@@ -1,26 +1,35 @@
 """Glue: deploy and rollback requests -> gated rollouts -> deployment records and model.* events.
 
-A rollout (:mod:`.rollouts`) gets the new version ready before it takes traffic, and the old
-version keeps serving when it does not. One rollout of a model at a time across replicas.
+A rollout starts the version on the serving backend, waits until its servers are ready, checks
+them with a smoke inference on the model's declared signature, and only then puts them on the
+model's stable endpoint; a version that fails any step is cancelled and the old one keeps
+serving. One rollout of a model at a time across replicas (a lease).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import uuid
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
+import aiohttp
 import structlog
 
 from torchrelay.services.serve.domain import (
     DeploymentRecord,
+    is_orphaned,
     previous_after,
+    repeat_endpoint,
     rollback_target,
+    smoke_ok,
+    smoke_request,
 )
-from torchrelay.services.serve.rollouts import Current, RolloutFailed, Rollouts
 from torchrelay.shared.bus.port import Publish
+from torchrelay.shared.cluster import ModelVersion, NotReady, Phase, ServingBackend
 from torchrelay.shared.events import (
     ModelDeployed,
     ModelDeployRequested,
@@ -43,11 +52,18 @@ log = structlog.get_logger("torchrelay.serve")
 _EVENT_IDS = uuid.UUID("3e8f1a2b-6c4d-4f9e-8a7b-2c1d0e9f8a7b")
 
 
+class RolloutFailed(Exception):
+    """The version did not become ready or failed its smoke inference; the old one, if any,
+    keeps serving."""
+
+
 class Deployer:
     def __init__(
         self,
         *,
-        rollouts: Rollouts,
+        backend: ServingBackend[Any],
+        storage_root: Path,
+        smoke_timeout_s: float,
         state: State,
         publish: Publish,
         presence: Presence,
@@ -55,7 +71,9 @@ class Deployer:
         replicas: int,
         reclaim_every_s: float = 2.0,
     ) -> None:
-        self.rollouts = rollouts
+        self.backend = backend
+        self._root = storage_root
+        self._smoke_timeout_s = smoke_timeout_s
         self.deployments: Store[DeploymentRecord] = state.store("deployments", DeploymentRecord)
         self.pipelines: Store[PipelineRecord] = state.store("pipelines", PipelineRecord)
         self._publish = publish
@@ -117,15 +135,16 @@ class Deployer:
     ) -> tuple[bool, str]:
         """Roll ``version`` out; (True, endpoint) or (False, reason).
 
-        One rollout of a model at a time across all replicas (a lease). The rollouts backend
-        gets the new version ready on the model's stable endpoint before the old one goes.
+        One rollout of a model at a time across all replicas (a lease). The new version is
+        ready and checked on the backend before it takes the model's stable endpoint.
         """
         async with self._exclusive(model):
             current = await self.deployments.get(key_part(model))
             record = current.value if current else None
-            if record is not None and record.endpoint and await self._serving_now(record, version):
-                await self._deployed(model, version, record.endpoint, cause, pipeline_id)
-                return True, record.endpoint  # a repeat: same answer
+            repeat = repeat_endpoint(record, version, serving=await self._serving(record))
+            if repeat is not None:
+                await self._deployed(model, version, repeat, cause, pipeline_id)
+                return True, repeat  # a repeat: same answer
             previous = record.active_version if record else None
             await self._publish(
                 ModelRolloutStarted(
@@ -136,10 +155,14 @@ class Deployer:
                     **self._envelope(model, cause, pipeline_id),
                 )
             )
+            work = ModelVersion(
+                model=model,
+                version=version,
+                replicas=replicas,
+                replacing=record.handle if record else None,
+            )
             try:
-                served = await self.rollouts.roll_out(
-                    model, version, replicas, self._current(record)
-                )
+                handle, endpoint = await self._roll_out(work)
             except RolloutFailed as exc:
                 await self._failed(
                     model,
@@ -150,7 +173,6 @@ class Deployer:
                     pipeline_id=pipeline_id,
                 )
                 return False, str(exc)
-            endpoint = served.endpoint
             await self.deployments.put(
                 key_part(model),
                 DeploymentRecord(
@@ -161,43 +183,79 @@ class Deployer:
                     replicas=replicas,
                     status="deployed",
                     owner=self._presence.instance,
-                    port=served.port,
-                    servers=list(served.servers),
+                    handle=handle,
                     updated=datetime.now(UTC),
                 ),
             )
             await self._deployed(model, version, endpoint, cause, pipeline_id)
             return True, endpoint
 
+    async def _roll_out(self, work: ModelVersion) -> tuple[str, str]:
+        """Schedule, wait until ready, smoke-check, promote: (handle, endpoint), or
+        :class:`RolloutFailed` with nothing of the version left running."""
+        description = await asyncio.to_thread(self._description, work.model, work.version)
+        self.backend.check(work)
+        try:
+            handle = await self.backend.schedule(self.backend.dryrun(work))
+        except NotReady as exc:
+            raise RolloutFailed(str(exc)) from exc
+        try:
+            urls = await self.backend.ready(handle)  # cancels the version itself if it is not
+            await self._smoke(work, urls, description)
+            endpoint = await self.backend.promote(handle)
+        except NotReady as exc:
+            raise RolloutFailed(str(exc)) from exc
+        except BaseException:
+            with contextlib.suppress(Exception):
+                await self.backend.cancel(handle)
+            raise
+        return handle, endpoint
+
+    def _description(self, model: str, version: str) -> dict[str, Any]:
+        path = self._root / "models" / model / version / "model.json"
+        try:
+            description: dict[str, Any] = json.loads(path.read_text())
+        except (OSError, ValueError) as exc:
+            raise RolloutFailed(f"no model {model} version {version} on storage ({exc})") from exc
+        return description
+
+    async def _smoke(
+        self, work: ModelVersion, urls: list[str], description: dict[str, Any]
+    ) -> None:
+        """One inference on the declared input signature, on every server of the version."""
+        if not urls:
+            raise RolloutFailed(f"version {work.version} is ready but no server of it is reachable")
+        request = smoke_request(description)
+        path = f"/v2/models/{work.model}/versions/{work.version}/infer"
+        timeout = aiohttp.ClientTimeout(total=self._smoke_timeout_s)
+        async with aiohttp.ClientSession(timeout=timeout) as http:
+            for url in urls:
+                try:
+                    async with http.post(f"{url}{path}", json=request) as response:
+                        answer = await response.json(content_type=None)
+                        status = response.status
+                except (aiohttp.ClientError, TimeoutError, ValueError) as exc:
+                    raise RolloutFailed(f"the smoke inference failed: {exc!r}") from exc
+                if status != 200:
+                    raise RolloutFailed(f"the smoke inference answered HTTP {status}: {answer}")
+                if (problem := smoke_ok(description, answer)) is not None:
+                    raise RolloutFailed(problem)
+
     def _exclusive(self, model: str) -> contextlib.AbstractAsyncContextManager[None]:
         return exclusive(self._leases, f"serve.model.{key_part(model)}", self._presence.instance)
 
-    async def _serving_now(self, record: DeploymentRecord, version: str) -> bool:
-        if record.status != "deployed" or record.active_version != version:
+    async def _serving(self, record: DeploymentRecord | None) -> bool:
+        """Whether the record's version still serves, as the backend describes its handle."""
+        if record is None or record.handle is None or record.status != "deployed":
             return False
-        if not self.rollouts.owns_servers:
-            return True  # the cluster keeps it running, whoever rolled it out
-        return record.owner is not None and await self._presence.alive(record.owner)
-
-    def _current(self, record: DeploymentRecord | None) -> Current:
-        if record is None:
-            return Current()
-        return Current(
-            version=record.active_version,
-            replicas=record.replicas,
-            port=record.port,
-            servers=tuple(record.servers),
-            owned_here=record.owner == self._presence.instance,
-        )
+        described = await self.backend.describe(record.handle)
+        return described is not None and described.phase is Phase.RUNNING
 
     # --- models whose replica died -----------------------------------------------------------
 
     async def reclaim(self, stop: asyncio.Event) -> None:
-        """Background loop: a deployed model whose serving replica is gone (its servers died
-        with it) is served again here, same version, same port."""
-        if not self.rollouts.owns_servers:
-            await stop.wait()  # nothing dies with a replica: nothing to take over
-            return
+        """Background loop: a deployed model whose serving replica is gone is adopted here
+        (its servers outlive replicas) or served again (they died with it), same endpoint."""
         await every(self._reclaim_every_s, stop, self.reclaim_orphans, name="serve.reclaim")
 
     async def reclaim_orphans(self) -> list[str]:
@@ -210,30 +268,36 @@ class Deployer:
                 current = await self.deployments.get(item.key)
                 if current is None or not await self._orphaned(current.value):
                     continue  # another replica took it over (or rolled out) meanwhile
-                await self._serve_again(current.value)
+                await self._take_over(current.value)
                 taken.append(current.value.model)
         return taken
 
     async def _orphaned(self, record: DeploymentRecord) -> bool:
-        return (
-            record.status == "deployed"
-            and record.owner not in (None, self._presence.instance)
-            and not await self._presence.alive(record.owner)
-        )
+        if record.status != "deployed" or record.owner in (None, self._presence.instance):
+            return False
+        alive = await self._presence.alive(str(record.owner))
+        return is_orphaned(record, me=self._presence.instance, owner_alive=alive)
 
-    async def _serve_again(self, record: DeploymentRecord) -> None:
+    async def _take_over(self, record: DeploymentRecord) -> None:
         model, version = record.model, str(record.active_version)
-        log.warning("model.orphaned", model=model, version=version, owner=record.owner)
-        try:
-            served = await self.rollouts.serve_again(
-                model, version, record.replicas, self._current(record)
-            )
-        except RolloutFailed as exc:
-            log.warning("model.reclaim_failed", model=model, version=version, reason=str(exc))
-            update: dict[str, Any] = {"status": "failed", "reason": str(exc)[:512], "servers": []}
+        work = ModelVersion(
+            model=model, version=version, replicas=record.replicas, replacing=record.handle
+        )
+        update: dict[str, Any]
+        handle = await self.backend.adopt(self.backend.dryrun(work))
+        if handle is not None:
+            log.info("model.adopted", model=model, version=version, owner=record.owner)
+            update = {"handle": handle}
         else:
-            log.info("model.reclaimed", model=model, version=version, endpoint=served.endpoint)
-            update = {"servers": list(served.servers), "endpoint": served.endpoint}
+            log.warning("model.orphaned", model=model, version=version, owner=record.owner)
+            try:
+                handle, endpoint = await self._roll_out(work)
+            except RolloutFailed as exc:
+                log.warning("model.reclaim_failed", model=model, version=version, reason=str(exc))
+                update = {"status": "failed", "reason": str(exc)[:512], "handle": None}
+            else:
+                log.info("model.reclaimed", model=model, version=version, endpoint=endpoint)
+                update = {"handle": handle, "endpoint": endpoint}
         await self.deployments.put(
             key_part(model),
             record.model_copy(
@@ -296,4 +360,4 @@ class Deployer:
         return current.value.endpoint
 
     async def aclose(self) -> None:
-        await self.rollouts.aclose()
+        await self.backend.aclose()

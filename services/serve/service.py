@@ -9,54 +9,39 @@ import aiohttp
 
 from torchrelay.services.serve.handlers import Deployer
 from torchrelay.services.serve.http import routes
-from torchrelay.services.serve.rollouts import LocalRollouts, Rollouts
 from torchrelay.services.serve.settings import ServeSettings
 from torchrelay.shared.bus import Subscription
-from torchrelay.shared.cluster.local_serving import LocalServing, ServerOptions
+from torchrelay.shared.cluster.registry import ServerOptions, ServingConfig, open_serving_backend
 from torchrelay.shared.events import ModelDeployRequested, ModelRollbackRequested, TrainCompleted
 from torchrelay.shared.runtime import Platform, Service, service_main
 
 NAME = "serve"
 
 
-async def _rollouts(settings: ServeSettings) -> Rollouts:
+def serving_config(settings: ServeSettings) -> ServingConfig:
     options = settings.serve
-    if options.backend == "kubernetes":
-        from torchrelay.services.serve.kube_rollouts import KubernetesRollouts
-        from torchrelay.shared.cluster.kubernetes.api import connect
-
-        api = await connect(settings.kube)
-        server_args = [
-            "--max-batch-size", str(options.max_batch_size),
-            "--max-delay-ms", str(options.max_delay_ms),
-            "--max-queue", str(options.max_queue),
-            "--drain-s", str(options.drain_s),
-        ]  # fmt: skip
-        return KubernetesRollouts(
-            api,
-            settings.kube,
-            storage_root=str(settings.storage_root),
-            server_args=server_args,
-            ready_timeout_s=options.ready_timeout_s,
-        )
-    serving = LocalServing(
-        settings.storage_root.resolve(),
-        host=options.endpoint_host,
-        options=ServerOptions(
+    return ServingConfig(
+        storage_root=settings.storage_root,
+        ready_timeout_s=options.ready_timeout_s,
+        server=ServerOptions(
             max_batch_size=options.max_batch_size,
             max_delay_ms=options.max_delay_ms,
             max_queue=options.max_queue,
             drain_s=options.drain_s,
         ),
+        host=options.endpoint_host,
+        kube=settings.kube,
     )
-    return LocalRollouts(serving, ready_timeout_s=options.ready_timeout_s)
 
 
 @asynccontextmanager
 async def build(platform: Platform[ServeSettings]) -> AsyncIterator[Service]:
-    rollouts = await _rollouts(platform.settings)
+    settings = platform.settings
+    backend = await open_serving_backend(settings.serve.backend, serving_config(settings))
     deployer = Deployer(
-        rollouts=rollouts,
+        backend=backend,
+        storage_root=settings.storage_root.resolve(),
+        smoke_timeout_s=settings.serve.ready_timeout_s,
         state=platform.state,
         publish=platform.bus.publish,
         presence=platform.presence,

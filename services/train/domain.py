@@ -11,6 +11,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict
 
+from torchrelay.shared.cluster import Ended, Status
 from torchrelay.shared.events.data import TrainJobSpec
 from torchrelay.shared.state import key_part
 
@@ -93,6 +94,42 @@ def failure_is_final(
     if cancelled and not restart_cancel:
         return True
     return attempt >= max_restarts
+
+
+def attempt_end(
+    record: RunRecord, ended: Ended, cancel: Literal["final", "restart"] | None
+) -> tuple[Ended, bool]:
+    """How an attempt that did not succeed ends, and whether that ends its run.
+
+    ``cancel`` is the intent stored on the run for this attempt, if any: a backend that sees
+    a cancelled job only as a failed one (a deleted Kubernetes Job) reports it as cancelled.
+    """
+    if cancel is not None and ended.status is Status.FAILED:
+        ended = Ended(Status.CANCELLED, "cancelled", log_tail=ended.log_tail)
+    final = failure_is_final(
+        attempt=record.attempt,
+        max_restarts=record.spec.max_restarts,
+        cancelled=ended.status is Status.CANCELLED,
+        restart_cancel=cancel == "restart",
+    )
+    return ended, final
+
+
+def orphan_is_final(record: RunRecord) -> bool:
+    """An attempt whose replica died (and its workers with it) fails like any other: final
+    only when no restart is left."""
+    return failure_is_final(
+        attempt=record.attempt,
+        max_restarts=record.spec.max_restarts,
+        cancelled=False,
+        restart_cancel=False,
+    )
+
+
+def settle_pause_s(tries: int, *, base_s: float = 1.0, cap_s: float = 30.0) -> float:
+    """How long to wait before trying again to record how an attempt ended (the state or the
+    bus being briefly unreachable)."""
+    return float(min(cap_s, base_s * 2 ** max(0, tries - 1)))
 
 
 # --- the entrypoint policy -------------------------------------------------------------------

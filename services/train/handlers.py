@@ -7,7 +7,7 @@ import contextlib
 import importlib.machinery
 import importlib.util
 import json
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Literal
@@ -18,18 +18,21 @@ from pydantic import JsonValue
 from torchrelay.services.train.domain import (
     ModelRecord,
     RunRecord,
+    attempt_end,
     entrypoint_module_refusal,
     entrypoint_refusal,
-    failure_is_final,
     model_key,
+    orphan_is_final,
     restart_allowed,
     run_id_for,
+    settle_pause_s,
 )
 from torchrelay.shared.bus.port import Publish
-from torchrelay.shared.cluster import Backend, Ended, Status, Unplaceable, WorkerJob
+from torchrelay.shared.cluster import Ended, Status, TrainingBackend, Unplaceable, WorkerJob
 from torchrelay.shared.errors import (
     AlreadyExists,
     NotOwned,
+    PermanentError,
     StaleRevision,
     TorchrelayError,
     TransientError,
@@ -57,13 +60,15 @@ from torchrelay.shared.state.presence import Presence
 
 log = structlog.get_logger("torchrelay.train")
 SCHEDULE_RETRIES_S = (1.0, 2.0, 4.0)
+SETTLE_TRIES = 6
+"""Tries to record how an attempt ended (about a minute) before it is failed instead."""
 
 
 class Trainer:
     def __init__(
         self,
         *,
-        backend: Backend,
+        backend: TrainingBackend,
         state: State,
         publish: Publish,
         storage_root: Path,
@@ -225,8 +230,9 @@ class Trainer:
                 taken.append(run.run_id)
                 continue
             log.warning("run.orphaned", run_id=run.run_id, attempt=run.attempt, owner=run.owner)
-            final = run.attempt >= run.spec.max_restarts
-            await self._failed(run, Ended(Status.FAILED, reason), final=final, cause=None)
+            await self._failed(
+                run, Ended(Status.FAILED, reason), final=orphan_is_final(run), cause=None
+            )
             taken.append(run.run_id)
         return taken
 
@@ -330,35 +336,88 @@ class Trainer:
         return await self.backend.schedule(self.backend.dryrun(job))
 
     async def _watch(self, record: RunRecord, handle: str, cause: str | None) -> None:
+        """Follow the attempt until it ends, then record how: supervised, so an error here
+        fails the attempt with the reason (the run is never left "running" with a live owner
+        that watches nothing)."""
         try:
+            ended = await self._ending(handle, record)
+            await self._retrying(record, lambda: self._settle(record, ended, cause))
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            log.exception("run.watch_failed", run_id=record.run_id, attempt=record.attempt)
+            with contextlib.suppress(Exception):  # no copy of it may keep running
+                await self.backend.cancel(handle)
+            failed = Ended(
+                Status.FAILED,
+                f"the train service failed following attempt {record.attempt}: {exc!r}",
+            )
             try:
-                ended = await self.backend.wait(handle)
-            except TorchrelayError as exc:  # the backend lost track of it (RBAC, API gone)
-                log.exception("run.lost", run_id=record.run_id, attempt=record.attempt)
-                with contextlib.suppress(TorchrelayError):  # no second copy may keep running
-                    await self.backend.cancel(handle)
-                ended = Ended(Status.FAILED, f"lost track of attempt {record.attempt}: {exc}")
-            if ended.status is Status.SUCCEEDED:
-                await self._completed(record, cause)
-            else:
-                latest = await self.runs.get(key_part(record.run_id))
-                intent = (
-                    latest.value.cancel
-                    if latest is not None and latest.value.attempt == record.attempt
-                    else None
+                await self._retrying(
+                    record,
+                    lambda: self._failed(
+                        record, failed, final=orphan_is_final(record), cause=cause
+                    ),
+                    forever=True,
                 )
-                if intent is not None and ended.status is Status.FAILED:
-                    # Cancelled by another replica (a deleted Job reads as a failure here).
-                    ended = Ended(Status.CANCELLED, "cancelled", log_tail=ended.log_tail)
-                final = failure_is_final(
-                    attempt=record.attempt,
-                    max_restarts=record.spec.max_restarts,
-                    cancelled=ended.status is Status.CANCELLED,
-                    restart_cancel=intent == "restart",
-                )
-                await self._failed(record, ended, final=final, cause=cause)
+            except PermanentError:  # the run's record itself is unreadable: say so, loudly
+                log.exception("run.unsettled", run_id=record.run_id, attempt=record.attempt)
         finally:
             self._watchers.pop(record.run_id, None)
+
+    async def _ending(self, handle: str, record: RunRecord) -> Ended:
+        try:
+            return await self.backend.wait(handle)
+        except TorchrelayError as exc:  # the backend lost track of it (RBAC, API gone)
+            log.exception("run.lost", run_id=record.run_id, attempt=record.attempt)
+            with contextlib.suppress(TorchrelayError):  # no second copy may keep running
+                await self.backend.cancel(handle)
+            return Ended(Status.FAILED, f"lost track of attempt {record.attempt}: {exc}")
+
+    async def _settle(self, record: RunRecord, ended: Ended, cause: str | None) -> None:
+        if ended.status is Status.SUCCEEDED:
+            await self._completed(record, cause)
+            return
+        latest = await self.runs.get(key_part(record.run_id))
+        intent = (
+            latest.value.cancel
+            if latest is not None and latest.value.attempt == record.attempt
+            else None
+        )
+        ended, final = attempt_end(record, ended, intent)
+        await self._failed(record, ended, final=final, cause=cause)
+
+    async def _retrying(
+        self,
+        record: RunRecord,
+        step: Callable[[], Awaitable[None]],
+        *,
+        forever: bool = False,
+    ) -> None:
+        """Run ``step`` (idempotent: it records an outcome), again after a pause while the
+        state or the bus fails, up to SETTLE_TRIES times (``forever``: until it succeeds or
+        the service stops)."""
+        tries = 0
+        while True:
+            tries += 1
+            try:
+                await step()
+            except PermanentError:
+                raise  # trying again cannot help
+            except Exception as exc:
+                if not forever and tries >= SETTLE_TRIES:
+                    raise
+                pause = settle_pause_s(tries)
+                log.warning(
+                    "run.settle_retrying",
+                    run_id=record.run_id,
+                    attempt=record.attempt,
+                    error=repr(exc),
+                    in_s=pause,
+                )
+                await asyncio.sleep(pause)
+            else:
+                return
 
     async def _completed(self, record: RunRecord, cause: str | None) -> None:
         result = json.loads((self._root / "runs" / record.run_id / "result.json").read_text())

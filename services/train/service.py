@@ -9,8 +9,8 @@ from torchrelay.services.train.handlers import Trainer
 from torchrelay.services.train.settings import TrainOptions, TrainSettings
 from torchrelay.shared.bus import Subscription
 from torchrelay.shared.bus.principals import inbox_prefix
-from torchrelay.shared.cluster import Backend
-from torchrelay.shared.cluster.local import LocalBackend
+from torchrelay.shared.cluster import TrainingBackend
+from torchrelay.shared.cluster.registry import TrainingConfig, open_training_backend
 from torchrelay.shared.events import (
     DatasetStaged,
     TrainCancelRequested,
@@ -28,19 +28,16 @@ def _detect_gpus() -> int:
     return torch.cuda.device_count() if torch.cuda.is_available() else 0
 
 
-async def _backend(settings: TrainSettings) -> Backend:
+async def _backend(settings: TrainSettings) -> TrainingBackend:
     options = settings.train
-    if options.backend == "kubernetes":
-        from torchrelay.shared.cluster.kubernetes.api import connect
-        from torchrelay.shared.cluster.kubernetes.training import KubernetesBackend
-
-        api = await connect(settings.kube)
-        return KubernetesBackend(api, settings.kube)
-    return LocalBackend(
+    local = options.backend == "local"
+    config = TrainingConfig(
         max_world_size=options.max_world_size,
-        gpus=options.gpus if options.gpus is not None else _detect_gpus(),
+        gpus=(options.gpus if options.gpus is not None else _detect_gpus()) if local else 0,
         worker_env=_worker_nats_env(options),
+        kube=settings.kube,
     )
+    return await open_training_backend(options.backend, config)
 
 
 def _worker_nats_env(options: TrainOptions) -> dict[str, str]:

@@ -1,6 +1,31 @@
-"""Compute backends: the port (:mod:`.port`) and its local implementation (:mod:`.local`).
-The Kubernetes implementation is imported lazily by the service that chooses it."""
+"""Compute backends: the generic port (:mod:`.port`), the registry that opens one by name
+(:mod:`.registry`), local processes (:mod:`.local`, :mod:`.local_serving`) and Kubernetes
+(:mod:`.kubernetes`)."""
 
-from torchrelay.shared.cluster.port import Backend, Ended, Status, Unplaceable, WorkerJob
+from torchrelay.shared.cluster.port import (
+    Backend,
+    Description,
+    Ended,
+    ModelVersion,
+    NotReady,
+    Phase,
+    ServingBackend,
+    Status,
+    TrainingBackend,
+    Unplaceable,
+    WorkerJob,
+)
 
-__all__ = ["Backend", "Ended", "Status", "Unplaceable", "WorkerJob"]
+__all__ = [
+    "Backend",
+    "Description",
+    "Ended",
+    "ModelVersion",
+    "NotReady",
+    "Phase",
+    "ServingBackend",
+    "Status",
+    "TrainingBackend",
+    "Unplaceable",
+    "WorkerJob",
+]

@@ -22,7 +22,15 @@ from typing import BinaryIO
 import structlog
 
 from torchrelay.shared.cluster.lifeline import parent_env
-from torchrelay.shared.cluster.port import Ended, Status, Unplaceable, WorkerJob
+from torchrelay.shared.cluster.port import (
+    Description,
+    Ended,
+    Phase,
+    Status,
+    Unplaceable,
+    WorkerJob,
+)
+from torchrelay.shared.cluster.registry import TrainingConfig
 from torchrelay.shared.cluster.worker_spec import WORKER_ENV, WorkerSpec
 from torchrelay.shared.errors import NotOwned
 
@@ -121,9 +129,7 @@ class LocalBackend:
             )
         return LocalRequest(handle, ranks, str(rendezvous))
 
-    async def schedule(self, request: object) -> str:
-        if not isinstance(request, LocalRequest):
-            raise TypeError(f"the local backend schedules LocalRequest, not {type(request)}")
+    async def schedule(self, request: LocalRequest) -> str:
         log_files = await asyncio.to_thread(_prepare, request)
         processes = []
         try:
@@ -148,6 +154,20 @@ class LocalBackend:
         self._requests[request.handle] = request
         log.info("job.launched", handle=request.handle, pids=[p.pid for p in processes])
         return request.handle
+
+    async def describe(self, handle: str) -> Description | None:
+        """A job this replica runs: how many of its ranks are alive. Any other handle: None
+        (its ranks were another replica's children, or it has ended)."""
+        processes = self._jobs.get(handle)
+        if processes is None:
+            return None
+        alive = sum(p.returncode is None for p in processes)
+        failed = [r for r, p in enumerate(processes) if p.returncode not in (None, 0)]
+        if failed:
+            return Description(handle, Phase.FAILED, f"rank {failed[0]} exited")
+        if alive == 0:
+            return Description(handle, Phase.SUCCEEDED, "every rank finished")
+        return Description(handle, Phase.RUNNING, f"{alive} of {len(processes)} ranks running")
 
     async def wait(self, handle: str) -> Ended:
         processes = self._jobs[handle]
@@ -176,7 +196,7 @@ class LocalBackend:
             return Ended(Status.CANCELLED, "cancelled")
         return Ended(Status.SUCCEEDED, "every rank finished")
 
-    async def adopt(self, request: object) -> str | None:
+    async def adopt(self, request: LocalRequest) -> str | None:
         """Never: a rank is a child of the replica that started it, and died with it."""
         return None
 
@@ -198,6 +218,12 @@ class LocalBackend:
             # A job whose wait ended while an earlier one was being stopped is already gone.
             with contextlib.suppress(NotOwned):
                 await self.cancel(handle)
+
+
+async def open_training(config: TrainingConfig) -> LocalBackend:
+    return LocalBackend(
+        max_world_size=config.max_world_size, gpus=config.gpus, worker_env=config.worker_env
+    )
 
 
 def _prepare(request: LocalRequest) -> list[BinaryIO]:

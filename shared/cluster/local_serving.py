@@ -1,15 +1,19 @@
 """The local serving backend: model servers as processes on this machine.
 
-A version starts on private ports (one per process), where it is checked; once it passes it
-joins the model's stable port, which every version of that model shares through SO_REUSEPORT,
-so clients talk to the servers directly (no proxy hop). The port is reserved by a bound,
-non-listening socket held here, so nothing else takes it between versions. A retired version
-stops listening, finishes what it has (answering with ``Connection: close``) and exits.
+A version starts on private ports (one per process), where the deployer checks it; once it
+passes it joins the model's stable port, which every version of that model shares through
+SO_REUSEPORT, so clients talk to the servers directly (no proxy hop). The port is reserved by
+a bound, non-listening socket held here, so nothing else takes it between versions. A retired
+version stops listening, finishes what it has (answering with ``Connection: close``) and exits.
 
 Joining the stable port and retiring are asked over each server's admin socket, a unix socket
 of mode 0600 in the storage root's private ``serving/_admin`` folder: never over a port that
 serves inference, and open only to this user, so to the serve replicas on this machine (which
-find each other's servers through the sockets' paths in the deployment record).
+find each other's servers through the handle in the deployment record: it names the start
+whose sockets they are, and the model's port).
+
+The servers are children of the replica that started them and die with it (``parent_env``):
+another replica serves the model again (``adopt`` says None), on the same port.
 """
 
 from __future__ import annotations
@@ -18,19 +22,31 @@ import asyncio
 import contextlib
 import json
 import os
+import re
 import signal
 import socket
 import sys
 import uuid
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Coroutine, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 import structlog
 
 from torchrelay.shared.cluster.lifeline import parent_env
+from torchrelay.shared.cluster.port import (
+    Description,
+    Ended,
+    ModelVersion,
+    NotReady,
+    Phase,
+    Status,
+)
+from torchrelay.shared.cluster.registry import ServerOptions, ServingConfig
+from torchrelay.shared.errors import NotOwned
 
 log = structlog.get_logger("torchrelay.cluster.serving")
 SERVER_MODULE = "torchrelay.services.serve.server"
@@ -41,6 +57,7 @@ SUN_PATH_MAX = 107
 ADMIN_TIMEOUT = aiohttp.ClientTimeout(total=10)
 ADMIN_BASE = "http://model-server/admin"
 """The host part is never resolved: the admin connector dials the server's unix socket."""
+_HANDLE = re.compile(r"^local:([0-9a-f]{12}):(\d{1,5}):(\d{1,2})$")
 
 
 @contextlib.contextmanager
@@ -66,59 +83,257 @@ def socket_address(path: Path) -> Iterator[str]:
         os.close(folder)
 
 
-class StartFailed(Exception):
-    """A version's servers did not become ready; the reason carries their last log lines."""
-
-
-@dataclass
-class ServerProcess:
-    process: asyncio.subprocess.Process
-    log_path: Path
-    admin: Path
-    """The server's admin socket (serve-on, retire)."""
-    port: int = 0
-    """The server's private port: inference only, for the checks before it joins."""
-
-
-@dataclass
-class VersionHandle:
-    model: str
-    version: str
-    servers: list[ServerProcess] = field(default_factory=list)
-
-    @property
-    def private_urls(self) -> list[str]:
-        return [f"http://127.0.0.1:{s.port}" for s in self.servers]
-
-    @property
-    def admin_sockets(self) -> list[str]:
-        """Where the servers take control requests: what a replica needs to retire them."""
-        return [str(s.admin) for s in self.servers]
+@dataclass(frozen=True)
+class ServerLaunch:
+    argv: list[str]
+    env: dict[str, str]
+    log_path: str
+    admin_socket: str
 
 
 @dataclass(frozen=True)
-class ServerOptions:
-    max_batch_size: int = 64
-    max_delay_ms: float = 0.0
-    max_queue: int = 512
-    drain_s: float = 10.0
+class LocalServingRequest:
+    """What ``schedule`` starts: one process per server, each with its admin socket."""
+
+    model: str
+    version: str
+    start: str
+    """This start's id: names its log files and admin sockets (a version may start again)."""
+    servers: list[ServerLaunch]
+    replacing: str | None
 
 
-class LocalServing:
+@dataclass(frozen=True)
+class _Handle:
+    """What a handle says, to this backend alone: the start, the model's port, how many."""
+
+    start: str
+    port: int
+    servers: int
+
+    def __str__(self) -> str:
+        return f"local:{self.start}:{self.port}:{self.servers}"
+
+    @classmethod
+    def parse(cls, text: str | None) -> _Handle | None:
+        match = _HANDLE.match(text or "")
+        if match is None:
+            return None
+        return cls(match[1], int(match[2]), int(match[3]))
+
+
+@dataclass
+class _Server:
+    process: asyncio.subprocess.Process
+    log_path: Path
+    admin: Path
+    port: int = 0
+    """Its private port: inference only, for the checks before it joins."""
+
+
+@dataclass
+class _Version:
+    """A version whose servers are this replica's children."""
+
+    request: LocalServingRequest
+    handle: _Handle
+    servers: list[_Server] = field(default_factory=list)
+    ready: bool = False
+    promoted: bool = False
+    stopping: bool = False
+    ended: asyncio.Event = field(default_factory=asyncio.Event)
+
+
+class LocalServingBackend:
     name = "local"
 
     def __init__(
-        self, storage_root: Path, *, host: str = "127.0.0.1", options: ServerOptions | None = None
+        self,
+        storage_root: Path,
+        *,
+        host: str = "127.0.0.1",
+        options: ServerOptions | None = None,
+        ready_timeout_s: float = 60.0,
     ) -> None:
         self.root = storage_root
         self.admin_folder = storage_root.absolute() / "serving" / ADMIN_FOLDER
         self.host = host
         self.options = options or ServerOptions()
+        self.ready_timeout_s = ready_timeout_s
         self._reservations: dict[str, socket.socket] = {}
-        self._handles: list[VersionHandle] = []
+        self._versions: dict[str, _Version] = {}
+        self._tasks: set[asyncio.Task[None]] = set()
 
-    def model_dir(self, model: str, version: str) -> Path:
-        return self.root / "models" / model / version
+    # --- the request -------------------------------------------------------------------------
+
+    def check(self, work: ModelVersion) -> None:
+        """Anything this machine can start; a model that does not load fails ``ready``."""
+
+    def dryrun(self, work: ModelVersion) -> LocalServingRequest:
+        start = uuid.uuid4().hex[:12]
+        logs = self.root / "serving" / work.model / work.version
+        model_dir = self.root / "models" / work.model / work.version
+        servers = []
+        for index in range(work.replicas):
+            admin = self.admin_folder / f"{start}-{index}.sock"
+            argv = [
+                sys.executable, "-m", SERVER_MODULE,
+                "--model-dir", str(model_dir),
+                "--host", self.host, "--port", "0",
+                *self.options.args(),
+                "--admin-socket", str(admin),
+            ]  # fmt: skip
+            servers.append(
+                ServerLaunch(
+                    argv=argv,
+                    env={"OMP_NUM_THREADS": "1", **parent_env()},
+                    log_path=str(logs / f"server-{start}-{index}.log"),
+                    admin_socket=str(admin),
+                )
+            )
+        return LocalServingRequest(work.model, work.version, start, servers, work.replacing)
+
+    # --- the lifecycle ---------------------------------------------------------------------
+
+    async def schedule(self, request: LocalServingRequest) -> str:
+        """Start the servers on private ports; the model's port is reserved (the one the
+        replaced version has, so clients keep their address)."""
+        replaced = _Handle.parse(request.replacing)
+        try:
+            port = self.stable_port(request.model, replaced.port if replaced else None)
+        except OSError as exc:
+            raise NotReady(f"the model's port cannot be reserved here: {exc}") from exc
+        handle = _Handle(request.start, port, len(request.servers))
+        version = _Version(request, handle)
+        self._versions[str(handle)] = version
+        await asyncio.to_thread(self._folders, request)
+        try:
+            for launch in request.servers:
+                output = await asyncio.to_thread(Path(launch.log_path).open, "ab")
+                try:
+                    process = await asyncio.create_subprocess_exec(
+                        *launch.argv,
+                        stdin=asyncio.subprocess.DEVNULL,
+                        stdout=output,
+                        stderr=asyncio.subprocess.STDOUT,
+                        env={**os.environ, **launch.env},
+                        start_new_session=True,
+                    )
+                finally:
+                    output.close()
+                version.servers.append(
+                    _Server(process, Path(launch.log_path), Path(launch.admin_socket))
+                )
+        except BaseException:
+            await self._stop(version)
+            raise
+        self._supervise(self._watch(version), f"serve:{request.model}:{request.version}")
+        return str(handle)
+
+    async def ready(self, handle: str) -> list[str]:
+        version = self._own(handle)
+        try:
+            async with asyncio.timeout(self.ready_timeout_s):
+                await asyncio.gather(*(self._ready(server) for server in version.servers))
+        except (NotReady, TimeoutError) as exc:
+            await self._stop(version)
+            reason = str(exc) or f"not ready within {self.ready_timeout_s:g}s"
+            raise NotReady(f"version {version.request.version} did not start: {reason}") from exc
+        version.ready = True
+        return [f"http://127.0.0.1:{server.port}" for server in version.servers]
+
+    async def promote(self, handle: str) -> str:
+        version = self._own(handle)
+        model = version.request.model
+        if not version.promoted:
+            try:
+                port = self.stable_port(model, version.handle.port)
+                for server in version.servers:
+                    await self._admin(
+                        server.admin, "serve-on", {"port": str(port), "host": self.host}
+                    )
+            except (OSError, aiohttp.ClientError) as exc:
+                await self._stop(version)
+                raise NotReady(
+                    f"version {version.request.version} could not join its port: {exc}"
+                ) from exc
+            version.promoted = True
+            replaced = version.request.replacing
+            if replaced is not None and replaced != handle:
+                await self.cancel(replaced)
+        return self.endpoint(model, version.handle.port)
+
+    async def describe(self, handle: str) -> Description | None:
+        """This replica's servers from their processes; another replica's from whether their
+        admin sockets answer."""
+        version = self._versions.get(handle)
+        if version is not None:
+            alive = sum(s.process.returncode is None for s in version.servers)
+            detail = f"{alive} of {len(version.servers)} servers running"
+            if alive < len(version.servers):
+                return Description(handle, Phase.FAILED, detail)
+            return Description(handle, Phase.RUNNING if version.ready else Phase.PENDING, detail)
+        parsed = _Handle.parse(handle)
+        if parsed is None:
+            return None
+        answering = 0
+        for path in self._admin_sockets(parsed):
+            with contextlib.suppress(OSError):
+                with socket_address(path) as address:
+                    _, writer = await asyncio.wait_for(asyncio.open_unix_connection(address), 5)
+                writer.close()
+                await writer.wait_closed()
+                answering += 1
+        if answering == 0:
+            return None
+        return Description(
+            handle, Phase.RUNNING, f"{answering} of {parsed.servers} servers answer (elsewhere)"
+        )
+
+    async def wait(self, handle: str) -> Ended:
+        """Until the version's servers stop: cancelled or retired, or one of them died."""
+        version = self._versions.get(handle)
+        if version is None:
+            raise NotOwned(f"no local model servers {handle!r} run in this replica")
+        await version.ended.wait()
+        return self._ending(version)
+
+    async def adopt(self, request: LocalServingRequest) -> str | None:
+        """Never: model servers are children of the replica that started them."""
+        return None
+
+    async def cancel(self, handle: str) -> None:
+        """Stop a version's servers: this replica's by signal, another's by asking them to
+        retire over their admin sockets (they drain, then exit). Servers gone are skipped."""
+        version = self._versions.get(handle)
+        if version is not None:
+            if version.promoted:  # taking traffic: drain it
+                await self._retire(version)
+            else:
+                await self._stop(version)
+            return
+        parsed = _Handle.parse(handle)
+        if parsed is None:
+            log.warning("model_server.not_retired", handle=handle, reason="not a local handle")
+            return
+        for path in self._admin_sockets(parsed):
+            try:
+                await self._admin(path, "retire")
+            except (aiohttp.ClientError, OSError) as exc:  # OSError: timeouts too
+                # Most often the server is gone already (no socket, or nobody listening).
+                log.info("model_server.not_retired", server=str(path), reason=repr(exc))
+
+    async def aclose(self) -> None:
+        for version in list(self._versions.values()):
+            await self._stop(version)
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        for reservation in self._reservations.values():
+            reservation.close()
+        self._reservations.clear()
+
+    # --- the parts -------------------------------------------------------------------------
 
     def stable_port(self, model: str, port: int | None = None) -> int:
         """The model's port for good: reserved on first use, shared by all its versions (and
@@ -139,55 +354,72 @@ class LocalServing:
         bound: int = held.getsockname()[1]
         return bound
 
-    def endpoint(self, model: str) -> str:
-        return f"http://{self.host}:{self.stable_port(model)}/v2/models/{model}"
+    def endpoint(self, model: str, port: int) -> str:
+        return f"http://{self.host}:{port}/v2/models/{model}"
 
-    async def start(
-        self, model: str, version: str, replicas: int, timeout_s: float
-    ) -> VersionHandle:
-        handle = VersionHandle(model, version)
-        self._handles.append(handle)
-        folder = self.root / "serving" / model / version
-        await asyncio.to_thread(folder.mkdir, parents=True, exist_ok=True)
-        await asyncio.to_thread(self._private_admin_folder)
-        options = self.options
-        start = uuid.uuid4().hex[:8]  # a version may start again (rollback): fresh logs
-        for index in range(replicas):
-            log_path = folder / f"server-{start}-{index}.log"
-            # Short and unique across replicas and restarts: the path must fit a socket address.
-            admin = self.admin_folder / f"{uuid.uuid4().hex[:12]}.sock"
-            with log_path.open("ab") as output:
-                process = await asyncio.create_subprocess_exec(
-                    sys.executable, "-m", SERVER_MODULE,
-                    "--model-dir", str(self.model_dir(model, version)),
-                    "--host", self.host, "--port", "0",
-                    "--max-batch-size", str(options.max_batch_size),
-                    "--max-delay-ms", str(options.max_delay_ms),
-                    "--max-queue", str(options.max_queue),
-                    "--drain-s", str(options.drain_s),
-                    "--admin-socket", str(admin),
-                    stdin=asyncio.subprocess.DEVNULL,
-                    stdout=output,
-                    stderr=asyncio.subprocess.STDOUT,
-                    env={**os.environ, "OMP_NUM_THREADS": "1", **parent_env()},
-                    start_new_session=True,
-                )  # fmt: skip
-            handle.servers.append(ServerProcess(process, log_path, admin))
-        try:
-            async with asyncio.timeout(timeout_s):
-                await asyncio.gather(*(self._ready(server) for server in handle.servers))
-        except (StartFailed, TimeoutError) as exc:
-            await self.stop(handle)
-            reason = str(exc) if isinstance(exc, StartFailed) else f"not ready within {timeout_s}s"
-            raise StartFailed(reason) from exc
-        return handle
+    def _own(self, handle: str) -> _Version:
+        version = self._versions.get(handle)
+        if version is None:
+            raise NotOwned(f"no local model servers {handle!r} run in this replica")
+        return version
 
-    def _private_admin_folder(self) -> None:
+    def _admin_sockets(self, handle: _Handle) -> list[Path]:
+        return [self.admin_folder / f"{handle.start}-{i}.sock" for i in range(handle.servers)]
+
+    def _folders(self, request: LocalServingRequest) -> None:
+        for launch in request.servers:
+            Path(launch.log_path).parent.mkdir(parents=True, exist_ok=True)
         self.admin_folder.mkdir(mode=0o700, parents=True, exist_ok=True)
         # mkdir's mode is masked and ignored for a folder that exists: set it outright.
         self.admin_folder.chmod(0o700)
 
-    async def _ready(self, server: ServerProcess) -> None:
+    def _supervise(self, work: Coroutine[Any, Any, None], name: str) -> None:
+        """Background work of this backend: referenced until done, its failure logged."""
+        task = asyncio.get_running_loop().create_task(work, name=name)
+        self._tasks.add(task)
+
+        def done(task: asyncio.Task[None]) -> None:
+            self._tasks.discard(task)
+            if not task.cancelled() and task.exception() is not None:
+                log.error("serving.task_failed", task=name, error=repr(task.exception()))
+
+        task.add_done_callback(done)
+
+    async def _watch(self, version: _Version) -> None:
+        """Mark the version ended once any of its servers exits; stop the rest."""
+        waits = [asyncio.ensure_future(s.process.wait()) for s in version.servers]
+        try:
+            await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for wait in waits:
+                wait.cancel()
+        if not version.stopping:
+            crashed = [s for s in version.servers if s.process.returncode is not None]
+            log.warning(
+                "model_server.exited",
+                model=version.request.model,
+                version=version.request.version,
+                code=crashed[0].process.returncode if crashed else None,
+            )
+            await self._stop(version)
+        version.ended.set()
+
+    def _ending(self, version: _Version) -> Ended:
+        if version.stopping:
+            return Ended(Status.CANCELLED, "stopped")
+        for index, server in enumerate(version.servers):
+            code = server.process.returncode
+            if code not in (None, 0):
+                return Ended(
+                    Status.FAILED,
+                    f"model server {index} exited ({code})",
+                    rank=index,
+                    exit_code=code,
+                    log_tail=_tail(server.log_path),
+                )
+        return Ended(Status.FAILED, "the model servers exited")
+
+    async def _ready(self, server: _Server) -> None:
         while True:
             text = await asyncio.to_thread(server.log_path.read_text, errors="replace")
             for line in text.splitlines():
@@ -196,36 +428,8 @@ class LocalServing:
                     return
             if server.process.returncode is not None:
                 tail = " | ".join(list(deque(text.splitlines(), maxlen=5)))
-                raise StartFailed(f"the model server exited ({server.process.returncode}): {tail}")
+                raise NotReady(f"the model server exited ({server.process.returncode}): {tail}")
             await asyncio.sleep(0.05)
-
-    async def promote(self, handle: VersionHandle) -> str:
-        """Join the stable port; returns the model's endpoint."""
-        params = {"port": str(self.stable_port(handle.model)), "host": self.host}
-        for server in handle.servers:
-            await self._admin(server.admin, "serve-on", params)
-        return self.endpoint(handle.model)
-
-    async def retire(self, handle: VersionHandle) -> None:
-        """Stop taking connections, drain, exit (in the background; bounded by drain_s)."""
-        await self.retire_servers(handle.admin_sockets)
-        asyncio.get_running_loop().create_task(self._reap(handle), name=f"reap:{handle.version}")
-
-    async def retire_servers(self, admin_sockets: list[str]) -> None:
-        """Ask servers (this replica's or another's) to drain and exit, through their admin
-        sockets; gone ones are skipped."""
-        for entry in admin_sockets:
-            path = Path(entry)
-            if path.parent != self.admin_folder:
-                # Only sockets this backend hands out: not whatever path a record names (a
-                # record from before admin sockets holds the servers' private URLs).
-                log.warning("model_server.not_retired", server=entry, folder=self.admin_folder)
-                continue
-            try:
-                await self._admin(path, "retire")
-            except (aiohttp.ClientError, OSError) as exc:  # OSError: timeouts too
-                # Most often the server is gone already (no socket, or nobody listening).
-                log.info("model_server.not_retired", server=entry, reason=repr(exc))
 
     async def _admin(self, path: Path, action: str, params: dict[str, str] | None = None) -> None:
         with socket_address(path) as address:
@@ -236,36 +440,57 @@ class LocalServing:
             ):
                 response.raise_for_status()
 
-    async def _reap(self, handle: VersionHandle) -> None:
+    async def _retire(self, version: _Version) -> None:
+        """Stop taking connections, drain, exit; bounded by drain_s, then stopped."""
+        version.stopping = True
+        for server in version.servers:
+            try:
+                await self._admin(server.admin, "retire")
+            except (aiohttp.ClientError, OSError) as exc:
+                log.info("model_server.not_retired", server=str(server.admin), reason=repr(exc))
+        self._supervise(self._reap(version), f"reap:{version.request.version}")
+
+    async def _reap(self, version: _Version) -> None:
         try:
             async with asyncio.timeout(self.options.drain_s + 10):
-                await asyncio.gather(*(s.process.wait() for s in handle.servers))
+                await asyncio.gather(*(s.process.wait() for s in version.servers))
         except TimeoutError:
-            await self.stop(handle)
-        with contextlib.suppress(ValueError):
-            self._handles.remove(handle)
+            pass
+        await self._stop(version)
 
-    async def stop(self, handle: VersionHandle) -> None:
-        for server in handle.servers:
+    async def _stop(self, version: _Version) -> None:
+        version.stopping = True
+        servers = version.servers
+        for server in servers:
             if server.process.returncode is None:
                 with contextlib.suppress(ProcessLookupError):
                     os.killpg(server.process.pid, signal.SIGTERM)
         try:
             async with asyncio.timeout(10):
-                await asyncio.gather(*(s.process.wait() for s in handle.servers))
+                await asyncio.gather(*(s.process.wait() for s in servers))
         except TimeoutError:
-            for server in handle.servers:
+            for server in servers:
                 with contextlib.suppress(ProcessLookupError):
                     os.killpg(server.process.pid, signal.SIGKILL)
-            await asyncio.gather(*(s.process.wait() for s in handle.servers))
-        for server in handle.servers:
+            await asyncio.gather(*(s.process.wait() for s in servers))
+        for server in servers:
             server.admin.unlink(missing_ok=True)  # a killed server leaves its socket file
-        with contextlib.suppress(ValueError):
-            self._handles.remove(handle)
+        self._versions.pop(str(version.handle), None)
+        version.ended.set()
 
-    async def aclose(self) -> None:
-        for handle in list(self._handles):
-            await self.stop(handle)
-        for reservation in self._reservations.values():
-            reservation.close()
-        self._reservations.clear()
+
+def _tail(path: Path, lines: int = 20) -> list[str]:
+    try:
+        with path.open(errors="replace") as handle:
+            return [line.rstrip("\n")[:500] for line in deque(handle, maxlen=lines)]
+    except OSError:
+        return []
+
+
+async def open_serving(config: ServingConfig) -> LocalServingBackend:
+    return LocalServingBackend(
+        config.storage_root.resolve(),
+        host=config.host,
+        options=config.server,
+        ready_timeout_s=config.ready_timeout_s,
+    )

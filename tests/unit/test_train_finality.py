@@ -3,9 +3,19 @@ is; the monitor's cancel of a stalled attempt, like a crash, only with no restar
 
 from __future__ import annotations
 
+from datetime import UTC, datetime
+
 import pytest
 
-from torchrelay.services.train.domain import failure_is_final
+from torchrelay.services.train.domain import (
+    RunRecord,
+    attempt_end,
+    failure_is_final,
+    orphan_is_final,
+    settle_pause_s,
+)
+from torchrelay.shared.cluster import Ended, Status
+from torchrelay.shared.events.data import DatasetRef, TrainJobSpec
 
 
 @pytest.mark.parametrize("attempt", [0, 1, 2])
@@ -32,3 +42,55 @@ def test_a_crash_is_final_only_with_no_restart_left(restart_cancel: bool) -> Non
         )
 
     assert (final(0), final(1)) == (False, True)
+
+
+def run(attempt: int, max_restarts: int = 2) -> RunRecord:
+    spec = TrainJobSpec(
+        dataset=DatasetRef(name="digits", version="v1"),
+        entrypoint="torchrelay.services.train.examples.digits:train",
+        model_name="digits",
+        max_restarts=max_restarts,
+    )
+    return RunRecord(
+        run_id="r1",
+        spec=spec,
+        dataset_path="datasets/digits/v1",
+        status="running",
+        attempt=attempt,
+        owner="train-a",
+        updated=datetime.now(UTC),
+    )
+
+
+def test_a_deleted_job_with_a_cancel_intent_ends_as_cancelled_not_failed() -> None:
+    # Kubernetes reports a Job deleted by a cancel as a failure; the stored intent says why.
+    crashed = Ended(Status.FAILED, "job deleted", log_tail=["last line"])
+    ended, final = attempt_end(run(0), crashed, "final")
+    assert (ended.status, ended.reason, ended.log_tail, final) == (
+        Status.CANCELLED,
+        "cancelled",
+        ["last line"],
+        True,
+    )
+
+
+def test_a_restart_cancel_ends_the_attempt_as_cancelled_and_keeps_the_run() -> None:
+    ended, final = attempt_end(run(0), Ended(Status.FAILED, "job deleted"), "restart")
+    assert (ended.status, final) == (Status.CANCELLED, False)
+    _, final = attempt_end(run(2), Ended(Status.CANCELLED, "cancelled"), "restart")
+    assert final, "no restart left"
+
+
+def test_without_an_intent_a_failure_stays_a_failure() -> None:
+    failed = Ended(Status.FAILED, "rank 1 failed", rank=1, exit_code=1)
+    assert attempt_end(run(0), failed, None) == (failed, False)
+    assert attempt_end(run(2), failed, None) == (failed, True)
+
+
+def test_an_orphaned_attempt_fails_like_a_crash() -> None:
+    assert [orphan_is_final(run(a)) for a in (0, 1, 2)] == [False, False, True]
+
+
+def test_settling_waits_longer_each_try_up_to_a_cap() -> None:
+    pauses = [settle_pause_s(t, base_s=1.0, cap_s=30.0) for t in range(1, 8)]
+    assert pauses == [1.0, 2.0, 4.0, 8.0, 16.0, 30.0, 30.0]

@@ -17,7 +17,7 @@ from typing import Any
 
 import structlog
 
-from torchrelay.shared.cluster.kubernetes.api import KubeApi, Mirror
+from torchrelay.shared.cluster.kubernetes.api import KubeApi, Mirror, connect
 from torchrelay.shared.cluster.kubernetes.manifests import (
     GPU,
     attempt_selector,
@@ -26,7 +26,8 @@ from torchrelay.shared.cluster.kubernetes.manifests import (
 )
 from torchrelay.shared.cluster.kubernetes.options import KubeOptions
 from torchrelay.shared.cluster.kubernetes.outcome import attempt_outcome
-from torchrelay.shared.cluster.port import Ended, Status, WorkerJob
+from torchrelay.shared.cluster.port import Description, Ended, Phase, Status, WorkerJob
+from torchrelay.shared.cluster.registry import TrainingConfig
 from torchrelay.shared.errors import AlreadyExists, PermanentError
 
 log = structlog.get_logger("torchrelay.cluster.kubernetes")
@@ -68,9 +69,7 @@ class KubernetesBackend:
         selector = attempt_selector(job.run_id, job.attempt)
         return KubeRequest(job.run_id, job.attempt, manifest, selector)
 
-    async def schedule(self, request: object) -> str:
-        if not isinstance(request, KubeRequest):
-            raise TypeError(f"the kubernetes backend schedules KubeRequest, not {type(request)}")
+    async def schedule(self, request: KubeRequest) -> str:
         try:
             created = await self.api.create("Job", request.job)
         except AlreadyExists:
@@ -89,10 +88,8 @@ class KubernetesBackend:
         )
         return request.handle
 
-    async def adopt(self, request: object) -> str | None:
+    async def adopt(self, request: KubeRequest) -> str | None:
         """Watch an attempt another replica started, if its Job is still there."""
-        if not isinstance(request, KubeRequest):
-            raise TypeError(f"the kubernetes backend adopts KubeRequest, not {type(request)}")
         if await self.api.get("Job", request.handle) is None:
             return None
         self._requests[request.handle] = request
@@ -108,6 +105,31 @@ class KubernetesBackend:
                 f"a different job named {request.handle} exists in {self.api.namespace}"
             )
         return existing
+
+    async def describe(self, handle: str) -> Description | None:
+        """The Job's phase from its status (any replica may ask); None once it is gone."""
+        job = await self.api.get("Job", handle)
+        if job is None:
+            return None
+        status = job.get("status") or {}
+        conditions = {
+            c.get("type"): c for c in status.get("conditions") or [] if c.get("status") == "True"
+        }
+        counts = (
+            f"{status.get('active', 0)} active, {status.get('succeeded', 0)} succeeded, "
+            f"{status.get('failed', 0)} failed of {job['spec'].get('completions', 1)}"
+        )
+        if "Complete" in conditions:
+            return Description(handle, Phase.SUCCEEDED, counts)
+        if "Failed" in conditions:
+            reason = conditions["Failed"].get("message") or conditions["Failed"].get("reason")
+            return Description(handle, Phase.FAILED, f"{counts}: {reason}")
+        if status.get("failed"):
+            return Description(handle, Phase.FAILED, counts)
+        ready = status.get("ready")
+        if status.get("active") and (ready is None or ready > 0):
+            return Description(handle, Phase.RUNNING, counts)
+        return Description(handle, Phase.PENDING, counts)
 
     async def wait(self, handle: str) -> Ended:
         request = self._requests[handle]
@@ -166,3 +188,7 @@ class KubernetesBackend:
         """Jobs outlive this replica on purpose (another one can watch them); only the
         connection closes."""
         await self.api.client.close()
+
+
+async def open_training(config: TrainingConfig) -> KubernetesBackend:
+    return KubernetesBackend(await connect(config.kube), config.kube)
