@@ -30,7 +30,7 @@ from torchrelay.shared.pipelines import (
     judge_submission,
     pipeline_key,
 )
-from torchrelay.shared.state import State, key_part
+from torchrelay.shared.state import KvState, State, key_part
 
 DEMO = {
     "name": "digits-demo",
@@ -100,7 +100,7 @@ class Client:
         nc = await connect(NatsSettings(url=nats_url, startup_wait_s=10))
         bus = JetStreamBus(nc, source="/torchrelay/cli")
         await bus.ensure_stream()
-        return cls(bus, await State.open(nc.jetstream()))
+        return cls(bus, await KvState.open(nc.jetstream()))
 
     async def aclose(self) -> None:
         await self.bus.aclose()
@@ -141,7 +141,8 @@ class Client:
         self, pipeline_id: str, *, timeout_s: float, show: bool = True
     ) -> PipelineRecord:
         """Follow a pipeline to its end (see :func:`finished`), printing each stage change and
-        training progress.
+        training progress. The record is followed with a KV watch, so a change shows at once
+        and an idle wait sends nothing; :class:`TimeoutError` after ``timeout_s``.
 
         Raises :class:`PipelineRefused` when this client submitted ``pipeline_id`` and the
         platform refused it (the id holds another spec), rather than following that pipeline.
@@ -151,16 +152,19 @@ class Client:
         progress = await self.bus.nc.subscribe(
             "torchrelay.train.progress", cb=_progress(pipeline_id, show)
         )
-        deadline = time.monotonic() + timeout_s
+        deadline = asyncio.timeout(timeout_s)
         try:
-            while time.monotonic() < deadline:
-                record = await self.record(pipeline_id)
-                refused = refusal(record, submitted) if record and submitted else None
-                if refused is not None:
-                    if show:
-                        print(f"  refused {refused}", flush=True)  # noqa: T201
-                    raise refused
-                if record is not None:
+            async with deadline, self.pipelines.watch_key(pipeline_key(pipeline_id)) as updates:
+                # The record as it is now, then after each write: no polling.
+                async for item in updates:
+                    if item is None:  # not recorded yet (or no more)
+                        continue
+                    record = item.value
+                    refused = refusal(record, submitted) if submitted else None
+                    if refused is not None:
+                        if show:
+                            print(f"  refused {refused}", flush=True)  # noqa: T201
+                        raise refused
                     for name in STAGES:
                         stage = record.stages[name]
                         if show and seen.get(name) != stage.status:
@@ -169,10 +173,13 @@ class Client:
                             print(f"  {name:7s} {stage.status:9s} {note}", flush=True)  # noqa: T201
                     if finished(record):
                         return record
-                await asyncio.sleep(0.25)
+        except TimeoutError:
+            if not deadline.expired():
+                raise
+            raise TimeoutError(f"pipeline {pipeline_id} did not finish in {timeout_s}s") from None
         finally:
             await progress.unsubscribe()
-        raise TimeoutError(f"pipeline {pipeline_id} did not finish in {timeout_s}s")
+        raise ConnectionError(f"the watch of pipeline {pipeline_id} ended before it finished")
 
 
 def _short(detail: dict[str, Any]) -> str:

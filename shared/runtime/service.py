@@ -29,7 +29,7 @@ from torchrelay.shared.bus.port import Subscription
 from torchrelay.shared.runtime.http import build_app, start_http
 from torchrelay.shared.runtime.metrics import RuntimeMetrics
 from torchrelay.shared.runtime.settings import ServiceSettings
-from torchrelay.shared.state import State
+from torchrelay.shared.state import KvState, State
 from torchrelay.shared.state.presence import Presence
 
 S = TypeVar("S", bound=ServiceSettings)
@@ -126,7 +126,7 @@ async def _run(name: str, settings: S, factory: ServiceFactory[S], stop: asyncio
         deadline = _Deadline(settings.shutdown.deadline_s)
         stack.push_async_callback(lambda: bus.aclose(deadline.remaining()))
         await bus.ensure_stream()
-        state = await State.open(nc.jetstream(), replicas=settings.stream.replicas)
+        state = await KvState.open(nc.jetstream(), replicas=settings.stream.replicas)
         # Presence first: work this replica starts is known to be its own from the start.
         presence = Presence(state.leases, name, settings.instance)
         await presence.announce()

@@ -92,3 +92,10 @@ class ServiceSettings(BaseSettings):
         default_factory=_default_instance,
         description="This replica's name in logs and leases (the pod name in Kubernetes).",
     )
+    retention_s: float = Field(
+        default=7 * 24 * 3600.0,
+        ge=60,
+        description="Seconds a finished record (run, deployment, pipeline) is kept after it "
+        "finished; the NATS server then removes it (a per-message TTL). Default 7 days: long "
+        "enough to inspect a failure after a weekend, short enough that buckets stay small.",
+    )

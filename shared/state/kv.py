@@ -1,135 +1,184 @@
-"""Typed state over NATS JetStream KV buckets: compare-and-set on the revision, and leases.
+"""The state port over NATS JetStream KV buckets: compare-and-set on the revision, leases,
+per-message TTLs for retention, watches for live views.
 
-Buckets (``pipelines``, ``datasets``, ``runs``, ``models``, ``deployments``) hold status and
-lineage as pydantic models. Every update names the revision it read; a write based on a stale
-read raises :class:`StaleRevision` instead of overwriting someone else's change.
+Buckets (``pipelines``, ``datasets``, ``runs``, ``models``, ``deployments``, ``monitor``) hold
+status and lineage as pydantic models. Every update names the revision it read; a write based
+on a stale read raises :class:`StaleRevision` instead of overwriting someone else's change.
+
+Writes go through JetStream publishes with KV's own headers rather than nats-py's
+``KeyValue.put/update``, which can neither set a TTL on an update nor roll a key's history up.
+Needs nats-server 2.11 or later (per-message TTLs, subject delete markers).
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
-from collections.abc import Callable
-from dataclasses import dataclass
-from typing import Generic, TypeVar
+import math
+from collections.abc import AsyncIterator
+from typing import Any
 
 import nats.js.errors
 from nats.js import JetStreamContext, api
-from nats.js.kv import KeyValue
-from pydantic import BaseModel, ValidationError
+from nats.js.kv import KV_DEL, KV_MARKER_REASON, KV_OP, KV_PURGE, KeyValue
 
-from torchrelay.shared.errors import AlreadyExists, LeaseLost, PermanentError, StaleRevision
+from torchrelay.shared.errors import AlreadyExists, LeaseLost, StaleRevision
+from torchrelay.shared.state.keys import check_key, check_ttl
+from torchrelay.shared.state.port import BUCKETS, LEASE_BUCKET, Lease, M
+from torchrelay.shared.state.typed import TypedStore
+from torchrelay.shared.state.views import Entry
 
-BUCKETS = ("pipelines", "datasets", "runs", "models", "deployments", "monitor")
-LEASE_BUCKET = "leases"
-
-M = TypeVar("M", bound=BaseModel)
-
-
-@dataclass(frozen=True, slots=True)
-class Versioned(Generic[M]):
-    """A value together with the revision it was read at."""
-
-    key: str
-    value: M
-    revision: int
+# How long the server keeps the marker it writes when a TTL removes a key's last value. A
+# watcher sees expiries through these markers; one reconnecting within this time still sees
+# them (live views also resync). A value written with a shorter TTL lives this long instead:
+# the server never removes a value before its marker could be placed.
+DEFAULT_MARKER_TTL_S = 300.0
+# JSStreamWrongLastSequenceErrF and its constant variant: a compare-and-set lost.
+_WRONG_LAST = (10071, 10164)
 
 
-class CorruptState(PermanentError):
-    """A stored value does not parse as its model (written by a foreign or older writer)."""
+def _ttl_header(ttl_s: float) -> str:
+    # nats-py sends str(int(ttl)), truncating 1.5 s to 1 s; a Go duration keeps milliseconds.
+    return f"{math.ceil(ttl_s * 1000)}ms"
 
 
 async def open_bucket(
-    js: JetStreamContext, bucket: str, *, history: int = 5, replicas: int = 1
+    js: JetStreamContext,
+    bucket: str,
+    *,
+    history: int = 5,
+    replicas: int = 1,
+    marker_ttl_s: float | None = None,
 ) -> KeyValue:
-    """Open a KV bucket, creating it on first use (idempotent across replicas)."""
+    """Open a KV bucket, creating it on first use (idempotent across replicas).
+
+    The bucket allows per-message TTLs; with ``marker_ttl_s`` the server also marks a key a TTL
+    removed, so watchers see the expiry. A bucket created before either existed is upgraded in
+    place (a stream config update; the data stays).
+    """
     try:
-        return await js.key_value(bucket)
-    except nats.js.errors.BucketNotFoundError:
-        pass
-    config = api.KeyValueConfig(
-        bucket=bucket, history=history, replicas=replicas, storage=api.StorageType.FILE
-    )
-    try:
-        return await js.create_key_value(config)
-    except nats.js.errors.BadRequestError:
-        # Another replica created it between our lookup and create.
-        return await js.key_value(bucket)
-
-
-class Store(Generic[M]):
-    """One bucket of one model type."""
-
-    def __init__(self, kv: KeyValue, model: type[M], bucket: str) -> None:
-        self._kv = kv
-        self._model = model
-        self.bucket = bucket
-
-    def _decode(self, key: str, raw: bytes | None) -> M:
+        info = await js.stream_info(f"KV_{bucket}")
+    except nats.js.errors.NotFoundError:
+        config = api.KeyValueConfig(
+            bucket=bucket,
+            history=history,
+            replicas=replicas,
+            storage=api.StorageType.FILE,
+            limit_marker_ttl=marker_ttl_s,
+        )
         try:
-            return self._model.model_validate_json(raw or b"")
-        except ValidationError as exc:
-            raise CorruptState(
-                f"{self.bucket}/{key} does not parse as {self._model.__name__}: "
-                f"{exc.error_count()} problem(s), first {exc.errors()[0]['msg']}"
-            ) from exc
+            return await js.create_key_value(config)
+        except nats.js.errors.BadRequestError:
+            # Another replica created it between our lookup and create.
+            return await js.key_value(bucket)
+    stream = info.config
+    wanted_markers = marker_ttl_s or stream.subject_delete_marker_ttl
+    if not stream.allow_msg_ttl or stream.subject_delete_marker_ttl != wanted_markers:
+        stream.allow_msg_ttl = True
+        stream.subject_delete_marker_ttl = wanted_markers
+        await js.update_stream(stream)
+    return await js.key_value(bucket)
 
-    async def get(self, key: str) -> Versioned[M] | None:
-        try:
-            entry = await self._kv.get(key)
-        except (nats.js.errors.KeyNotFoundError, nats.js.errors.KeyDeletedError):
+
+def _live(msg: api.RawStreamMsg) -> bool:
+    """Whether a stored message is a value, not a delete, purge or server marker."""
+    headers = msg.headers or {}
+    deleted = headers.get(KV_OP) in (KV_DEL, KV_PURGE) or KV_MARKER_REASON in headers
+    return bool(msg.data) and not deleted
+
+
+class _Changes:
+    """A KV watcher's entries as :class:`Entry` items (deletes and markers carry no data)."""
+
+    def __init__(self, watcher: Any) -> None:
+        self._watcher = watcher
+
+    def __aiter__(self) -> _Changes:
+        return self
+
+    async def __anext__(self) -> Entry | None:
+        entry = await self._watcher.__anext__()
+        if entry is None:
             return None
-        return Versioned(key, self._decode(key, entry.value), entry.revision or 0)
+        gone = entry.operation in (KV_DEL, KV_PURGE) or not entry.value
+        return Entry(entry.key, None if gone else entry.value, entry.revision or 0)
 
-    async def create(self, key: str, value: M) -> int:
-        """Store a new key; :class:`AlreadyExists` if it is there."""
+
+class KvBucket:
+    """A bucket's byte-level operations, shared by typed stores and leases."""
+
+    def __init__(self, kv: KeyValue, bucket: str) -> None:
+        self.kv = kv
+        self.bucket = bucket
+        self._js: JetStreamContext = kv._js  # nats-py's KeyValue keeps no public handle
+        self._stream = f"KV_{bucket}"
+
+    def _subject(self, key: str) -> str:
+        return f"$KV.{self.bucket}.{key}"
+
+    async def last(self, key: str) -> api.RawStreamMsg | None:
+        """The key's last message, markers included; None when the subject holds nothing."""
         try:
-            return int(await self._kv.create(key, value.model_dump_json().encode()))
-        except nats.js.errors.KeyWrongLastSequenceError as exc:
-            raise AlreadyExists(self.bucket, key) from exc
+            msg: api.RawStreamMsg = await self._js.get_msg(
+                self._stream, subject=self._subject(key), direct=self.kv._direct
+            )
+        except nats.js.errors.NotFoundError:
+            return None
+        return msg
 
-    async def put(self, key: str, value: M) -> int:
-        """Overwrite unconditionally (last writer wins); prefer :meth:`update`."""
-        return int(await self._kv.put(key, value.model_dump_json().encode()))
+    async def read(self, key: str) -> Entry | None:
+        msg = await self.last(key)
+        if msg is None or not _live(msg):
+            return None
+        return Entry(key, msg.data, msg.seq or 0)
 
-    async def update(self, key: str, value: M, *, revision: int) -> int:
-        """Write only if the key is still at ``revision``; :class:`StaleRevision` otherwise."""
+    async def publish(self, key: str, data: bytes, *, last: int | None, ttl_s: float | None) -> int:
+        """One write; nats' APIError as it comes (a lost compare-and-set included)."""
+        headers: dict[str, str] = {}
+        if last is not None:
+            headers[api.Header.EXPECTED_LAST_SUBJECT_SEQUENCE] = str(last)
+        if ttl_s is not None:
+            headers[api.Header.MSG_TTL] = _ttl_header(ttl_s)
+            # Earlier revisions go now: when the TTL removes this one, none of them resurfaces.
+            headers[api.Header.ROLLUP] = "sub"
+        ack = await self._js.publish(self._subject(key), data, headers=headers or None)
+        return int(ack.seq)
+
+    async def write(self, key: str, data: bytes, *, last: int | None, ttl_s: float | None) -> int:
+        """See :meth:`TypedStore._write`."""
+        check_ttl(ttl_s)
         try:
-            return int(await self._kv.update(key, value.model_dump_json().encode(), last=revision))
-        except nats.js.errors.KeyWrongLastSequenceError as exc:
-            raise StaleRevision(self.bucket, key, revision) from exc
-
-    async def mutate(
-        self, key: str, change: Callable[[M | None], M | None], *, attempts: int = 10
-    ) -> Versioned[M] | None:
-        """Read, apply ``change`` (pure: returns the new value, or None for no write), and
-        compare-and-set, re-reading on conflict. Returns what is stored afterwards."""
-        for _ in range(attempts):
-            current = await self.get(key)
-            new = change(current.value if current else None)
-            if new is None:
-                return current
-            try:
-                if current is None:
-                    revision = await self.create(key, new)
-                else:
-                    revision = await self.update(key, new, revision=current.revision)
-            except (AlreadyExists, StaleRevision):
-                continue
-            return Versioned(key, new, revision)
-        raise StaleRevision(self.bucket, key, None)
+            return await self.publish(key, data, last=last, ttl_s=ttl_s)
+        except nats.js.errors.APIError as exc:
+            if exc.err_code not in _WRONG_LAST:
+                raise
+            if last != 0:
+                raise StaleRevision(self.bucket, key, last) from exc
+            conflict = exc
+        # A create found a message: a value (it exists), or a delete or expiry marker, which
+        # a create may replace (nats-py's own create knows its delete markers, not the
+        # server's expiry markers).
+        found = await self.last(key)
+        if found is not None and not _live(found):
+            with contextlib.suppress(StaleRevision):
+                return await self.write(key, data, last=found.seq, ttl_s=ttl_s)
+        raise AlreadyExists(self.bucket, key) from conflict
 
     async def delete(self, key: str, *, revision: int | None = None) -> None:
+        headers = {KV_OP: KV_DEL}
+        if revision is not None:
+            headers[api.Header.EXPECTED_LAST_SUBJECT_SEQUENCE] = str(revision)
         try:
-            await self._kv.delete(key, last=revision)
-        except nats.js.errors.KeyWrongLastSequenceError as exc:
-            raise StaleRevision(self.bucket, key, revision) from exc
+            await self._js.publish(self._subject(key), b"", headers=headers)
+        except nats.js.errors.APIError as exc:
+            if exc.err_code in _WRONG_LAST:
+                raise StaleRevision(self.bucket, key, revision) from exc
+            raise
 
-    async def keys(self, prefix: str = "") -> list[str]:
-        """Keys, or only those under ``prefix.``; the server does the filtering (nats-py's own
+    async def keys(self, pattern: str) -> list[str]:
+        """Keys matching ``pattern``; the server does the filtering (nats-py's own
         ``keys(filters=...)`` lists every key and matches substrings client-side)."""
-        watcher = await self._kv.watch(
-            f"{prefix}.>" if prefix else ">", ignore_deletes=True, meta_only=True
-        )
+        watcher = await self.kv.watch(pattern, ignore_deletes=True, meta_only=True)
         found = []
         try:
             async for entry in watcher:
@@ -140,103 +189,109 @@ class Store(Generic[M]):
             await watcher.stop()  # type: ignore[no-untyped-call]
         return sorted(found)
 
-    async def items(self, prefix: str = "") -> list[Versioned[M]]:
-        found = []
-        for key in await self.keys(prefix):
-            item = await self.get(key)
-            if item is not None:
-                found.append(item)
-        return found
+    @contextlib.asynccontextmanager
+    async def feed(self, pattern: str) -> AsyncIterator[AsyncIterator[Entry | None]]:
+        watcher = await self.kv.watch(pattern)
+        try:
+            yield _Changes(watcher)
+        finally:
+            # The connection may be gone (closed, or down): nothing is left to stop then.
+            with contextlib.suppress(Exception):
+                await watcher.stop()  # type: ignore[no-untyped-call]
 
 
-@dataclass(frozen=True, slots=True)
-class Lease:
-    name: str
-    holder: str
-    revision: int
-    ttl_s: float
+class KvStore(TypedStore[M]):
+    """One bucket of one model type, in NATS JetStream KV."""
+
+    def __init__(self, kv: KeyValue, model: type[M], bucket: str) -> None:
+        super().__init__(model, bucket)
+        self._bucket = KvBucket(kv, bucket)
+
+    async def _read(self, key: str) -> Entry | None:
+        return await self._bucket.read(key)
+
+    async def _write(self, key: str, data: bytes, *, last: int | None, ttl_s: float | None) -> int:
+        return await self._bucket.write(key, data, last=last, ttl_s=ttl_s)
+
+    async def delete(self, key: str, *, revision: int | None = None) -> None:
+        await self._bucket.delete(check_key(key), revision=revision)
+
+    async def keys(self, prefix: str = "") -> list[str]:
+        return await self._bucket.keys(self._pattern(prefix))
+
+    def _feed(
+        self, pattern: str
+    ) -> contextlib.AbstractAsyncContextManager[AsyncIterator[Entry | None]]:
+        return self._bucket.feed(pattern)
 
 
-class Leases:
+class KvLeases:
     """Exclusive, expiring ownership of a name (one replica restarts a run, not two).
 
     A lease is a key whose message carries a per-message TTL: the server removes it when the
     holder stops renewing, so a crashed holder never blocks the others for longer than the TTL.
     """
 
-    def __init__(self, js: JetStreamContext, kv: KeyValue, bucket: str = LEASE_BUCKET) -> None:
-        self._js = js
-        self._kv = kv
-        self._bucket = bucket
+    def __init__(self, kv: KeyValue, bucket: str = LEASE_BUCKET) -> None:
+        self._bucket = KvBucket(kv, bucket)
 
     async def acquire(self, name: str, holder: str, ttl_s: float) -> Lease | None:
-        """Take the lease if nobody holds it; None when another holder has it."""
         payload = json.dumps({"holder": holder}).encode()
         try:
-            revision = await self._kv.create(name, payload, msg_ttl=ttl_s)
-        except nats.js.errors.KeyWrongLastSequenceError:
+            revision = await self._bucket.write(check_key(name), payload, last=0, ttl_s=ttl_s)
+        except AlreadyExists:
             return None
-        return Lease(name, holder, int(revision), ttl_s)
+        return Lease(name, holder, revision, ttl_s)
 
     async def renew(self, lease: Lease) -> Lease:
-        """Extend the lease by its TTL; :class:`LeaseLost` if it expired or changed hands."""
+        payload = json.dumps({"holder": lease.holder}).encode()
         try:
-            ack = await self._js.publish(
-                f"$KV.{self._bucket}.{lease.name}",
-                json.dumps({"holder": lease.holder}).encode(),
-                headers={api.Header.EXPECTED_LAST_SUBJECT_SEQUENCE: str(lease.revision)},
-                msg_ttl=lease.ttl_s,
+            revision = await self._bucket.publish(
+                lease.name, payload, last=lease.revision, ttl_s=lease.ttl_s
             )
         except nats.js.errors.APIError as exc:
             raise LeaseLost(f"lease {lease.name} held by {lease.holder} was lost") from exc
-        return Lease(lease.name, lease.holder, int(ack.seq), lease.ttl_s)
+        return Lease(lease.name, lease.holder, revision, lease.ttl_s)
 
     async def holder(self, name: str) -> str | None:
-        """Who holds the lease now, or None when nobody does (never taken, released, expired)."""
-        try:
-            entry = await self._kv.get(name)
-        except nats.js.errors.KeyNotFoundError:
+        entry = await self._bucket.read(check_key(name))
+        if entry is None or entry.data is None:
             return None
-        if not entry.value:
-            return None
-        held: str = json.loads(entry.value)["holder"]
+        held: str = json.loads(entry.data)["holder"]
         return held
 
     async def release(self, lease: Lease) -> None:
-        """Give the lease up; a lease already lost is not an error."""
-        try:
-            await self._kv.delete(lease.name, last=lease.revision)
-        except nats.js.errors.KeyWrongLastSequenceError:
-            return
+        with contextlib.suppress(StaleRevision):
+            await self._bucket.delete(lease.name, revision=lease.revision)
 
 
-class State:
-    """All of torchrelay's buckets, opened once per service."""
+class KvState:
+    """All of torchrelay's buckets in NATS JetStream KV, opened once per service."""
 
-    def __init__(self, js: JetStreamContext, kvs: dict[str, KeyValue]) -> None:
-        self._js = js
+    def __init__(self, kvs: dict[str, KeyValue]) -> None:
         self._kvs = kvs
-        self.leases = Leases(js, kvs[LEASE_BUCKET])
+        self.leases = KvLeases(kvs[LEASE_BUCKET])
 
     @classmethod
-    async def open(cls, js: JetStreamContext, *, replicas: int = 1) -> State:
-        kvs = {name: await open_bucket(js, name, replicas=replicas) for name in BUCKETS}
+    async def open(
+        cls,
+        js: JetStreamContext,
+        *,
+        replicas: int = 1,
+        marker_ttl_s: float = DEFAULT_MARKER_TTL_S,
+    ) -> KvState:
+        """Open (creating or upgrading) every bucket. ``marker_ttl_s``: see
+        :data:`DEFAULT_MARKER_TTL_S`; the lease bucket has no markers, so a lease's TTL is
+        exact."""
+        kvs = {
+            name: await open_bucket(js, name, replicas=replicas, marker_ttl_s=marker_ttl_s)
+            for name in BUCKETS
+        }
         kvs[LEASE_BUCKET] = await open_bucket(js, LEASE_BUCKET, history=1, replicas=replicas)
-        return cls(js, kvs)
+        return cls(kvs)
 
-    def store(self, bucket: str, model: type[M]) -> Store[M]:
-        if bucket not in self._kvs:
-            raise KeyError(f"unknown bucket {bucket!r}; known: {sorted(self._kvs)}")
-        return Store(self._kvs[bucket], model, bucket)
-
-
-def key_part(text: str) -> str:
-    """Make ``text`` safe inside a KV key (NATS allows ``[-/_=.A-Za-z0-9]``): other characters
-    become ``=XX`` hex escapes, and ``.`` too, since it separates key parts."""
-    safe = []
-    for char in text:
-        if char.isascii() and (char.isalnum() or char in "-_"):
-            safe.append(char)
-        else:
-            safe.extend(f"={byte:02X}" for byte in char.encode())
-    return "".join(safe)
+    def store(self, bucket: str, model: type[M]) -> KvStore[M]:
+        if bucket not in self._kvs or bucket == LEASE_BUCKET:
+            known = sorted(set(self._kvs) - {LEASE_BUCKET})
+            raise KeyError(f"unknown bucket {bucket!r}; known: {known}")
+        return KvStore(self._kvs[bucket], model, bucket)

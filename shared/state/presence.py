@@ -17,7 +17,8 @@ from collections.abc import AsyncIterator
 import structlog
 
 from torchrelay.shared.errors import ConfigError, LeaseLost
-from torchrelay.shared.state.kv import Lease, Leases, key_part
+from torchrelay.shared.state.keys import key_part
+from torchrelay.shared.state.port import Lease, Leases
 
 log = structlog.get_logger("torchrelay.presence")
 PRESENCE_TTL_S = 10.0
@@ -88,24 +89,62 @@ async def exclusive(
     leases: Leases, name: str, holder: str, *, ttl_s: float = 15.0, poll_s: float = 0.2
 ) -> AsyncIterator[None]:
     """Hold the lease ``name`` for the body, waiting for it when another holder has it, and
-    renewing it in the background (a crashed holder blocks the others for at most ``ttl_s``)."""
+    renewing it in the background (a crashed holder blocks the others for at most ``ttl_s``).
+
+    Losing the lease ends the body: it is cancelled where it awaits and :class:`LeaseLost`
+    leaves the ``async with`` (another holder may already be inside, so the body must not go
+    on). The lease is lost when a renewal finds it expired or taken, or when renewals keep
+    failing (NATS unreachable) until ``ttl_s`` has passed since the last one that landed.
+    """
     # Polling: a lease's expiry is a server-side TTL that announces nothing.
     while (lease := await leases.acquire(name, holder, ttl_s)) is None:  # noqa: ASYNC110
         await asyncio.sleep(poll_s)
     held = lease
+    body = asyncio.current_task()
+    if body is None:
+        raise RuntimeError("exclusive() runs inside an asyncio task")
+    inside = True
+    lost: LeaseLost | None = None
 
     async def renew() -> None:
-        nonlocal held
-        while True:
-            await asyncio.sleep(ttl_s / 3)
-            held = await leases.renew(held)
+        nonlocal held, lost
+        renewed = time.monotonic()
+        try:
+            while True:
+                await asyncio.sleep(ttl_s / 3)
+                try:
+                    held = await leases.renew(held)
+                    renewed = time.monotonic()
+                except LeaseLost:
+                    raise
+                except Exception as exc:  # a NATS hiccup: retry while the lease may still hold
+                    if time.monotonic() - renewed >= ttl_s:
+                        raise LeaseLost(f"{holder} could not renew lease {name}") from exc
+                    log.warning("lease.renew_failed", lease=name, error=repr(exc))
+        except LeaseLost as exc:
+            lost = exc
+            log.warning("lease.lost", lease=name, holder=holder)
+            # Only while the body runs: once it is back here, it finishes its own exit.
+            if inside:
+                body.cancel(f"lease {name} lost")
 
     renewer = asyncio.create_task(renew(), name=f"lease:{name}")
     try:
         yield
+    except asyncio.CancelledError:
+        inside = False
+        # Our cancel, and nobody else's: turn it into the reason. Any other cancel wins.
+        if lost is not None and body.uncancel() == 0:
+            raise lost from lost.__cause__
+        raise
     finally:
+        inside = False
         renewer.cancel()
-        with contextlib.suppress(asyncio.CancelledError, LeaseLost):
+        with contextlib.suppress(asyncio.CancelledError):
             await renewer
         with contextlib.suppress(Exception):
             await leases.release(held)
+    if lost is not None:  # the body swallowed our cancel, or finished as the lease went
+        if body.cancelling():
+            body.uncancel()
+        raise lost

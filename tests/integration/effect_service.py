@@ -20,7 +20,7 @@ from torchrelay.shared.bus.port import Subscription
 from torchrelay.shared.errors import AlreadyExists
 from torchrelay.shared.events import AnyEvent, DatasetStaged
 from torchrelay.shared.runtime import Platform, Service, ServiceSettings, service_main
-from torchrelay.shared.state import Store, open_bucket
+from torchrelay.shared.state import KvStore, open_bucket
 
 EFFECTS_BUCKET = "test-effects"
 ATTEMPTS_BUCKET = "test-attempts"
@@ -37,8 +37,8 @@ class Attempts(BaseModel):
 @asynccontextmanager
 async def build(platform: Platform[ServiceSettings]) -> AsyncIterator[Service]:
     js = platform.bus.nc.jetstream()
-    effects = Store(await open_bucket(js, EFFECTS_BUCKET), Effect, EFFECTS_BUCKET)
-    counts = Store(await open_bucket(js, ATTEMPTS_BUCKET), Attempts, ATTEMPTS_BUCKET)
+    effects = KvStore(await open_bucket(js, EFFECTS_BUCKET), Effect, EFFECTS_BUCKET)
+    counts = KvStore(await open_bucket(js, ATTEMPTS_BUCKET), Attempts, ATTEMPTS_BUCKET)
     hold_s = float(os.environ.get("EFFECT_HOLD_S", "0"))
 
     async def handle(event: AnyEvent) -> None:
@@ -67,7 +67,9 @@ async def build(platform: Platform[ServiceSettings]) -> AsyncIterator[Service]:
 
 async def attempts(bus: JetStreamBus, event_id: str) -> int:
     """How many times the effect service's handler started on this event (read by tests)."""
-    store = Store(await open_bucket(bus.nc.jetstream(), ATTEMPTS_BUCKET), Attempts, ATTEMPTS_BUCKET)
+    store = KvStore(
+        await open_bucket(bus.nc.jetstream(), ATTEMPTS_BUCKET), Attempts, ATTEMPTS_BUCKET
+    )
     found = await store.get(event_id)
     return found.value.count if found is not None else 0
 

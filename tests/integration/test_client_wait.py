@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import time
 from datetime import UTC, datetime
 
 import pytest
@@ -62,5 +64,41 @@ async def test_waiting_on_an_existing_pipeline_of_the_same_spec_follows_it(
         await client.pipelines.create(pipeline_key("nightly-42"), record)
         pipeline_id = await client.submit(SPEC, pipeline_id="nightly-42")
         assert await client.wait(pipeline_id, timeout_s=20, show=False) == record
+    finally:
+        await client.aclose()
+
+
+async def test_a_wait_returns_as_soon_as_the_record_ends_and_not_before(nats_url: str) -> None:
+    client = await Client.connect(nats_url)
+    try:
+        key = pipeline_key("nightly-43")
+        record = PipelineRecord(
+            pipeline_id="nightly-43", spec=SPEC, submitted=datetime.now(UTC), status="running"
+        )
+        revision = await client.pipelines.create(key, record)
+        waiting = asyncio.create_task(client.wait("nightly-43", timeout_s=20, show=False))
+        await asyncio.sleep(0.3)
+        assert not waiting.done(), "a running pipeline is followed on"
+        revision = await client.pipelines.update(key, record, revision=revision)  # no change
+        ended = record.model_copy(update={"status": "failed"})
+        started = time.monotonic()
+        await client.pipelines.update(key, ended, revision=revision)
+        assert await asyncio.wait_for(waiting, 5) == ended
+        assert time.monotonic() - started < 1.0, "the watch saw the write, nothing polled"
+    finally:
+        await client.aclose()
+
+
+async def test_a_wait_on_a_pipeline_that_never_ends_times_out(nats_url: str) -> None:
+    client = await Client.connect(nats_url)
+    try:
+        with pytest.raises(TimeoutError, match=r"nightly-44 did not finish in 0\.5s"):
+            await client.wait("nightly-44", timeout_s=0.5, show=False)
+        running = PipelineRecord(
+            pipeline_id="nightly-45", spec=SPEC, submitted=datetime.now(UTC), status="running"
+        )
+        await client.pipelines.create(pipeline_key("nightly-45"), running)
+        with pytest.raises(TimeoutError, match="nightly-45 did not finish"):
+            await client.wait("nightly-45", timeout_s=0.5, show=False)
     finally:
         await client.aclose()

@@ -32,7 +32,7 @@ from torchrelay.shared.events.data import (
     PipelineSubmittedData,
 )
 from torchrelay.shared.pipelines import PipelineRecord, pipeline_key, record_stage
-from torchrelay.shared.state import State, Store, Versioned
+from torchrelay.shared.state import KvState, Store, Versioned
 from torchrelay.shared.testing import assert_eventually
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(180)]
@@ -255,7 +255,7 @@ def submitted(spec: PipelineSpec, pipeline_id: str) -> PipelineSubmitted:
 
 
 async def pipelines_of(bus: JetStreamBus) -> Store[PipelineRecord]:
-    return (await State.open(bus.nc.jetstream())).store("pipelines", PipelineRecord)
+    return (await KvState.open(bus.nc.jetstream())).store("pipelines", PipelineRecord)
 
 
 async def publish_and_wait_handled(bus: JetStreamBus, event: PipelineSubmitted) -> None:

@@ -20,7 +20,7 @@ from torchrelay.shared.bus.jetstream import JetStreamBus
 from torchrelay.shared.cluster.kubernetes.manifests import job_name
 from torchrelay.shared.events import TrainCancelRequested, TrainCompleted, TrainFailed, TrainStarted
 from torchrelay.shared.events.data import TrainCancelRequestedData
-from torchrelay.shared.state import State, key_part
+from torchrelay.shared.state import KvState, key_part
 from torchrelay.shared.testing import assert_eventually
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(120)]
@@ -195,7 +195,7 @@ async def test_cancel_deletes_the_job_and_ends_the_run_as_cancelled(
     for pod in emulator.start_job_pods(job):
         emulator.set_status("pods", pod, {"phase": "Running"})
     await watcher.one(TrainStarted, run_id="k8s-stop", timeout_s=20)
-    runs = (await State.open(publisher.nc.jetstream())).store("runs", RunRecord)
+    runs = (await KvState.open(publisher.nc.jetstream())).store("runs", RunRecord)
     run = await runs.get(key_part("k8s-stop"))
     assert run is not None
     assert run.value.handle == job, "the handle schedule() returned is what the record keeps"

@@ -16,7 +16,7 @@ from torchrelay.services.monitor.settings import MonitorOptions
 from torchrelay.shared.events import AnyEvent, PipelineSubmitted
 from torchrelay.shared.events.data import PipelineSpec, PipelineSubmittedData
 from torchrelay.shared.pipelines import PipelineRecord, pipeline_key
-from torchrelay.shared.state import State
+from torchrelay.shared.state import KvState, State
 
 pytestmark = pytest.mark.timeout(60)
 SPEC = PipelineSpec.model_validate(DEMO)
@@ -29,7 +29,7 @@ async def _ignore(_: AnyEvent) -> bool:
 @pytest.fixture
 async def state(nats_url: str) -> AsyncIterator[State]:
     nc = await nats.connect(nats_url)
-    yield await State.open(nc.jetstream())
+    yield await KvState.open(nc.jetstream())
     await nc.close()
 
 

@@ -21,7 +21,7 @@ from torchrelay.shared.events import (
     TrainStarted,
 )
 from torchrelay.shared.events.data import DatasetRef, TrainFailedData, TrainStartedData
-from torchrelay.shared.state import State
+from torchrelay.shared.state import KvState, State
 from torchrelay.shared.testing import assert_eventually
 
 pytestmark = pytest.mark.timeout(60)
@@ -32,7 +32,7 @@ FAST = MonitorOptions(stall_after_s=0.05, stall_check_s=0.4, backoff_base_s=0)
 @pytest.fixture
 async def state(nats_url: str) -> AsyncIterator[State]:
     nc = await nats.connect(nats_url)
-    yield await State.open(nc.jetstream())
+    yield await KvState.open(nc.jetstream())
     await nc.close()
 
 

@@ -42,7 +42,7 @@ from torchrelay.shared.events.data import (
     TrainProgressData,
     TrainStartedData,
 )
-from torchrelay.shared.state import State
+from torchrelay.shared.state import KvState
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -202,7 +202,7 @@ async def test_workers_report_progress_and_nothing_else(login: Login) -> None:
 
 async def test_a_publisher_cannot_write_state(login: Login) -> None:
     admin = await login(principals.ADMIN)
-    await State.open(admin.nc.jetstream())
+    await KvState.open(admin.nc.jetstream())
     publisher = await login(principals.PUBLISHER)
     with pytest.raises((nats.errors.TimeoutError, nats.errors.NoRespondersError)):
         await publisher.nc.jetstream(timeout=1.0).publish("$KV.runs.phantom", b"{}")

@@ -10,16 +10,22 @@ import pytest
 from nats.aio.client import Client as NatsClient
 
 from torchrelay.shared.errors import ConfigError, LeaseLost
-from torchrelay.shared.state import State
+from torchrelay.shared.state import LEASE_BUCKET, KvState, State
+from torchrelay.shared.state.port import Lease, Leases
 from torchrelay.shared.state.presence import Presence, exclusive, presence_key
 from torchrelay.shared.testing import assert_eventually
 
 
 @pytest.fixture
-async def state(nats_url: str) -> AsyncIterator[State]:
+async def client(nats_url: str) -> AsyncIterator[NatsClient]:
     client: NatsClient = await nats.connect(nats_url)
-    yield await State.open(client.jetstream())
+    yield client
     await client.close()
+
+
+@pytest.fixture
+async def state(client: NatsClient) -> State:
+    return await KvState.open(client.jetstream())
 
 
 async def test_a_live_replica_is_seen_and_a_withdrawn_one_is_not(state: State) -> None:
@@ -90,3 +96,58 @@ async def test_exclusive_sections_of_one_name_never_overlap(state: State) -> Non
     await asyncio.gather(*(section(f"replica-{n}") for n in range(4)))
     assert overlaps == []
     assert await state.leases.holder("serve.model.digits") is None, "released at the end"
+
+
+async def test_a_lease_lost_mid_section_interrupts_the_body(
+    state: State, client: NatsClient
+) -> None:
+    reached: list[str] = []
+    started = asyncio.Event()
+
+    async def section() -> None:
+        async with exclusive(state.leases, "serve.model.lost", "replica-a", ttl_s=1.5):
+            reached.append("inside")
+            started.set()
+            await asyncio.sleep(30)
+            reached.append("end")  # must never run: someone else may hold the lease now
+
+    task = asyncio.create_task(section())
+    await started.wait()
+    # An operator (or a partition and another holder) takes the lease from under it.
+    await (await client.jetstream().key_value(LEASE_BUCKET)).delete("serve.model.lost")
+    with pytest.raises(LeaseLost, match=r"serve\.model\.lost held by replica-a"):
+        await asyncio.wait_for(task, 5)
+    assert reached == ["inside"]
+
+
+async def test_a_lease_that_expired_unrenewed_interrupts_the_body(state: State) -> None:
+    class Stalled:
+        """Leases whose renewals hang, as over a link that stopped answering."""
+
+        def __init__(self, leases: Leases) -> None:
+            self.acquire, self.holder, self.release = leases.acquire, leases.holder, leases.release
+
+        async def renew(self, lease: Lease) -> Lease:
+            await asyncio.sleep(0.4)
+            raise TimeoutError("no answer")
+
+    with pytest.raises(LeaseLost, match=r"could not renew lease serve\.model\.stalled"):
+        async with exclusive(Stalled(state.leases), "serve.model.stalled", "a", ttl_s=1.2):
+            await asyncio.sleep(30)
+    assert await state.leases.acquire("serve.model.stalled", "b", ttl_s=5), "expired meanwhile"
+
+
+async def test_a_body_cancelled_from_outside_is_cancelled_not_lost(state: State) -> None:
+    started = asyncio.Event()
+
+    async def section() -> None:
+        async with exclusive(state.leases, "serve.model.cancel", "replica-a", ttl_s=3):
+            started.set()
+            await asyncio.sleep(30)
+
+    task = asyncio.create_task(section())
+    await started.wait()
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert await state.leases.holder("serve.model.cancel") is None, "released on the way out"

@@ -37,7 +37,7 @@ from torchrelay.shared.events.data import (
     TrainRestartRequestedData,
 )
 from torchrelay.shared.pipelines import PipelineRecord, pipeline_key
-from torchrelay.shared.state import State, key_part
+from torchrelay.shared.state import KvState, key_part
 from torchrelay.shared.testing import assert_eventually
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(240)]
@@ -129,7 +129,7 @@ async def test_code_outside_the_entrypoint_policy_never_reaches_a_worker(
     bus: tuple[JetStreamBus, Watcher], train: ServiceProcess, staged: tuple[Path, str]
 ) -> None:
     publisher, watcher = bus
-    state = await State.open(publisher.nc.jetstream())
+    state = await KvState.open(publisher.nc.jetstream())
     pipelines = state.store("pipelines", PipelineRecord)
     training = TrainingStage(entrypoint="subprocess:call", model_name="digits", world_size=2)
     spec = PipelineSpec(
