@@ -192,9 +192,11 @@ async def record_stage(
     *,
     detail: dict[str, JsonValue] | None = None,
     reason: str | None = None,
+    retain_s: float | None = None,
 ) -> None:
     """Apply one stage change with compare-and-set. A pipeline nobody stored is left alone,
-    and so is a stage that already finished (nothing is written)."""
+    and so is a stage that already finished (nothing is written). A pipeline that this change
+    ends is kept ``retain_s`` seconds more (None: for good), then the server removes it."""
 
     def change(current: PipelineRecord | None) -> PipelineRecord | None:
         if current is None:
@@ -202,4 +204,8 @@ async def record_stage(
         updated = with_stage(current, stage, status, at, detail=detail, reason=reason)
         return None if updated is current else updated
 
-    await store.mutate(pipeline_key(pipeline_id), change)
+    await store.mutate(
+        pipeline_key(pipeline_id),
+        change,
+        ttl_s=lambda record: retain_s if record.status != "running" else None,
+    )

@@ -164,10 +164,15 @@ class Monitor:
         options: MonitorOptions,
         source: str,
         instance: str,
+        retain_s: float | None = None,
     ) -> None:
         self.metrics = metrics
         self.watches: Store[RunWatch] = state.store("monitor", RunWatch)
         self.stamps: Store[Stamp] = state.store("monitor", Stamp)
+        self._retain_s = retain_s
+        """How long an ended run's watch is kept (None: for good)."""
+        self._watched = self.watches.live(lambda watch: watch.state == "running", prefix="runs")
+        """The runs being watched, followed by a KV watch: what the stall scan looks at."""
         self.pipelines: Store[PipelineRecord] = state.store("pipelines", PipelineRecord)
         self._leases: Leases = state.leases
         self._publish = publish
@@ -380,7 +385,11 @@ class Monitor:
         )
 
     async def _end(self, watch: RunWatch) -> None:
-        await self.watches.put(_run_key(watch.run_id), watch.model_copy(update={"state": "ended"}))
+        await self.watches.put(
+            _run_key(watch.run_id),
+            watch.model_copy(update={"state": "ended"}),
+            ttl_s=self._retain_s,
+        )
 
     # --- stalls ------------------------------------------------------------------------------
 
@@ -388,6 +397,10 @@ class Monitor:
         """One replica at a time (a lease) looks for silent runs and cancels them (a restart
         cancel while restarts are left); the cancellation's train.failed then leads to a
         restart (or, with none left, a final failure)."""
+        async with self._watched:
+            await self._scan_until(stop)
+
+    async def _scan_until(self, stop: asyncio.Event) -> None:
         while not stop.is_set():
             lease = await self._leases.acquire(
                 SCAN_LEASE, self._instance, ttl_s=self._options.stall_check_s * 3
@@ -405,7 +418,7 @@ class Monitor:
 
     async def _scan_once(self) -> None:
         now = datetime.now(UTC)
-        for item in await self.watches.items("runs"):
+        for item in self._watched.items():
             watch = item.value
             if not stalled(watch, now, after_s=self._options.stall_after_s):
                 continue

@@ -25,6 +25,7 @@ async def build(platform: Platform[MonitorSettings]) -> AsyncIterator[Service]:
         options=platform.settings.monitor,
         source=platform.source,
         instance=platform.settings.instance,
+        retain_s=platform.settings.retention_s,
     )
     yield Service(
         NAME,

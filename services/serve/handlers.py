@@ -69,6 +69,7 @@ class Deployer:
         presence: Presence,
         source: str,
         replicas: int,
+        retain_s: float | None = None,
         reclaim_every_s: float = 2.0,
     ) -> None:
         self.backend = backend
@@ -82,6 +83,10 @@ class Deployer:
         self._leases = state.leases
         self._presence = presence
         self._reclaim_every_s = reclaim_every_s
+        self._retain_s = retain_s
+        """How long a finished pipeline's record is kept (None: for good)."""
+        self._serving_now = self.deployments.live(lambda record: record.status == "deployed")
+        """The deployed models, followed by a KV watch: what reclaim looks at."""
 
     async def on_deploy_requested(self, event: ModelDeployRequested) -> None:
         data = event.data
@@ -113,7 +118,9 @@ class Deployer:
         stage = pipeline.value.spec.deploy
         now = datetime.now(UTC)
         if not stage.enabled:
-            await record_stage(self.pipelines, event.pipelineid, "deploy", "skipped", now)
+            await record_stage(
+                self.pipelines, event.pipelineid, "deploy", "skipped", now, retain_s=self._retain_s
+            )
             return
         await record_stage(self.pipelines, event.pipelineid, "deploy", "running", now)
         data = event.data
@@ -128,6 +135,7 @@ class Deployer:
             datetime.now(UTC),
             detail={"endpoint": said, "version": data.model_version} if ok else None,
             reason=None if ok else said,
+            retain_s=self._retain_s,
         )
 
     async def deploy(
@@ -256,12 +264,13 @@ class Deployer:
     async def reclaim(self, stop: asyncio.Event) -> None:
         """Background loop: a deployed model whose serving replica is gone is adopted here
         (its servers outlive replicas) or served again (they died with it), same endpoint."""
-        await every(self._reclaim_every_s, stop, self.reclaim_orphans, name="serve.reclaim")
+        async with self._serving_now:
+            await every(self._reclaim_every_s, stop, self.reclaim_orphans, name="serve.reclaim")
 
     async def reclaim_orphans(self) -> list[str]:
         """One round of :meth:`reclaim`; returns the models this replica took over."""
         taken = []
-        for item in await self.deployments.items():
+        for item in self._serving_now.items():
             if not await self._orphaned(item.value):
                 continue
             async with self._exclusive(item.value.model):

@@ -47,6 +47,7 @@ async def build(platform: Platform[ServeSettings]) -> AsyncIterator[Service]:
         presence=platform.presence,
         source=platform.source,
         replicas=platform.settings.serve.replicas,
+        retain_s=platform.settings.retention_s,
     )
     session: aiohttp.ClientSession | None = None
 

@@ -76,6 +76,7 @@ class Trainer:
         presence: Presence,
         source: str,
         entrypoints: Sequence[str],
+        retain_s: float | None = None,
         reclaim_every_s: float = 2.0,
     ) -> None:
         self.backend = backend
@@ -91,6 +92,10 @@ class Trainer:
         self._source = source
         self._entrypoints = tuple(entrypoints)
         self._watchers: dict[str, asyncio.Task[None]] = {}
+        self._retain_s = retain_s
+        """How long a finished run's record is kept (None: for good)."""
+        self._running = self.runs.live(lambda run: run.status == "running")
+        """The running runs, followed by a KV watch: what reclaim looks at."""
 
     # --- handlers ---------------------------------------------------------------------------
 
@@ -143,6 +148,7 @@ class Trainer:
             await record_stage(
                 self.pipelines, pipeline_id, "train", "running", datetime.now(UTC),
                 detail={"run_id": run_id},
+                retain_s=self._retain_s,
             )  # fmt: skip
         if problem is not None:
             await self._failed(record, Ended(Status.FAILED, problem), final=True, cause=cause)
@@ -206,12 +212,14 @@ class Trainer:
     async def reclaim(self, stop: asyncio.Event) -> None:
         """Background loop: a running run whose owner replica is gone (its workers died with
         it) ends as a failed attempt, so the monitor restarts it from its last checkpoint."""
-        await every(self._reclaim_every_s, stop, self.reclaim_orphans, name="train.reclaim")
+        async with self._running:
+            await every(self._reclaim_every_s, stop, self.reclaim_orphans, name="train.reclaim")
 
     async def reclaim_orphans(self) -> list[str]:
-        """One round of :meth:`reclaim`; returns the runs this replica took over."""
+        """One round of :meth:`reclaim` (over the live view: no KV request for a run that is
+        not running); returns the runs this replica took over."""
         taken = []
-        for item in await self.runs.items():
+        for item in self._running.items():
             run = item.value
             if run.status != "running" or run.owner == self._instance:
                 continue
@@ -456,6 +464,7 @@ class Trainer:
             await record_stage(
                 self.pipelines, record.pipeline_id, "train", "succeeded", datetime.now(UTC),
                 detail=detail,
+                retain_s=self._retain_s,
             )  # fmt: skip
 
     async def _failed(
@@ -483,6 +492,7 @@ class Trainer:
             await record_stage(
                 self.pipelines, record.pipeline_id, "train", "failed", datetime.now(UTC),
                 reason=ended.reason[:512],
+                retain_s=self._retain_s,
             )  # fmt: skip
 
     async def _set(
@@ -504,7 +514,7 @@ class Trainer:
                 }
             )
 
-        await self.runs.mutate(key_part(record.run_id), change)
+        await self.runs.mutate(key_part(record.run_id), change, ttl_s=self._retain_s)
 
     def _envelope(self, record: RunRecord, cause: str | None) -> dict[str, str | None]:
         return {

@@ -63,6 +63,7 @@ async def build(platform: Platform[TrainSettings]) -> AsyncIterator[Service]:
         presence=platform.presence,
         source=platform.source,
         entrypoints=platform.settings.train.entrypoints,
+        retain_s=platform.settings.retention_s,
     )
     try:
         yield Service(

@@ -1,4 +1,4 @@
-"""Buses for the contract suite: the same tests run against every adapter."""
+"""Buses and states for the contract suites: the same tests run against every adapter."""
 
 from __future__ import annotations
 
@@ -18,6 +18,7 @@ from torchrelay.shared.bus.memory import MemoryBus
 from torchrelay.shared.bus.port import Subscription
 from torchrelay.shared.bus.server import NatsServer
 from torchrelay.shared.events import AnyEvent, DeadLettered
+from torchrelay.shared.state import KvState, MemoryState, State
 from torchrelay.shared.testing.fixtures import wipe_jetstream
 
 FAST_STREAM = StreamSettings(fetch_timeout_s=0.2)
@@ -83,3 +84,19 @@ def staged_digits(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
         )
     )
     return root, result.manifest.version
+
+
+@pytest.fixture(params=["memory", "nats"])
+async def any_state(request: pytest.FixtureRequest) -> AsyncIterator[State]:
+    """Handlers' state, in memory (no NATS at all) and over JetStream KV: a handler test that
+    takes it runs on both, so the in-memory state stands in for NATS only where it behaves
+    the same."""
+    if request.param == "memory":
+        yield MemoryState()
+        return
+    server: NatsServer = request.getfixturevalue("nats_server")
+    nc = await nats.connect(server.url)
+    try:
+        yield await KvState.open(nc.jetstream())
+    finally:
+        await nc.close()

@@ -1,12 +1,10 @@
 """The monitor times a pipeline from the submission that owns its id: a repeated submission (a
-no-op) or a conflicting one (refused) starts no clock, over real JetStream KV."""
+no-op) or a conflicting one (refused) starts no clock, in memory and over real JetStream KV."""
 
 from __future__ import annotations
 
 import uuid
-from collections.abc import AsyncIterator
 
-import nats
 import pytest
 from prometheus_client import CollectorRegistry
 
@@ -16,7 +14,7 @@ from torchrelay.services.monitor.settings import MonitorOptions
 from torchrelay.shared.events import AnyEvent, PipelineSubmitted
 from torchrelay.shared.events.data import PipelineSpec, PipelineSubmittedData
 from torchrelay.shared.pipelines import PipelineRecord, pipeline_key
-from torchrelay.shared.state import KvState, State
+from torchrelay.shared.state import State
 
 pytestmark = pytest.mark.timeout(60)
 SPEC = PipelineSpec.model_validate(DEMO)
@@ -27,10 +25,8 @@ async def _ignore(_: AnyEvent) -> bool:
 
 
 @pytest.fixture
-async def state(nats_url: str) -> AsyncIterator[State]:
-    nc = await nats.connect(nats_url)
-    yield await KvState.open(nc.jetstream())
-    await nc.close()
+def state(any_state: State) -> State:
+    return any_state
 
 
 def _monitor(state: State) -> Monitor:

@@ -1,13 +1,12 @@
-"""The monitor's recovery of a stalled run over real JetStream KV: a restart cancel while
-restarts are left (nothing final on the way), and a run given up once, counted once."""
+"""The monitor's recovery of a stalled run, in memory and over real JetStream KV: a restart
+cancel while restarts are left (nothing final on the way), and a run given up once, counted
+once."""
 
 from __future__ import annotations
 
 import asyncio
 import uuid
-from collections.abc import AsyncIterator
 
-import nats
 import pytest
 from prometheus_client import CollectorRegistry
 
@@ -21,7 +20,7 @@ from torchrelay.shared.events import (
     TrainStarted,
 )
 from torchrelay.shared.events.data import DatasetRef, TrainFailedData, TrainStartedData
-from torchrelay.shared.state import KvState, State
+from torchrelay.shared.state import State
 from torchrelay.shared.testing import assert_eventually
 
 pytestmark = pytest.mark.timeout(60)
@@ -30,10 +29,8 @@ FAST = MonitorOptions(stall_after_s=0.05, stall_check_s=0.4, backoff_base_s=0)
 
 
 @pytest.fixture
-async def state(nats_url: str) -> AsyncIterator[State]:
-    nc = await nats.connect(nats_url)
-    yield await KvState.open(nc.jetstream())
-    await nc.close()
+def state(any_state: State) -> State:
+    return any_state
 
 
 class Recorder:

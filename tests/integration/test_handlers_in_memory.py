@@ -1,0 +1,287 @@
+"""The train and serve handlers over the in-memory state, with no NATS at all: their rules
+(refusals, orphans, repeats, retention) hold through the State port, and the backends are real
+(local processes, a real model server)."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import uuid
+from collections.abc import AsyncIterator
+from datetime import UTC, datetime
+from pathlib import Path
+
+import aiohttp
+import pytest
+
+from tests.integration.models import train_digits
+from torchrelay.services.serve.domain import DeploymentRecord
+from torchrelay.services.serve.handlers import Deployer
+from torchrelay.services.train.domain import RunRecord
+from torchrelay.services.train.handlers import Trainer
+from torchrelay.shared.cluster.local import LocalBackend
+from torchrelay.shared.cluster.local_serving import LocalServingBackend
+from torchrelay.shared.cluster.registry import ServerOptions
+from torchrelay.shared.errors import TransientError
+from torchrelay.shared.events import (
+    AnyEvent,
+    ModelDeployed,
+    ModelDeployRequested,
+    ModelRolloutFailed,
+    ModelRolloutStarted,
+    TrainCancelRequested,
+    TrainFailed,
+    TrainRequested,
+)
+from torchrelay.shared.events.data import (
+    DatasetRef,
+    ModelDeployRequestedData,
+    TrainCancelRequestedData,
+    TrainJobSpec,
+    TrainRequestedData,
+)
+from torchrelay.shared.state import MemoryState, key_part
+from torchrelay.shared.state.presence import Presence
+from torchrelay.shared.testing import assert_eventually
+
+pytestmark = pytest.mark.timeout(120)
+ENTRYPOINT = "torchrelay.services.train.examples.digits:train"
+
+
+class Published:
+    def __init__(self) -> None:
+        self.events: list[AnyEvent] = []
+
+    async def __call__(self, event: AnyEvent) -> bool:
+        self.events.append(event)
+        return True
+
+    def of(self, kind: type[AnyEvent]) -> list[AnyEvent]:
+        return [e for e in self.events if isinstance(e, kind)]
+
+
+async def present(state: MemoryState, service: str) -> Presence:
+    presence = Presence(state.leases, service, f"{service}-{uuid.uuid4().hex[:6]}")
+    await presence.announce()
+    return presence
+
+
+def spec(dataset_version: str = "v1", **changes: object) -> TrainJobSpec:
+    return TrainJobSpec(
+        dataset=DatasetRef(name="digits", version=dataset_version),
+        entrypoint=ENTRYPOINT,
+        model_name="digits",
+        max_restarts=1,
+        **changes,
+    )
+
+
+@pytest.fixture
+async def trainer(tmp_path: Path) -> AsyncIterator[tuple[Trainer, MemoryState, Published]]:
+    state, published = MemoryState(), Published()
+    trainer = Trainer(
+        backend=LocalBackend(max_world_size=2),
+        state=state,
+        publish=published,
+        storage_root=tmp_path,
+        nats_url="nats://127.0.0.1:1",
+        presence=await present(state, "train"),
+        source="/torchrelay/train",
+        entrypoints=["torchrelay.services.train.examples"],
+        retain_s=1.0,
+        reclaim_every_s=0.05,
+    )
+    yield trainer, state, published
+    await trainer.aclose()
+
+
+async def test_a_run_on_an_unknown_dataset_fails_finally_and_its_record_expires(
+    trainer: tuple[Trainer, MemoryState, Published],
+) -> None:
+    handler, _, published = trainer
+    await handler.on_requested(
+        TrainRequested(source="/tests", data=TrainRequestedData(run_id="r1", spec=spec()))
+    )
+    (failed,) = published.of(TrainFailed)
+    assert isinstance(failed, TrainFailed)
+    assert failed.data.final
+    assert failed.data.reason.startswith("unknown dataset digits version v1")
+    record = await handler.runs.get("r1")
+    assert record is not None
+    assert record.value.status == "failed"
+    # A finished run is kept for the retention period (1 s here), then the store drops it.
+    await assert_eventually(lambda: _gone(handler, "r1"), timeout_s=5)
+
+
+async def _gone(handler: Trainer, run_id: str) -> bool:
+    return await handler.runs.get(key_part(run_id)) is None
+
+
+async def test_a_running_run_whose_replica_is_gone_fails_with_a_restart_left(
+    trainer: tuple[Trainer, MemoryState, Published],
+) -> None:
+    handler, _, published = trainer
+    orphan = RunRecord(
+        run_id="r2",
+        spec=spec(),
+        dataset_path="datasets/digits/v1",
+        status="running",
+        attempt=0,
+        owner="train-dead",  # holds no presence lease
+        handle="r2/0",
+        updated=datetime.now(UTC),
+    )
+    await handler.runs.create("r2", orphan)
+    stop = asyncio.Event()
+    loop = asyncio.create_task(handler.reclaim(stop))
+    try:
+        await assert_eventually(lambda: bool(published.of(TrainFailed)), timeout_s=10)
+    finally:
+        stop.set()
+        await loop
+    (failed,) = published.of(TrainFailed)
+    assert isinstance(failed, TrainFailed)
+    assert (failed.data.attempt, failed.data.final) == (0, False), "the monitor restarts it"
+    assert "train-dead" in failed.data.reason
+    record = await handler.runs.get("r2")
+    assert record is not None
+    assert (record.value.status, record.value.owner) == ("failed", handler._instance)
+
+
+async def test_a_cancel_of_a_run_another_replica_runs_locally_is_left_to_that_replica(
+    trainer: tuple[Trainer, MemoryState, Published],
+) -> None:
+    handler, _, _ = trainer
+    other = await present(MemoryState(), "train")  # alive, elsewhere
+    running = RunRecord(
+        run_id="r3",
+        spec=spec(),
+        dataset_path="datasets/digits/v1",
+        status="running",
+        attempt=0,
+        owner=other.instance,
+        handle="r3/0",
+        updated=datetime.now(UTC),
+    )
+    await handler.runs.create("r3", running)
+    cancel = TrainCancelRequested(source="/tests", data=TrainCancelRequestedData(run_id="r3"))
+    with pytest.raises(TransientError, match="owned by"):
+        await handler.on_cancel_requested(cancel)
+    record = await handler.runs.get("r3")
+    assert record is not None
+    assert record.value.cancel == "final", "the intent is stored for whoever watches it end"
+
+
+# --- serve ---------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def storage(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("storage")
+    asyncio.run(train_digits(root, "v1", epochs=1))
+    return root
+
+
+@pytest.fixture
+async def deployer(storage: Path) -> AsyncIterator[tuple[Deployer, MemoryState, Published]]:
+    state, published = MemoryState(), Published()
+    backend = LocalServingBackend(storage, options=ServerOptions(drain_s=1), ready_timeout_s=60)
+    deployer = Deployer(
+        backend=backend,
+        storage_root=storage,
+        smoke_timeout_s=30,
+        state=state,
+        publish=published,
+        presence=await present(state, "serve"),
+        source="/torchrelay/serve",
+        replicas=1,
+        retain_s=1.0,
+        reclaim_every_s=0.05,
+    )
+    yield deployer, state, published
+    await deployer.aclose()
+
+
+def deploy(version: str) -> ModelDeployRequested:
+    return ModelDeployRequested(
+        source="/tests",
+        data=ModelDeployRequestedData(model_name="digits", version=version, replicas=1),
+    )
+
+
+async def infer(endpoint: str) -> int:
+    tensor = {"name": "input", "shape": [1, 1, 8, 8], "datatype": "FP32", "data": [0.0] * 64}
+    async with (
+        aiohttp.ClientSession() as http,
+        http.post(f"{endpoint}/infer", json={"inputs": [tensor]}) as response,
+    ):
+        return response.status
+
+
+@pytest.mark.slow
+async def test_a_deploy_is_smoke_checked_served_and_a_repeat_changes_nothing(
+    deployer: tuple[Deployer, MemoryState, Published],
+) -> None:
+    handler, _, published = deployer
+    await handler.on_deploy_requested(deploy("v1"))
+    (deployed,) = published.of(ModelDeployed)
+    assert isinstance(deployed, ModelDeployed)
+    assert await infer(deployed.data.endpoint) == 200
+    record = await handler.deployments.get("digits")
+    assert record is not None
+    assert record.value.handle is not None
+
+    await handler.on_deploy_requested(deploy("v1"))
+    assert len(published.of(ModelRolloutStarted)) == 1, "a repeat rolls nothing out"
+    assert [e.data.endpoint for e in published.of(ModelDeployed)] == [deployed.data.endpoint] * 2
+
+
+async def test_a_version_missing_from_storage_fails_before_anything_starts(
+    deployer: tuple[Deployer, MemoryState, Published],
+) -> None:
+    handler, _, published = deployer
+    await handler.on_deploy_requested(deploy("nope"))
+    (failed,) = published.of(ModelRolloutFailed)
+    assert isinstance(failed, ModelRolloutFailed)
+    assert failed.data.reason.startswith("no model digits version nope on storage")
+    assert await handler.deployments.get("digits") is None
+
+
+@pytest.mark.slow
+async def test_a_model_whose_replica_died_is_served_again_on_its_endpoint(
+    deployer: tuple[Deployer, MemoryState, Published],
+) -> None:
+    handler, _, _ = deployer
+    # What a replica that died left: its servers died with it; the record names its endpoint.
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    endpoint = f"http://127.0.0.1:{port}/v2/models/digits"
+    await handler.deployments.put(
+        "digits",
+        DeploymentRecord(
+            model="digits",
+            active_version="v1",
+            endpoint=endpoint,
+            status="deployed",
+            owner="serve-dead",
+            handle=f"local:{uuid.uuid4().hex[:12]}:{port}:1",
+            updated=datetime.now(UTC),
+        ),
+    )
+    stop = asyncio.Event()
+    loop = asyncio.create_task(handler.reclaim(stop))
+    try:
+        await assert_eventually(lambda: _owned(handler), timeout_s=60)
+    finally:
+        stop.set()
+        await loop
+    record = await handler.deployments.get("digits")
+    assert record is not None
+    assert record.value.endpoint == endpoint, "same endpoint: clients keep their address"
+    assert await infer(endpoint) == 200
+
+
+async def _owned(handler: Deployer) -> bool:
+    record = await handler.deployments.get("digits")
+    return record is not None and record.value.owner == handler._presence.instance
