@@ -202,11 +202,17 @@ def _status(args: argparse.Namespace) -> int:
 def _logs(args: argparse.Namespace) -> int:
     """Every attempt's rank logs of a run, from the platform's storage."""
     from torchrelay import platform
+    from torchrelay.shared.errors import UnsafePath
+    from torchrelay.shared.storage.layout import RANK_LOG_GLOB, Layout
 
     described = platform.running(args.state_dir)
     root = Path(described["storage_root"]) if described else args.state_dir / "storage"
-    folder = root / "runs" / args.run_id / "logs"
-    logs = sorted(folder.glob("attempt-*/rank-*.log"))
+    try:
+        folder = Layout(root).logs(args.run_id)
+    except UnsafePath as exc:
+        print(f"torchrelay: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    logs = sorted(folder.glob(RANK_LOG_GLOB))
     if not logs:
         print(f"torchrelay: no logs for run {args.run_id} under {folder}", file=sys.stderr)
         return 1
@@ -256,6 +262,7 @@ def _demo(args: argparse.Namespace) -> int:
     from torchrelay import platform
     from torchrelay.client import DEMO, Client, predict
     from torchrelay.shared.events.data import PipelineSpec
+    from torchrelay.shared.storage.layout import Layout
 
     described = platform.running(args.state_dir)
     started = None
@@ -280,9 +287,11 @@ def _demo(args: argparse.Namespace) -> int:
             endpoint = str(record.stages["deploy"].detail["endpoint"])
             dataset = record.stages["ingest"].detail
             data_file = (
-                Path(described["storage_root"]) / "datasets" / str(dataset["dataset"])
-                / str(dataset["version"]) / "data" / "digits.npz"
-            )  # fmt: skip
+                Layout(Path(described["storage_root"])).dataset_data(
+                    str(dataset["dataset"]), str(dataset["version"])
+                )
+                / "digits.npz"
+            )
             with np.load(data_file, allow_pickle=False) as arrays:
                 image, label = arrays["x"][7:8] / 16.0, int(arrays["y"][7])
             answer = await predict(endpoint, image[:, None, :, :])

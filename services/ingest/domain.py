@@ -19,11 +19,12 @@ from urllib.parse import urlsplit
 from pydantic import BaseModel, ConfigDict, Field, JsonValue
 
 from torchrelay.shared.errors import PermanentError
+from torchrelay.shared.storage.layout import DATA_FOLDER, MANIFEST_FILE
 
 DatasetFormat = Literal["npz", "csv", "images", "pt"]
 BUILTIN_SOURCES = frozenset({"sklearn:digits"})
-MANIFEST_NAME = "manifest.json"
-DATA_DIR = "data"
+MANIFEST_NAME = MANIFEST_FILE
+DATA_DIR = DATA_FOLDER
 IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp"})
 
 

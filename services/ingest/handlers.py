@@ -352,11 +352,7 @@ class Ingestor:
                 request_id=record.request_id,
                 name=record.name,
                 version=record.version,
-                path=str(
-                    self.stager.version_dir(record.name, record.version).relative_to(
-                        self.stager.root
-                    )
-                ),
+                path=self.stager.relative_dir(record.name, record.version),
                 format=manifest.format,
                 files=len(manifest.files),
                 size_bytes=manifest.size_bytes,

@@ -27,7 +27,14 @@ from torchrelay.services.ingest.domain import (
 )
 from torchrelay.services.ingest.formats import validate
 from torchrelay.services.ingest.sources import Collected
-from torchrelay.shared.storage import atomic_write_bytes, publish_dir, sha256_file, temp_sibling
+from torchrelay.shared.storage import (
+    Layout,
+    atomic_write_bytes,
+    publish_dir,
+    sha256_file,
+    temp_sibling,
+)
+from torchrelay.shared.storage.layout import relative_dataset
 
 Fill = Callable[[Collected, Budget], Awaitable[None]]
 """Brings a source's files into the staging folder (see ``sources`` and ``fetch``)."""
@@ -56,20 +63,21 @@ class Stager:
 
     def __init__(self, storage_root: Path, limits: Limits) -> None:
         self.root = storage_root
-        self.datasets = storage_root / "datasets"
+        self.layout = Layout(storage_root)
+        self.datasets = self.layout.datasets()
         self.limits = limits
 
     def version_dir(self, name: str, version: str) -> Path:
-        return self.datasets / name / version
+        return self.layout.dataset(name, version)
 
     def relative_dir(self, name: str, version: str) -> str:
-        return str(self.version_dir(name, version).relative_to(self.root))
+        return relative_dataset(name, version)
 
     def manifest_sha256(self, name: str, version: str) -> str:
-        return sha256_file(self.version_dir(name, version) / MANIFEST_NAME)
+        return sha256_file(self.layout.manifest(name, version))
 
     def read_manifest(self, name: str, version: str) -> Manifest | None:
-        path = self.version_dir(name, version) / MANIFEST_NAME
+        path = self.layout.manifest(name, version)
         try:
             return Manifest.model_validate_json(path.read_bytes())
         except FileNotFoundError:

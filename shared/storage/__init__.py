@@ -1,4 +1,5 @@
-"""Storage helpers: atomic file and folder writes, hashing while copying, safe path checks."""
+"""Storage: the layout of the shared storage, the typed files services hand each other through
+it, and atomic writes, hashing while copying, safe path checks."""
 
 from torchrelay.shared.storage.atomic import (
     CopiedFile,
@@ -12,9 +13,27 @@ from torchrelay.shared.storage.atomic import (
     sync_tree,
     temp_sibling,
 )
+from torchrelay.shared.storage.files import (
+    CorruptFile,
+    MissingFile,
+    ModelDescription,
+    ModelLineage,
+    RunResult,
+    TensorSignature,
+    Throughput,
+)
+from torchrelay.shared.storage.layout import Layout
 
 __all__ = [
     "CopiedFile",
+    "CorruptFile",
+    "Layout",
+    "MissingFile",
+    "ModelDescription",
+    "ModelLineage",
+    "RunResult",
+    "TensorSignature",
+    "Throughput",
     "atomic_write_bytes",
     "atomic_writer",
     "clean_temporaries",

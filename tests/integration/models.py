@@ -15,6 +15,7 @@ from torchrelay.services.ingest.staging import Stager, StageRequest
 from torchrelay.shared.cluster import Status, WorkerJob
 from torchrelay.shared.cluster.local import LocalBackend
 from torchrelay.shared.events.data import DatasetRef, TrainJobSpec
+from torchrelay.shared.storage import Layout
 
 
 async def train_digits(root: Path, run_id: str, *, epochs: int = 3, seed: int = 0) -> Path:
@@ -42,7 +43,7 @@ async def train_digits(root: Path, run_id: str, *, epochs: int = 3, seed: int = 
     await backend.aclose()
     if ended.status is not Status.SUCCEEDED:
         raise RuntimeError(f"training the test model failed: {ended}")
-    return root / "models" / "digits" / run_id
+    return Layout(root).model("digits", run_id)
 
 
 class ModelServer:

@@ -1,4 +1,4 @@
-"""The torchrelay command: schema export, service selection, settings errors."""
+"""The torchrelay command: schema export, service selection, settings errors, run logs."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ from pathlib import Path
 import jsonschema
 
 from torchrelay.shared.events import EVENT_TYPES
+from torchrelay.shared.storage import Layout
 
 
 def run(*argv: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
@@ -67,3 +68,25 @@ def test_unknown_service_is_a_usage_error() -> None:
     result = run("service", "nope")
     assert result.returncode == 2
     assert "invalid choice" in result.stderr
+
+
+def test_logs_prints_every_attempts_rank_logs_from_the_storage(tmp_path: Path) -> None:
+    layout = Layout(tmp_path / "state" / "storage")  # where a stopped platform kept it
+    for attempt, rank in [(0, 0), (0, 1), (1, 0)]:
+        log = layout.rank_log("r1", attempt, rank)
+        log.parent.mkdir(parents=True, exist_ok=True)
+        log.write_text(f"line of {attempt}/{rank}\n")
+    shown = run("logs", "r1", "--state-dir", str(tmp_path / "state"))
+    assert shown.returncode == 0, shown.stderr
+    assert shown.stdout.splitlines() == [
+        "==> attempt-0/rank-0.log <==",
+        "line of 0/0",
+        "==> attempt-0/rank-1.log <==",
+        "line of 0/1",
+        "==> attempt-1/rank-0.log <==",
+        "line of 1/0",
+    ]
+    assert run("logs", "r2", "--state-dir", str(tmp_path / "state")).returncode == 1
+    escaping = run("logs", "..", "--state-dir", str(tmp_path / "state"))
+    assert escaping.returncode == 2
+    assert "not a single path segment" in escaping.stderr

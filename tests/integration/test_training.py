@@ -19,6 +19,7 @@ from torchrelay.services.train.worker import checkpoints
 from torchrelay.shared.cluster import Status, Unplaceable, WorkerJob
 from torchrelay.shared.cluster.local import LocalBackend
 from torchrelay.shared.events.data import DatasetRef, TrainJobSpec
+from torchrelay.shared.storage import Layout, ModelDescription, RunResult
 from torchrelay.shared.testing import assert_eventually
 
 pytestmark = [
@@ -79,7 +80,7 @@ async def run(backend: LocalBackend, work: WorkerJob) -> tuple[str, object]:
 
 
 def weights(root: Path, run_id: str) -> dict[str, torch.Tensor]:
-    return torch.jit.load(str(root / "models" / "digits" / run_id / "model.pt")).state_dict()
+    return torch.jit.load(str(Layout(root).model("digits", run_id) / "model.pt")).state_dict()
 
 
 async def test_the_digits_trainer_reaches_95_percent_with_two_ranks(
@@ -88,17 +89,20 @@ async def test_the_digits_trainer_reaches_95_percent_with_two_ranks(
     root = storage[0]
     _, ended = await run(backend, job(storage, "full", hyperparameters={"epochs": 30}))
     assert ended.status is Status.SUCCEEDED, ended  # type: ignore[attr-defined]
-    model_json = (root / "models" / "digits" / "full" / "model.json").read_text()
+    layout = Layout(root)
+    model_json = layout.model_description("digits", "full").read_text()
     description = json.loads(model_json)
     assert description["metrics"]["accuracy"] >= 0.95
     assert description["format"] == "torchscript"
     assert description["inputs"] == [{"name": "input", "datatype": "FP32", "shape": [-1, 1, 8, 8]}]
     assert description["lineage"]["dataset"]["name"] == "digits"
-    result = json.loads((root / "runs" / "full" / "result.json").read_text())
+    assert ModelDescription.read(layout.model_description("digits", "full")).lineage.steps == 660
+    result = json.loads(layout.result("full").read_text())
     assert result["path"] == "models/digits/full"
-    assert checkpoints.list_steps(checkpoints.checkpoint_dir(root, "full"))[-2:] == [640, 660]
-    assert len(checkpoints.list_steps(checkpoints.checkpoint_dir(root, "full"))) == 2, "keep last K"
-    exported = torch.jit.load(str(root / "models" / "digits" / "full" / "model.pt"))
+    assert RunResult.read(layout.result("full")).throughput.checkpoints == 33
+    assert checkpoints.list_steps(layout.checkpoints("full"))[-2:] == [640, 660]
+    assert len(checkpoints.list_steps(layout.checkpoints("full"))) == 2, "keep last K"
+    exported = torch.jit.load(str(layout.model("digits", "full") / "model.pt"))
     assert exported(torch.zeros(3, 1, 8, 8)).shape == (3, 10), "loads and runs on CPU"
 
 
@@ -111,7 +115,7 @@ async def test_a_run_killed_after_a_checkpoint_resumes_to_identical_weights(
 
     first = job(storage, "resumed")
     handle = await backend.schedule(backend.dryrun(first))
-    folder = checkpoints.checkpoint_dir(root, "resumed")
+    folder = Layout(root).checkpoints("resumed")
     await assert_eventually(
         lambda: bool(checkpoints.list_steps(folder)) and checkpoints.list_steps(folder)[-1] >= 40,
         timeout_s=60,
@@ -132,7 +136,7 @@ async def test_a_run_killed_after_a_checkpoint_resumes_to_identical_weights(
     (folder / f"step-{newest + 1}.pt").write_bytes(b"truncated")
     _, resumed = await run(backend, job(storage, "resumed", attempt=1))
     assert resumed.status is Status.SUCCEEDED, resumed  # type: ignore[attr-defined]
-    log = (root / "runs" / "resumed" / "logs" / "attempt-1" / "rank-0.log").read_text()
+    log = Layout(root).rank_log("resumed", attempt=1, rank=0).read_text()
     assert f'"resumed_from_step": {newest}' in log
     assert "checkpoint.skipped" in log
     straight, again = weights(root, "straight"), weights(root, "resumed")
@@ -204,9 +208,10 @@ async def test_a_module_that_does_not_script_exports_its_state_dict(
         backend, job(storage, "plain-weights", entrypoint="tests.integration.trainers:unscriptable")
     )
     assert ended.status is Status.SUCCEEDED, ended  # type: ignore[attr-defined]
-    folder = root / "models" / "digits" / "plain-weights"
-    description = json.loads((folder / "model.json").read_text())
-    assert description["format"] == "state_dict"
-    assert description["model_class"] == "tests.integration.trainers:Unscriptable"
+    folder = Layout(root).model("digits", "plain-weights")
+    description = ModelDescription.read(folder / "model.json")
+    assert description.format == "state_dict"
+    assert description.artifact == "weights.pt"
+    assert description.model_class == "tests.integration.trainers:Unscriptable"
     weights = torch.load(folder / "weights.pt", weights_only=True)
     assert set(weights) == {"linear.weight", "linear.bias"}

@@ -1,9 +1,10 @@
-"""Loading an exported model (``<root>/models/<name>/<version>/``) and running batches on it."""
+"""Loading an exported model (a model version's folder, see ``shared.storage.layout``) and
+running batches on it. ``model.json`` is read as its contract,
+:class:`~torchrelay.shared.storage.ModelDescription`."""
 
 from __future__ import annotations
 
 import importlib
-import json
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -13,6 +14,8 @@ import numpy as np
 import torch
 
 from torchrelay.services.serve.server.protocol import DATATYPES, TensorSpec
+from torchrelay.shared.storage import CorruptFile, ModelDescription, TensorSignature
+from torchrelay.shared.storage.layout import MODEL_DESCRIPTION_FILE
 
 
 class ModelLoadError(Exception):
@@ -36,47 +39,45 @@ class LoadedModel:
         return result
 
 
-def _specs(entries: Any, kind: str) -> list[TensorSpec]:
-    try:
-        specs = [
-            TensorSpec(e["name"], e["datatype"], tuple(int(n) for n in e["shape"])) for e in entries
-        ]
-    except (KeyError, TypeError, ValueError) as exc:
-        raise ModelLoadError(f"model.json has malformed {kind}: {exc}") from exc
-    if not specs or any(s.datatype not in DATATYPES for s in specs):
-        raise ModelLoadError(f"model.json {kind} must name supported datatypes")
-    return specs
+def _specs(signature: tuple[TensorSignature, ...], kind: str) -> list[TensorSpec]:
+    unsupported = [s.datatype for s in signature if s.datatype not in DATATYPES]
+    if unsupported:
+        raise ModelLoadError(
+            f"{MODEL_DESCRIPTION_FILE} {kind} must name supported datatypes "
+            f"({', '.join(sorted(DATATYPES))}), not {', '.join(unsupported)}"
+        )
+    return [TensorSpec(s.name, s.datatype, s.shape) for s in signature]
 
 
 def load_model(folder: Path) -> LoadedModel:
     try:
-        description = json.loads((folder / "model.json").read_text())
-    except (OSError, ValueError) as exc:
-        raise ModelLoadError(f"{folder}: no readable model.json ({exc})") from exc
-    inputs = _specs(description.get("inputs"), "inputs")
-    outputs = _specs(description.get("outputs"), "outputs")
-    kind = description.get("format")
-    if kind not in {"torchscript", "state_dict"}:
-        raise ModelLoadError(f"unknown model format {kind!r}")
+        description = ModelDescription.read(folder / MODEL_DESCRIPTION_FILE)
+    except CorruptFile as exc:
+        raise ModelLoadError(str(exc)) from exc
+    except OSError as exc:
+        raise ModelLoadError(f"{folder}: no readable {MODEL_DESCRIPTION_FILE} ({exc})") from exc
+    inputs = _specs(description.inputs, "inputs")
+    outputs = _specs(description.outputs, "outputs")
+    artifact = folder / description.artifact
     try:
-        if kind == "torchscript":
+        if description.format == "torchscript":
             with warnings.catch_warnings():
                 # torch 2.13 deprecates TorchScript; exported models still use it (see ADR).
                 warnings.simplefilter("ignore", DeprecationWarning)
-                module = torch.jit.load(str(folder / "model.pt"), map_location="cpu")  # type: ignore[no-untyped-call]
+                module = torch.jit.load(str(artifact), map_location="cpu")  # type: ignore[no-untyped-call]
         else:
-            module_name, _, class_name = str(description.get("model_class")).partition(":")
+            module_name, _, class_name = str(description.model_class).partition(":")
             module = getattr(importlib.import_module(module_name), class_name)()
-            module.load_state_dict(torch.load(folder / "weights.pt", weights_only=True))
+            module.load_state_dict(torch.load(artifact, weights_only=True))
     except Exception as exc:
         raise ModelLoadError(
             f"{folder}: cannot load the model ({type(exc).__name__}: {exc})"
         ) from exc
     module.eval()
     return LoadedModel(
-        name=str(description.get("name")),
-        version=str(description.get("version")),
-        platform="pytorch_torchscript" if kind == "torchscript" else "pytorch",
+        name=description.name,
+        version=description.version,
+        platform="pytorch_torchscript" if description.format == "torchscript" else "pytorch",
         inputs=inputs,
         outputs=outputs,
         module=module,

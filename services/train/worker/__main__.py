@@ -9,10 +9,8 @@ from __future__ import annotations
 
 import importlib
 import inspect
-import json
 import sys
 from datetime import timedelta
-from pathlib import Path
 
 import structlog
 import torch
@@ -24,14 +22,10 @@ from torchrelay.shared.cluster.lifeline import die_with_parent
 from torchrelay.shared.cluster.worker_spec import WorkerSpec
 from torchrelay.shared.runtime.logging import configure_logging
 from torchrelay.shared.runtime.settings import LogSettings
-from torchrelay.shared.storage import atomic_write_bytes
+from torchrelay.shared.storage import RunResult
 
 EXIT_FAILED = 1
 EXIT_BAD_ENTRYPOINT = 3
-
-
-def result_path(storage_root: Path, run_id: str) -> Path:
-    return storage_root / "runs" / run_id / "result.json"
 
 
 def main() -> int:
@@ -86,13 +80,17 @@ def main() -> int:
         if context.exported is None:
             log.error("worker.no_export", hint="call ctx.export(model, ...) at the end")
             return EXIT_BAD_ENTRYPOINT
-        result = {
-            **context.exported.__dict__,
-            "steps": context.step,
-            "attempt": spec.attempt,
-            "throughput": context.throughput(),
-        }
-        atomic_write_bytes(result_path(context.root, spec.run_id), json.dumps(result).encode())
+        exported = context.exported
+        result = RunResult(
+            model_name=exported.model_name,
+            version=exported.version,
+            path=exported.path,
+            metrics=exported.metrics,
+            steps=context.step,
+            attempt=spec.attempt,
+            throughput=context.throughput(),
+        )
+        result.write(context.layout.result(spec.run_id))
     log.info("worker.finished", steps=context.step)
     return 0
 

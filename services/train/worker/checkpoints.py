@@ -21,10 +21,6 @@ _NAME = re.compile(r"^step-(\d+)\.pt$")
 REQUIRED_KEYS = frozenset({"step", "epoch", "position", "model", "optimizer", "rng"})
 
 
-def checkpoint_dir(storage_root: Path, run_id: str) -> Path:
-    return storage_root / "runs" / run_id / "checkpoints"
-
-
 def save(folder: Path, step: int, state: dict[str, Any], keep: int) -> Path:
     buffer = io.BytesIO()
     torch.save(state, buffer)

@@ -17,7 +17,6 @@ never stopped.
 
 from __future__ import annotations
 
-import json
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -34,7 +33,23 @@ from torch.nn.parallel import DistributedDataParallel
 
 from torchrelay.services.train.worker import checkpoints
 from torchrelay.shared.cluster.worker_spec import WorkerSpec
-from torchrelay.shared.storage import atomic_write_bytes, publish_dir, temp_sibling
+from torchrelay.shared.storage import (
+    Layout,
+    ModelDescription,
+    ModelLineage,
+    TensorSignature,
+    Throughput,
+    publish_dir,
+    temp_sibling,
+)
+from torchrelay.shared.storage.files import ModelFormat
+from torchrelay.shared.storage.layout import (
+    DATA_FOLDER,
+    MODEL_DESCRIPTION_FILE,
+    STATE_DICT_FILE,
+    TORCHSCRIPT_FILE,
+    relative_model,
+)
 
 log = structlog.get_logger("torchrelay.train.worker")
 Report = Callable[[str, dict[str, Any]], None]
@@ -61,7 +76,8 @@ class TrainingContext:
         )
         self.hparams = dict(spec.job.hyperparameters)
         self.root = Path(spec.storage_root)
-        self.dataset_dir = self.root / spec.dataset_path / "data"
+        self.layout = Layout(self.root)
+        self.dataset_dir = self.layout.at(spec.dataset_path) / DATA_FOLDER
         self.step = 0
         self.epoch = 0
         self.position = 0
@@ -78,7 +94,7 @@ class TrainingContext:
         self._samples_after_first = 0
         self.checkpoint_seconds = 0.0
         self.checkpoints_written = 0
-        self._checkpoints = checkpoints.checkpoint_dir(self.root, spec.run_id)
+        self._checkpoints = self.layout.checkpoints(spec.run_id)
         self._restored = checkpoints.load_newest(self._checkpoints)
         if self._restored is not None:
             step, state = self._restored
@@ -195,15 +211,15 @@ class TrainingContext:
         if self.step % self.spec.job.checkpoint_every_steps == 0:
             self.checkpoint()
 
-    def throughput(self) -> dict[str, float]:
+    def throughput(self) -> Throughput:
         """Samples/s of the whole job (all ranks) from the first step to the last, and the time
         checkpoints held training up."""
         elapsed = self._last_step_at - (self._first_step_at or self._last_step_at)
-        return {
-            "samples_per_s": self._samples_after_first / elapsed if elapsed > 0 else 0.0,
-            "checkpoints": float(self.checkpoints_written),
-            "checkpoint_seconds": self.checkpoint_seconds,
-        }
+        return Throughput(
+            samples_per_s=self._samples_after_first / elapsed if elapsed > 0 else 0.0,
+            checkpoints=self.checkpoints_written,
+            checkpoint_seconds=self.checkpoint_seconds,
+        )
 
     def checkpoint(self) -> None:
         """Write a checkpoint of this step (collective: every rank calls it)."""
@@ -246,7 +262,7 @@ class TrainingContext:
         module = model.module if isinstance(model, DistributedDataParallel) else model
         job = self.spec.job
         version = self.spec.run_id
-        final = self.root / "models" / job.model_name / version
+        final = self.layout.model(job.model_name, version)
         if self.rank == 0:
             staging = temp_sibling(final)
             staging.mkdir(parents=True)
@@ -255,48 +271,48 @@ class TrainingContext:
                 output = module(example_input.to("cpu"))
             model_class = None
             try:
-                torch.jit.script(module).save(str(staging / "model.pt"))
-                kind = "torchscript"
+                torch.jit.script(module).save(str(staging / TORCHSCRIPT_FILE))
+                kind: ModelFormat = "torchscript"
             except Exception as exc:  # noqa: BLE001 - not every module scripts; fall back
                 log.info("export.state_dict", reason=repr(exc)[:200])
-                torch.save(module.state_dict(), staging / "weights.pt")
+                torch.save(module.state_dict(), staging / STATE_DICT_FILE)
                 kind = "state_dict"
                 # What a server imports to rebuild the module before loading the weights.
                 model_class = f"{type(module).__module__}:{type(module).__qualname__}"
-            description = {
-                "name": job.model_name,
-                "version": version,
-                "format": kind,
-                "model_class": model_class,
-                "inputs": [_signature("input", example_input)],
-                "outputs": [_signature("output", output)],
-                "metrics": metrics,
-                "lineage": {
-                    "dataset": job.dataset.model_dump(),
-                    "run_id": self.spec.run_id,
-                    "attempt": self.spec.attempt,
-                    "entrypoint": job.entrypoint,
-                    "steps": self.step,
-                },
-                "created": datetime.now(UTC).isoformat(),
-            }
-            atomic_write_bytes(staging / "model.json", json.dumps(description, indent=2).encode())
+            description = ModelDescription(
+                name=job.model_name,
+                version=version,
+                format=kind,
+                model_class=model_class,
+                inputs=(_signature("input", example_input),),
+                outputs=(_signature("output", output),),
+                metrics=metrics,
+                lineage=ModelLineage(
+                    dataset=job.dataset,
+                    run_id=self.spec.run_id,
+                    attempt=self.spec.attempt,
+                    entrypoint=job.entrypoint,
+                    steps=self.step,
+                ),
+                created=datetime.now(UTC),
+            )
+            description.write(staging / MODEL_DESCRIPTION_FILE)
             publish_dir(staging, final)
             self.exported = Exported(
-                job.model_name, version, str(final.relative_to(self.root)), dict(metrics)
+                job.model_name, version, relative_model(job.model_name, version), dict(metrics)
             )
             module.to(self.device)
         if self.world_size > 1:
             dist.barrier()
 
 
-def _signature(name: str, tensor: torch.Tensor) -> dict[str, Any]:
+def _signature(name: str, tensor: torch.Tensor) -> TensorSignature:
     """Open Inference Protocol style: the batch dimension is -1."""
-    return {
-        "name": name,
-        "datatype": _DATATYPES.get(tensor.dtype, str(tensor.dtype)),
-        "shape": [-1, *tensor.shape[1:]],
-    }
+    return TensorSignature(
+        name=name,
+        datatype=_DATATYPES.get(tensor.dtype, str(tensor.dtype)),
+        shape=(-1, *tensor.shape[1:]),
+    )
 
 
 _DATATYPES = {
@@ -305,6 +321,8 @@ _DATATYPES = {
     torch.float16: "FP16",
     torch.int64: "INT64",
     torch.int32: "INT32",
+    torch.int16: "INT16",
+    torch.int8: "INT8",
     torch.uint8: "UINT8",
     torch.bool: "BOOL",
 }
