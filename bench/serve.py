@@ -4,9 +4,10 @@
 
 The floor is a minimal aiohttp handler running the same TorchScript model inline per request
 (bench/serve_floor.py). torchrelay's side is the model's stable endpoint after a real gated
-rollout through the local serving backend (private ports, readiness, smoke inference,
-SO_REUSEPORT join), with dynamic batching. Load comes from ``wrk`` (Debian's package) with
-keep-alive connections: p50/p99 at concurrency 1, requests/s at 1, 16 and 64.
+rollout through the local serving backend (schedule on private ports, ready, a smoke
+inference on each server, promote: the SO_REUSEPORT join), with dynamic batching. Load comes
+from ``wrk`` (Debian's package) with keep-alive connections: p50/p99 at concurrency 1,
+requests/s at 1, 16 and 64.
 """
 
 from __future__ import annotations
@@ -22,12 +23,15 @@ import sys
 import tempfile
 from pathlib import Path
 
+import aiohttp
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from tests.integration.models import train_digits
-from torchrelay.shared.cluster.local_serving import LocalServing, ServerOptions
+from torchrelay.shared.cluster import ModelVersion
+from torchrelay.shared.cluster.local_serving import LocalServingBackend
+from torchrelay.shared.cluster.registry import ServerOptions
 
 FLOOR = Path(__file__).with_name("serve_floor.py")
 LUA = """
@@ -69,6 +73,17 @@ def wrk(url: str, connections: int, seconds: float, script: Path) -> dict[str, f
     }
 
 
+async def smoke(urls: list[str], body: str) -> None:
+    """One inference on every server before it joins the endpoint, as the deployer does."""
+    async with aiohttp.ClientSession() as http:
+        for url in urls:
+            infer = f"{url}/v2/models/digits/versions/bench/infer"
+            headers = {"Content-Type": "application/json"}
+            async with http.post(infer, data=body, headers=headers) as response:
+                if response.status != 200:
+                    raise SystemExit(f"smoke inference on {url}: HTTP {response.status}")
+
+
 async def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--duration", type=float, default=5.0)
@@ -78,7 +93,9 @@ async def main() -> None:
         raise SystemExit("bench/serve.py needs wrk: apt-get install wrk")
     work = Path(tempfile.mkdtemp(prefix="bench-serve-"))
     floor = None
-    serving = LocalServing(work, options=ServerOptions(max_batch_size=64))
+    serving = LocalServingBackend(
+        work, options=ServerOptions(max_batch_size=64), ready_timeout_s=60.0
+    )
     try:
         model_dir = await train_digits(work, "bench", epochs=3)
         sample = np.random.default_rng(0).random(64).round(4).tolist()
@@ -93,7 +110,9 @@ async def main() -> None:
         assert floor.stdout is not None
         await asyncio.to_thread(floor.stdout.readline)
         await asyncio.sleep(0.5)
-        handle = await serving.start("digits", "bench", args.replicas, 60)
+        version = ModelVersion(model="digits", version="bench", replicas=args.replicas)
+        handle = await serving.schedule(serving.dryrun(version))
+        await smoke(await serving.ready(handle), body)
         endpoint = await serving.promote(handle)
         urls = {
             "floor": f"http://127.0.0.1:{port}/v2/models/digits/infer",

@@ -37,6 +37,8 @@ from torchrelay.shared.errors import NotOwned
 log = structlog.get_logger("torchrelay.cluster.local")
 WORKER_MODULE = "torchrelay.services.train.worker"
 STOP_GRACE_S = 5.0
+ENDED_KEPT = 1024
+"""Handles of jobs that ended here, remembered so that cancelling one again is success."""
 
 
 @dataclass(frozen=True)
@@ -77,6 +79,7 @@ class LocalBackend:
         self._jobs: dict[str, list[asyncio.subprocess.Process]] = {}
         self._requests: dict[str, LocalRequest] = {}
         self._cancelled: set[str] = set()
+        self._ended: dict[str, None] = {}  # insertion-ordered: the oldest is forgotten first
 
     def check(self, job: WorkerJob) -> None:
         spec = job.job
@@ -190,6 +193,9 @@ class LocalBackend:
             # A finished job leaves nothing behind here: a long-lived service runs many.
             self._jobs.pop(handle, None)
             self._requests.pop(handle, None)
+            self._ended[handle] = None
+            if len(self._ended) > ENDED_KEPT:
+                del self._ended[next(iter(self._ended))]
             cancelled = handle in self._cancelled
             self._cancelled.discard(handle)
         if cancelled:
@@ -201,10 +207,13 @@ class LocalBackend:
         return None
 
     async def cancel(self, handle: str) -> None:
-        """Stop a job this backend is running; :class:`NotOwned` for any other handle."""
+        """Stop a job this backend is running (one that ended here already: nothing to do);
+        :class:`NotOwned` for any other handle."""
         try:
             processes = self._jobs[handle]
         except KeyError as exc:
+            if handle in self._ended:
+                return
             raise NotOwned(
                 f"no local job {handle!r} runs in this replica: local workers are children of "
                 "the replica that started them, so only that replica can cancel them "

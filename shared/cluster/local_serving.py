@@ -141,6 +141,8 @@ class _Version:
     ready: bool = False
     promoted: bool = False
     stopping: bool = False
+    crashed: int | None = None
+    """The index of the server whose exit ended the version, if it was a crash."""
     ended: asyncio.Event = field(default_factory=asyncio.Event)
 
 
@@ -386,7 +388,9 @@ class LocalServingBackend:
         task.add_done_callback(done)
 
     async def _watch(self, version: _Version) -> None:
-        """Mark the version ended once any of its servers exits; stop the rest."""
+        """Mark the version ended once its servers exit: when one crashes, at once, stopping
+        the rest; when they exit cleanly (another replica retired them: it asks every one of
+        them), once all of them have drained."""
         waits = [asyncio.ensure_future(s.process.wait()) for s in version.servers]
         try:
             await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
@@ -394,29 +398,40 @@ class LocalServingBackend:
             for wait in waits:
                 wait.cancel()
         if not version.stopping:
-            crashed = [s for s in version.servers if s.process.returncode is not None]
-            log.warning(
-                "model_server.exited",
-                model=version.request.model,
-                version=version.request.version,
-                code=crashed[0].process.returncode if crashed else None,
-            )
-            await self._stop(version)
+            codes = [s.process.returncode for s in version.servers]
+            crashed = next((i for i, code in enumerate(codes) if code not in (None, 0)), None)
+            if crashed is None:
+                log.info(
+                    "model_server.retired",
+                    model=version.request.model,
+                    version=version.request.version,
+                )
+                await self._reap(version)
+            else:
+                version.crashed = crashed
+                log.warning(
+                    "model_server.exited",
+                    model=version.request.model,
+                    version=version.request.version,
+                    code=codes[crashed],
+                )
+                await self._stop(version)
         version.ended.set()
 
     def _ending(self, version: _Version) -> Ended:
+        if version.crashed is not None:  # stopping too by now: the rest were stopped
+            index = version.crashed
+            server = version.servers[index]
+            code = server.process.returncode
+            return Ended(
+                Status.FAILED,
+                f"model server {index} exited ({code})",
+                rank=index,
+                exit_code=code,
+                log_tail=_tail(server.log_path),
+            )
         if version.stopping:
             return Ended(Status.CANCELLED, "stopped")
-        for index, server in enumerate(version.servers):
-            code = server.process.returncode
-            if code not in (None, 0):
-                return Ended(
-                    Status.FAILED,
-                    f"model server {index} exited ({code})",
-                    rank=index,
-                    exit_code=code,
-                    log_tail=_tail(server.log_path),
-                )
         return Ended(Status.FAILED, "the model servers exited")
 
     async def _ready(self, server: _Server) -> None:

@@ -1,23 +1,22 @@
 """The Roles in k8s/base grant exactly what the backends use: every verb each backend sends
-to the API (recorded by the emulator while it trains, cancels, adopts, rolls out and rolls
-back) is granted, and nothing granted goes unused."""
+to the API (recorded by the emulator while it schedules, describes, waits, cancels, adopts,
+rolls out and rolls back) is granted, and nothing granted goes unused."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 from pathlib import Path
 
 import yaml
 
-from tests.integration.test_kubernetes_serving import available, deployment_changed
+from tests.integration.test_kubernetes_serving import available, deployment_changed, work
 from tests.integration.test_kubernetes_training import gpu_job
 from tests.kube.emulator import running_emulator
-from torchrelay.services.serve.kube_rollouts import KubernetesRollouts
-from torchrelay.services.serve.rollouts import Current, RolloutFailed
+from torchrelay.shared.cluster import NotReady, Status
 from torchrelay.shared.cluster.kubernetes.api import connect
 from torchrelay.shared.cluster.kubernetes.options import KubeOptions
+from torchrelay.shared.cluster.kubernetes.serving import KubernetesServingBackend
 from torchrelay.shared.cluster.kubernetes.training import KubernetesBackend
 
 RBAC = Path(__file__).parents[2] / "k8s" / "base" / "rbac.yaml"
@@ -48,6 +47,7 @@ async def test_train_uses_exactly_the_verbs_its_role_grants() -> None:
             emulator.set_status("pods", pod, {"phase": "Failed"})
             await asyncio.wait_for(waiting, 10)
             cancelled = await backend.schedule(backend.dryrun(gpu_job(attempt=1)))
+            assert await backend.describe(cancelled) is not None
             assert await backend.adopt(backend.dryrun(gpu_job(attempt=1))) == cancelled
             await backend.cancel(cancelled)
         finally:
@@ -56,29 +56,29 @@ async def test_train_uses_exactly_the_verbs_its_role_grants() -> None:
 
 
 async def test_serve_uses_exactly_the_verbs_its_role_grants(tmp_path: Path) -> None:
-    for version in ("v1", "v2"):
-        folder = tmp_path / "models" / "digits" / version
-        folder.mkdir(parents=True)
-        (folder / "model.json").write_text(json.dumps({"version": version}))
     async with running_emulator() as emulator:
         options = KubeOptions(api_url=emulator.url)
-        rollouts = KubernetesRollouts(
-            await connect(options),
-            options,
-            storage_root=str(tmp_path),
-            server_args=[],
-            ready_timeout_s=1.0,
+        backend = KubernetesServingBackend(
+            await connect(options), options, storage_root=str(tmp_path), ready_timeout_s=1.0
         )
         try:
-            rolling = asyncio.create_task(rollouts.roll_out("digits", "v1", 1, Current()))
+            v1 = await backend.schedule(backend.dryrun(work("v1", replicas=1)))
+            ready = asyncio.create_task(backend.ready(v1))
             await deployment_changed(emulator, 1)
             available(emulator, 1, 1)
-            await asyncio.wait_for(rolling, 5)
-            with contextlib.suppress(RolloutFailed):  # v2 never gets ready: rolled back
-                await rollouts.roll_out("digits", "v2", 1, Current("v1", 1))
+            await asyncio.wait_for(ready, 5)
+            await backend.promote(v1)
+            assert await backend.describe(v1) is not None
+            assert await backend.adopt(backend.dryrun(work("v1", replicas=1))) == v1
+            waiting = asyncio.create_task(backend.wait(v1))
+            v2 = await backend.schedule(backend.dryrun(work("v2", replicas=1, replacing=v1)))
+            assert (await asyncio.wait_for(waiting, 5)).status is Status.CANCELLED
+            with contextlib.suppress(NotReady):  # v2 never gets ready: rolled back
+                await backend.ready(v2)
             emulator.remove("deployments", "model-digits")
-            with contextlib.suppress(RolloutFailed):  # a first version never ready: deleted
-                await rollouts.roll_out("digits", "v1", 1, Current())
+            first = await backend.schedule(backend.dryrun(work("v1", replicas=1)))
+            with contextlib.suppress(NotReady):  # a first version never ready: deleted
+                await backend.ready(first)
         finally:
-            await rollouts.aclose()
+            await backend.aclose()
         assert emulator.verbs == granted("torchrelay-serve")

@@ -20,12 +20,14 @@ import torch
 import tritonclient.http as triton
 
 from tests.integration.models import ModelServer, train_digits
+from torchrelay.services.serve.server.model import ModelLoadError, load_model
+from torchrelay.shared.cluster import ModelVersion, Phase, Status
 from torchrelay.shared.cluster.local_serving import (
     SUN_PATH_MAX,
-    LocalServing,
-    ServerOptions,
+    LocalServingBackend,
     socket_address,
 )
+from torchrelay.shared.cluster.registry import ServerOptions
 
 pytestmark = [
     pytest.mark.slow,
@@ -176,23 +178,102 @@ async def test_unknown_models_and_versions_are_404(server: ModelServer) -> None:
             assert (await response.json())["versions"] == ["served"]
 
 
+def description(**changes: object) -> dict[str, object]:
+    """A model.json as the trainer writes it, with ``changes`` applied."""
+    written: dict[str, object] = {
+        "name": "digits",
+        "version": "v1",
+        "format": "torchscript",
+        "model_class": None,
+        "inputs": [{"name": "input", "datatype": "FP32", "shape": [-1, 4]}],
+        "outputs": [{"name": "output", "datatype": "FP32", "shape": [-1, 2]}],
+        "metrics": {"accuracy": 0.5},
+        "lineage": {
+            "dataset": {"name": "digits", "version": "abc"},
+            "run_id": "v1",
+            "attempt": 0,
+            "entrypoint": "tests.integration.trainers:train",
+            "steps": 3,
+        },
+        "created": "2026-01-02T03:04:05.000006+00:00",
+    }
+    return {**written, **changes}
+
+
 def test_a_model_that_fails_to_load_exits_with_the_reason(tmp_path: Path) -> None:
     broken = tmp_path / "broken"
     broken.mkdir()
-    (broken / "model.json").write_text(
-        json.dumps(
-            {
-                "format": "torchscript",
-                "inputs": [{"name": "input", "datatype": "FP32", "shape": [-1, 4]}],
-                "outputs": [{"name": "output", "datatype": "FP32", "shape": [-1, 2]}],
-            }
-        )
-    )
+    (broken / "model.json").write_text(json.dumps(description()))
     (broken / "model.pt").write_bytes(b"not a model")
     server = ModelServer(broken, tmp_path / "broken.log")
     assert server.process.wait(60) == 3
     server.stop()
     assert "cannot load the model" in (tmp_path / "broken.log").read_text()
+
+
+def test_an_invalid_model_description_exits_naming_the_file_and_field(tmp_path: Path) -> None:
+    folder = tmp_path / "invalid"
+    folder.mkdir()
+    invalid = description()
+    del invalid["lineage"]
+    (folder / "model.json").write_text(json.dumps(invalid))
+    server = ModelServer(folder, tmp_path / "invalid.log")
+    assert server.process.wait(60) == 3
+    server.stop()
+    (failure,) = [
+        json.loads(line)
+        for line in (tmp_path / "invalid.log").read_text().splitlines()
+        if '"model.load_failed"' in line
+    ]
+    assert str(folder / "model.json") in failure["error"]
+    assert "lineage: Field required" in failure["error"]
+
+
+@pytest.mark.parametrize(
+    ("content", "reason"),
+    [
+        (None, "no model description (model.json) here"),
+        ("{not json", "not valid JSON"),
+        ("[]", "(top): Input should be an object"),
+        (json.dumps(description(format="onnx")), "format: Input should be 'torchscript'"),
+        (json.dumps(description(inputs=[])), "inputs: Tuple should have at least 1 item"),
+        (
+            json.dumps(description(outputs=[{"name": "output", "shape": [-1, 2]}])),
+            "outputs.0.datatype: Field required",
+        ),
+        (
+            json.dumps(description(format="state_dict")),
+            "format state_dict needs model_class",
+        ),
+        (json.dumps(description(surprise=1)), "surprise: Extra inputs are not permitted"),
+        (
+            json.dumps(
+                description(inputs=[{"name": "input", "datatype": "torch.int4", "shape": [-1]}])
+            ),
+            "model.json inputs must name supported datatypes",
+        ),
+    ],
+)
+def test_an_invalid_model_folder_is_refused_with_the_reason(
+    tmp_path: Path, content: str | None, reason: str
+) -> None:
+    if content is not None:
+        (tmp_path / "model.json").write_text(content)
+    with pytest.raises(ModelLoadError) as caught:
+        load_model(tmp_path)
+    assert reason in str(caught.value)
+    if "datatypes" not in reason:
+        assert str(tmp_path / "model.json") in str(caught.value), "names the file"
+
+
+def test_a_model_json_of_todays_trainer_loads(model_dir: Path) -> None:
+    loaded = load_model(model_dir)
+    assert (loaded.name, loaded.version, loaded.platform) == (
+        "digits",
+        "served",
+        "pytorch_torchscript",
+    )
+    assert loaded.inputs[0].shape == (-1, 1, 8, 8)
 
 
 async def admin_post(admin: Path, action: str, **params: str) -> int:
@@ -257,29 +338,39 @@ async def test_another_replica_retires_the_servers_through_their_admin_sockets(
     # A storage root deep enough that its sockets' paths cannot be socket addresses as they are.
     root = tmp_path / ("deep-" * 12) / "storage"
     await asyncio.to_thread(shutil.copytree, model_dir, root / "models" / "digits" / "served")
-    owner = LocalServing(root, options=ServerOptions(drain_s=1))
-    other = LocalServing(root)  # another serve replica on this machine
+    owner = LocalServingBackend(root, options=ServerOptions(drain_s=1))
+    other = LocalServingBackend(root)  # another serve replica on this machine
     try:
-        handle = await owner.start("digits", "served", 2, 60)
+        request = owner.dryrun(ModelVersion(model="digits", version="served", replicas=2))
+        handle = await owner.schedule(request)
+        private_urls = await owner.ready(handle)
         endpoint = await owner.promote(handle)
-        admins = [Path(path) for path in handle.admin_sockets]
+        admins = [Path(server.admin_socket) for server in request.servers]
         assert all(len(os.fsencode(path)) > SUN_PATH_MAX for path in admins)
         assert {stat.S_IMODE(path.stat().st_mode) for path in admins} == {0o600}
         assert stat.S_IMODE(owner.admin_folder.stat().st_mode) == 0o700
         async with aiohttp.ClientSession() as http:
-            for base in (endpoint.removesuffix("/v2/models/digits"), *handle.private_urls):
+            for base in (endpoint.removesuffix("/v2/models/digits"), *private_urls):
                 async with http.post(f"{base}/admin/retire") as r:
                     assert r.status == 404
             async with http.post(f"{endpoint}/infer", json=body(digits(1))) as r:
                 assert r.status == 200
-        assert all(server.process.returncode is None for server in handle.servers)
+        processes = [server.process for server in owner._versions[handle].servers]
+        assert all(process.returncode is None for process in processes)
+        described = await other.describe(handle)  # it finds them through their admin sockets
+        assert described is not None
+        assert described.phase is Phase.RUNNING
 
-        # A record from before admin sockets names private URLs: those are skipped.
-        await other.retire_servers([*handle.admin_sockets, *handle.private_urls])
+        waiting = asyncio.create_task(owner.wait(handle))
+        await other.cancel(handle)
         async with asyncio.timeout(30):
-            codes = await asyncio.gather(*(s.process.wait() for s in handle.servers))
-        assert codes == [0, 0]
+            codes = await asyncio.gather(*(process.wait() for process in processes))
+            ended = await waiting
+        assert codes == [0, 0], "retired: they drained and exited, nobody killed them"
+        assert ended.status is Status.CANCELLED
         assert not any(path.exists() for path in admins)
+        assert await other.describe(handle) is None
+        await other.cancel(handle)  # servers gone: nothing to retire, and no error
     finally:
         await owner.aclose()
         await other.aclose()
