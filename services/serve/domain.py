@@ -7,6 +7,8 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, model_validator
 
+from torchrelay.shared.storage.files import ModelDescription
+
 
 class DeploymentRecord(BaseModel):
     """A model's deployment in the ``deployments`` bucket."""
@@ -37,41 +39,39 @@ class DeploymentRecord(BaseModel):
         return data
 
 
-def smoke_request(description: dict[str, Any]) -> dict[str, Any]:
+def smoke_request(description: ModelDescription) -> dict[str, Any]:
     """An inference request on the model's declared input signature: one zero sample."""
-    spec = description["inputs"][0]
-    shape = [1 if dim == -1 else int(dim) for dim in spec["shape"]]
+    spec = description.inputs[0]
+    shape = [1 if dim == -1 else int(dim) for dim in spec.shape]
     count = 1
     for dim in shape:
         count *= dim
-    zero: float | bool = False if spec["datatype"] == "BOOL" else 0
+    zero: float | bool = False if spec.datatype == "BOOL" else 0
     return {
         "id": "smoke",
         "inputs": [
-            {
-                "name": spec["name"],
-                "shape": shape,
-                "datatype": spec["datatype"],
-                "data": [zero] * count,
-            }
+            {"name": spec.name, "shape": shape, "datatype": spec.datatype, "data": [zero] * count}
         ],
     }
 
 
-def smoke_ok(description: dict[str, Any], answer: Any) -> str | None:
+def smoke_ok(description: ModelDescription, answer: Any) -> str | None:
     """Why a smoke answer is wrong, or None when it matches the declared output."""
+    declared = description.outputs[0]
     try:
         output = answer["outputs"][0]
-        declared = description["outputs"][0]
     except (KeyError, IndexError, TypeError):
         return f"the smoke inference answered {str(answer)[:200]!r}"
-    if output.get("name") != declared["name"] or output.get("datatype") != declared["datatype"]:
-        return f"the smoke output {output.get('name')}/{output.get('datatype')} is not {declared}"
+    if output.get("name") != declared.name or output.get("datatype") != declared.datatype:
+        return (
+            f"the smoke output {output.get('name')}/{output.get('datatype')} is not "
+            f"{declared.name}/{declared.datatype}"
+        )
     shape = output.get("shape") or []
-    if len(shape) != len(declared["shape"]) or any(
-        want not in (-1, got) for want, got in zip(declared["shape"], shape, strict=True)
+    if len(shape) != len(declared.shape) or any(
+        want not in (-1, got) for want, got in zip(declared.shape, shape, strict=True)
     ):
-        return f"the smoke output has shape {shape}; model.json declares {declared['shape']}"
+        return f"the smoke output has shape {shape}; model.json declares {list(declared.shape)}"
     return None
 
 

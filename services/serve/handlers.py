@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import uuid
 from datetime import UTC, datetime
 from pathlib import Path
@@ -47,6 +46,8 @@ from torchrelay.shared.pipelines import PipelineRecord, pipeline_key, record_sta
 from torchrelay.shared.runtime.loops import every
 from torchrelay.shared.state import State, Store, key_part
 from torchrelay.shared.state.presence import Presence, exclusive
+from torchrelay.shared.storage.files import ModelDescription
+from torchrelay.shared.storage.layout import Layout
 
 log = structlog.get_logger("torchrelay.serve")
 _EVENT_IDS = uuid.UUID("3e8f1a2b-6c4d-4f9e-8a7b-2c1d0e9f8a7b")
@@ -73,7 +74,7 @@ class Deployer:
         reclaim_every_s: float = 2.0,
     ) -> None:
         self.backend = backend
-        self._root = storage_root
+        self._layout = Layout(storage_root)
         self._smoke_timeout_s = smoke_timeout_s
         self.deployments: Store[DeploymentRecord] = state.store("deployments", DeploymentRecord)
         self.pipelines: Store[PipelineRecord] = state.store("pipelines", PipelineRecord)
@@ -85,7 +86,7 @@ class Deployer:
         self._reclaim_every_s = reclaim_every_s
         self._retain_s = retain_s
         """How long a finished pipeline's record is kept (None: for good)."""
-        self._serving_now = self.deployments.live(lambda record: record.status == "deployed")
+        self._deployed_models = self.deployments.live(lambda record: record.status == "deployed")
         """The deployed models, followed by a KV watch: what reclaim looks at."""
 
     async def on_deploy_requested(self, event: ModelDeployRequested) -> None:
@@ -219,16 +220,14 @@ class Deployer:
             raise
         return handle, endpoint
 
-    def _description(self, model: str, version: str) -> dict[str, Any]:
-        path = self._root / "models" / model / version / "model.json"
+    def _description(self, model: str, version: str) -> ModelDescription:
         try:
-            description: dict[str, Any] = json.loads(path.read_text())
-        except (OSError, ValueError) as exc:
+            return ModelDescription.read(self._layout.model_description(model, version))
+        except (OSError, ValueError) as exc:  # CorruptFile (MissingFile too) is a ValueError
             raise RolloutFailed(f"no model {model} version {version} on storage ({exc})") from exc
-        return description
 
     async def _smoke(
-        self, work: ModelVersion, urls: list[str], description: dict[str, Any]
+        self, work: ModelVersion, urls: list[str], description: ModelDescription
     ) -> None:
         """One inference on the declared input signature, on every server of the version."""
         if not urls:
@@ -264,13 +263,13 @@ class Deployer:
     async def reclaim(self, stop: asyncio.Event) -> None:
         """Background loop: a deployed model whose serving replica is gone is adopted here
         (its servers outlive replicas) or served again (they died with it), same endpoint."""
-        async with self._serving_now:
+        async with self._deployed_models:
             await every(self._reclaim_every_s, stop, self.reclaim_orphans, name="serve.reclaim")
 
     async def reclaim_orphans(self) -> list[str]:
         """One round of :meth:`reclaim`; returns the models this replica took over."""
         taken = []
-        for item in self._serving_now.items():
+        for item in self._deployed_models.items():
             if not await self._orphaned(item.value):
                 continue
             async with self._exclusive(item.value.model):

@@ -4,16 +4,18 @@ which training code may run."""
 from __future__ import annotations
 
 import ast
+import math
 import uuid
 from collections.abc import Sequence
 from datetime import datetime
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, TypeAdapter, ValidationError
 
 from torchrelay.shared.cluster import Ended, Status
-from torchrelay.shared.events.data import TrainJobSpec
+from torchrelay.shared.events.data import TrainJobSpec, Version
 from torchrelay.shared.state import key_part
+from torchrelay.shared.storage.files import RunResult
 
 RunStatus = Literal["running", "succeeded", "failed", "cancelled"]
 _RUN_IDS = uuid.UUID("7c1d9e2a-4b3f-4e8a-9c6d-1f2e3a4b5c6d")
@@ -22,6 +24,30 @@ _RUN_IDS = uuid.UUID("7c1d9e2a-4b3f-4e8a-9c6d-1f2e3a4b5c6d")
 def run_id_for(requested: str | None, event_id: str) -> str:
     """The request's run id, or one derived from the event id (a redelivery gets the same)."""
     return requested or f"run-{uuid.uuid5(_RUN_IDS, event_id).hex[:12]}"
+
+
+_VERSION: TypeAdapter[str] = TypeAdapter(Version)
+
+
+def run_id_refusal(run_id: str) -> str | None:
+    """Why ``run_id`` cannot name a run, or None: its model is stored under the run id as its
+    version, so the id must be a version (``[A-Za-z0-9][A-Za-z0-9._-]*``, at most 64)."""
+    try:
+        _VERSION.validate_python(run_id)
+    except ValidationError:
+        return (
+            f"run id {run_id!r} cannot name a model version (letters, digits, '.', '_' and "
+            "'-', starting with a letter or digit, at most 64): choose another run_id"
+        )
+    return None
+
+
+def result_refusal(result: RunResult) -> str | None:
+    """Why a finished run's result cannot become a model version, or None."""
+    bad = sorted(name for name, value in result.metrics.items() if not math.isfinite(value))
+    if bad:
+        return f"it reported non-finite metrics ({', '.join(bad)}): nothing to compare or deploy"
+    return None
 
 
 class RunRecord(BaseModel):

@@ -6,7 +6,6 @@ import asyncio
 import contextlib
 import importlib.machinery
 import importlib.util
-import json
 from collections.abc import Awaitable, Callable, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
@@ -24,7 +23,9 @@ from torchrelay.services.train.domain import (
     model_key,
     orphan_is_final,
     restart_allowed,
+    result_refusal,
     run_id_for,
+    run_id_refusal,
     settle_pause_s,
 )
 from torchrelay.shared.bus.port import Publish
@@ -57,6 +58,8 @@ from torchrelay.shared.pipelines import PipelineRecord, pipeline_key, record_sta
 from torchrelay.shared.runtime.loops import every
 from torchrelay.shared.state import State, Store, key_part
 from torchrelay.shared.state.presence import Presence
+from torchrelay.shared.storage.files import CorruptFile, MissingFile, RunResult
+from torchrelay.shared.storage.layout import Layout, relative_dataset
 
 log = structlog.get_logger("torchrelay.train")
 SCHEDULE_RETRIES_S = (1.0, 2.0, 4.0)
@@ -85,6 +88,7 @@ class Trainer:
         self.pipelines: Store[PipelineRecord] = state.store("pipelines", PipelineRecord)
         self._publish = publish
         self._root = storage_root
+        self._layout = Layout(storage_root)
         self._nats_url = nats_url
         self._presence = presence
         self._instance = presence.instance
@@ -124,6 +128,7 @@ class Trainer:
         if await self.runs.get(key_part(run_id)) is not None:
             return  # a redelivery: the run exists and is being (or was) handled
         problem, dataset_path = self._check(spec)
+        problem = run_id_refusal(run_id) or problem
         if problem is None:
             try:
                 self.backend.check(self._worker_job(run_id, 0, spec, dataset_path, pipeline_id))
@@ -247,8 +252,8 @@ class Trainer:
     # --- launching and watching ------------------------------------------------------------
 
     def _check(self, spec: TrainJobSpec) -> tuple[str | None, str]:
-        dataset_path = f"datasets/{spec.dataset.name}/{spec.dataset.version}"
-        if not (self._root / dataset_path / "manifest.json").is_file():
+        dataset_path = relative_dataset(spec.dataset.name, spec.dataset.version)
+        if not self._layout.manifest(spec.dataset.name, spec.dataset.version).is_file():
             return (
                 f"unknown dataset {spec.dataset.name} version {spec.dataset.version}: "
                 "stage it first (dataset.ingest.requested)",
@@ -384,7 +389,20 @@ class Trainer:
 
     async def _settle(self, record: RunRecord, ended: Ended, cause: str | None) -> None:
         if ended.status is Status.SUCCEEDED:
-            await self._completed(record, cause)
+            refusal: str | None
+            try:
+                result = await asyncio.to_thread(RunResult.read, self._layout.result(record.run_id))
+            except MissingFile as exc:  # shared storage may show it late: try again
+                raise TransientError(str(exc)) from exc
+            except CorruptFile as exc:
+                refusal = f"its result.json is unusable: {exc}"
+            else:
+                refusal = result_refusal(result)
+                if refusal is None:
+                    await self._completed(record, result, cause)
+                    return
+            reason = f"attempt {record.attempt} finished but {refusal}"
+            await self._failed(record, Ended(Status.FAILED, reason), final=True, cause=cause)
             return
         latest = await self.runs.get(key_part(record.run_id))
         intent = (
@@ -427,39 +445,38 @@ class Trainer:
             else:
                 return
 
-    async def _completed(self, record: RunRecord, cause: str | None) -> None:
-        result = json.loads((self._root / "runs" / record.run_id / "result.json").read_text())
+    async def _completed(self, record: RunRecord, result: RunResult, cause: str | None) -> None:
         dataset = record.spec.dataset
         model = ModelRecord(
-            name=result["model_name"],
-            version=result["version"],
-            path=result["path"],
-            metrics=result["metrics"],
+            name=result.model_name,
+            version=result.version,
+            path=result.path,
+            metrics=result.metrics,
             run_id=record.run_id,
             dataset=f"{dataset.name}@{dataset.version}",
             pipeline_id=record.pipeline_id,
             created=datetime.now(UTC),
         )
         await self.models.put(model_key(model.name, model.version), model)
-        await self._set(record, "succeeded", reason=None, model_version=result["version"])
+        await self._set(record, "succeeded", reason=None, model_version=result.version)
         await self._publish(
             TrainCompleted(
                 **self._envelope(record, cause),
                 data=TrainCompletedData(
                     run_id=record.run_id,
-                    model_name=result["model_name"],
-                    model_version=result["version"],
-                    path=result["path"],
-                    metrics=result["metrics"],
+                    model_name=result.model_name,
+                    model_version=result.version,
+                    path=result.path,
+                    metrics=result.metrics,
                 ),
             )
         )
-        log.info("run.completed", run_id=record.run_id, metrics=result["metrics"])
+        log.info("run.completed", run_id=record.run_id, metrics=result.metrics)
         if record.pipeline_id is not None:
             detail: dict[str, JsonValue] = {
-                "model": result["model_name"],
-                "version": result["version"],
-                "metrics": result["metrics"],
+                "model": result.model_name,
+                "version": result.version,
+                "metrics": dict(result.metrics),
             }
             await record_stage(
                 self.pipelines, record.pipeline_id, "train", "succeeded", datetime.now(UTC),

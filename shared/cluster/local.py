@@ -33,6 +33,7 @@ from torchrelay.shared.cluster.port import (
 from torchrelay.shared.cluster.registry import TrainingConfig
 from torchrelay.shared.cluster.worker_spec import WORKER_ENV, WorkerSpec
 from torchrelay.shared.errors import NotOwned
+from torchrelay.shared.storage.layout import Layout
 
 log = structlog.get_logger("torchrelay.cluster.local")
 WORKER_MODULE = "torchrelay.services.train.worker"
@@ -54,10 +55,6 @@ class LocalRequest:
     handle: str
     ranks: list[RankLaunch]
     rendezvous_file: str
-
-
-def run_dir(storage_root: str, run_id: str) -> Path:
-    return Path(storage_root) / "runs" / run_id
 
 
 class LocalBackend:
@@ -95,8 +92,8 @@ class LocalBackend:
             raise Unplaceable("locally each rank gets at most one GPU")
 
     def dryrun(self, job: WorkerJob) -> LocalRequest:
-        folder = run_dir(job.storage_root, job.run_id)
-        rendezvous = folder / "rendezvous" / f"attempt-{job.attempt}"
+        layout = Layout(Path(job.storage_root))
+        rendezvous = layout.rendezvous(job.run_id, job.attempt)
         backend = "nccl" if job.job.resources.gpu > 0 else "gloo"
         handle = f"{job.run_id}/{job.attempt}"
         ranks = []
@@ -127,7 +124,7 @@ class LocalBackend:
                     rank=rank,
                     argv=[self.python, "-m", WORKER_MODULE],
                     env=env,
-                    log_path=str(folder / "logs" / f"attempt-{job.attempt}" / f"rank-{rank}.log"),
+                    log_path=str(layout.rank_log(job.run_id, job.attempt, rank)),
                 )
             )
         return LocalRequest(handle, ranks, str(rendezvous))

@@ -47,11 +47,10 @@ from torchrelay.shared.cluster.port import (
 )
 from torchrelay.shared.cluster.registry import ServerOptions, ServingConfig
 from torchrelay.shared.errors import NotOwned
+from torchrelay.shared.storage.layout import Layout
 
 log = structlog.get_logger("torchrelay.cluster.serving")
 SERVER_MODULE = "torchrelay.services.serve.server"
-ADMIN_FOLDER = "_admin"
-"""Under ``<storage root>/serving``; model names cannot contain ``_``, so it is no model's."""
 SUN_PATH_MAX = 107
 """Bytes a unix socket's path may have (``sun_path`` is 108 on Linux, with its NUL)."""
 ADMIN_TIMEOUT = aiohttp.ClientTimeout(total=10)
@@ -158,7 +157,8 @@ class LocalServingBackend:
         ready_timeout_s: float = 60.0,
     ) -> None:
         self.root = storage_root
-        self.admin_folder = storage_root.absolute() / "serving" / ADMIN_FOLDER
+        self.layout = Layout(storage_root.absolute())
+        self.admin_folder = self.layout.admin_sockets()
         self.host = host
         self.options = options or ServerOptions()
         self.ready_timeout_s = ready_timeout_s
@@ -173,8 +173,8 @@ class LocalServingBackend:
 
     def dryrun(self, work: ModelVersion) -> LocalServingRequest:
         start = uuid.uuid4().hex[:12]
-        logs = self.root / "serving" / work.model / work.version
-        model_dir = self.root / "models" / work.model / work.version
+        logs = self.layout.serving_logs(work.model, work.version)
+        model_dir = self.layout.model(work.model, work.version)
         servers = []
         for index in range(work.replicas):
             admin = self.admin_folder / f"{start}-{index}.sock"

@@ -1,19 +1,23 @@
-"""The serve service with its Kubernetes backend: a real service process, a real nats-server
-and the API emulator over HTTP. The same events as with local model servers come out."""
+"""The serve service as a real process with the Kubernetes serving backend, against the API
+emulator over HTTP (with a Deployment controller in the test, and a real model server behind
+the pods' address): the same events as with local model servers come out, and the deployer's
+smoke inference runs on the new pods."""
 
 from __future__ import annotations
 
-import json
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import pytest
 
+from tests.integration.backend_worlds import BROKEN, MODEL, KubeServing
+from tests.integration.models import ModelServer
 from tests.integration.processes import ServiceProcess
-from tests.integration.test_kubernetes_serving import NAME, available, deployment_changed
+from tests.integration.tiny_models import export_broken, export_digits, model_folder
 from tests.integration.watching import Watcher, watching
 from tests.kube.emulator import KubeEmulator, running_emulator
 from torchrelay.shared.bus.jetstream import JetStreamBus
+from torchrelay.shared.cluster.kubernetes.manifests import model_object_name
 from torchrelay.shared.events import ModelDeployed, ModelDeployRequested, ModelRolloutFailed
 from torchrelay.shared.events.data import ModelDeployRequestedData
 
@@ -21,9 +25,28 @@ pytestmark = [pytest.mark.slow, pytest.mark.timeout(120)]
 
 
 @pytest.fixture
-async def emulator() -> AsyncIterator[KubeEmulator]:
-    async with running_emulator() as running:
-        yield running
+def storage(tmp_path: Path) -> Path:
+    root = tmp_path / "storage"
+    export_digits(root, MODEL, "v1")
+    export_digits(root, MODEL, "v2", seed=2)  # its pods' address reaches v1's server: 404
+    export_broken(root, MODEL, BROKEN)
+    return root
+
+
+@pytest.fixture
+def pods_port(storage: Path, tmp_path: Path) -> Iterator[int]:
+    """A real model server of v1: what the emulated pods' address reaches."""
+    server = ModelServer(model_folder(storage, MODEL, "v1"), tmp_path / "pods.log")
+    try:
+        yield server.wait_ready()
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+async def cluster(storage: Path, pods_port: int) -> AsyncIterator[KubeEmulator]:
+    async with running_emulator() as emulator, KubeServing(emulator, storage, pods_port):
+        yield emulator
 
 
 @pytest.fixture
@@ -33,19 +56,18 @@ async def bus(nats_url: str) -> AsyncIterator[tuple[JetStreamBus, Watcher]]:
 
 
 @pytest.fixture
-def serve(nats_url: str, emulator: KubeEmulator, tmp_path: Path) -> Iterator[ServiceProcess]:
-    for version in ("v1", "v2"):
-        folder = tmp_path / "storage" / "models" / "digits" / version
-        folder.mkdir(parents=True)
-        (folder / "model.json").write_text(json.dumps({"version": version}))
+def serve(
+    nats_url: str, cluster: KubeEmulator, storage: Path, pods_port: int, tmp_path: Path
+) -> Iterator[ServiceProcess]:
     process = ServiceProcess(
         ["-m", "torchrelay", "service", "serve", "--nats-url", nats_url, "--http-port", "0"],
         tmp_path / "serve.log",
         env={
-            "TORCHRELAY_STORAGE_ROOT": str(tmp_path / "storage"),
+            "TORCHRELAY_STORAGE_ROOT": str(storage),
             "TORCHRELAY_SERVE_BACKEND": "kubernetes",
             "TORCHRELAY_SERVE_READY_TIMEOUT_S": "3",
-            "TORCHRELAY_KUBE_API_URL": emulator.url,
+            "TORCHRELAY_KUBE_API_URL": cluster.url,
+            "TORCHRELAY_KUBE_SERVER_PORT": str(pods_port),
             "TORCHRELAY_SHUTDOWN_GRACE_S": "2",
             "TORCHRELAY_SHUTDOWN_DEADLINE_S": "5",
         },
@@ -57,29 +79,52 @@ def serve(nats_url: str, emulator: KubeEmulator, tmp_path: Path) -> Iterator[Ser
 def deploy(version: str) -> ModelDeployRequested:
     return ModelDeployRequested(
         source="/tests",
-        subject="digits",
-        data=ModelDeployRequestedData(model_name="digits", version=version, replicas=2),
+        subject=MODEL,
+        data=ModelDeployRequestedData(model_name=MODEL, version=version, replicas=2),
     )
 
 
 async def test_a_deployment_is_deployed_once_available_and_a_broken_version_is_rolled_back(
-    bus: tuple[JetStreamBus, Watcher], serve: ServiceProcess, emulator: KubeEmulator
+    bus: tuple[JetStreamBus, Watcher],
+    serve: ServiceProcess,
+    cluster: KubeEmulator,
+    pods_port: int,
 ) -> None:
     publisher, watcher = bus
     await serve.wait_ready()
     await publisher.publish(deploy("v1"))
-    await deployment_changed(emulator, 1)
-    available(emulator, 1, 2)
+    event = await watcher.one(ModelDeployed, version="v1", timeout_s=30)
+    assert event.data.endpoint == (
+        f"http://model-digits.torchrelay.svc:{pods_port}/v2/models/digits"
+    )
 
-    event = await watcher.one(ModelDeployed, version="v1", timeout_s=20)
-    assert event.data.endpoint == "http://model-digits.torchrelay.svc:8080/v2/models/digits"
+    await publisher.publish(deploy(BROKEN))  # its pod never gets ready
 
-    await publisher.publish(deploy("v2"))  # its pods never become available
-
-    failure = await watcher.one(ModelRolloutFailed, version="v2", timeout_s=30)
-    assert failure.data.reason.startswith("version v2 was not available within 3s")
+    failure = await watcher.one(ModelRolloutFailed, version=BROKEN, timeout_s=30)
+    assert failure.data.reason.startswith(f"version {BROKEN} was not available within 3s")
+    assert "CrashLoopBackOff" in failure.data.reason
     assert failure.data.serving_version == "v1"
-    current = emulator.get("deployments", NAME)
+    current = cluster.get("deployments", model_object_name(MODEL))
+    assert current is not None
+    args = current["spec"]["template"]["spec"]["containers"][0]["args"]
+    assert args[1].endswith("/models/digits/v1"), "rolled back"
+
+
+async def test_a_version_whose_pods_fail_the_smoke_inference_is_rolled_back(
+    bus: tuple[JetStreamBus, Watcher], serve: ServiceProcess, cluster: KubeEmulator
+) -> None:
+    publisher, watcher = bus
+    await serve.wait_ready()
+    await publisher.publish(deploy("v1"))
+    await watcher.one(ModelDeployed, version="v1", timeout_s=30)
+
+    # v2's pods get ready, but what answers at their address is v1's server: the smoke
+    # inference on /v2/models/digits/versions/v2/infer gets a 404, and v2 must not stay.
+    await publisher.publish(deploy("v2"))
+    failure = await watcher.one(ModelRolloutFailed, version="v2", timeout_s=30)
+    assert failure.data.reason.startswith("the smoke inference answered HTTP 404")
+    assert failure.data.serving_version == "v1"
+    current = cluster.get("deployments", model_object_name(MODEL))
     assert current is not None
     args = current["spec"]["template"]["spec"]["containers"][0]["args"]
     assert args[1].endswith("/models/digits/v1"), "rolled back"

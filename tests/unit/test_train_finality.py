@@ -1,8 +1,10 @@
 """Which ended attempt is its run's last word (``train.failed`` final): a user's cancel always
-is; the monitor's cancel of a stalled attempt, like a crash, only with no restart left."""
+is; the monitor's cancel of a stalled attempt, like a crash, only with no restart left. And
+what a finished run must be to become a model version."""
 
 from __future__ import annotations
 
+import math
 from datetime import UTC, datetime
 
 import pytest
@@ -12,10 +14,13 @@ from torchrelay.services.train.domain import (
     attempt_end,
     failure_is_final,
     orphan_is_final,
+    result_refusal,
+    run_id_refusal,
     settle_pause_s,
 )
 from torchrelay.shared.cluster import Ended, Status
 from torchrelay.shared.events.data import DatasetRef, TrainJobSpec
+from torchrelay.shared.storage.files import RunResult, Throughput
 
 
 @pytest.mark.parametrize("attempt", [0, 1, 2])
@@ -94,3 +99,37 @@ def test_an_orphaned_attempt_fails_like_a_crash() -> None:
 def test_settling_waits_longer_each_try_up_to_a_cap() -> None:
     pauses = [settle_pause_s(t, base_s=1.0, cap_s=30.0) for t in range(1, 8)]
     assert pauses == [1.0, 2.0, 4.0, 8.0, 16.0, 30.0, 30.0]
+
+
+def result(**metrics: float) -> RunResult:
+    return RunResult(
+        model_name="digits",
+        version="r1",
+        path="models/digits/r1",
+        metrics=metrics,
+        steps=10,
+        attempt=0,
+        throughput=Throughput(samples_per_s=100.0, checkpoints=1, checkpoint_seconds=0.1),
+    )
+
+
+def test_a_result_with_finite_metrics_becomes_a_model() -> None:
+    assert result_refusal(result(accuracy=0.9, loss=0.3)) is None
+
+
+def test_a_result_with_a_nan_or_infinite_metric_is_refused_naming_them() -> None:
+    refusal = result_refusal(result(accuracy=0.9, loss=math.nan, grad=math.inf))
+    assert refusal is not None
+    assert "non-finite metrics (grad, loss)" in refusal
+
+
+@pytest.mark.parametrize("run_id", ["r1", "pipe-1.train", "A_b-2"])
+def test_a_run_id_that_names_a_model_version_is_accepted(run_id: str) -> None:
+    assert run_id_refusal(run_id) is None
+
+
+@pytest.mark.parametrize("run_id", ["a:b", "-lead", "x" * 65, "a/b", ".hidden"])
+def test_a_run_id_that_cannot_be_a_model_version_is_refused(run_id: str) -> None:
+    refusal = run_id_refusal(run_id)
+    assert refusal is not None
+    assert refusal.startswith(f"run id {run_id!r} cannot name a model version")

@@ -12,6 +12,7 @@ from torchrelay.shared.bus.principals import WORKER, inbox_prefix
 from torchrelay.shared.cluster.kubernetes.options import KubeOptions
 from torchrelay.shared.cluster.port import WorkerJob
 from torchrelay.shared.cluster.worker_spec import WORKER_ENV, WorkerSpec
+from torchrelay.shared.storage.layout import relative_model
 
 Object = dict[str, Any]
 GROUP = "torchrelay.io"
@@ -272,7 +273,7 @@ def model_deployment(
     pod_security, container_security = _security(options)
     volumes, mounts = _volumes(options, storage_root, shm=False)
     mounts[0]["readOnly"] = True  # servers only read the model
-    model_dir = f"{storage_root.rstrip('/')}/models/{model}/{version}"
+    model_dir = f"{storage_root.rstrip('/')}/{relative_model(model, version)}"
     port = options.server_port
     threads = str(max(1, math.ceil(options.server_cpu)))
     container: Object = {
