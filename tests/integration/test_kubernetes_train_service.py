@@ -5,7 +5,6 @@ what it sees into the same train.* events as with local workers."""
 from __future__ import annotations
 
 import asyncio
-import json
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
@@ -21,6 +20,8 @@ from torchrelay.shared.cluster.kubernetes.manifests import job_name
 from torchrelay.shared.events import TrainCancelRequested, TrainCompleted, TrainFailed, TrainStarted
 from torchrelay.shared.events.data import TrainCancelRequestedData
 from torchrelay.shared.state import KvState, key_part
+from torchrelay.shared.storage.files import RunResult, Throughput
+from torchrelay.shared.storage.layout import Layout
 from torchrelay.shared.testing import assert_eventually
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(120)]
@@ -125,14 +126,15 @@ async def test_all_ranks_succeeded_is_a_train_completed(
     await publisher.publish(request(staged, "k8s-ok", world_size=2))
     job = await job_of(emulator, "k8s-ok")
     # Rank 0, as the worker does on the shared storage, records the exported model.
-    result = staged[0] / "runs" / "k8s-ok" / "result.json"
-    result.parent.mkdir(parents=True, exist_ok=True)
-    result.write_text(
-        json.dumps(
-            {"model_name": "digits", "version": "k8s-ok", "path": "models/digits/k8s-ok",
-             "metrics": {"accuracy": 0.97}}
-        )
-    )  # fmt: skip
+    RunResult(
+        model_name="digits",
+        version="k8s-ok",
+        path="models/digits/k8s-ok",
+        metrics={"accuracy": 0.97},
+        steps=40,
+        attempt=0,
+        throughput=Throughput(samples_per_s=500.0, checkpoints=2, checkpoint_seconds=0.2),
+    ).write(Layout(staged[0]).result("k8s-ok"))
     for pod in emulator.start_job_pods(job):
         emulator.set_status("pods", pod, {"phase": "Succeeded"})
     emulator.set_status(
@@ -141,6 +143,32 @@ async def test_all_ranks_succeeded_is_a_train_completed(
 
     event = await watcher.one(TrainCompleted, run_id="k8s-ok", timeout_s=20)
     assert (event.data.model_version, event.data.metrics) == ("k8s-ok", {"accuracy": 0.97})
+
+
+async def test_a_finished_job_whose_result_is_corrupt_fails_the_run_with_the_reason(
+    bus: tuple[JetStreamBus, Watcher],
+    train: ServiceProcess,
+    emulator: KubeEmulator,
+    staged: tuple[Path, str],
+) -> None:
+    publisher, watcher = bus
+    await train.wait_ready()
+    await publisher.publish(request(staged, "k8s-garbled", world_size=1))
+    job = await job_of(emulator, "k8s-garbled")
+    result = Layout(staged[0]).result("k8s-garbled")
+    result.parent.mkdir(parents=True, exist_ok=True)
+    result.write_text('{"model_name": "digits", "version": ')  # cut off mid-write
+    for pod in emulator.start_job_pods(job):
+        emulator.set_status("pods", pod, {"phase": "Succeeded"})
+    emulator.set_status(
+        "jobs", job, {"succeeded": 1, "conditions": [{"type": "Complete", "status": "True"}]}
+    )
+
+    failed = await watcher.one(TrainFailed, run_id="k8s-garbled", timeout_s=20)
+    assert failed.data.final, "the same result would come out again: no restart"
+    assert failed.data.reason.startswith("attempt 0 finished but its result.json is unusable")
+    assert str(result) in failed.data.reason
+    assert watcher.of(TrainCompleted, run_id="k8s-garbled") == []
 
 
 async def test_rbac_denial_fails_the_run_with_the_reason(
