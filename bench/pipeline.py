@@ -56,7 +56,7 @@ def main() -> None:
     state = Path(tempfile.mkdtemp(prefix="bench-pipeline-"))
     started = platform.start(state)
     try:
-        rows = asyncio.run(run(started.nats_url, args.runs))
+        rows = asyncio.run(run(platform.client_url(state, started.nats_url), args.runs))
     finally:
         platform.stop(started)
         shutil.rmtree(state, ignore_errors=True)
