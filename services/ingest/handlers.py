@@ -131,6 +131,7 @@ class Ingestor:
         publish: Publish,
         metrics: IngestMetrics,
         source: str,
+        retain_s: float | None = None,
     ) -> None:
         self.stager = stager
         self.options = options
@@ -140,6 +141,8 @@ class Ingestor:
         self._publish = publish
         self._metrics = metrics
         self._source = source
+        self._retain_s = retain_s
+        """How long a pipeline that ingest ends (a refused dataset) is kept (None: for good)."""
 
     async def on_pipeline_submitted(self, event: PipelineSubmitted) -> None:
         """A pipeline starts here: store its record, then stage its dataset.
@@ -318,6 +321,7 @@ class Ingestor:
                 "failed",
                 datetime.now(UTC),
                 reason=f"{rejected.code.value}: {rejected.reason}"[:512],
+                retain_s=self._retain_s,
             )
         return outcome
 

@@ -34,6 +34,7 @@ async def build(platform: Platform[IngestSettings]) -> AsyncIterator[Service]:
         publish=platform.bus.publish,
         metrics=IngestMetrics(platform.registry),
         source=platform.source,
+        retain_s=platform.settings.retention_s,
     )
 
     async def sweep(stop: asyncio.Event) -> None:

@@ -1,4 +1,4 @@
-"""The train and serve handlers over the in-memory state, with no NATS at all: their rules
+"""The ingest, train and serve handlers over the in-memory state, with no NATS at all: their rules
 (refusals, orphans, repeats, retention) hold through the State port, and the backends are real
 (local processes, a real model server)."""
 
@@ -13,8 +13,12 @@ from pathlib import Path
 
 import aiohttp
 import pytest
+from prometheus_client import CollectorRegistry
 
 from tests.integration.models import train_digits
+from torchrelay.services.ingest.handlers import IngestMetrics, Ingestor
+from torchrelay.services.ingest.settings import IngestOptions
+from torchrelay.services.ingest.staging import Stager
 from torchrelay.services.serve.domain import DeploymentRecord
 from torchrelay.services.serve.handlers import Deployer
 from torchrelay.services.train.domain import RunRecord
@@ -25,10 +29,12 @@ from torchrelay.shared.cluster.registry import ServerOptions
 from torchrelay.shared.errors import TransientError
 from torchrelay.shared.events import (
     AnyEvent,
+    DatasetRejected,
     ModelDeployed,
     ModelDeployRequested,
     ModelRolloutFailed,
     ModelRolloutStarted,
+    PipelineSubmitted,
     TrainCancelRequested,
     TrainFailed,
     TrainRequested,
@@ -36,10 +42,13 @@ from torchrelay.shared.events import (
 from torchrelay.shared.events.data import (
     DatasetRef,
     ModelDeployRequestedData,
+    PipelineSpec,
+    PipelineSubmittedData,
     TrainCancelRequestedData,
     TrainJobSpec,
     TrainRequestedData,
 )
+from torchrelay.shared.pipelines import pipeline_key
 from torchrelay.shared.state import MemoryState, key_part
 from torchrelay.shared.state.presence import Presence
 from torchrelay.shared.testing import assert_eventually
@@ -285,3 +294,43 @@ async def test_a_model_whose_replica_died_is_served_again_on_its_endpoint(
 async def _owned(handler: Deployer) -> bool:
     record = await handler.deployments.get("digits")
     return record is not None and record.value.owner == handler._presence.instance
+
+
+# --- ingest --------------------------------------------------------------------------------
+
+
+async def test_a_pipeline_that_ingest_refuses_ends_failed_and_expires(tmp_path: Path) -> None:
+    state, published = MemoryState(), Published()
+    options = IngestOptions(allowed_roots=[tmp_path])
+    ingestor = Ingestor(
+        stager=Stager(tmp_path / "storage", options.limits()),
+        options=options,
+        state=state,
+        publish=published,
+        metrics=IngestMetrics(CollectorRegistry()),
+        source="/torchrelay/ingest",
+        retain_s=1.0,
+    )
+    spec = PipelineSpec.model_validate(
+        {
+            "name": "outside",
+            "dataset": {"name": "digits", "source": "/etc/passwd"},  # not under an allowed root
+            "training": {"entrypoint": ENTRYPOINT, "model_name": "digits"},
+        }
+    )
+    await ingestor.on_pipeline_submitted(
+        PipelineSubmitted(
+            source="/tests", pipelineid="p-out", data=PipelineSubmittedData(spec=spec)
+        )
+    )
+    record = await ingestor.pipelines.get(pipeline_key("p-out"))
+    assert record is not None
+    assert record.value.status == "failed"
+    assert published.of(DatasetRejected), "the refusal is an event, not just a record"
+    await assert_eventually(
+        lambda: _pipeline_gone(ingestor, "p-out"), timeout_s=5, message="never expired"
+    )
+
+
+async def _pipeline_gone(ingestor: Ingestor, pipeline_id: str) -> bool:
+    return await ingestor.pipelines.get(pipeline_key(pipeline_id)) is None
