@@ -62,6 +62,9 @@ class Platform:
     replicas: list[Replica] = field(default_factory=list)
     passwords: dict[str, str] | None = None
     """The NATS users' passwords when this platform runs its own NATS with authorization."""
+    nats_due: float | None = None
+    """When a dead nats-server is to be started again."""
+    nats_restarts: int = 0
 
     @property
     def storage_root(self) -> Path:
@@ -215,8 +218,10 @@ def _wait_ready(platform: Platform, replica: Replica, deadline: float) -> int:
 
 
 def supervise(platform: Platform, *, say: Callable[[str], None]) -> None:
-    """One round: start again what died, when its pause is over (call it every half second)."""
+    """One round: start again what died, when its pause is over (call it every half second).
+    The NATS server first: the services wait for it (they reconnect on their own)."""
     now = time.monotonic()
+    _supervise_nats(platform, now, say)
     for replica in platform.replicas:
         code = replica.process.poll()
         if code is not None and replica.due is None:
@@ -235,6 +240,29 @@ def supervise(platform: Platform, *, say: Callable[[str], None]) -> None:
                 continue  # dead again: the next round schedules it
             say(f"{replica.name} is back: http://127.0.0.1:{replica.port}")
             platform.save()
+
+
+def _supervise_nats(platform: Platform, now: float, say: Callable[[str], None]) -> None:
+    nats = platform.nats
+    if nats is None:
+        return  # the user's own NATS: not ours to start
+    code = nats.exited()
+    if code is not None and platform.nats_due is None:
+        pause = RESTART_PAUSES_S[min(platform.nats_restarts, len(RESTART_PAUSES_S) - 1)]
+        platform.nats_due = now + pause
+        say(f"nats-server exited ({code}); starting it again in {pause:g}s on the same store")
+    if platform.nats_due is not None and now >= platform.nats_due:
+        platform.nats_due = None
+        try:
+            nats.restart()
+        except ConfigError as exc:
+            platform.nats_restarts += 1
+            pause = RESTART_PAUSES_S[min(platform.nats_restarts, len(RESTART_PAUSES_S) - 1)]
+            platform.nats_due = now + pause
+            say(f"nats-server did not start again ({exc}); trying again in {pause:g}s")
+            return
+        platform.nats_restarts = 0
+        say(f"nats-server is back: {nats.url}")
 
 
 def stop(platform: Platform, timeout_s: float = 30) -> None:

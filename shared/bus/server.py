@@ -128,6 +128,21 @@ class NatsServer:
         atomic_write_bytes(config, text.encode(), private=True)
         return ["-c", str(config)]
 
+    def exited(self) -> int | None:
+        """The server's exit status once it has died (killed, crashed); None while it runs,
+        and for a server never started or stopped on purpose."""
+        return self._process.poll() if self._process is not None else None
+
+    def restart(self) -> NatsServer:
+        """Start again after a death, on the port it had and on the same store: clients
+        reconnect to the same URL and find their streams, consumers and buckets."""
+        if self._process is not None and self._process.poll() is None:
+            raise RuntimeError("nats-server is running")
+        self._process = None
+        if self.port is not None:
+            self.requested_port = self.port
+        return self.start()
+
     def stop(self, timeout_s: float = 10.0) -> None:
         process, self._process = self._process, None
         if process is None or process.poll() is not None:
