@@ -8,8 +8,10 @@ from dataclasses import dataclass
 from typing import Literal
 
 import nats
+import nats.js.errors
 import pytest
 from nats.aio.client import Client as NatsClient
+from nats.js import JetStreamContext
 from pydantic import BaseModel, ConfigDict
 from structlog.testing import capture_logs
 
@@ -27,6 +29,7 @@ from torchrelay.shared.testing import assert_eventually
 from torchrelay.shared.testing.fixtures import wipe_jetstream
 
 pytestmark = pytest.mark.timeout(60)
+STORE_NOT_CREATED = 10049
 
 
 class Run(BaseModel):
@@ -73,9 +76,25 @@ async def harness(request: pytest.FixtureRequest) -> AsyncIterator[Harness]:
     server: NatsServer = request.getfixturevalue("nats_server")
     await wipe_jetstream(server.url)
     nc = await nats.connect(server.url)
-    # Short expiry markers: a TTL shorter than the marker's is stretched to it (see kv.py).
-    yield Harness(await KvState.open(nc.jetstream(), marker_ttl_s=1.0), "nats", nc)
-    await nc.close()
+    try:
+        yield Harness(await _fresh_state(nc.jetstream()), "nats", nc)
+    finally:
+        await nc.close()
+
+
+async def _fresh_state(js: JetStreamContext) -> KvState:
+    """The buckets, created again right after the wipe deleted them. nats-server may still be
+    removing a deleted stream's store then, and refuses its new one for a moment ('error
+    creating store for stream', 10049): that is the server catching up, not the adapter."""
+    for _ in range(50):
+        try:
+            # Short expiry markers: a TTL shorter than the marker's is stretched to it.
+            return await KvState.open(js, marker_ttl_s=1.0)
+        except nats.js.errors.ServerError as exc:
+            if exc.err_code != STORE_NOT_CREATED:
+                raise
+            await asyncio.sleep(0.1)
+    return await KvState.open(js, marker_ttl_s=1.0)
 
 
 @pytest.fixture
