@@ -74,6 +74,16 @@ def backoff_s(next_attempt: int, *, base_s: float, cap_s: float) -> float:
     return float(min(cap_s, base_s * 2 ** max(next_attempt - 1, 0)))
 
 
+def restart_wait_s(
+    failed_at: datetime, now: datetime, next_attempt: int, *, base_s: float, cap_s: float
+) -> float:
+    """Seconds until restart ``next_attempt`` of a run whose attempt failed at ``failed_at``
+    is due (0 once it is). Counted from the failure event's own time, so every replica and
+    every redelivery of that event agrees on when."""
+    due_in = backoff_s(next_attempt, base_s=base_s, cap_s=cap_s)
+    return max(0.0, due_in - (now - failed_at).total_seconds())
+
+
 def stalled(watch: RunWatch, now: datetime, *, after_s: float) -> bool:
     """A running attempt that has reported nothing for ``after_s`` (start counts as a report)."""
     if watch.state != "running":

@@ -15,18 +15,18 @@ from torchrelay.services.monitor.domain import (
     RunWatch,
     Stamp,
     after_failure,
-    backoff_s,
     can_restart,
     cancelled_for_stall,
     dead_letter_category,
     pipeline_end,
+    restart_wait_s,
     source_label,
     stalled,
     type_label,
 )
 from torchrelay.services.monitor.settings import MonitorOptions
 from torchrelay.shared.bus.port import Publish
-from torchrelay.shared.errors import AlreadyExists, StaleRevision
+from torchrelay.shared.errors import AlreadyExists, StaleRevision, TransientError
 from torchrelay.shared.events import (
     EVENT_TYPES,
     AnyEvent,
@@ -182,7 +182,6 @@ class Monitor:
         self._versions: dict[str, str] = {}
 
     async def on_event(self, event: AnyEvent) -> None:
-        self.metrics.count(event)
         if event.pipelineid is not None:
             await self._pipeline(event, event.pipelineid)
         handler = {
@@ -201,6 +200,8 @@ class Monitor:
         }.get(type(event))
         if handler is not None:
             await handler(event)
+        # Once handled: an event that comes back (a restart not due yet, a crash) counts once.
+        self.metrics.count(event)
 
     async def _dead_lettered(self, event: AnyEvent) -> None:
         data = event.data
@@ -343,17 +344,30 @@ class Monitor:
             return
         if cancelled_for_stall(watch, data.attempt):
             silent = f"no progress for {self._options.stall_after_s:g}s"
-            await self._restart(watch, "stalled", silent)
+            await self._restart(watch, "stalled", silent, failed_at=event.time)
         else:
-            await self._restart(watch, "failed", data.reason)
+            await self._restart(watch, "failed", data.reason, failed_at=event.time)
 
-    async def _restart(self, watch: RunWatch, cause: str, reason: str) -> None:
+    async def _restart(
+        self, watch: RunWatch, cause: str, reason: str, *, failed_at: datetime
+    ) -> None:
+        """Ask for the next attempt once its backoff is over. Until then the failure event
+        goes back to the bus with a delay (no handler waits, and a replica that dies meanwhile
+        loses nothing: whichever replica gets it next asks)."""
         attempt = watch.attempt + 1
-        delay = backoff_s(
-            attempt, base_s=self._options.backoff_base_s, cap_s=self._options.backoff_cap_s
+        wait = restart_wait_s(
+            failed_at,
+            datetime.now(UTC),
+            attempt,
+            base_s=self._options.backoff_base_s,
+            cap_s=self._options.backoff_cap_s,
         )
-        log.info("run.restarting", run_id=watch.run_id, attempt=attempt, delay_s=delay, cause=cause)
-        await asyncio.sleep(delay)
+        if wait > 0:
+            log.info("run.restart_due", run_id=watch.run_id, attempt=attempt, in_s=wait)
+            raise TransientError(
+                f"restart {attempt} of run {watch.run_id} is due in {wait:.1f}s", delay_s=wait
+            )
+        log.info("run.restarting", run_id=watch.run_id, attempt=attempt, cause=cause)
         self.metrics.restarts.labels(cause).inc()
         # The id is the idempotency key: two replicas (or a redelivery) ask once.
         await self._publish(

@@ -30,7 +30,7 @@ async def build(platform: Platform[MonitorSettings]) -> AsyncIterator[Service]:
     yield Service(
         NAME,
         subscriptions=[
-            # Restarts wait out their backoff inside the handler: the heartbeat keeps them.
+            # A restart not due yet goes back to the bus with a delay (nak): no handler waits.
             Subscription("monitor-events", list(EVENT_TYPES.values()), monitor.on_event),
         ],
         background=[

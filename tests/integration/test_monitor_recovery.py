@@ -6,12 +6,15 @@ from __future__ import annotations
 
 import asyncio
 import uuid
+from datetime import timedelta
 
 import pytest
 from prometheus_client import CollectorRegistry
 
+from torchrelay.services.monitor.domain import source_label
 from torchrelay.services.monitor.handlers import EventMetrics, Monitor
 from torchrelay.services.monitor.settings import MonitorOptions
+from torchrelay.shared.errors import TransientError
 from torchrelay.shared.events import (
     AnyEvent,
     TrainCancelRequested,
@@ -36,14 +39,14 @@ def state(any_state: State) -> State:
 class Recorder:
     """A monitor and what it published."""
 
-    def __init__(self, state: State) -> None:
+    def __init__(self, state: State, options: MonitorOptions = FAST) -> None:
         self.registry = CollectorRegistry()
         self.published: list[AnyEvent] = []
         self.monitor = Monitor(
             metrics=EventMetrics(self.registry),
             state=state,
             publish=self._publish,
-            options=FAST,
+            options=options,
             source="/torchrelay/monitor",
             instance="tests",
         )
@@ -120,3 +123,33 @@ async def test_a_stalled_run_with_no_restart_left_is_given_up_once(state: State)
     await recorder.monitor.on_event(train_failed)
     assert recorder.given_up() == 1.0
     assert recorder.of(TrainRestartRequested) == []
+
+
+async def test_a_restart_waits_out_its_backoff_on_the_bus_not_in_a_handler(state: State) -> None:
+    recorder = Recorder(state, MonitorOptions(stall_after_s=60, backoff_base_s=30))
+    run_id = f"r-{uuid.uuid4().hex[:8]}"
+    await recorder.monitor.on_event(
+        TrainStarted(
+            source="/torchrelay/train",
+            data=TrainStartedData(
+                run_id=run_id, attempt=0, max_restarts=2, world_size=1, backend="local",
+                dataset=DatasetRef(name="digits", version="v1"),
+            ),
+        )
+    )  # fmt: skip
+    failure = failed(run_id, final=False)
+    with pytest.raises(TransientError) as not_due:
+        await recorder.monitor.on_event(failure)  # returns at once: the bus holds the wait
+    assert 28 < not_due.value.delay_s <= 30
+    assert recorder.of(TrainRestartRequested) == []
+
+    # The same event redelivered once the backoff is over (counted from when it failed),
+    # to this replica or any other: the restart is asked for then.
+    later = failure.model_copy(update={"time": failure.time - timedelta(seconds=31)})
+    await Recorder(state).monitor.on_event(later)
+    await recorder.monitor.on_event(later)
+    assert [e.data.attempt for e in recorder.of(TrainRestartRequested)] == [1]
+    counted = recorder.registry.get_sample_value(
+        "torchrelay_events_total", {"type": failure.type, "source": source_label(failure.source)}
+    )
+    assert counted == 1.0, "an event that came back counts once"

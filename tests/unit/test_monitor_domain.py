@@ -18,6 +18,7 @@ from torchrelay.services.monitor.domain import (
     cancelled_for_stall,
     dead_letter_category,
     pipeline_end,
+    restart_wait_s,
     source_label,
     stalled,
     type_label,
@@ -168,3 +169,18 @@ def test_only_the_attempt_that_stalled_counts_as_cancelled_for_it() -> None:
     assert not cancelled_for_stall(watch(state="stalled", attempt=1), 0)
     assert not cancelled_for_stall(watch(state="running", attempt=1), 1)
     assert not cancelled_for_stall(None, 0)
+
+
+def test_a_restart_is_due_its_backoff_after_the_failure_whoever_looks() -> None:
+    failed_at = datetime(2026, 12, 2, 10, 0, 0, tzinfo=UTC)
+
+    def wait(seconds_later: float, attempt: int = 1) -> float:
+        now = failed_at + timedelta(seconds=seconds_later)
+        return restart_wait_s(failed_at, now, attempt, base_s=2.0, cap_s=60.0)
+
+    assert wait(0) == 2.0
+    assert wait(1.5) == 0.5
+    assert wait(2.0) == 0.0
+    assert wait(30) == 0.0, "late is due, never negative"
+    assert wait(0, attempt=3) == 8.0
+    assert wait(0, attempt=10) == 60.0, "capped"
