@@ -55,6 +55,8 @@ from torchrelay.shared.pipelines import PipelineRecord, Submission, judge_submis
 from torchrelay.shared.state import Leases, State, Store, key_part
 
 log = structlog.get_logger("torchrelay.monitor")
+RESTART_DUE_SLACK_S = 0.1
+"""A restart due within this is asked for now (a redelivery is never early, but clocks tick)."""
 _IDS = uuid.UUID("9a4b2c1d-3e5f-4a6b-8c7d-0e1f2a3b4c5d")
 STAGE_BUCKETS_S = (0.1, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1800, 3600, 7200)
 SCAN_LEASE = "monitor.stall-scan"
@@ -362,7 +364,7 @@ class Monitor:
             base_s=self._options.backoff_base_s,
             cap_s=self._options.backoff_cap_s,
         )
-        if wait > 0:
+        if wait > RESTART_DUE_SLACK_S:
             log.info("run.restart_due", run_id=watch.run_id, attempt=attempt, in_s=wait)
             raise TransientError(
                 f"restart {attempt} of run {watch.run_id} is due in {wait:.1f}s", delay_s=wait
