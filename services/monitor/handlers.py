@@ -248,6 +248,8 @@ class Monitor:
             self.metrics.pipeline.labels(status).observe(seconds)
 
     async def _staged(self, event: AnyEvent) -> None:
+        if event.data.request_id is None:
+            return  # staged without a request (nothing was timed): nothing to observe
         started = await self._stamp(f"ingest.{key_part(event.data.request_id)}")
         if started is not None:
             self.metrics.stage.labels("staging").observe((event.time - started).total_seconds())

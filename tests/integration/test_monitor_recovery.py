@@ -11,6 +11,7 @@ from datetime import timedelta
 import pytest
 from prometheus_client import CollectorRegistry
 
+from tests.factories import staged
 from torchrelay.services.monitor.domain import source_label
 from torchrelay.services.monitor.handlers import EventMetrics, Monitor
 from torchrelay.services.monitor.settings import MonitorOptions
@@ -153,3 +154,16 @@ async def test_a_restart_waits_out_its_backoff_on_the_bus_not_in_a_handler(state
         "torchrelay_events_total", {"type": failure.type, "source": source_label(failure.source)}
     )
     assert counted == 1.0, "an event that came back counts once"
+
+
+async def test_a_dataset_staged_without_a_request_is_counted_not_retried(state: State) -> None:
+    # Staged with no ingest request behind it (nothing was timed): it once raised, so the
+    # monitor retried it until it was dead-lettered.
+    recorder = Recorder(state)
+    event = staged(source="/torchrelay/ingest")
+    assert event.data.request_id is None
+    await recorder.monitor.on_event(event)
+    counted = recorder.registry.get_sample_value(
+        "torchrelay_events_total", {"type": event.type, "source": source_label(event.source)}
+    )
+    assert counted == 1.0
