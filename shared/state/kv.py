@@ -176,18 +176,20 @@ class KvBucket:
             raise
 
     async def keys(self, pattern: str) -> list[str]:
-        """Keys matching ``pattern``; the server does the filtering (nats-py's own
-        ``keys(filters=...)`` lists every key and matches substrings client-side)."""
-        watcher = await self.kv.watch(pattern, ignore_deletes=True, meta_only=True)
+        """Keys matching ``pattern`` that hold a value now. The server lists the subjects
+        (stream info with a subject filter), and each one's last message says whether it is
+        a value or a delete. Not a watch: nats-py's watch can report the end of the stored
+        values before the first of them reaches it (its pending count is read after the
+        server has sent them), and a listing must not come back empty for that."""
+        info = await self._js.stream_info(self._stream, subjects_filter=self._subject(pattern))
+        prefix = self._subject("")
         found = []
-        try:
-            async for entry in watcher:
-                if entry is None:  # the end of what is stored now
-                    break
-                found.append(entry.key)
-        finally:
-            await watcher.stop()  # type: ignore[no-untyped-call]
-        return sorted(found)
+        for subject in sorted((info.state.subjects or {}).keys()):
+            key = subject[len(prefix) :]
+            msg = await self.last(key)
+            if msg is not None and _live(msg):
+                found.append(key)
+        return found
 
     @contextlib.asynccontextmanager
     async def feed(self, pattern: str) -> AsyncIterator[AsyncIterator[Entry | None]]:

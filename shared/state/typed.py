@@ -114,15 +114,14 @@ class TypedStore(abc.ABC, Generic[M]):
         return f"{check_key(prefix)}.>" if prefix else ">"
 
     async def items(self, prefix: str = "") -> list[Versioned[M]]:
-        found: dict[str, Versioned[M]] = {}
-        async with self._feed(self._pattern(prefix)) as changes:
-            async for entry in changes:
-                if entry is None:  # the end of what is stored now
-                    break
-                if entry.data is not None:
-                    value = self._decode(entry.key, entry.data)
-                    found[entry.key] = Versioned(entry.key, value, entry.revision)
-        return [found[key] for key in sorted(found)]
+        """What the keys under ``prefix`` hold now, each read on its own (a one-shot listing;
+        loops that look again and again follow a :meth:`live` view instead)."""
+        found = []
+        for key in await self.keys(prefix):
+            item = await self.get(key)
+            if item is not None:
+                found.append(item)
+        return found
 
     @contextlib.asynccontextmanager
     async def watch_key(self, key: str) -> AsyncIterator[AsyncIterator[Versioned[M] | None]]:
