@@ -17,7 +17,7 @@ import numpy as np
 import yaml
 
 from torchrelay.services.serve.domain import DeploymentRecord
-from torchrelay.services.train.domain import ModelRecord, RunRecord
+from torchrelay.services.train.domain import ModelRecord
 from torchrelay.shared.bus.connection import NatsSettings, connect
 from torchrelay.shared.bus.jetstream import JetStreamBus
 from torchrelay.shared.events import PipelineSubmitted
@@ -30,6 +30,7 @@ from torchrelay.shared.pipelines import (
     judge_submission,
     pipeline_key,
 )
+from torchrelay.shared.runs import RunRecord
 from torchrelay.shared.state import KvState, State, key_part
 
 DEMO = {

@@ -15,6 +15,7 @@ from torchrelay.services.monitor.domain import (
     RunWatch,
     Stamp,
     after_failure,
+    backoff_s,
     can_restart,
     cancelled_for_stall,
     dead_letter_category,
@@ -52,14 +53,15 @@ from torchrelay.shared.events.data import (
     TrainRestartRequestedData,
 )
 from torchrelay.shared.pipelines import PipelineRecord, Submission, judge_submission, pipeline_key
-from torchrelay.shared.state import Leases, State, Store, key_part
+from torchrelay.shared.runs import RunRecord, restart_event_id
+from torchrelay.shared.state import Leases, State, Store, Versioned, key_part
 
 log = structlog.get_logger("torchrelay.monitor")
 RESTART_DUE_SLACK_S = 0.1
 """A restart due within this is asked for now (a redelivery is never early, but clocks tick)."""
 _IDS = uuid.UUID("9a4b2c1d-3e5f-4a6b-8c7d-0e1f2a3b4c5d")
 STAGE_BUCKETS_S = (0.1, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1800, 3600, 7200)
-SCAN_LEASE = "monitor.stall-scan"
+RECONCILE_LEASE = "monitor.reconcile"
 
 
 class EventMetrics:
@@ -166,15 +168,21 @@ class Monitor:
         options: MonitorOptions,
         source: str,
         instance: str,
+        reconciled: Counter,
         retain_s: float | None = None,
     ) -> None:
         self.metrics = metrics
+        self._reconciled = reconciled
         self.watches: Store[RunWatch] = state.store("monitor", RunWatch)
         self.stamps: Store[Stamp] = state.store("monitor", Stamp)
         self._retain_s = retain_s
         """How long an ended run's watch is kept (None: for good)."""
-        self._watched = self.watches.live(lambda watch: watch.state == "running", prefix="runs")
-        """The runs being watched, followed by a KV watch: what the stall scan looks at."""
+        self._watched = self.watches.live(lambda watch: watch.state != "ended", prefix="runs")
+        """The runs being watched (running or stalled), followed by a KV watch."""
+        self.runs: Store[RunRecord] = state.store("runs", RunRecord)
+        self._open_runs = self.runs.live(lambda run: run.status == "running" or run.restart_due)
+        """The train service's runs that are running or due a restart: the truth that
+        reconciliation holds the watches and the bus to."""
         self.pipelines: Store[PipelineRecord] = state.store("pipelines", PipelineRecord)
         self._leases: Leases = state.leases
         self._publish = publish
@@ -333,6 +341,10 @@ class Monitor:
         data: TrainFailedData = event.data
         current = await self.watches.get(_run_key(data.run_id))
         watch = current.value if current else None
+        if watch is None and not data.final:  # its start never reached the monitor
+            run = await self.runs.get(key_part(data.run_id))
+            if run is not None and run.value.attempt == data.attempt:
+                watch = _watch_of(run.value, None)
         recovery = after_failure(watch, attempt=data.attempt, final=data.final)
         if recovery is Recovery.IGNORE:
             return
@@ -373,16 +385,21 @@ class Monitor:
             )
         log.info("run.restarting", run_id=watch.run_id, attempt=attempt, cause=cause)
         self.metrics.restarts.labels(cause).inc()
-        # The id is the idempotency key: two replicas (or a redelivery) ask once.
-        await self._publish(
+        await self._ask_restart(watch.run_id, attempt, watch.pipeline_id, reason)
+
+    async def _ask_restart(
+        self, run_id: str, attempt: int, pipeline_id: str | None, reason: str
+    ) -> bool:
+        """Publish the request for restart ``attempt``; False if the stream holds it already
+        (its id comes from the run and attempt: two replicas, a redelivery or reconciliation
+        ask once)."""
+        return await self._publish(
             TrainRestartRequested(
-                id=str(uuid.uuid5(_IDS, f"restart:{watch.run_id}:{attempt}")),
+                id=restart_event_id(run_id, attempt),
                 source=self._source,
-                subject=watch.run_id,
-                pipelineid=watch.pipeline_id,
-                data=TrainRestartRequestedData(
-                    run_id=watch.run_id, reason=reason[:512], attempt=attempt
-                ),
+                subject=run_id,
+                pipelineid=pipeline_id,
+                data=TrainRestartRequestedData(run_id=run_id, reason=reason[:512], attempt=attempt),
             )
         )
 
@@ -409,57 +426,146 @@ class Monitor:
             ttl_s=self._retain_s,
         )
 
-    # --- stalls ------------------------------------------------------------------------------
+    # --- reconciliation ------------------------------------------------------------------------
 
-    async def scan_for_stalls(self, stop: asyncio.Event) -> None:
-        """One replica at a time (a lease) looks for silent runs and cancels them (a restart
-        cancel while restarts are left); the cancellation's train.failed then leads to a
-        restart (or, with none left, a final failure)."""
-        async with self._watched:
-            await self._scan_until(stop)
-
-    async def _scan_until(self, stop: asyncio.Event) -> None:
-        while not stop.is_set():
-            lease = await self._leases.acquire(
-                SCAN_LEASE, self._instance, ttl_s=self._options.stall_check_s * 3
-            )
-            if lease is not None:
+    async def reconcile(self, stop: asyncio.Event) -> None:
+        """One replica at a time (a lease), every ``stall_check_s``: silent runs are cancelled
+        (a restart cancel while restarts are left; the cancellation's train.failed then leads
+        to a restart, or with none left to a final failure), and runs that no event in flight
+        will move are moved on through the normal events (:meth:`reconcile_once`)."""
+        async with self._watched, self._open_runs:
+            while not stop.is_set():
+                lease = await self._leases.acquire(
+                    RECONCILE_LEASE, self._instance, ttl_s=self._options.stall_check_s * 3
+                )
+                if lease is not None:
+                    try:
+                        await self.reconcile_once()
+                    finally:
+                        await self._leases.release(lease)
                 try:
-                    await self._scan_once()
-                finally:
-                    await self._leases.release(lease)
-            try:
-                async with asyncio.timeout(self._options.stall_check_s):
-                    await stop.wait()
-            except TimeoutError:
-                continue
+                    async with asyncio.timeout(self._options.stall_check_s):
+                        await stop.wait()
+                except TimeoutError:
+                    continue
 
-    async def _scan_once(self) -> None:
+    async def reconcile_once(self) -> None:
+        """One round over the runs the train service has not settled (its ``runs`` bucket is
+        the truth) and the runs this monitor watches. What it moves on is counted in
+        ``torchrelay_reconciled_total{kind}``:
+
+        - ``restart``: an attempt ended non-final, its restart is overdue and none has started
+          (the failure's event was given up on, or its handler kept dying);
+        - ``watch``: an attempt runs that the monitor never heard start (its stall clock would
+          be wrong);
+        - ``ended``: the monitor watches a run that is over (it missed how it ended);
+        - ``cancel``: a stalled attempt whose cancel has not taken effect is cancelled again.
+        """
         now = datetime.now(UTC)
+        open_runs = {item.value.run_id: item.value for item in self._open_runs.items()}
+        for run in open_runs.values():
+            await self._reconcile_run(run, now)
         for item in self._watched.items():
-            watch = item.value
-            if not stalled(watch, now, after_s=self._options.stall_after_s):
-                continue
-            try:
-                await self.watches.update(
-                    item.key, watch.model_copy(update={"state": "stalled"}), revision=item.revision
-                )
-            except StaleRevision:  # another replica moved it; look again next round
-                continue
-            log.warning("run.stalled", run_id=watch.run_id, attempt=watch.attempt)
-            await self._publish(
-                TrainCancelRequested(
-                    id=str(uuid.uuid5(_IDS, f"stall-cancel:{watch.run_id}:{watch.attempt}")),
-                    source=self._source,
-                    subject=watch.run_id,
-                    pipelineid=watch.pipeline_id,
-                    # With a restart left the run goes on: the attempt's train.failed is
-                    # not final, and nothing shows the pipeline failed on the way.
-                    data=TrainCancelRequestedData(
-                        run_id=watch.run_id, reason="stalled", restart=can_restart(watch)
-                    ),
-                )
+            await self._reconcile_watch(item, open_runs.get(item.value.run_id), now)
+
+    async def _reconcile_run(self, run: RunRecord, now: datetime) -> None:
+        quiet_s = (now - run.updated).total_seconds()
+        grace_s = self._options.reconcile_grace_s
+        if run.status == "running":
+            found = await self.watches.get(_run_key(run.run_id))
+            watch = found.value if found else None
+            behind = watch is None or (watch.state != "ended" and watch.attempt < run.attempt)
+            if behind and quiet_s > grace_s:
+                await self.watches.put(_run_key(run.run_id), _watch_of(run, watch))
+                log.warning("run.reconciled", run_id=run.run_id, kind="watch")
+                self._reconciled.labels("watch").inc()
+            return
+        if not run.restart_due or not run.announced:
+            return  # announcing is the train service's part (its reclaim)
+        attempt = run.attempt + 1
+        due_s = backoff_s(
+            attempt, base_s=self._options.backoff_base_s, cap_s=self._options.backoff_cap_s
+        )
+        if quiet_s <= due_s + grace_s:
+            return
+        reason = run.reason or f"attempt {run.attempt} failed"
+        if await self._ask_restart(run.run_id, attempt, run.pipeline_id, reason):
+            log.warning("run.reconciled", run_id=run.run_id, kind="restart", attempt=attempt)
+            self._reconciled.labels("restart").inc()
+
+    async def _reconcile_watch(
+        self, item: Versioned[RunWatch], run: RunRecord | None, now: datetime
+    ) -> None:
+        watch = item.value
+        grace_s = self._options.reconcile_grace_s
+        if run is None:  # not in the view of open runs: over, or the view is behind
+            found = await self.runs.get(key_part(watch.run_id))
+            run = found.value if found else None
+            if run is not None and run.over and run.announced:
+                if (now - run.updated).total_seconds() > grace_s:  # else: its event is on its way
+                    await self._end_missed(watch, run)
+                return
+        if run is not None and (run.status != "running" or run.attempt != watch.attempt):
+            return  # the run moved on: the events about it (or the train service) move it
+        after_s = self._options.stall_after_s
+        if watch.state == "running":
+            if stalled(watch, now, after_s=after_s):
+                await self._cancel_stalled(item)
+            return
+        # Stalled and cancelled, and the attempt still runs: its cancel went missing.
+        overdue = stalled(
+            watch.model_copy(update={"state": "running"}), now, after_s=2 * after_s + grace_s
+        )
+        if overdue and await self._publish(self._stall_cancel(watch, again=True)):
+            log.warning("run.reconciled", run_id=watch.run_id, kind="cancel")
+            self._reconciled.labels("cancel").inc()
+
+    async def _end_missed(self, watch: RunWatch, run: RunRecord) -> None:
+        """The run is over and the watch never heard how it ended."""
+        if run.status != "succeeded":
+            self.metrics.given_up.inc()
+        await self._end(watch)
+        self.metrics.forget_run(watch.run_id)
+        log.warning("run.reconciled", run_id=watch.run_id, kind="ended", status=run.status)
+        self._reconciled.labels("ended").inc()
+
+    async def _cancel_stalled(self, item: Versioned[RunWatch]) -> None:
+        watch = item.value
+        try:
+            await self.watches.update(
+                item.key, watch.model_copy(update={"state": "stalled"}), revision=item.revision
             )
+        except StaleRevision:  # another replica moved it; look again next round
+            return
+        log.warning("run.stalled", run_id=watch.run_id, attempt=watch.attempt)
+        await self._publish(self._stall_cancel(watch, again=False))
+
+    def _stall_cancel(self, watch: RunWatch, *, again: bool) -> TrainCancelRequested:
+        name = f"stall-cancel:{watch.run_id}:{watch.attempt}" + (":again" if again else "")
+        return TrainCancelRequested(
+            id=str(uuid.uuid5(_IDS, name)),
+            source=self._source,
+            subject=watch.run_id,
+            pipelineid=watch.pipeline_id,
+            # With a restart left the run goes on: the attempt's train.failed is not final,
+            # and nothing shows the pipeline failed on the way.
+            data=TrainCancelRequestedData(
+                run_id=watch.run_id, reason="stalled", restart=can_restart(watch)
+            ),
+        )
+
+
+def _watch_of(run: RunRecord, watch: RunWatch | None) -> RunWatch:
+    """A watch of the run's current attempt, from its record (the monitor missed its start)."""
+    return RunWatch(
+        run_id=run.run_id,
+        attempt=run.attempt,
+        max_restarts=run.spec.max_restarts,
+        state="running",
+        started_at=watch.started_at if watch else run.updated,
+        attempt_started_at=run.updated,
+        pipeline_id=run.pipeline_id,
+    )
 
 
 def _run_key(run_id: str) -> str:

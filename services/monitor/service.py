@@ -11,6 +11,7 @@ from torchrelay.services.monitor.settings import MonitorSettings
 from torchrelay.shared.bus import Subscription
 from torchrelay.shared.events import EVENT_TYPES
 from torchrelay.shared.runtime import Platform, Service, service_main
+from torchrelay.shared.runtime.metrics import reconciled_counter
 
 NAME = "monitor"
 EXHAUSTED_CONSUMER = "monitor-max-deliveries"
@@ -25,6 +26,7 @@ async def build(platform: Platform[MonitorSettings]) -> AsyncIterator[Service]:
         options=platform.settings.monitor,
         source=platform.source,
         instance=platform.settings.instance,
+        reconciled=reconciled_counter(platform.registry),
         retain_s=platform.settings.retention_s,
     )
     yield Service(
@@ -34,7 +36,7 @@ async def build(platform: Platform[MonitorSettings]) -> AsyncIterator[Service]:
             Subscription("monitor-events", list(EVENT_TYPES.values()), monitor.on_event),
         ],
         background=[
-            monitor.scan_for_stalls,
+            monitor.reconcile,
             # An event whose handler died on its last allowed delivery gets its dead letter
             # here: one consumer of JetStream's max-deliveries advisories, shared by replicas.
             functools.partial(platform.bus.consume_exhausted, durable=EXHAUSTED_CONSUMER),

@@ -16,6 +16,12 @@ class MonitorOptions(Group):
     stall_check_s: float = Field(default=5.0, gt=0, description="How often stalls are looked for.")
     backoff_base_s: float = Field(default=2.0, ge=0, description="First restart's delay.")
     backoff_cap_s: float = Field(default=60.0, ge=0, description="Longest restart delay.")
+    reconcile_grace_s: float = Field(
+        default=30.0,
+        gt=0,
+        description="How long a run may sit in a state that an event on its way should move "
+        "before reconciliation moves it on itself (a missed start, an overdue restart).",
+    )
 
 
 class MonitorSettings(ServiceSettings):

@@ -13,11 +13,11 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, TypeAdapter, ValidationError
 
 from torchrelay.shared.cluster import Ended, Status
-from torchrelay.shared.events.data import TrainJobSpec, Version
+from torchrelay.shared.events.data import Version
+from torchrelay.shared.runs import RunRecord
 from torchrelay.shared.state import key_part
 from torchrelay.shared.storage.files import RunResult
 
-RunStatus = Literal["running", "succeeded", "failed", "cancelled"]
 _RUN_IDS = uuid.UUID("7c1d9e2a-4b3f-4e8a-9c6d-1f2e3a4b5c6d")
 
 
@@ -48,31 +48,6 @@ def result_refusal(result: RunResult) -> str | None:
     if bad:
         return f"it reported non-finite metrics ({', '.join(bad)}): nothing to compare or deploy"
     return None
-
-
-class RunRecord(BaseModel):
-    """A run in the ``runs`` bucket."""
-
-    model_config = ConfigDict(frozen=True, extra="forbid")
-
-    run_id: str
-    spec: TrainJobSpec
-    dataset_path: str
-    status: RunStatus
-    attempt: int
-    owner: str
-    handle: str | None = None
-    """The backend's opaque handle of the current attempt (what ``schedule`` returned or
-    ``adopt`` found), used to cancel it; None until the attempt is launched, and in records
-    written before handles were stored."""
-    cancel: Literal["final", "restart"] | None = None
-    """Why the current attempt is being cancelled: a user's cancel (final) or the monitor's
-    cancel of a stalled attempt to restart it. Kept here, not in a replica's memory, because
-    the replica that cancels is not always the one that watches the attempt end."""
-    pipeline_id: str | None = None
-    reason: str | None = None
-    model_version: str | None = None
-    updated: datetime
 
 
 class ModelRecord(BaseModel):

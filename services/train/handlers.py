@@ -12,11 +12,11 @@ from pathlib import Path
 from typing import Literal
 
 import structlog
+from prometheus_client import Counter
 from pydantic import JsonValue
 
 from torchrelay.services.train.domain import (
     ModelRecord,
-    RunRecord,
     attempt_end,
     entrypoint_module_refusal,
     entrypoint_refusal,
@@ -55,6 +55,7 @@ from torchrelay.shared.events.data import (
     TrainStartedData,
 )
 from torchrelay.shared.pipelines import PipelineRecord, pipeline_key, record_stage
+from torchrelay.shared.runs import Outcome, RunRecord, RunStatus, outcome_event_id
 from torchrelay.shared.runtime.loops import every
 from torchrelay.shared.state import State, Store, key_part
 from torchrelay.shared.state.presence import Presence
@@ -65,6 +66,9 @@ log = structlog.get_logger("torchrelay.train")
 SCHEDULE_RETRIES_S = (1.0, 2.0, 4.0)
 SETTLE_TRIES = 6
 """Tries to record how an attempt ended (about a minute) before it is failed instead."""
+ANNOUNCE_GRACE_S = 60.0
+"""An outcome this replica recorded but has not announced this long after (no watch of its
+own is announcing it) is announced by reclaim: the handler that recorded it died half-way."""
 
 
 class Trainer:
@@ -79,10 +83,12 @@ class Trainer:
         presence: Presence,
         source: str,
         entrypoints: Sequence[str],
+        reconciled: Counter,
         retain_s: float | None = None,
         reclaim_every_s: float = 2.0,
     ) -> None:
         self.backend = backend
+        self._reconciled = reconciled
         self.runs: Store[RunRecord] = state.store("runs", RunRecord)
         self.models: Store[ModelRecord] = state.store("models", ModelRecord)
         self.pipelines: Store[PipelineRecord] = state.store("pipelines", PipelineRecord)
@@ -98,8 +104,9 @@ class Trainer:
         self._watchers: dict[str, asyncio.Task[None]] = {}
         self._retain_s = retain_s
         """How long a finished run's record is kept (None: for good)."""
-        self._running = self.runs.live(lambda run: run.status == "running")
-        """The running runs, followed by a KV watch: what reclaim looks at."""
+        self._unsettled = self.runs.live(lambda run: run.status == "running" or not run.announced)
+        """Runs that are running or whose outcome is not announced yet, followed by a KV
+        watch: what reclaim looks at."""
 
     # --- handlers ---------------------------------------------------------------------------
 
@@ -176,6 +183,8 @@ class Trainer:
                 "owner": self._instance,
                 "handle": None,  # the last attempt's; the new one's is stored once launched
                 "cancel": None,
+                "outcome": None,
+                "announced": True,
                 "reason": event.data.reason,
                 "updated": datetime.now(UTC),
             }
@@ -186,9 +195,13 @@ class Trainer:
     async def on_cancel_requested(self, event: TrainCancelRequested) -> None:
         run_id = event.data.run_id
         current = await self.runs.get(key_part(run_id))
-        if current is None or current.value.status != "running":
+        if current is None:
+            log.info("cancel.unknown_run", run_id=run_id)
             return
         run = current.value
+        if run.status != "running":
+            await self._answer_ended(run, event.id)
+            return
         if run.handle is None:
             raise TransientError(
                 f"run {run_id} attempt {run.attempt} has no stored handle yet (it is being "
@@ -212,42 +225,74 @@ class Trainer:
                 delay_s=1.0,
             ) from exc
 
+    async def _answer_ended(self, run: RunRecord, cause: str) -> None:
+        """A cancel for an attempt that already ended is answered with how it ended: its
+        outcome is announced again, under the same event id (the stream keeps one copy while
+        the first is in its duplicate window; a canceller that missed it gets it later). An
+        announced success is not repeated: nothing in a cancel can change it."""
+        log.info("cancel.already_ended", run_id=run.run_id, attempt=run.attempt, status=run.status)
+        if run.outcome is None:  # written before outcomes were kept: nothing to say again
+            return
+        if run.announced and run.status == "succeeded":
+            return
+        await self._announce(run, cause)
+
     # --- runs whose replica died ------------------------------------------------------------
 
     async def reclaim(self, stop: asyncio.Event) -> None:
         """Background loop: a running run whose owner replica is gone (its workers died with
-        it) ends as a failed attempt, so the monitor restarts it from its last checkpoint."""
-        async with self._running:
+        it) ends as a failed attempt, so the monitor restarts it from its last checkpoint; an
+        outcome recorded by a replica that died before announcing it is announced."""
+        async with self._unsettled:
             await every(self._reclaim_every_s, stop, self.reclaim_orphans, name="train.reclaim")
 
     async def reclaim_orphans(self) -> list[str]:
         """One round of :meth:`reclaim` (over the live view: no KV request for a run that is
-        not running); returns the runs this replica took over."""
+        settled); returns the runs this replica took over."""
         taken = []
-        for item in self._running.items():
+        now = datetime.now(UTC)
+        for item in self._unsettled.items():
             run = item.value
-            if run.status != "running" or run.owner == self._instance:
+            if run.owner == self._instance:
+                if self._unannounced_here(run, now):
+                    await self._announce(run, None)
+                    self._reconciled.labels("unannounced").inc()
                 continue
             if await self._presence.alive(run.owner):
                 continue
-            reason = f"the train replica {run.owner} that ran attempt {run.attempt} is gone"
             try:  # compare-and-set: of all replicas that noticed, one takes the run over
                 claimed = run.model_copy(update={"owner": self._instance})
                 await self.runs.update(item.key, claimed, revision=item.revision)
             except StaleRevision:
                 continue
+            taken.append(run.run_id)
+            if run.status != "running":  # ended, and its replica died before saying so
+                log.warning("run.announcing", run_id=run.run_id, attempt=run.attempt)
+                await self._announce(claimed, None)
+                self._reconciled.labels("unannounced").inc()
+                continue
+            self._reconciled.labels("orphaned").inc()
             handle = await self.backend.adopt(self.backend.dryrun(self._attempt_of(run)))
             if handle is not None:  # the attempt outlived its replica (a Kubernetes Job)
                 log.info("run.adopted", run_id=run.run_id, attempt=run.attempt, owner=run.owner)
                 self._follow(await self._store_handle(claimed, handle), handle, None)
-                taken.append(run.run_id)
                 continue
             log.warning("run.orphaned", run_id=run.run_id, attempt=run.attempt, owner=run.owner)
+            reason = f"the train replica {run.owner} that ran attempt {run.attempt} is gone"
             await self._failed(
-                run, Ended(Status.FAILED, reason), final=orphan_is_final(run), cause=None
+                claimed, Ended(Status.FAILED, reason), final=orphan_is_final(run), cause=None
             )
-            taken.append(run.run_id)
         return taken
+
+    def _unannounced_here(self, run: RunRecord, now: datetime) -> bool:
+        """An outcome this replica recorded and left unannounced: the handler that recorded it
+        stopped half-way (its event is redelivered, but finds the run settled), and no watch
+        of this replica is announcing it."""
+        return (
+            not run.announced
+            and run.run_id not in self._watchers
+            and (now - run.updated).total_seconds() > ANNOUNCE_GRACE_S
+        )
 
     # --- launching and watching ------------------------------------------------------------
 
@@ -458,80 +503,104 @@ class Trainer:
             created=datetime.now(UTC),
         )
         await self.models.put(model_key(model.name, model.version), model)
-        await self._set(record, "succeeded", reason=None, model_version=result.version)
-        await self._publish(
-            TrainCompleted(
-                **self._envelope(record, cause),
-                data=TrainCompletedData(
-                    run_id=record.run_id,
-                    model_name=result.model_name,
-                    model_version=result.version,
-                    path=result.path,
-                    metrics=result.metrics,
-                ),
-            )
+        outcome = TrainCompletedData(
+            run_id=record.run_id,
+            model_name=result.model_name,
+            model_version=result.version,
+            path=result.path,
+            metrics=result.metrics,
         )
+        recorded = await self._record_outcome(record, "succeeded", outcome, reason=None)
+        await self._announce(recorded, cause)
         log.info("run.completed", run_id=record.run_id, metrics=result.metrics)
-        if record.pipeline_id is not None:
-            detail: dict[str, JsonValue] = {
-                "model": result.model_name,
-                "version": result.version,
-                "metrics": dict(result.metrics),
-            }
-            await record_stage(
-                self.pipelines, record.pipeline_id, "train", "succeeded", datetime.now(UTC),
-                detail=detail,
-                retain_s=self._retain_s,
-            )  # fmt: skip
 
     async def _failed(
         self, record: RunRecord, ended: Ended, *, final: bool, cause: str | None
     ) -> None:
-        status = "cancelled" if ended.status is Status.CANCELLED else "failed"
-        await self._set(record, status, reason=ended.reason)
-        await self._publish(
-            TrainFailed(
-                **self._envelope(record, cause),
-                data=TrainFailedData(
-                    run_id=record.run_id,
-                    attempt=record.attempt,
-                    reason=ended.reason[:512],
-                    rank=ended.rank,
-                    exit_code=ended.exit_code,
-                    signal=ended.signal,
-                    log_tail=ended.log_tail[-50:],
-                    final=final,
-                ),
-            )
+        status: RunStatus = "cancelled" if ended.status is Status.CANCELLED else "failed"
+        outcome = TrainFailedData(
+            run_id=record.run_id,
+            attempt=record.attempt,
+            reason=ended.reason[:512],
+            rank=ended.rank,
+            exit_code=ended.exit_code,
+            signal=ended.signal,
+            log_tail=ended.log_tail[-50:],
+            final=final,
         )
+        recorded = await self._record_outcome(record, status, outcome, reason=ended.reason)
+        await self._announce(recorded, cause)
         log.warning("run.failed", run_id=record.run_id, reason=ended.reason, final=final)
-        if final and record.pipeline_id is not None:
-            await record_stage(
-                self.pipelines, record.pipeline_id, "train", "failed", datetime.now(UTC),
-                reason=ended.reason[:512],
-                retain_s=self._retain_s,
-            )  # fmt: skip
 
-    async def _set(
-        self,
-        record: RunRecord,
-        status: str,
-        *,
-        reason: str | None,
-        model_version: str | None = None,
-    ) -> None:
+    async def _record_outcome(
+        self, record: RunRecord, status: RunStatus, outcome: Outcome, *, reason: str | None
+    ) -> RunRecord:
+        """Write how the attempt ended, not yet announced: from here on, whichever replica
+        holds the run can announce it (:meth:`_announce`), this one or the one that takes
+        the run over if this one dies."""
+
         def change(current: RunRecord | None) -> RunRecord:
             base = current or record
             return base.model_copy(
                 update={
                     "status": status,
                     "reason": reason,
-                    "model_version": model_version,
+                    "model_version": (
+                        outcome.model_version if isinstance(outcome, TrainCompletedData) else None
+                    ),
+                    "outcome": outcome,
+                    "announced": False,
                     "updated": datetime.now(UTC),
                 }
             )
 
-        await self.runs.mutate(key_part(record.run_id), change, ttl_s=self._retain_s)
+        stored = await self.runs.mutate(key_part(record.run_id), change, ttl_s=self._retain_s)
+        return stored.value if stored is not None else change(None)
+
+    async def _announce(self, record: RunRecord, cause: str | None) -> None:
+        """Publish the event of the run's recorded outcome and write the pipeline's train
+        stage, then mark the outcome announced. Idempotent: the event's id comes from the run
+        and attempt, and a finished stage is never written twice."""
+        outcome = record.outcome
+        if outcome is None:
+            return
+        envelope: dict[str, str | None] = {
+            "id": outcome_event_id(record.run_id, record.attempt, outcome),
+            **self._envelope(record, cause),
+        }
+        if isinstance(outcome, TrainCompletedData):
+            await self._publish(TrainCompleted(**envelope, data=outcome))
+        else:
+            await self._publish(TrainFailed(**envelope, data=outcome))
+        if record.pipeline_id is not None:
+            await self._record_train_stage(record.pipeline_id, outcome)
+
+        def announced(current: RunRecord | None) -> RunRecord | None:
+            if current is None or current.attempt != record.attempt or current.announced:
+                return None
+            return current.model_copy(update={"announced": True})
+
+        await self.runs.mutate(key_part(record.run_id), announced, ttl_s=self._retain_s)
+
+    async def _record_train_stage(self, pipeline_id: str, outcome: Outcome) -> None:
+        now = datetime.now(UTC)
+        if isinstance(outcome, TrainCompletedData):
+            detail: dict[str, JsonValue] = {
+                "model": outcome.model_name,
+                "version": outcome.model_version,
+                "metrics": dict(outcome.metrics),
+            }
+            await record_stage(
+                self.pipelines, pipeline_id, "train", "succeeded", now,
+                detail=detail,
+                retain_s=self._retain_s,
+            )  # fmt: skip
+        elif outcome.final:
+            await record_stage(
+                self.pipelines, pipeline_id, "train", "failed", now,
+                reason=outcome.reason,
+                retain_s=self._retain_s,
+            )  # fmt: skip
 
     def _envelope(self, record: RunRecord, cause: str | None) -> dict[str, str | None]:
         return {

@@ -18,6 +18,7 @@ from torchrelay.shared.events import (
     TrainRestartRequested,
 )
 from torchrelay.shared.runtime import Platform, Service, service_main
+from torchrelay.shared.runtime.metrics import reconciled_counter
 
 NAME = "train"
 
@@ -63,6 +64,7 @@ async def build(platform: Platform[TrainSettings]) -> AsyncIterator[Service]:
         presence=platform.presence,
         source=platform.source,
         entrypoints=platform.settings.train.entrypoints,
+        reconciled=reconciled_counter(platform.registry),
         retain_s=platform.settings.retention_s,
     )
     try:

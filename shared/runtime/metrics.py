@@ -74,3 +74,15 @@ class RuntimeMetrics:
             histogram = self._duration.labels(result.subscription)
             self._duration_children[result.subscription] = histogram
         histogram.observe(result.duration_s)
+
+
+def reconciled_counter(registry: CollectorRegistry) -> Counter:
+    """``torchrelay_reconciled_total{kind}``: work a service's reconciliation found in a state
+    no event would move, and moved on through the normal events. Anything above zero is stuck
+    work that was rescued: worth a look at what left it there."""
+    return Counter(
+        "torchrelay_reconciled_total",
+        "Runs and pipelines found in a state no event would move, and moved on, by kind.",
+        ["kind"],
+        registry=registry,
+    )

@@ -21,7 +21,6 @@ from torchrelay.services.ingest.settings import IngestOptions
 from torchrelay.services.ingest.staging import Stager
 from torchrelay.services.serve.domain import DeploymentRecord
 from torchrelay.services.serve.handlers import Deployer
-from torchrelay.services.train.domain import RunRecord
 from torchrelay.services.train.handlers import Trainer
 from torchrelay.shared.cluster.local import LocalBackend
 from torchrelay.shared.cluster.local_serving import LocalServingBackend
@@ -49,6 +48,8 @@ from torchrelay.shared.events.data import (
     TrainRequestedData,
 )
 from torchrelay.shared.pipelines import pipeline_key
+from torchrelay.shared.runs import RunRecord
+from torchrelay.shared.runtime.metrics import reconciled_counter
 from torchrelay.shared.state import MemoryState, key_part
 from torchrelay.shared.state.presence import Presence
 from torchrelay.shared.testing import assert_eventually
@@ -97,6 +98,7 @@ async def trainer(tmp_path: Path) -> AsyncIterator[tuple[Trainer, MemoryState, P
         presence=await present(state, "train"),
         source="/torchrelay/train",
         entrypoints=["torchrelay.services.train.examples"],
+        reconciled=reconciled_counter(CollectorRegistry()),
         retain_s=1.0,
         reclaim_every_s=0.05,
     )

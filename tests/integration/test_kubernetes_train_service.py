@@ -14,11 +14,11 @@ from tests.integration.processes import ServiceProcess
 from tests.integration.training import request
 from tests.integration.watching import Watcher, watching
 from tests.kube.emulator import KubeEmulator, running_emulator
-from torchrelay.services.train.domain import RunRecord
 from torchrelay.shared.bus.jetstream import JetStreamBus
 from torchrelay.shared.cluster.kubernetes.manifests import job_name
 from torchrelay.shared.events import TrainCancelRequested, TrainCompleted, TrainFailed, TrainStarted
 from torchrelay.shared.events.data import TrainCancelRequestedData
+from torchrelay.shared.runs import RunRecord
 from torchrelay.shared.state import KvState, key_part
 from torchrelay.shared.storage.files import RunResult, Throughput
 from torchrelay.shared.storage.layout import Layout

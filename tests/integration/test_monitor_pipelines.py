@@ -14,6 +14,7 @@ from torchrelay.services.monitor.settings import MonitorOptions
 from torchrelay.shared.events import AnyEvent, PipelineSubmitted
 from torchrelay.shared.events.data import PipelineSpec, PipelineSubmittedData
 from torchrelay.shared.pipelines import PipelineRecord, pipeline_key
+from torchrelay.shared.runtime.metrics import reconciled_counter
 from torchrelay.shared.state import State
 
 pytestmark = pytest.mark.timeout(60)
@@ -37,6 +38,7 @@ def _monitor(state: State) -> Monitor:
         options=MonitorOptions(),
         source="/tests",
         instance="tests",
+        reconciled=reconciled_counter(CollectorRegistry()),
     )
 
 

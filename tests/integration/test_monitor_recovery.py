@@ -24,6 +24,7 @@ from torchrelay.shared.events import (
     TrainStarted,
 )
 from torchrelay.shared.events.data import DatasetRef, TrainFailedData, TrainStartedData
+from torchrelay.shared.runtime.metrics import reconciled_counter
 from torchrelay.shared.state import State
 from torchrelay.shared.testing import assert_eventually
 
@@ -50,6 +51,7 @@ class Recorder:
             options=options,
             source="/torchrelay/monitor",
             instance="tests",
+            reconciled=reconciled_counter(self.registry),
         )
 
     async def _publish(self, event: AnyEvent) -> bool:
@@ -75,7 +77,7 @@ class Recorder:
             )
         )  # fmt: skip
         stop = asyncio.Event()
-        scan = asyncio.create_task(self.monitor.scan_for_stalls(stop), name="test-scan")
+        scan = asyncio.create_task(self.monitor.reconcile(stop), name="test-scan")
         try:
             await assert_eventually(lambda: bool(self.of(TrainCancelRequested)), timeout_s=10)
         finally:

@@ -16,7 +16,6 @@ import pytest
 from tests.integration.processes import ServiceProcess
 from tests.integration.training import request, workers_of
 from tests.integration.watching import Watcher, watching
-from torchrelay.services.train.domain import RunRecord
 from torchrelay.shared.bus.jetstream import JetStreamBus
 from torchrelay.shared.events import (
     DatasetStaged,
@@ -37,6 +36,7 @@ from torchrelay.shared.events.data import (
     TrainRestartRequestedData,
 )
 from torchrelay.shared.pipelines import PipelineRecord, pipeline_key
+from torchrelay.shared.runs import RunRecord
 from torchrelay.shared.state import KvState, key_part
 from torchrelay.shared.testing import assert_eventually
 

@@ -11,7 +11,7 @@ import pytest
 
 from torchrelay.client import Inventory, finished, lineage, load_input, refusal, table
 from torchrelay.services.serve.domain import DeploymentRecord
-from torchrelay.services.train.domain import ModelRecord, RunRecord
+from torchrelay.services.train.domain import ModelRecord
 from torchrelay.shared.events import PipelineSubmitted
 from torchrelay.shared.events.data import (
     DatasetRef,
@@ -20,6 +20,7 @@ from torchrelay.shared.events.data import (
     TrainJobSpec,
 )
 from torchrelay.shared.pipelines import PipelineRecord, with_stage
+from torchrelay.shared.runs import RunRecord
 
 NOW = datetime(2026, 11, 28, 12, 0, tzinfo=UTC)
 SPEC = PipelineSpec.model_validate(
