@@ -88,7 +88,7 @@ class Trainer:
         reclaim_every_s: float = 2.0,
     ) -> None:
         self.backend = backend
-        self._reconciled = reconciled
+        self.reconciled = reconciled
         self.runs: Store[RunRecord] = state.store("runs", RunRecord)
         self.models: Store[ModelRecord] = state.store("models", ModelRecord)
         self.pipelines: Store[PipelineRecord] = state.store("pipelines", PipelineRecord)
@@ -256,7 +256,7 @@ class Trainer:
             if run.owner == self._instance:
                 if self._unannounced_here(run, now):
                     await self._announce(run, None)
-                    self._reconciled.labels("unannounced").inc()
+                    self.reconciled.labels("unannounced").inc()
                 continue
             if await self._presence.alive(run.owner):
                 continue
@@ -269,9 +269,9 @@ class Trainer:
             if run.status != "running":  # ended, and its replica died before saying so
                 log.warning("run.announcing", run_id=run.run_id, attempt=run.attempt)
                 await self._announce(claimed, None)
-                self._reconciled.labels("unannounced").inc()
+                self.reconciled.labels("unannounced").inc()
                 continue
-            self._reconciled.labels("orphaned").inc()
+            self.reconciled.labels("orphaned").inc()
             handle = await self.backend.adopt(self.backend.dryrun(self._attempt_of(run)))
             if handle is not None:  # the attempt outlived its replica (a Kubernetes Job)
                 log.info("run.adopted", run_id=run.run_id, attempt=run.attempt, owner=run.owner)

@@ -5,10 +5,11 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import socket
 import uuid
 from collections.abc import AsyncIterator
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import aiohttp
@@ -44,11 +45,13 @@ from torchrelay.shared.events.data import (
     PipelineSpec,
     PipelineSubmittedData,
     TrainCancelRequestedData,
+    TrainCompletedData,
+    TrainFailedData,
     TrainJobSpec,
     TrainRequestedData,
 )
-from torchrelay.shared.pipelines import pipeline_key
-from torchrelay.shared.runs import RunRecord
+from torchrelay.shared.pipelines import PipelineRecord, pipeline_key
+from torchrelay.shared.runs import RunRecord, outcome_event_id
 from torchrelay.shared.runtime.metrics import reconciled_counter
 from torchrelay.shared.state import MemoryState, key_part
 from torchrelay.shared.state.presence import Presence
@@ -56,6 +59,13 @@ from torchrelay.shared.testing import assert_eventually
 
 pytestmark = pytest.mark.timeout(120)
 ENTRYPOINT = "torchrelay.services.train.examples.digits:train"
+PIPELINE = PipelineSpec.model_validate(
+    {
+        "name": "p",
+        "dataset": {"name": "digits", "source": "sklearn:digits"},
+        "training": {"entrypoint": ENTRYPOINT, "model_name": "digits"},
+    }
+)
 
 
 class Published:
@@ -181,6 +191,147 @@ async def test_a_cancel_of_a_run_another_replica_runs_locally_is_left_to_that_re
     record = await handler.runs.get("r3")
     assert record is not None
     assert record.value.cancel == "final", "the intent is stored for whoever watches it end"
+
+
+async def test_an_outcome_whose_replica_died_before_announcing_it_is_announced_once(
+    trainer: tuple[Trainer, MemoryState, Published],
+) -> None:
+    handler, state, published = trainer
+    pipelines = state.store("pipelines", PipelineRecord)
+    await pipelines.create(
+        "p4", PipelineRecord(pipeline_id="p4", spec=PIPELINE, submitted=datetime.now(UTC))
+    )
+    outcome = TrainFailedData(run_id="r4", attempt=2, reason="rank 1 was killed", final=True)
+    unsaid = RunRecord(
+        run_id="r4",
+        spec=spec(),
+        dataset_path="datasets/digits/v1",
+        status="failed",
+        attempt=2,
+        owner="train-dead",  # recorded how attempt 2 ended, then died
+        pipeline_id="p4",
+        updated=datetime.now(UTC),
+        outcome=outcome,
+        announced=False,
+    )
+    await handler.runs.create("r4", unsaid)
+    async with reclaiming(handler):
+        await assert_eventually(lambda: bool(published.of(TrainFailed)), timeout_s=10)
+        await asyncio.sleep(0.3)  # a few more rounds
+    (failed,) = published.of(TrainFailed)  # announced once
+    assert isinstance(failed, TrainFailed)
+    assert failed.id == outcome_event_id("r4", 2, outcome), "the id any replica would give it"
+    assert failed.data == outcome
+    record = await handler.runs.get("r4")
+    assert record is not None
+    assert record.value.announced
+    pipeline = await pipelines.get("p4")
+    assert pipeline is not None
+    assert pipeline.value.stages["train"].status == "failed"
+    assert reconciled(handler, "unannounced") == 1.0
+
+
+async def test_an_outcome_this_replica_left_unannounced_is_announced_after_a_grace(
+    trainer: tuple[Trainer, MemoryState, Published],
+) -> None:
+    handler, _, published = trainer
+    outcome = TrainFailedData(run_id="r5", attempt=0, reason="boom", final=False)
+    fresh = RunRecord(
+        run_id="r5",
+        spec=spec(),
+        dataset_path="datasets/digits/v1",
+        status="failed",
+        attempt=0,
+        owner=handler._instance,
+        updated=datetime.now(UTC),
+        outcome=outcome,
+        announced=False,
+    )
+    await handler.runs.create("r5", fresh)
+    async with reclaiming(handler):
+        await asyncio.sleep(0.3)  # a few rounds
+        assert published.of(TrainFailed) == [], "its handler may be announcing it right now"
+        stale = fresh.model_copy(update={"updated": datetime.now(UTC) - timedelta(minutes=5)})
+        await handler.runs.put("r5", stale)
+        await assert_eventually(lambda: bool(published.of(TrainFailed)), timeout_s=10)
+    (failed,) = published.of(TrainFailed)
+    assert isinstance(failed, TrainFailed)
+    assert failed.data == outcome
+
+
+async def test_a_cancel_of_an_ended_attempt_is_answered_with_how_it_ended(
+    trainer: tuple[Trainer, MemoryState, Published],
+) -> None:
+    handler, _, published = trainer
+    outcome = TrainFailedData(run_id="r6", attempt=1, reason="rank 0 was killed", final=False)
+    ended = RunRecord(
+        run_id="r6",
+        spec=spec(),
+        dataset_path="datasets/digits/v1",
+        status="failed",
+        attempt=1,
+        owner=handler._instance,
+        updated=datetime.now(UTC),
+        outcome=outcome,
+    )
+    await handler.runs.create("r6", ended)
+    cancel = TrainCancelRequested(source="/tests", data=TrainCancelRequestedData(run_id="r6"))
+    await handler.on_cancel_requested(cancel)
+    (answer,) = published.of(TrainFailed)
+    assert isinstance(answer, TrainFailed)
+    assert (answer.id, answer.data) == (outcome_event_id("r6", 1, outcome), outcome)
+    assert answer.causationid == cancel.id
+    record = await handler.runs.get("r6")
+    assert record is not None
+    assert record.value.status == "failed", "a cancel changes nothing"
+
+
+async def test_a_cancel_of_a_run_that_succeeded_changes_and_repeats_nothing(
+    trainer: tuple[Trainer, MemoryState, Published],
+) -> None:
+    handler, _, published = trainer
+    outcome = TrainCompletedData(
+        run_id="r7", model_name="digits", model_version="r7", path="models/digits/r7"
+    )
+    done = RunRecord(
+        run_id="r7",
+        spec=spec(),
+        dataset_path="datasets/digits/v1",
+        status="succeeded",
+        attempt=0,
+        owner="train-dead",
+        updated=datetime.now(UTC),
+        outcome=outcome,
+        model_version="r7",
+    )
+    await handler.runs.create("r7", done)
+    cancel = TrainCancelRequested(source="/tests", data=TrainCancelRequestedData(run_id="r7"))
+    await handler.on_cancel_requested(cancel)
+    assert published.events == []
+    record = await handler.runs.get("r7")
+    assert record is not None
+    assert record.value == done
+
+
+@contextlib.asynccontextmanager
+async def reclaiming(handler: Trainer) -> AsyncIterator[None]:
+    """The train service's reclaim loop, running while the block runs."""
+    stop = asyncio.Event()
+    loop = asyncio.create_task(handler.reclaim(stop))
+    try:
+        yield
+    finally:
+        stop.set()
+        await loop
+
+
+def reconciled(handler: Trainer, kind: str) -> float:
+    """``torchrelay_reconciled_total{kind}`` as the train service exports it."""
+    for metric in handler.reconciled.collect():
+        for sample in metric.samples:
+            if sample.name == "torchrelay_reconciled_total" and sample.labels == {"kind": kind}:
+                return sample.value
+    return 0.0
 
 
 # --- serve ---------------------------------------------------------------------------------
