@@ -12,7 +12,7 @@ from prometheus_client import CollectorRegistry
 from torchrelay.services.ingest.handlers import IngestMetrics
 from torchrelay.services.monitor.handlers import EventMetrics
 from torchrelay.services.serve.server.app import ServerMetrics
-from torchrelay.shared.runtime.metrics import RuntimeMetrics
+from torchrelay.shared.runtime.metrics import RuntimeMetrics, reconciled_counter
 
 ROOT = Path(__file__).parents[2]
 DASHBOARD = ROOT / "k8s" / "base" / "monitoring" / "grafana-dashboard.json"
@@ -26,6 +26,7 @@ def exported_names() -> set[str]:
     EventMetrics(registry)
     IngestMetrics(registry)
     ServerMetrics(registry, "digits")
+    reconciled_counter(registry)
     names = set()
     for metric in registry.collect():
         names.add(metric.name)
