@@ -6,7 +6,7 @@ import asyncio
 import contextlib
 import importlib.machinery
 import importlib.util
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Literal
@@ -102,6 +102,8 @@ class Trainer:
         self._source = source
         self._entrypoints = tuple(entrypoints)
         self._watchers: dict[str, asyncio.Task[None]] = {}
+        self._launching: set[str] = set()
+        """Runs this process is recording and launching: running, and not followed yet."""
         self._retain_s = retain_s
         """How long a finished run's record is kept (None: for good)."""
         self._unsettled = self.runs.live(lambda run: run.status == "running" or not run.announced)
@@ -134,6 +136,12 @@ class Trainer:
         """Check, record and launch a run (a run id that exists is left alone)."""
         if await self.runs.get(key_part(run_id)) is not None:
             return  # a redelivery: the run exists and is being (or was) handled
+        with self._launching_run(run_id):
+            await self._start(run_id, spec, pipeline_id, cause)
+
+    async def _start(
+        self, run_id: str, spec: TrainJobSpec, pipeline_id: str | None, cause: str
+    ) -> None:
         problem, dataset_path = self._check(spec)
         problem = run_id_refusal(run_id) or problem
         if problem is None:
@@ -189,8 +197,17 @@ class Trainer:
                 "updated": datetime.now(UTC),
             }
         )
-        await self.runs.update(key_part(record.run_id), record, revision=current.revision)
-        await self._launch(record, cause=event.id)
+        with self._launching_run(record.run_id):
+            await self.runs.update(key_part(record.run_id), record, revision=current.revision)
+            await self._launch(record, cause=event.id)
+
+    @contextlib.contextmanager
+    def _launching_run(self, run_id: str) -> Iterator[None]:
+        self._launching.add(run_id)
+        try:
+            yield
+        finally:
+            self._launching.discard(run_id)
 
     async def on_cancel_requested(self, event: TrainCancelRequested) -> None:
         run_id = event.data.run_id
@@ -257,8 +274,9 @@ class Trainer:
                 if self._unannounced_here(run, now):
                     await self._announce(run, None)
                     self.reconciled.labels("unannounced").inc()
-                continue
-            if await self._presence.alive(run.owner):
+                if not self._lost_here(run):
+                    continue
+            elif await self._presence.alive(run.owner):
                 continue
             try:  # compare-and-set: of all replicas that noticed, one takes the run over
                 claimed = run.model_copy(update={"owner": self._instance})
@@ -283,6 +301,16 @@ class Trainer:
                 claimed, Ended(Status.FAILED, reason), final=orphan_is_final(run), cause=None
             )
         return taken
+
+    def _lost_here(self, run: RunRecord) -> bool:
+        """A running attempt recorded under this replica's name that this process neither
+        follows nor is launching: an earlier process of the same name ran it (a container
+        restarted in its pod keeps the pod's name), so it is taken over like any orphan."""
+        return (
+            run.status == "running"
+            and run.run_id not in self._watchers
+            and run.run_id not in self._launching
+        )
 
     def _unannounced_here(self, run: RunRecord, now: datetime) -> bool:
         """An outcome this replica recorded and left unannounced: the handler that recorded it

@@ -169,6 +169,31 @@ async def test_a_running_run_whose_replica_is_gone_fails_with_a_restart_left(
     assert (record.value.status, record.value.owner) == ("failed", handler._instance)
 
 
+async def test_a_run_under_this_replicas_name_that_it_does_not_follow_is_taken_over(
+    trainer: tuple[Trainer, MemoryState, Published],
+) -> None:
+    # A container restarted in its pod keeps the pod's name: the runs its earlier process
+    # started carry this replica's name, and nothing follows them.
+    handler, _, published = trainer
+    earlier = RunRecord(
+        run_id="r8",
+        spec=spec(),
+        dataset_path="datasets/digits/v1",
+        status="running",
+        attempt=0,
+        owner=handler._instance,
+        handle="r8/0",
+        updated=datetime.now(UTC),
+    )
+    await handler.runs.create("r8", earlier)
+    async with reclaiming(handler):
+        await assert_eventually(lambda: bool(published.of(TrainFailed)), timeout_s=10)
+    (failed,) = published.of(TrainFailed)
+    assert isinstance(failed, TrainFailed)
+    assert (failed.data.attempt, failed.data.final) == (0, False), "the monitor restarts it"
+    assert reconciled(handler, "orphaned") == 1.0
+
+
 async def test_a_cancel_of_a_run_another_replica_runs_locally_is_left_to_that_replica(
     trainer: tuple[Trainer, MemoryState, Published],
 ) -> None:
