@@ -48,6 +48,8 @@ class Replica:
     restarts: int = 0
     due: float | None = None
     """When a dead replica is to be started again."""
+    starting: bool = False
+    """Started again, and not ready yet."""
 
     @property
     def name(self) -> str:
@@ -201,25 +203,38 @@ def _spawn(platform: Platform, service: str, index: int) -> subprocess.Popen[byt
 
 
 def _wait_ready(platform: Platform, replica: Replica, deadline: float) -> int:
-    """The replica's HTTP port, once its log says it is ready (this start's line, not an
-    earlier run's: the log is appended to across restarts)."""
-    log = platform.log_path(replica.name)
+    """The replica's HTTP port, once its log says it is ready."""
     while time.monotonic() < deadline:
-        for line in log.read_text(errors="replace").splitlines():
-            if '"service.ready"' in line:
-                ready = json.loads(line)
-                if ready.get("pid") == replica.process.pid:
-                    return int(ready["http_port"])
+        port = _ready_port(platform, replica)
+        if port is not None:
+            return port
         if replica.process.poll() is not None:
-            tail = " | ".join(log.read_text(errors="replace").splitlines()[-5:])
-            raise ConfigError(f"the {replica.name} service exited: {tail}")
+            raise ConfigError(f"the {replica.name} service exited: {_log_tail(platform, replica)}")
         time.sleep(0.1)
+    log = platform.log_path(replica.name)
     raise ConfigError(f"the {replica.name} service was not ready in time (see {log})")
+
+
+def _ready_port(platform: Platform, replica: Replica) -> int | None:
+    """The replica's HTTP port if its log says this start is ready (this start's line, not an
+    earlier run's: the log is appended to across restarts), else None."""
+    for line in platform.log_path(replica.name).read_text(errors="replace").splitlines():
+        if '"service.ready"' in line:
+            ready = json.loads(line)
+            if ready.get("pid") == replica.process.pid:
+                return int(ready["http_port"])
+    return None
+
+
+def _log_tail(platform: Platform, replica: Replica) -> str:
+    return " | ".join(platform.log_path(replica.name).read_text(errors="replace").splitlines()[-5:])
 
 
 def supervise(platform: Platform, *, say: Callable[[str], None]) -> None:
     """One round: start again what died, when its pause is over (call it every half second).
-    The NATS server first: the services wait for it (they reconnect on their own)."""
+    Never waits on a process: a replica started again is looked at in the next rounds, so a
+    dead nats-server (which the services wait for) is started again on time whatever the
+    services do meanwhile."""
     now = time.monotonic()
     _supervise_nats(platform, now, say)
     for replica in platform.replicas:
@@ -228,16 +243,15 @@ def supervise(platform: Platform, *, say: Callable[[str], None]) -> None:
             steady = now - replica.started >= STEADY_AFTER_S
             replica.restarts = 0 if steady else replica.restarts + 1
             pause = RESTART_PAUSES_S[min(replica.restarts, len(RESTART_PAUSES_S) - 1)]
-            replica.due = now + pause
-            say(f"{replica.name} exited ({code}); starting it again in {pause:g}s")
+            # One that died before it was ready says why (its log's last lines).
+            why = f": {_log_tail(platform, replica)}" if replica.starting else ""
+            replica.due, replica.starting = now + pause, False
+            say(f"{replica.name} exited ({code}); starting it again in {pause:g}s{why}")
         if replica.due is not None and now >= replica.due:
             replica.process = _spawn(platform, replica.service, replica.index)
-            replica.started, replica.due = now, None
-            try:
-                replica.port = _wait_ready(platform, replica, time.monotonic() + 90)
-            except ConfigError as exc:
-                say(str(exc))
-                continue  # dead again: the next round schedules it
+            replica.started, replica.due, replica.starting = now, None, True
+        if replica.starting and (port := _ready_port(platform, replica)) is not None:
+            replica.port, replica.starting = port, False
             say(f"{replica.name} is back: http://127.0.0.1:{replica.port}")
             platform.save()
 
