@@ -109,6 +109,21 @@ class Recovery(enum.StrEnum):
     """The run ended already: a redelivery, or the monitor's own final report coming back."""
 
 
+def start_moves_watch(current: RunWatch | None, attempt: int) -> bool:
+    """Whether a ``train.started`` of ``attempt`` changes the watch: only one of a later
+    attempt than the watched one does. Replicas and redeliveries handle the events of one run
+    out of order, and a late or repeated start must not rewind the watch (nor revive it)."""
+    return current is None or attempt > current.attempt
+
+
+def watch_at_failure(current: RunWatch | None, attempt: int) -> RunWatch | None:
+    """The watch as of a failure of ``attempt``: a failure handled before its attempt's start
+    moves the watch to that attempt, so the restart it leads to is the next one."""
+    if current is not None and current.state != "ended" and current.attempt < attempt:
+        return current.model_copy(update={"attempt": attempt, "state": "running"})
+    return current
+
+
 def cancelled_for_stall(watch: RunWatch | None, attempt: int) -> bool:
     """Whether ``attempt`` is the one the monitor cancelled because it stalled."""
     return watch is not None and watch.state == "stalled" and attempt == watch.attempt
@@ -122,8 +137,8 @@ def after_failure(watch: RunWatch | None, *, attempt: int, final: bool) -> Recov
     """
     if watch is None:
         return Recovery.END
-    if watch.state == "ended":
-        return Recovery.IGNORE
+    if watch.state == "ended" or attempt < watch.attempt:
+        return Recovery.IGNORE  # over, or a late failure of an attempt already followed up
     if cancelled_for_stall(watch, attempt) and not can_restart(watch):
         return Recovery.GIVE_UP
     return Recovery.END if final else Recovery.RESTART

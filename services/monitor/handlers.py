@@ -23,7 +23,9 @@ from torchrelay.services.monitor.domain import (
     restart_wait_s,
     source_label,
     stalled,
+    start_moves_watch,
     type_label,
+    watch_at_failure,
 )
 from torchrelay.services.monitor.settings import MonitorOptions
 from torchrelay.shared.bus.port import Publish
@@ -302,7 +304,9 @@ class Monitor:
                     (event.time - requested).total_seconds()
                 )
 
-        def change(current: RunWatch | None) -> RunWatch:
+        def change(current: RunWatch | None) -> RunWatch | None:
+            if not start_moves_watch(current, data.attempt):
+                return None  # late or repeated: the watch is past this start already
             return RunWatch(
                 run_id=data.run_id,
                 attempt=data.attempt,
@@ -313,8 +317,9 @@ class Monitor:
                 pipeline_id=event.pipelineid,
             )
 
-        await self.watches.mutate(_run_key(data.run_id), change)
-        self.metrics.run_restarts.labels(data.run_id).set(data.attempt)
+        stored = await self.watches.mutate(_run_key(data.run_id), change)
+        if stored is not None and stored.value.attempt == data.attempt:
+            self.metrics.run_restarts.labels(data.run_id).set(data.attempt)
 
     async def _progressed(self, event: AnyEvent) -> None:
         data = event.data
@@ -340,8 +345,8 @@ class Monitor:
     async def _failed(self, event: AnyEvent) -> None:
         data: TrainFailedData = event.data
         current = await self.watches.get(_run_key(data.run_id))
-        watch = current.value if current else None
-        if watch is None and not data.final:  # its start never reached the monitor
+        watch = watch_at_failure(current.value if current else None, data.attempt)
+        if watch is None:  # no start of this run was handled yet: its record says what it is
             run = await self.runs.get(key_part(data.run_id))
             if run is not None and run.value.attempt == data.attempt:
                 watch = _watch_of(run.value, None)

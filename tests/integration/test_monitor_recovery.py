@@ -169,3 +169,38 @@ async def test_a_dataset_staged_without_a_request_is_counted_not_retried(state: 
         "torchrelay_events_total", {"type": event.type, "source": source_label(event.source)}
     )
     assert counted == 1.0
+
+
+def started(run_id: str, attempt: int) -> TrainStarted:
+    return TrainStarted(
+        source="/torchrelay/train",
+        data=TrainStartedData(
+            run_id=run_id, attempt=attempt, max_restarts=5, world_size=1, backend="local",
+            dataset=DatasetRef(name="digits", version="v1"),
+        ),
+    )  # fmt: skip
+
+
+async def test_a_failure_handled_before_its_attempts_start_asks_for_the_next_restart(
+    state: State,
+) -> None:
+    # Replicas and redeliveries handle one run's events out of order.
+    recorder = Recorder(state, MonitorOptions(backoff_base_s=0))
+    run_id = f"r-{uuid.uuid4().hex[:8]}"
+    await recorder.monitor.on_event(started(run_id, 0))
+    attempt_1_failed = TrainFailed(
+        source="/torchrelay/train",
+        data=TrainFailedData(run_id=run_id, attempt=1, reason="rank 0 was killed"),
+    )
+    await recorder.monitor.on_event(attempt_1_failed)  # before attempt 1's start
+    (restart,) = recorder.of(TrainRestartRequested)
+    assert isinstance(restart, TrainRestartRequested)
+    assert restart.data.attempt == 2, "the next restart, not attempt 1's again"
+    await recorder.monitor.on_event(started(run_id, 2))
+    await recorder.monitor.on_event(started(run_id, 1))  # late: must not rewind the watch
+    await recorder.monitor.on_event(attempt_1_failed)  # a redelivery: already followed up
+    watch = await recorder.monitor.watches.get(f"runs.{run_id}")
+    assert watch is not None
+    assert (watch.value.attempt, watch.value.state) == (2, "running")
+    assert len(recorder.of(TrainRestartRequested)) == 1
+    assert recorder.given_up() == 0.0

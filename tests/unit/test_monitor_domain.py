@@ -21,7 +21,9 @@ from torchrelay.services.monitor.domain import (
     restart_wait_s,
     source_label,
     stalled,
+    start_moves_watch,
     type_label,
+    watch_at_failure,
 )
 from torchrelay.shared.events import (
     DatasetRejected,
@@ -158,6 +160,31 @@ def test_a_stalled_attempt_with_no_restart_left_is_given_up_whatever_its_finalit
     last = watch(state="stalled", attempt=2, max_restarts=2)
     assert after_failure(last, attempt=2, final=True) is Recovery.GIVE_UP
     assert after_failure(last, attempt=2, final=False) is Recovery.GIVE_UP
+
+
+def test_a_late_failure_of_an_attempt_already_followed_up_changes_nothing() -> None:
+    assert after_failure(watch(attempt=3), attempt=2, final=False) is Recovery.IGNORE
+    assert after_failure(watch(attempt=3), attempt=2, final=True) is Recovery.IGNORE
+
+
+def test_only_a_start_of_a_later_attempt_moves_the_watch() -> None:
+    assert start_moves_watch(None, 0)
+    assert start_moves_watch(watch(attempt=1), 2)
+    assert not start_moves_watch(watch(attempt=2), 2), "a redelivery keeps its progress"
+    assert not start_moves_watch(watch(attempt=2), 1), "a late start does not rewind it"
+    assert not start_moves_watch(watch(state="ended", attempt=2), 2)
+
+
+def test_a_failure_handled_before_its_start_moves_the_watch_to_its_attempt() -> None:
+    behind = watch(state="stalled", attempt=1)
+    moved = watch_at_failure(behind, 2)
+    assert moved is not None
+    assert (moved.attempt, moved.state) == (2, "running")
+    assert after_failure(moved, attempt=2, final=False) is Recovery.RESTART
+    assert watch_at_failure(behind, 1) is behind
+    assert watch_at_failure(None, 1) is None
+    ended = watch(state="ended", attempt=1)
+    assert watch_at_failure(ended, 2) is ended
 
 
 def test_a_run_the_monitor_never_saw_start_ends_with_its_failure() -> None:
