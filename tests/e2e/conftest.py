@@ -11,7 +11,7 @@ import subprocess
 import sys
 import time
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -113,14 +113,16 @@ async def _count_events(url: str) -> Counter[tuple[str, str | None]]:
     return counts
 
 
-def start_up(folder: Path, *argv: str) -> Up:
+def start_up(folder: Path, *argv: str, env: Mapping[str, str] | None = None) -> Up:
+    """`torchrelay up` in ``folder``; ``env`` adds to (or overrides) the inherited environment,
+    which `up` passes on to its services."""
     process = subprocess.Popen(
         [sys.executable, "-m", "torchrelay", "up", *argv],
         cwd=folder,
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
-        env={**os.environ, "PYTHONPATH": str(ROOT)},
+        env={**os.environ, **(env or {}), "PYTHONPATH": str(ROOT)},
     )
     deadline = time.monotonic() + 120
     while not (folder / ".torchrelay" / "platform.json").exists():
