@@ -18,6 +18,7 @@ from typing import Any
 
 import nats
 import pytest
+from nats.aio.client import Client
 from nats.js.api import DeliverPolicy
 
 from torchrelay.platform import client_url
@@ -94,23 +95,29 @@ class Up:
 
 async def _count_events(url: str) -> Counter[tuple[str, str | None]]:
     nc = await nats.connect(url)
-    counts: Counter[tuple[str, str | None]] = Counter()
     try:
-        js = nc.jetstream()
-        subscription = await js.subscribe(
-            "torchrelay.>", ordered_consumer=True, deliver_policy=DeliverPolicy.ALL
-        )
+        events = await stream_events(nc)
+    finally:
+        await nc.close()
+    return Counter((event["type"], event.get("pipelineid")) for _, event in events)
+
+
+async def stream_events(nc: Client) -> list[tuple[int, dict[str, Any]]]:
+    """Every event the stream holds, in order, with its stream sequence."""
+    subscription = await nc.jetstream().subscribe(
+        "torchrelay.>", ordered_consumer=True, deliver_policy=DeliverPolicy.ALL
+    )
+    events = []
+    try:
         while True:
             try:
                 message = await subscription.next_msg(timeout=1)
             except TimeoutError:
                 break
-            event = json.loads(message.data)
-            counts[(event["type"], event.get("pipelineid"))] += 1
-        await subscription.unsubscribe()
+            events.append((message.metadata.sequence.stream, json.loads(message.data)))
     finally:
-        await nc.close()
-    return counts
+        await subscription.unsubscribe()
+    return events
 
 
 def start_up(folder: Path, *argv: str, env: Mapping[str, str] | None = None) -> Up:

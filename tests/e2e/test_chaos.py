@@ -29,10 +29,9 @@ from typing import Any
 
 import nats
 import pytest
-from nats.js.api import DeliverPolicy
 from nats.js.errors import KeyNotFoundError
 
-from tests.e2e.conftest import Up, digits_pipeline, start_up, stop_up, torchrelay
+from tests.e2e.conftest import Up, digits_pipeline, start_up, stop_up, stream_events, torchrelay
 from tests.e2e.test_resilience import DONE_ONCE
 from torchrelay.platform import client_url
 from torchrelay.shared.state import key_part
@@ -295,27 +294,16 @@ async def _story(url: str, pipelines: list[str]) -> dict[str, list[str]]:
     told: dict[str, list[str]] = {p: [] for p in pipelines}
     nc = await nats.connect(url)
     try:
-        js = nc.jetstream()
-        subscription = await js.subscribe(
-            "torchrelay.>", ordered_consumer=True, deliver_policy=DeliverPolicy.ALL
-        )
-        while True:
-            try:
-                message = await subscription.next_msg(timeout=1)
-            except TimeoutError:
-                break
-            event = json.loads(message.data)
+        for sequence, event in await stream_events(nc):
             kind = event["type"].removeprefix("io.torchrelay.")
             if event.get("pipelineid") not in told or kind.startswith(QUIET):
                 continue
             data = event.get("data") or {}
             facts = {k: data[k] for k in ("attempt", "final", "restart", "reason") if k in data}
             told[event["pipelineid"]].append(
-                f"#{message.metadata.sequence.stream} {event['time']} {kind} {event['id'][:8]} "
-                f"{json.dumps(facts)[:200]}"
+                f"#{sequence} {event['time']} {kind} {event['id'][:8]} {json.dumps(facts)[:200]}"
             )
-        await subscription.unsubscribe()
-        watches = await js.key_value("monitor")
+        watches = await nc.jetstream().key_value("monitor")
         for pipeline_id, lines in told.items():
             try:
                 entry = await watches.get(f"runs.{key_part(f'{pipeline_id}.train')}")

@@ -11,10 +11,9 @@ from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 
 import pytest
-from prometheus_client import CollectorRegistry
 
+from tests.integration.test_monitor_recovery import Recorder
 from torchrelay.services.monitor.domain import RunWatch
-from torchrelay.services.monitor.handlers import EventMetrics, Monitor
 from torchrelay.services.monitor.settings import MonitorOptions
 from torchrelay.shared.events import AnyEvent, TrainFailed, TrainRestartRequested
 from torchrelay.shared.events.data import (
@@ -24,7 +23,6 @@ from torchrelay.shared.events.data import (
     TrainJobSpec,
 )
 from torchrelay.shared.runs import Outcome, RunRecord, RunStatus, restart_event_id
-from torchrelay.shared.runtime.metrics import reconciled_counter
 from torchrelay.shared.state import State, key_part
 from torchrelay.shared.testing import assert_eventually
 
@@ -48,22 +46,12 @@ async def reconciler(any_state: State) -> AsyncIterator[Reconciler]:
         await reconciler.monitor.watches.delete(f"runs.{key_part(run_id)}")
 
 
-class Reconciler:
+class Reconciler(Recorder):
     """A monitor over ``state``, and what it published; the stream's deduplication is kept
     (an id published twice is stored once)."""
 
     def __init__(self, state: State) -> None:
-        self.registry = CollectorRegistry()
-        self.published: list[AnyEvent] = []
-        self.monitor = Monitor(
-            metrics=EventMetrics(self.registry),
-            state=state,
-            publish=self._publish,
-            options=OPTIONS,
-            source="/torchrelay/monitor",
-            instance="tests",
-            reconciled=reconciled_counter(self.registry),
-        )
+        super().__init__(state, OPTIONS)
         self.runs = state.store("runs", RunRecord)
         self.written: set[str] = set()
 
@@ -92,9 +80,6 @@ class Reconciler:
     def reconciled(self, kind: str) -> float:
         value = self.registry.get_sample_value("torchrelay_reconciled_total", {"kind": kind})
         return value or 0.0
-
-    def given_up(self) -> float:
-        return self.registry.get_sample_value("torchrelay_train_given_up_total") or 0.0
 
     @contextlib.asynccontextmanager
     async def running(self) -> AsyncIterator[None]:
