@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Annotated, Literal
 
-from pydantic import Field, JsonValue, StringConstraints
+from pydantic import ConfigDict, Field, JsonValue, StringConstraints, model_validator
 
 from torchrelay.shared.events.envelope import Data, Identifier, NonEmpty
 
@@ -17,6 +17,9 @@ Version = Annotated[
     str, StringConstraints(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 ]
 Metrics = dict[str, float]
+WorkspaceId = Annotated[str, StringConstraints(pattern=r"^[0-9a-f]{16}$")]
+"""A staged workspace: the content id ingest gave the folder (same files, same id)."""
+Image = Annotated[str, StringConstraints(min_length=1, max_length=512, pattern=r"^[^\s]+$")]
 
 
 # --- dataset ----------------------------------------------------------------------------------
@@ -101,6 +104,18 @@ class TrainingStage(Data):
             pattern=r"^[A-Za-z_][A-Za-z0-9_.]*:[A-Za-z_][A-Za-z0-9_]*$", max_length=256
         ),
     ] = Field(description="module:function of the training function.")
+    workspace: WorkspaceId | None = Field(
+        default=None,
+        description="A staged workspace whose code the entrypoint is imported from (every "
+        "rank puts it first on its import path). `torchrelay submit` stages the folder a spec "
+        "file names (`workspace: ./src`) and puts its id here.",
+    )
+    image: Image | None = Field(
+        default=None,
+        description="Kubernetes: the container image of this stage's workers, for "
+        "dependencies the default image lacks (it must contain torchrelay). The local "
+        "backend runs workers with the train service's own Python and ignores it.",
+    )
     model_name: Name
     world_size: int = Field(default=1, ge=1, le=1024)
     resources: Resources = Resources()
@@ -189,16 +204,81 @@ class TrainFailedData(Data):
 
 
 class DatasetSource(Data):
-    """Where a pipeline's dataset comes from (as in dataset.ingest.requested)."""
+    """Where a pipeline's dataset comes from: a source to stage (as in
+    dataset.ingest.requested), or a version already staged under ``name`` (``version``; the
+    newest one when neither is given)."""
+
+    model_config = ConfigDict(
+        json_schema_extra={  # what _source_or_version checks, for external publishers
+            "not": {
+                "required": ["source", "version"],
+                "properties": {"source": {"type": "string"}, "version": {"type": "string"}},
+            }
+        }
+    )
 
     name: Name
-    source: NonEmpty
+    source: NonEmpty | None = Field(
+        default=None,
+        description="What to stage, as in dataset.ingest.requested. `torchrelay submit` "
+        "uploads a local path (relative to the spec file) and names the staged version instead.",
+    )
     format: Literal["auto", "npz", "csv", "images", "pt"] = "auto"
+    version: Version | None = Field(
+        default=None, description="A version of `name` staged before (no source: the newest)."
+    )
+
+    @model_validator(mode="after")
+    def _source_or_version(self) -> DatasetSource:
+        if self.source is not None and self.version is not None:
+            raise ValueError("give a source to stage or a staged version, not both")
+        return self
+
+
+class PromotionGate(Data):
+    """What a trained model must reach before it replaces what serves (a pipeline's deploy
+    stage): a model that fails its gate is not rolled out, and the serving version stays."""
+
+    model_config = ConfigDict(
+        json_schema_extra={  # what _says_something checks, for external publishers
+            "anyOf": [
+                {"required": ["min"], "properties": {"min": {"type": "number"}}},
+                {"required": ["max"], "properties": {"max": {"type": "number"}}},
+                {
+                    "required": ["better_than_serving"],
+                    "properties": {"better_than_serving": {"const": True}},
+                },
+            ]
+        }
+    )
+
+    metric: Annotated[str, StringConstraints(min_length=1, max_length=128)] = Field(
+        description="A metric the model reports (ctx.export(..., metrics={...}))."
+    )
+    min: float | None = Field(default=None, description="The metric must be at least this.")
+    max: float | None = Field(default=None, description="The metric must be at most this.")
+    better_than_serving: bool = Field(
+        default=False,
+        description="The metric must beat the serving version's (any version passes when "
+        "nothing serves yet, or the serving one does not report the metric).",
+    )
+    higher_is_better: bool = Field(
+        default=True, description="False for metrics such as loss, where lower is better."
+    )
+
+    @model_validator(mode="after")
+    def _says_something(self) -> PromotionGate:
+        if self.min is None and self.max is None and not self.better_than_serving:
+            raise ValueError("a gate needs min, max or better_than_serving")
+        return self
 
 
 class DeployStage(Data):
     enabled: bool = True
     replicas: int = Field(default=1, ge=1, le=64)
+    gate: PromotionGate | None = Field(
+        default=None, description="Roll out only a model that passes this gate."
+    )
 
 
 class PipelineSpec(Data):

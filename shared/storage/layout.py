@@ -4,9 +4,12 @@
 
     <root>/datasets/<name>/<version>/manifest.json      written by ingest
     <root>/datasets/<name>/<version>/data/...
+    <root>/workspaces/<id>/manifest.json                written by ingest: a user's code
+    <root>/workspaces/<id>/code/...                     (the folder ranks import from)
     <root>/runs/<run_id>/result.json                    written by rank 0 on success
     <root>/runs/<run_id>/checkpoints/step-<n>.pt
     <root>/runs/<run_id>/logs/attempt-<a>/rank-<r>.log  local backend
+    <root>/runs/<run_id>/logs/attempt-<a>/rank-<r>.error.json   why a rank's code failed
     <root>/runs/<run_id>/rendezvous/attempt-<a>         local backend (a file:// store)
     <root>/models/<name>/<version>/model.json           plus model.pt or weights.pt
     <root>/serving/<model>/<version>/                   local model servers' logs
@@ -27,6 +30,7 @@ from pathlib import Path, PurePosixPath
 from torchrelay.shared.errors import UnsafePath
 
 DATASETS = "datasets"
+WORKSPACES = "workspaces"
 RUNS = "runs"
 MODELS = "models"
 SERVING = "serving"
@@ -35,6 +39,7 @@ ADMIN_FOLDER = "_admin"
 
 MANIFEST_FILE = "manifest.json"
 DATA_FOLDER = "data"
+CODE_FOLDER = "code"
 RESULT_FILE = "result.json"
 CHECKPOINTS_FOLDER = "checkpoints"
 LOGS_FOLDER = "logs"
@@ -67,9 +72,18 @@ def rank_log_file(rank: int) -> str:
     return f"rank-{_index(rank, 'rank')}.log"
 
 
+def rank_error_file(rank: int) -> str:
+    return f"rank-{_index(rank, 'rank')}.error.json"
+
+
 def relative_dataset(name: str, version: str) -> str:
     """``datasets/<name>/<version>``: a dataset version's folder as records store it."""
     return f"{DATASETS}/{segment(name, 'dataset name')}/{segment(version, 'dataset version')}"
+
+
+def relative_workspace(workspace_id: str) -> str:
+    """``workspaces/<id>``: a staged workspace's folder as records and worker specs store it."""
+    return f"{WORKSPACES}/{segment(workspace_id, 'workspace id')}"
 
 
 def relative_model(name: str, version: str) -> str:
@@ -112,6 +126,21 @@ class Layout:
     def manifest(self, name: str, version: str) -> Path:
         return self.dataset(name, version) / MANIFEST_FILE
 
+    # --- workspaces (ingest writes, the train service checks, ranks import) ------------------
+
+    def workspaces(self) -> Path:
+        return self.root / WORKSPACES
+
+    def workspace(self, workspace_id: str) -> Path:
+        return self.at(relative_workspace(workspace_id))
+
+    def workspace_code(self, workspace_id: str) -> Path:
+        """The user's files (the folder that goes first on a rank's import path)."""
+        return self.workspace(workspace_id) / CODE_FOLDER
+
+    def workspace_manifest(self, workspace_id: str) -> Path:
+        return self.workspace(workspace_id) / MANIFEST_FILE
+
     # --- runs (the backend and the workers write) --------------------------------------------
 
     def run(self, run_id: str) -> Path:
@@ -133,6 +162,10 @@ class Layout:
 
     def rank_log(self, run_id: str, attempt: int, rank: int) -> Path:
         return self.attempt_logs(run_id, attempt) / rank_log_file(rank)
+
+    def rank_error(self, run_id: str, attempt: int, rank: int) -> Path:
+        """Why a rank's code failed (exception type, message, traceback), written by the rank."""
+        return self.attempt_logs(run_id, attempt) / rank_error_file(rank)
 
     def rendezvous(self, run_id: str, attempt: int) -> Path:
         """The file an attempt's ranks meet at (``file://``): a fresh one per attempt, so a
