@@ -28,6 +28,7 @@ from torchrelay.services.train.domain import (
     run_id_refusal,
     settle_pause_s,
 )
+from torchrelay.services.train.workspaces import workspace_refusal
 from torchrelay.shared.bus.port import Publish
 from torchrelay.shared.cluster import Ended, Status, TrainingBackend, Unplaceable, WorkerJob
 from torchrelay.shared.errors import (
@@ -332,6 +333,8 @@ class Trainer:
                 "stage it first (dataset.ingest.requested)",
                 dataset_path,
             )
+        if spec.workspace is not None:  # the user's own code: checked where ranks import it
+            return workspace_refusal(self._layout, spec.workspace, spec.entrypoint), dataset_path
         # Before any lookup: finding a module imports its parent packages.
         refusal = entrypoint_module_refusal(spec.entrypoint, self._entrypoints)
         if refusal is not None:

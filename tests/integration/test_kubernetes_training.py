@@ -149,6 +149,29 @@ async def test_a_cpu_job_uses_gloo_and_requests_no_gpu(backend: KubernetesBacken
     assert json.loads(env["TORCHRELAY_WORKER"])["backend"] == "gloo"
 
 
+async def test_a_stage_with_its_own_image_runs_its_workers_in_it(
+    backend: KubernetesBackend,
+) -> None:
+    job = gpu_job()
+    own = job.model_copy(
+        update={
+            "job": job.job.model_copy(
+                update={
+                    "image": "registry.example/team/trainer:1.4",
+                    "workspace": "0123456789abcdef",
+                }
+            )
+        }
+    )
+    default = backend.dryrun(job).job["spec"]["template"]["spec"]["containers"][0]
+    container = backend.dryrun(own).job["spec"]["template"]["spec"]["containers"][0]
+    assert default["image"] == KubeOptions().worker_image
+    assert container["image"] == "registry.example/team/trainer:1.4"
+    worker = json.loads({e["name"]: e["value"] for e in container["env"]}["TORCHRELAY_WORKER"])
+    assert worker["job"]["workspace"] == "0123456789abcdef"  # imported from the shared storage
+    kubernetes_validate.validate(backend.dryrun(own).job, K8S_VERSION, strict=True)
+
+
 async def test_one_failed_pod_fails_the_attempt_naming_it_and_removes_the_job(
     backend: KubernetesBackend, emulator: KubeEmulator
 ) -> None:

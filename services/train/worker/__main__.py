@@ -11,6 +11,7 @@ import importlib
 import inspect
 import sys
 from datetime import timedelta
+from pathlib import Path
 
 import structlog
 import torch
@@ -23,6 +24,7 @@ from torchrelay.shared.cluster.worker_spec import WorkerSpec
 from torchrelay.shared.runtime.logging import configure_logging
 from torchrelay.shared.runtime.settings import LogSettings
 from torchrelay.shared.storage import RunResult
+from torchrelay.shared.storage.layout import Layout
 
 EXIT_FAILED = 1
 EXIT_BAD_ENTRYPOINT = 3
@@ -34,6 +36,8 @@ def main() -> int:
     configure_logging(LogSettings())
     structlog.contextvars.bind_contextvars(run_id=spec.run_id, rank=spec.rank, attempt=spec.attempt)
     log = structlog.get_logger("torchrelay.train.worker")
+    if spec.job.workspace is not None:  # the user's staged code comes first on the path
+        sys.path.insert(0, str(Layout(Path(spec.storage_root)).workspace_code(spec.job.workspace)))
     module_name, _, function_name = spec.job.entrypoint.partition(":")
     try:
         function = getattr(importlib.import_module(module_name), function_name)

@@ -131,7 +131,8 @@ def training_job(job: WorkerJob, options: KubeOptions) -> Object:
         "containers": [
             {
                 "name": "worker",
-                "image": options.worker_image,
+                # A stage's own image (its dependencies), else the platform's worker image.
+                "image": spec.image or options.worker_image,
                 "imagePullPolicy": options.image_pull_policy,
                 "command": ["python", "-m", WORKER_MODULE],
                 "env": [
