@@ -130,11 +130,17 @@ def _up(args: argparse.Namespace) -> int:
 def _submit(args: argparse.Namespace) -> int:
     import asyncio
 
-    from torchrelay.client import Client, PipelineRefused, load_spec
-
-    spec = load_spec(args.file)
+    from torchrelay import specfile
+    from torchrelay.client import Client, PipelineRefused
 
     async def run() -> int:
+        try:
+            spec = await specfile.prepare(
+                args.file, lambda: _uploader(args), lambda line: print(line, flush=True)
+            )
+        except specfile.SpecError as exc:
+            print(f"torchrelay: {exc}", file=sys.stderr)
+            return EXIT_USAGE
         client = await Client.connect(_nats_url(args))
         try:
             pipeline_id = await client.submit(spec)
@@ -152,6 +158,24 @@ def _submit(args: argparse.Namespace) -> int:
             await client.aclose()
 
     return asyncio.run(run())
+
+
+def _uploader(args: argparse.Namespace) -> Any:
+    """Where a spec's local files are uploaded: --ingest-url, $TORCHRELAY_INGEST_URL, or the
+    ingest of the platform running from --state-dir."""
+    from torchrelay import platform, specfile
+
+    url = args.ingest_url or os.environ.get("TORCHRELAY_INGEST_URL")
+    if not url:
+        described = platform.running(args.state_dir) or {}
+        services = described.get("services", {})
+        url = next((s["url"] for n, s in sorted(services.items()) if n.startswith("ingest")), None)
+    if not url:
+        raise specfile.SpecError(
+            "the spec names local files, which are uploaded to ingest: start the platform "
+            "(`torchrelay up`) or pass --ingest-url (or set TORCHRELAY_INGEST_URL)"
+        )
+    return specfile.Uploader(url, token=os.environ.get("TORCHRELAY_INGEST_TOKEN"))
 
 
 def _status(args: argparse.Namespace) -> int:
@@ -401,6 +425,11 @@ def build_parser() -> argparse.ArgumentParser:
     submit = commands.add_parser("submit", parents=[state], help="submit a pipeline (YAML/JSON)")
     submit.add_argument("file", type=Path)
     submit.add_argument("--wait", action="store_true", help="follow it to the end")
+    submit.add_argument(
+        "--ingest-url",
+        help="ingest's HTTP API, where the spec's local files are uploaded (default: "
+        "$TORCHRELAY_INGEST_URL, else the local platform's; token: $TORCHRELAY_INGEST_TOKEN)",
+    )
     submit.add_argument("--timeout", type=float, default=1800)
     status = commands.add_parser("status", parents=[state], help="pipelines and their stages")
     status.add_argument("id", nargs="?")

@@ -14,7 +14,6 @@ from typing import Any
 
 import aiohttp
 import numpy as np
-import yaml
 
 from torchrelay.services.serve.domain import DeploymentRecord
 from torchrelay.services.train.domain import ModelRecord
@@ -46,12 +45,6 @@ DEMO = {
     },
     "deploy": {"enabled": True, "replicas": 2},
 }
-
-
-def load_spec(path: Path) -> PipelineSpec:
-    text = path.read_text()
-    raw = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
-    return PipelineSpec.model_validate(raw)
 
 
 class PipelineRefused(Exception):
