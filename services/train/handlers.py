@@ -166,9 +166,12 @@ class Trainer:
         except AlreadyExists:
             return
         if pipeline_id is not None:
+            detail: dict[str, JsonValue] = {"run_id": run_id}
+            if spec.workspace is not None:  # lineage: the code it ran
+                detail["workspace"] = spec.workspace
             await record_stage(
                 self.pipelines, pipeline_id, "train", "running", datetime.now(UTC),
-                detail={"run_id": run_id},
+                detail=detail,
                 retain_s=self._retain_s,
             )  # fmt: skip
         if problem is not None:
