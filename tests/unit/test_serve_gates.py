@@ -74,8 +74,7 @@ def test_a_metric_the_model_does_not_report_refuses_the_rollout_naming_what_it_r
         PromotionGate(metric="f1", min=0.5), "v1", {"loss": 0.1, "accuracy": 0.9}, None, None
     )
     assert verdict.refusal == (
-        "the model does not report metric 'f1' (it reports: accuracy, loss); "
-        "the rollout is refused"
+        "the model does not report metric 'f1' (it reports: accuracy, loss); the rollout is refused"
     )
     assert verdict.detail == {"gate": "refused", "gate_metric": "f1"}
     nothing = judge_gate(PromotionGate(metric="f1", min=0.5), "v1", {}, None, None)
