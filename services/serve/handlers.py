@@ -74,6 +74,8 @@ class RolloutFailed(Exception):
 
 
 class ServeMetrics:
+    """The serve service's own metrics (the runtime adds the bus's and lifecycle's)."""
+
     def __init__(self, registry: CollectorRegistry) -> None:
         self.gate_refusals = Counter(
             "torchrelay_serve_gate_refusals_total",
@@ -142,6 +144,7 @@ class Deployer:
         self._deployed_models = self.deployments.live(lambda record: record.status == "deployed")
         """The deployed models, followed by a KV watch: what reclaim looks at."""
         self.metrics = metrics or ServeMetrics(CollectorRegistry())
+        """The service passes its registry's; without one they are kept but not exported."""
 
     async def on_deploy_requested(self, event: ModelDeployRequested) -> None:
         data = event.data
