@@ -1,12 +1,17 @@
-"""Pure rules of serve: deployment records, the smoke input, and what a rollback returns to."""
+"""Pure rules of serve: deployment records, the smoke input, what a rollback returns to, and
+whether a trained model passes its pipeline's promotion gate."""
 
 from __future__ import annotations
 
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, model_validator
+from pydantic import BaseModel, ConfigDict, JsonValue, model_validator
 
+from torchrelay.shared.events.data import PromotionGate
 from torchrelay.shared.storage.files import ModelDescription
 
 
@@ -102,3 +107,113 @@ def is_orphaned(record: DeploymentRecord, *, me: str, owner_alive: bool) -> bool
     """A deployed model whose replica is gone: another replica serves it again (or, on a
     backend whose servers outlive replicas, adopts it)."""
     return record.status == "deployed" and record.owner not in (None, me) and not owner_alive
+
+
+# --- promotion gates -------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class GateVerdict:
+    """Whether a candidate may go live (``refusal`` None) and what was compared: the
+    ``detail`` a pipeline's deploy stage keeps (the gate's metric, the candidate's value, the
+    serving version and its value when there is one, and why a comparison was waived)."""
+
+    refusal: str | None
+    detail: dict[str, JsonValue] = field(default_factory=dict)
+
+    @property
+    def passed(self) -> bool:
+        return self.refusal is None
+
+
+def judge_gate(
+    gate: PromotionGate,
+    candidate_version: str,
+    candidate_metrics: Mapping[str, float],
+    serving_version: str | None,
+    serving_metrics: Mapping[str, float] | None,
+) -> GateVerdict:
+    """Whether ``candidate_version`` passes ``gate``, against what serves now.
+
+    ``serving_version`` is None when nothing serves; ``serving_metrics`` is None when the
+    serving version's metrics could not be read. ``min`` and ``max`` bound the candidate's
+    value as written; ``better_than_serving`` asks for a strictly better value (higher, or
+    lower with ``higher_is_better=False``) and is waived, saying so, when nothing serves, the
+    serving version does not report the metric (or its metrics are unknown), or the candidate
+    is the serving version itself (a redelivered deploy). Every failed condition is named.
+    """
+    metric = gate.metric
+    detail: dict[str, JsonValue] = {"gate_metric": metric}
+    if serving_version is not None:
+        detail["serving_version"] = serving_version
+    served = None if serving_metrics is None else serving_metrics.get(metric)
+    if served is not None and math.isfinite(served):
+        detail["serving_value"] = served
+    value = candidate_metrics.get(metric)
+    if value is None:
+        reported = ", ".join(sorted(candidate_metrics)) or "none"
+        return _refused(
+            detail,
+            f"the model does not report metric {metric!r} (it reports: {reported}); "
+            "the rollout is refused",
+        )
+    if not math.isfinite(value):
+        return _refused(detail, f"{metric} is {value!r}, not a value a gate can compare")
+    detail["candidate_value"] = value
+    problems = []
+    if gate.min is not None and value < gate.min:
+        problems.append(f"{metric} {value!r} is below the gate's min {gate.min!r}")
+    if gate.max is not None and value > gate.max:
+        problems.append(f"{metric} {value!r} is above the gate's max {gate.max!r}")
+    if gate.better_than_serving:
+        waived = _waiver(metric, candidate_version, serving_version, serving_metrics, served)
+        if waived is not None:
+            detail["gate_note"] = waived
+        elif served is not None and not _better(value, served, gate.higher_is_better):
+            lower = "" if gate.higher_is_better else " (lower is better)"
+            problems.append(
+                f"{metric} {value!r} is not better than {served!r} of the serving version "
+                f"{serving_version}{lower}"
+            )
+    if problems:
+        return _refused(detail, "; ".join(problems))
+    return GateVerdict(None, {"gate": "passed", **detail})
+
+
+def _waiver(
+    metric: str,
+    candidate_version: str,
+    serving_version: str | None,
+    serving_metrics: Mapping[str, float] | None,
+    served: float | None,
+) -> str | None:
+    """Why better_than_serving has nothing to compare with, or None when it has."""
+    if serving_version is None:
+        return "nothing serves yet: better_than_serving passes"
+    if serving_version == candidate_version:
+        return f"{candidate_version} is the serving version: better_than_serving passes"
+    if serving_metrics is None:
+        return (
+            f"the metrics of the serving version {serving_version} could not be read: "
+            "better_than_serving passes"
+        )
+    if served is None:
+        return (
+            f"the serving version {serving_version} does not report {metric}: "
+            "better_than_serving passes"
+        )
+    if not math.isfinite(served):
+        return (
+            f"the serving version {serving_version} reports {metric} {served!r}: "
+            "better_than_serving passes"
+        )
+    return None
+
+
+def _better(value: float, served: float, higher_is_better: bool) -> bool:
+    """Strictly better: equal is not."""
+    return value > served if higher_is_better else value < served
+
+
+def _refused(detail: dict[str, JsonValue], reason: str) -> GateVerdict:
+    return GateVerdict(reason, {"gate": "refused", **detail})

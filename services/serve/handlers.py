@@ -3,7 +3,9 @@
 A rollout starts the version on the serving backend, waits until its servers are ready, checks
 them with a smoke inference on the model's declared signature, and only then puts them on the
 model's stable endpoint; a version that fails any step is cancelled and the old one keeps
-serving. One rollout of a model at a time across replicas (a lease).
+serving. One rollout of a model at a time across replicas (a lease). A pipeline's deploy stage
+may carry a promotion gate: it is judged inside that lease, against what serves at that moment,
+and a model that fails it is not rolled out at all.
 """
 
 from __future__ import annotations
@@ -11,16 +13,22 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import uuid
+from collections.abc import Mapping
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import aiohttp
 import structlog
+from prometheus_client import CollectorRegistry, Counter
+from pydantic import JsonValue
 
 from torchrelay.services.serve.domain import (
     DeploymentRecord,
+    GateVerdict,
     is_orphaned,
+    judge_gate,
     previous_after,
     repeat_endpoint,
     rollback_target,
@@ -41,8 +49,15 @@ from torchrelay.shared.events.data import (
     ModelDeployedData,
     ModelRolloutFailedData,
     ModelRolloutStartedData,
+    PromotionGate,
 )
-from torchrelay.shared.pipelines import PipelineRecord, pipeline_key, record_stage
+from torchrelay.shared.pipelines import (
+    FINISHED,
+    PipelineRecord,
+    StageState,
+    pipeline_key,
+    record_stage,
+)
 from torchrelay.shared.runtime.loops import every
 from torchrelay.shared.state import State, Store, key_part
 from torchrelay.shared.state.presence import Presence, exclusive
@@ -56,6 +71,45 @@ _EVENT_IDS = uuid.UUID("3e8f1a2b-6c4d-4f9e-8a7b-2c1d0e9f8a7b")
 class RolloutFailed(Exception):
     """The version did not become ready or failed its smoke inference; the old one, if any,
     keeps serving."""
+
+
+class ServeMetrics:
+    """The serve service's own metrics (the runtime adds the bus's and lifecycle's)."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.gate_refusals = Counter(
+            "torchrelay_serve_gate_refusals_total",
+            "Trained models that failed their pipeline's promotion gate and were not rolled "
+            "out (the serving version stayed), by model.",
+            ["model"],
+            registry=registry,
+        )
+
+
+@dataclass(frozen=True)
+class Gated:
+    """A pipeline's promotion gate and what its trained model reports."""
+
+    gate: PromotionGate
+    metrics: Mapping[str, float]
+
+
+@dataclass(frozen=True)
+class Rollout:
+    """How a deploy ended: ``deployed`` (``said`` is the endpoint), ``failed`` (the reason) or
+    ``refused`` by its gate (the refusal); ``verdict`` is the gate's, when there was one."""
+
+    outcome: Literal["deployed", "failed", "refused"]
+    said: str
+    verdict: GateVerdict | None = None
+
+
+_STAGE_OF: dict[str, StageState] = {
+    "deployed": "succeeded",
+    "failed": "failed",
+    "refused": "skipped",
+}
+"""A pipeline's deploy stage after its rollout: a model its gate refused is skipped."""
 
 
 class Deployer:
@@ -72,6 +126,7 @@ class Deployer:
         replicas: int,
         retain_s: float | None = None,
         reclaim_every_s: float = 2.0,
+        metrics: ServeMetrics | None = None,
     ) -> None:
         self.backend = backend
         self._layout = Layout(storage_root)
@@ -88,6 +143,8 @@ class Deployer:
         """How long a finished pipeline's record is kept (None: for good)."""
         self._deployed_models = self.deployments.live(lambda record: record.status == "deployed")
         """The deployed models, followed by a KV watch: what reclaim looks at."""
+        self.metrics = metrics or ServeMetrics(CollectorRegistry())
+        """The service passes its registry's; without one they are kept but not exported."""
 
     async def on_deploy_requested(self, event: ModelDeployRequested) -> None:
         data = event.data
@@ -110,12 +167,13 @@ class Deployer:
         await self.deploy(event.data.model_name, target, replicas, event.id, event.pipelineid)
 
     async def on_train_completed(self, event: TrainCompleted) -> None:
-        """A pipeline's model is trained: deploy it if the pipeline asks to."""
+        """A pipeline's model is trained: deploy it if the pipeline asks to, and if it passes
+        the pipeline's promotion gate (a refused model ends the deploy stage skipped)."""
         if event.pipelineid is None:
             return
         pipeline = await self.pipelines.get(pipeline_key(event.pipelineid))
-        if pipeline is None:
-            return
+        if pipeline is None or pipeline.value.stages["deploy"].status in FINISHED:
+            return  # a redelivery after the stage ended: its outcome stands, nothing to redo
         stage = pipeline.value.spec.deploy
         now = datetime.now(UTC)
         if not stage.enabled:
@@ -125,35 +183,65 @@ class Deployer:
             return
         await record_stage(self.pipelines, event.pipelineid, "deploy", "running", now)
         data = event.data
-        ok, said = await self.deploy(
-            data.model_name, data.model_version, stage.replicas, event.id, event.pipelineid
+        gated = None if stage.gate is None else Gated(stage.gate, data.metrics)
+        rollout = await self.deploy(
+            data.model_name,
+            data.model_version,
+            stage.replicas,
+            event.id,
+            event.pipelineid,
+            gated=gated,
         )
+        detail: dict[str, JsonValue] = {"version": data.model_version}
+        if rollout.verdict is not None:
+            detail.update(rollout.verdict.detail)
+        if rollout.outcome == "deployed":
+            detail["endpoint"] = rollout.said
         await record_stage(
             self.pipelines,
             event.pipelineid,
             "deploy",
-            "succeeded" if ok else "failed",
+            _STAGE_OF[rollout.outcome],
             datetime.now(UTC),
-            detail={"endpoint": said, "version": data.model_version} if ok else None,
-            reason=None if ok else said,
+            detail=detail,
+            reason=None if rollout.outcome == "deployed" else rollout.said,
             retain_s=self._retain_s,
         )
+        if rollout.outcome == "refused":
+            # Counted once the stage records it: a redelivery finds the stage ended and returns.
+            self.metrics.gate_refusals.labels(data.model_name).inc()
 
     async def deploy(
-        self, model: str, version: str, replicas: int, cause: str, pipeline_id: str | None
-    ) -> tuple[bool, str]:
-        """Roll ``version`` out; (True, endpoint) or (False, reason).
+        self,
+        model: str,
+        version: str,
+        replicas: int,
+        cause: str,
+        pipeline_id: str | None,
+        *,
+        gated: Gated | None = None,
+    ) -> Rollout:
+        """Roll ``version`` out, if it passes ``gated``'s gate against what serves now.
 
-        One rollout of a model at a time across all replicas (a lease). The new version is
-        ready and checked on the backend before it takes the model's stable endpoint.
+        One rollout of a model at a time across all replicas (a lease). The gate is judged
+        inside it, so two candidates of one model are never both judged against the same old
+        version. The new version is ready and checked on the backend before it takes the
+        model's stable endpoint.
         """
         async with self._exclusive(model):
             current = await self.deployments.get(key_part(model))
             record = current.value if current else None
+            verdict = None
+            if gated is not None:
+                verdict = await self._judge(model, version, gated, record)
+                if verdict.refusal is not None:
+                    log.info("model.gate_refused", model=model, version=version, **verdict.detail)
+                    return Rollout("refused", verdict.refusal, verdict)
+                log.info("model.gate_passed", model=model, version=version, **verdict.detail)
             repeat = repeat_endpoint(record, version, serving=await self._serving(record))
             if repeat is not None:
                 await self._deployed(model, version, repeat, cause, pipeline_id)
-                return True, repeat  # a repeat: same answer
+                return Rollout("deployed", repeat, verdict)  # a repeat: same answer
             previous = record.active_version if record else None
             await self._publish(
                 ModelRolloutStarted(
@@ -181,7 +269,7 @@ class Deployer:
                     cause=cause,
                     pipeline_id=pipeline_id,
                 )
-                return False, str(exc)
+                return Rollout("failed", str(exc), verdict)
             await self.deployments.put(
                 key_part(model),
                 DeploymentRecord(
@@ -197,7 +285,23 @@ class Deployer:
                 ),
             )
             await self._deployed(model, version, endpoint, cause, pipeline_id)
-            return True, endpoint
+            return Rollout("deployed", endpoint, verdict)
+
+    async def _judge(
+        self, model: str, version: str, gated: Gated, record: DeploymentRecord | None
+    ) -> GateVerdict:
+        """The gate's verdict on ``version`` against the version ``record`` says serves (its
+        metrics from its model.json)."""
+        serving = record.active_version if record and record.status == "deployed" else None
+        metrics: dict[str, float] | None = None
+        if serving is not None:
+            try:
+                metrics = (await asyncio.to_thread(self._description_of, model, serving)).metrics
+            except (OSError, ValueError) as exc:  # CorruptFile (MissingFile too) is a ValueError
+                log.warning(
+                    "model.serving_metrics_unreadable", model=model, version=serving, error=str(exc)
+                )
+        return judge_gate(gated.gate, version, gated.metrics, serving, metrics)
 
     async def _roll_out(self, work: ModelVersion) -> tuple[str, str]:
         """Schedule, wait until ready, smoke-check, promote: (handle, endpoint), or
@@ -220,9 +324,12 @@ class Deployer:
             raise
         return handle, endpoint
 
+    def _description_of(self, model: str, version: str) -> ModelDescription:
+        return ModelDescription.read(self._layout.model_description(model, version))
+
     def _description(self, model: str, version: str) -> ModelDescription:
         try:
-            return ModelDescription.read(self._layout.model_description(model, version))
+            return self._description_of(model, version)
         except (OSError, ValueError) as exc:  # CorruptFile (MissingFile too) is a ValueError
             raise RolloutFailed(f"no model {model} version {version} on storage ({exc})") from exc
 

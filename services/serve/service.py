@@ -7,7 +7,7 @@ from contextlib import asynccontextmanager
 
 import aiohttp
 
-from torchrelay.services.serve.handlers import Deployer
+from torchrelay.services.serve.handlers import Deployer, ServeMetrics
 from torchrelay.services.serve.http import routes
 from torchrelay.services.serve.settings import ServeSettings
 from torchrelay.shared.bus import Subscription
@@ -48,6 +48,7 @@ async def build(platform: Platform[ServeSettings]) -> AsyncIterator[Service]:
         source=platform.source,
         replicas=platform.settings.serve.replicas,
         retain_s=platform.settings.retention_s,
+        metrics=ServeMetrics(platform.registry),
     )
     session: aiohttp.ClientSession | None = None
 

@@ -8,6 +8,7 @@ import json
 import shutil
 import stat
 from collections.abc import AsyncIterator, Iterator
+from datetime import UTC, datetime
 from pathlib import Path
 
 import aiohttp
@@ -24,11 +25,20 @@ from torchrelay.shared.events import (
     ModelRollbackRequested,
     ModelRolloutFailed,
     ModelRolloutStarted,
+    TrainCompleted,
 )
-from torchrelay.shared.events.data import ModelDeployRequestedData, ModelRollbackRequestedData
+from torchrelay.shared.events.data import (
+    ModelDeployRequestedData,
+    ModelRollbackRequestedData,
+    PipelineSpec,
+    TrainCompletedData,
+)
+from torchrelay.shared.pipelines import FINISHED, PipelineRecord, StageStatus, pipeline_key
+from torchrelay.shared.state import KvState, Store
 from torchrelay.shared.testing import assert_eventually
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(240)]
+GATED = {"good": 0.9525, "worse": 0.9475}
 
 
 @pytest.fixture(scope="module")
@@ -48,6 +58,11 @@ def storage(tmp_path_factory: pytest.TempPathFactory) -> Path:
     description["outputs"][0]["shape"] = [-1, 5]
     description["version"] = "liar"
     (models / "liar" / "model.json").write_text(json.dumps(description))
+    for version, accuracy in GATED.items():  # the first model, reporting chosen accuracies
+        shutil.copytree(models / "first", models / version)
+        description = json.loads((models / version / "model.json").read_text())
+        description.update(version=version, metrics={"accuracy": accuracy})
+        (models / version / "model.json").write_text(json.dumps(description))
     return root
 
 
@@ -249,3 +264,76 @@ async def test_control_goes_through_admin_sockets_and_never_through_the_endpoint
     await assert_eventually(lambda: not admin_sockets(storage) & first, timeout_s=15)
     assert len(admin_sockets(storage)) == 2
     assert await served_version(endpoint) == "second"
+
+
+async def test_a_pipeline_model_worse_than_the_serving_one_is_refused_by_its_gate(
+    bus: tuple[JetStreamBus, Watcher], serve: ServiceProcess
+) -> None:
+    publisher, watcher = bus
+    port = await serve.wait_ready()
+    pipelines = (await KvState.open(publisher.nc.jetstream())).store("pipelines", PipelineRecord)
+    gate = {"metric": "accuracy", "min": 0.9, "better_than_serving": True}
+
+    await publisher.publish(trained(await gated_pipeline(pipelines, "p-good", gate), "good"))
+    endpoint = await deployed(watcher, "good")
+    assert (await deploy_ended(pipelines, "p-good")).status == "succeeded"
+
+    await publisher.publish(trained(await gated_pipeline(pipelines, "p-worse", gate), "worse"))
+    stage = await deploy_ended(pipelines, "p-worse")
+    assert stage.status == "skipped"
+    assert stage.reason == "accuracy 0.9475 is not better than 0.9525 of the serving version good"
+    assert (stage.detail["candidate_value"], stage.detail["serving_value"]) == (0.9475, 0.9525)
+    assert watcher.of(ModelRolloutStarted, version="worse") == []
+    assert watcher.of(ModelDeployed, version="worse") == []
+    assert await served_version(endpoint) == "good"
+    async with (
+        aiohttp.ClientSession() as http,
+        http.get(f"http://127.0.0.1:{port}/metrics") as response,
+    ):
+        exported = await response.text()
+    assert 'torchrelay_serve_gate_refusals_total{model="digits"} 1.0' in exported
+
+
+async def gated_pipeline(
+    pipelines: Store[PipelineRecord], pipeline_id: str, gate: dict[str, object]
+) -> str:
+    """A pipeline whose model is trained, deploying through ``gate``."""
+    spec = PipelineSpec.model_validate(
+        {
+            "name": pipeline_id,
+            "dataset": {"name": "digits", "source": "sklearn:digits"},
+            "training": {"entrypoint": "m:f", "model_name": "digits"},
+            "deploy": {"replicas": 1, "gate": gate},
+        }
+    )
+    now = datetime.now(UTC)
+    done = StageStatus(status="succeeded", started=now, ended=now)
+    stages = {"ingest": done, "train": done, "deploy": StageStatus()}
+    record = PipelineRecord(pipeline_id=pipeline_id, spec=spec, submitted=now, stages=stages)
+    await pipelines.create(pipeline_key(pipeline_id), record)
+    return pipeline_id
+
+
+def trained(pipeline_id: str, version: str) -> TrainCompleted:
+    return TrainCompleted(
+        source="/tests",
+        pipelineid=pipeline_id,
+        data=TrainCompletedData(
+            run_id=f"run-{version}",
+            model_name="digits",
+            model_version=version,
+            path=f"models/digits/{version}",
+            metrics={"accuracy": GATED[version]},
+        ),
+    )
+
+
+async def deploy_ended(pipelines: Store[PipelineRecord], pipeline_id: str) -> StageStatus:
+    async def ended() -> bool:
+        item = await pipelines.get(pipeline_key(pipeline_id))
+        return item is not None and item.value.stages["deploy"].status in FINISHED
+
+    await assert_eventually(ended, timeout_s=90, message=f"{pipeline_id}'s deploy never ended")
+    item = await pipelines.get(pipeline_key(pipeline_id))
+    assert item is not None
+    return item.value.stages["deploy"]
