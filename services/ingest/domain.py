@@ -1,5 +1,6 @@
 """Pure rules of ingest: what a source is, which archive members and URLs are allowed, how a
-version id derives from content, which format a dataset has, and what the manifest says."""
+version id derives from content, which format a dataset has, what the manifests say, which
+staged version a pipeline names, and what a workspace upload may be."""
 
 from __future__ import annotations
 
@@ -43,6 +44,7 @@ class RejectCode(enum.StrEnum):
     CORRUPT = "corrupt"
     INVALID_DATA = "invalid_data"
     UNKNOWN_FORMAT = "unknown_format"
+    UNKNOWN_VERSION = "unknown_version"
 
 
 class Rejected(PermanentError):
@@ -54,8 +56,26 @@ class Rejected(PermanentError):
         self.reason = reason
 
 
+Cap = Literal["max_bytes", "max_files", "max_file_bytes", "max_compression_ratio"]
+_SETTING_PREFIX = "TORCHRELAY_INGEST_"
+_CAP_SETTINGS: dict[str, dict[Cap, str]] = {
+    "dataset": {
+        "max_bytes": "MAX_BYTES",
+        "max_files": "MAX_FILES",
+        "max_file_bytes": "MAX_FILE_BYTES",
+        "max_compression_ratio": "MAX_COMPRESSION_RATIO",
+    },
+    "workspace": {
+        "max_bytes": "MAX_WORKSPACE_BYTES",
+        "max_files": "MAX_WORKSPACE_FILES",
+        "max_file_bytes": "MAX_WORKSPACE_BYTES",  # no cap of its own: one file may fill it
+        "max_compression_ratio": "MAX_COMPRESSION_RATIO",
+    },
+}
+
+
 class Limits(BaseModel):
-    """Caps that bound what one dataset may cost."""
+    """Caps that bound what one dataset (or one workspace) may cost."""
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
@@ -65,6 +85,13 @@ class Limits(BaseModel):
     max_compression_ratio: float = Field(
         default=200.0, gt=1, description="Unpacked / packed size of an archive (bomb guard)."
     )
+    of: Literal["dataset", "workspace"] = Field(
+        default="dataset", description="What the caps bound: reasons name it and its settings."
+    )
+
+    def setting(self, cap: Cap) -> str:
+        """The environment variable that sets ``cap`` here, for reasons that say what to raise."""
+        return f"{_SETTING_PREFIX}{_CAP_SETTINGS[self.of][cap]}"
 
 
 # --- sources ----------------------------------------------------------------------------------
@@ -134,6 +161,22 @@ def member_path(name: str) -> PurePosixPath:
     return PurePosixPath(normal)
 
 
+def is_top_folder(name: str) -> bool:
+    """``.`` or ``./``: the folder an archive was made from (``tar -C folder -cf - .``)."""
+    return bool(name) and not name.startswith("/") and posixpath.normpath(name) == "."
+
+
+def link_escapes(name: str, target: str, *, hard: bool = False) -> bool:
+    """Whether a link member ``name`` to ``target`` points outside the folder it is unpacked
+    into: a symbolic link's target is relative to the link's own folder, a hard link's to the
+    archive's top. (Links are refused either way; this only says how bad one is.)"""
+    if not target or target.startswith("/") or "\\" in target or _DRIVE.match(target):
+        return True
+    base = "" if hard else posixpath.dirname(posixpath.normpath(name))
+    joined = posixpath.normpath(posixpath.join(base, target))
+    return joined == ".." or joined.startswith("../")
+
+
 @dataclass
 class Budget:
     """Running totals of what a source adds, checked against the limits file by file.
@@ -147,46 +190,61 @@ class Budget:
     files: int = 0
     bytes: int = 0
 
-    def admit(self, name: str, kind: MemberKind, size: int) -> PurePosixPath | None:
-        """Check one entry before it is written: its path for a file, None for a folder."""
+    def admit(
+        self, name: str, kind: MemberKind, size: int, *, link: str | None = None
+    ) -> PurePosixPath | None:
+        """Check one entry before it is written: its path for a file, None for a folder.
+        ``link``: where a link member points, in archive terms (it is refused either way; the
+        reason says whether it escapes)."""
+        if kind == "dir" and is_top_folder(name):
+            return None
         path = member_path(name)
         if kind == "dir":
             return None
         if kind != "file":
+            what: str = "special file" if kind == "other" else kind
+            if link is not None:
+                where = "outside" if link_escapes(name, link, hard=kind == "hardlink") else "inside"
+                what = f"{what} to {link!r} ({where} the {self.limits.of})"
             raise Rejected(
                 RejectCode.UNSAFE_ARCHIVE,
-                f"{name!r} is a {'special file' if kind == 'other' else kind}; "
-                "only regular files and folders are allowed",
+                f"{name!r} is a {what}; only regular files and folders are allowed",
             )
         self.files += 1
         if self.files > self.limits.max_files:
             raise Rejected(
                 RejectCode.TOO_MANY_FILES,
-                f"the dataset has more than {self.limits.max_files} files",
+                f"the {self.limits.of} has more than {self.limits.max_files} files "
+                f"({self.limits.setting('max_files')})",
             )
         self.add_bytes(name, size)
         return path
 
     def add_bytes(self, name: str, size: int) -> None:
         """Account bytes (declared, or actually written: headers can lie)."""
-        if size > self.limits.max_file_bytes:
+        limits = self.limits
+        if size > limits.max_file_bytes:
             raise Rejected(
                 RejectCode.TOO_LARGE,
-                f"{name!r} is larger than {self.limits.max_file_bytes} bytes",
+                f"{name!r} is larger than {limits.max_file_bytes} bytes "
+                f"({limits.setting('max_file_bytes')})",
             )
         self.bytes += size
-        if self.bytes > self.limits.max_bytes:
+        if self.bytes > limits.max_bytes:
             raise Rejected(
-                RejectCode.TOO_LARGE, f"the dataset is larger than {self.limits.max_bytes} bytes"
+                RejectCode.TOO_LARGE,
+                f"the {limits.of} is larger than {limits.max_bytes} bytes "
+                f"({limits.setting('max_bytes')})",
             )
         if self.packed_bytes is None:
             return
-        ratio_cap = max(self.packed_bytes, 1) * self.limits.max_compression_ratio
+        ratio_cap = max(self.packed_bytes, 1) * limits.max_compression_ratio
         if self.bytes > ratio_cap and self.bytes > 1 << 20:
             raise Rejected(
                 RejectCode.TOO_LARGE,
-                f"archive expands more than {self.limits.max_compression_ratio:g}x "
-                f"({self.packed_bytes} packed bytes): refused as a decompression bomb",
+                f"archive expands more than {limits.max_compression_ratio:g}x "
+                f"({self.packed_bytes} packed bytes): refused as a decompression bomb "
+                f"({limits.setting('max_compression_ratio')})",
             )
 
 
@@ -304,3 +362,84 @@ class Manifest(BaseModel):
     source: str
     created: datetime
     request_id: str | None = None
+
+
+# --- a pipeline's dataset named by a staged version ------------------------------------------
+
+SHOWN_VERSIONS = 8
+
+
+def staged_source(version: str | None) -> str:
+    """What a pipeline that names a staged version asked for, as requests and
+    ``dataset.rejected`` record a source."""
+    return f"staged:{version or 'newest'}"
+
+
+def choose_version(name: str, wanted: str | None, staged: Sequence[tuple[str, datetime]]) -> str:
+    """The version of dataset ``name`` a pipeline names: ``wanted`` when it is among the
+    ``staged`` (version, created) pairs, or without one the newest of them (by ``created``);
+    :class:`Rejected` (unknown_version) when there is no such version."""
+    newest_first = sorted(staged, key=lambda pair: (pair[1], pair[0]), reverse=True)
+    versions = [version for version, _ in newest_first]
+    if wanted is not None and wanted in versions:
+        return wanted
+    stage_one = "stage one first (POST /v1/datasets, or give the spec a source)"
+    if not versions:
+        nothing = f"no version of dataset {name!r} is staged yet: {stage_one}"
+        if wanted is not None:
+            nothing = f"dataset {name!r} has no version {wanted!r}: {nothing}"
+        raise Rejected(RejectCode.UNKNOWN_VERSION, nothing)
+    if wanted is None:
+        return versions[0]
+    shown = ", ".join(versions[:SHOWN_VERSIONS])
+    more = f", and {len(versions) - SHOWN_VERSIONS} older" if len(versions) > SHOWN_VERSIONS else ""
+    raise Rejected(
+        RejectCode.UNKNOWN_VERSION,
+        f"dataset {name!r} has no version {wanted!r} (staged versions, newest first: "
+        f"{shown}{more})",
+    )
+
+
+# --- workspaces -------------------------------------------------------------------------------
+
+WORKSPACE_ARCHIVE = "workspace.tar"
+GZIP_TYPES = frozenset({"application/gzip", "application/x-gzip", "application/x-tgz"})
+TAR_MEMBER_OVERHEAD = 8 << 10
+"""Generous bytes a tar spends per file beyond its data: a header and a long-name (pax)
+record for the file and for a folder of its own, plus the padding of each to 512 bytes."""
+TAR_SLACK = 1 << 20
+
+
+def workspace_archive_name(filename: str | None, content_type: str) -> PurePosixPath:
+    """The name to keep an uploaded workspace archive under while it is unpacked: the
+    ``filename`` given (which must name an archive), or one the content type suggests."""
+    if filename:
+        name = PurePosixPath(file_name_from_url("/" + filename))
+        if archive_kind(name.name) is None:
+            raise Rejected(
+                RejectCode.BAD_REQUEST,
+                f"{filename!r} is not an archive name: send the workspace as a .tar, .tar.gz "
+                "or .tgz (or a .zip)",
+            )
+        return name
+    if content_type.lower() in GZIP_TYPES:
+        return PurePosixPath(f"{WORKSPACE_ARCHIVE}.gz")
+    return PurePosixPath(WORKSPACE_ARCHIVE)
+
+
+def packed_limits(limits: Limits) -> Limits:
+    """Caps on an uploaded workspace archive itself, before it is unpacked: as large as any
+    workspace within ``limits`` can pack to (unpacked, ``limits`` holds exactly)."""
+    cap = limits.max_bytes + limits.max_files * TAR_MEMBER_OVERHEAD + TAR_SLACK
+    return limits.model_copy(update={"max_bytes": cap, "max_file_bytes": cap, "max_files": 1})
+
+
+class WorkspaceManifest(BaseModel):
+    """``manifest.json`` of a staged workspace: its id and every file under ``code/``."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    workspace: str
+    files: list[ManifestFile]
+    size_bytes: int
+    created: datetime

@@ -14,7 +14,14 @@ import structlog
 from prometheus_client import CollectorRegistry, Counter, Histogram
 from pydantic import BaseModel, ConfigDict, JsonValue
 
-from torchrelay.services.ingest.domain import Rejected
+from torchrelay.services.ingest.domain import (
+    Manifest,
+    RejectCode,
+    Rejected,
+    choose_version,
+    expected_format,
+    staged_source,
+)
 from torchrelay.services.ingest.fill import fill_for
 from torchrelay.services.ingest.settings import IngestOptions
 from torchrelay.services.ingest.staging import Fill, StagedVersion, Stager, StageRequest
@@ -29,6 +36,7 @@ from torchrelay.shared.events import (
 )
 from torchrelay.shared.events.data import (
     DatasetRejectedData,
+    DatasetSource,
     DatasetStagedData,
     PipelineRejectedData,
 )
@@ -114,6 +122,11 @@ class IngestMetrics:
             ["code"],
             registry=registry,
         )
+        self.workspaces = Counter(
+            "torchrelay_ingest_staged_workspaces_total",
+            "New workspaces staged (the same files again are not counted).",
+            registry=registry,
+        )
 
 
 Outcome = DatasetStaged | DatasetRejected
@@ -139,7 +152,7 @@ class Ingestor:
         self.pipelines: Store[PipelineRecord] = state.store("pipelines", PipelineRecord)
         self.requests: Store[RequestRecord] = state.store("datasets", RequestRecord)
         self._publish = publish
-        self._metrics = metrics
+        self.metrics = metrics
         self._source = source
         self._retain_s = retain_s
         """How long a pipeline that ingest ends (a refused dataset) is kept (None: for good)."""
@@ -181,10 +194,16 @@ class Ingestor:
                 raise TransientError(
                     f"pipeline {pipeline_id} was created meanwhile", delay_s=0
                 ) from exc
-        source = spec.dataset
+        dataset = spec.dataset
+        request_id = f"{pipeline_id}.dataset"
         await record_stage(self.pipelines, pipeline_id, "ingest", "running", datetime.now(UTC))
+        if dataset.source is None:
+            await self.use_staged(
+                request_id, dataset, pipeline_id=pipeline_id, causation_id=event.id
+            )
+            return
         await self.ingest(
-            StageRequest(f"{pipeline_id}.dataset", source.name, source.source, source.format),
+            StageRequest(request_id, dataset.name, dataset.source, dataset.format),
             pipeline_id=pipeline_id,
             causation_id=event.id,
         )
@@ -220,11 +239,8 @@ class Ingestor:
         causation_id: str | None = None,
     ) -> Outcome:
         """Stage (or recall) a request's dataset, record it, publish and return the outcome."""
-        previous = await self.requests.get(request_key(request.request_id))
-        if previous is not None:
-            outcome = self._outcome_of(previous.value, causation_id)
-            await self._publish(outcome)
-            return outcome
+        if (recalled := await self._recall(request.request_id, causation_id)) is not None:
+            return recalled
         try:
             staged = await self.stager.stage(
                 request, fill or fill_for(request.source, self.options)
@@ -232,6 +248,57 @@ class Ingestor:
         except Rejected as rejected:
             return await self._reject(request, rejected, pipeline_id, causation_id)
         return await self._record(request, staged, pipeline_id, causation_id)
+
+    async def use_staged(
+        self,
+        request_id: str,
+        dataset: DatasetSource,
+        *,
+        pipeline_id: str | None = None,
+        causation_id: str | None = None,
+    ) -> Outcome:
+        """A dataset named by a staged version (``dataset.version``, or the newest of
+        ``dataset.name``): the same outcome as staging that content again would have, with
+        nothing staged; ``unknown_version`` when there is no such version."""
+        if (recalled := await self._recall(request_id, causation_id)) is not None:
+            return recalled
+        request = StageRequest(
+            request_id, dataset.name, staged_source(dataset.version), dataset.format
+        )
+        try:
+            version = choose_version(
+                dataset.name, dataset.version, await self._staged_versions(dataset.name)
+            )
+            manifest = self.stager.read_manifest(dataset.name, version)
+            if manifest is None:
+                raise Rejected(  # noqa: TRY301 - refused like any other unknown version
+                    RejectCode.UNKNOWN_VERSION,
+                    f"version {version!r} of dataset {dataset.name!r} vanished from storage "
+                    "while it was chosen: stage it again",
+                )
+            expected_format(dataset.format, manifest.format)
+        except Rejected as rejected:
+            return await self._reject(request, rejected, pipeline_id, causation_id)
+        log.info("dataset.chosen", name=dataset.name, version=version, asked=dataset.version)
+        return await self._record_outcome(request, manifest, pipeline_id, causation_id)
+
+    async def _recall(self, request_id: str, causation_id: str | None) -> Outcome | None:
+        """A request that already has an outcome gets it again (the same event id: the stream
+        stores it once); None for a new one."""
+        previous = await self.requests.get(request_key(request_id))
+        if previous is None:
+            return None
+        outcome = self._outcome_of(previous.value, causation_id)
+        await self._publish(outcome)
+        return outcome
+
+    async def _staged_versions(self, name: str) -> list[tuple[str, datetime]]:
+        """The versions of ``name`` that are recorded and whose folder is on storage."""
+        return [
+            (item.value.version, item.value.created)
+            for item in await self.versions.items(f"{VERSIONS}.{key_part(name)}")
+            if self.stager.layout.manifest(name, item.value.version).is_file()
+        ]
 
     async def _record(
         self,
@@ -257,6 +324,29 @@ class Ingestor:
                 )
             ),
         )
+        if staged.created:
+            self.metrics.bytes.inc(manifest.size_bytes)
+            self.metrics.files.inc(len(manifest.files))
+        self.metrics.seconds.observe(staged.seconds)
+        log.info(
+            "dataset.staged",
+            name=manifest.name,
+            version=manifest.version,
+            files=len(manifest.files),
+            size_bytes=manifest.size_bytes,
+            new=staged.created,
+            seconds=round(staged.seconds, 3),
+        )
+        return await self._record_outcome(request, manifest, pipeline_id, causation_id)
+
+    async def _record_outcome(
+        self,
+        request: StageRequest,
+        manifest: Manifest,
+        pipeline_id: str | None,
+        causation_id: str | None,
+    ) -> Outcome:
+        """Record a request's staged version, publish ``dataset.staged``, end the stage."""
         record = RequestRecord(
             request_id=request.request_id,
             name=request.name,
@@ -267,19 +357,6 @@ class Ingestor:
             updated=datetime.now(UTC),
         )
         await self.requests.put(request_key(request.request_id), record)
-        if staged.created:
-            self._metrics.bytes.inc(manifest.size_bytes)
-            self._metrics.files.inc(len(manifest.files))
-        self._metrics.seconds.observe(staged.seconds)
-        log.info(
-            "dataset.staged",
-            name=manifest.name,
-            version=manifest.version,
-            files=len(manifest.files),
-            size_bytes=manifest.size_bytes,
-            new=staged.created,
-            seconds=round(staged.seconds, 3),
-        )
         outcome = self._outcome_of(record, causation_id)
         await self._publish(outcome)
         if pipeline_id is not None:
@@ -307,7 +384,7 @@ class Ingestor:
             updated=datetime.now(UTC),
         )
         await self.requests.put(request_key(request.request_id), record)
-        self._metrics.rejections.labels(rejected.code.value).inc()
+        self.metrics.rejections.labels(rejected.code.value).inc()
         log.warning(
             "dataset.rejected", name=request.name, code=rejected.code, reason=rejected.reason
         )

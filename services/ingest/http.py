@@ -1,4 +1,5 @@
-"""HTTP API of ingest: stage from a source or an upload, list and inspect datasets."""
+"""HTTP API of ingest: stage from a source or an upload, list and inspect datasets; stage and
+inspect workspaces (a user's training code folder)."""
 
 from __future__ import annotations
 
@@ -7,20 +8,24 @@ import uuid
 from collections.abc import AsyncIterator
 from pathlib import PurePosixPath
 
+import structlog
 from aiohttp import BodyPartReader, web
-from pydantic import ValidationError
+from pydantic import TypeAdapter, ValidationError
 
 from torchrelay.services.ingest.domain import (
     MANIFEST_NAME,
     Budget,
     RejectCode,
+    Rejected,
     file_name_from_url,
+    workspace_archive_name,
 )
 from torchrelay.services.ingest.handlers import VERSIONS, Ingestor, Outcome, version_key
 from torchrelay.services.ingest.sources import Collected, stream_to_file, unpack_if_archive
 from torchrelay.services.ingest.staging import StageRequest
+from torchrelay.services.ingest.workspaces import Workspaces
 from torchrelay.shared.events import DatasetStaged
-from torchrelay.shared.events.data import DatasetIngestRequestedData
+from torchrelay.shared.events.data import DatasetIngestRequestedData, WorkspaceId
 from torchrelay.shared.runtime.http import json_error
 from torchrelay.shared.state import key_part
 
@@ -37,11 +42,14 @@ STATUS = {
     RejectCode.CORRUPT: 422,
     RejectCode.INVALID_DATA: 422,
     RejectCode.UNKNOWN_FORMAT: 422,
+    RejectCode.UNKNOWN_VERSION: 404,
 }
 UPLOAD_CHUNK_BYTES = 1 << 20
+_WORKSPACE_ID: TypeAdapter[str] = TypeAdapter(WorkspaceId)
+log = structlog.get_logger("torchrelay.ingest")
 
 
-def routes(ingestor: Ingestor) -> list[web.RouteDef]:
+def routes(ingestor: Ingestor, workspaces: Workspaces) -> list[web.RouteDef]:
     async def create(request: web.Request) -> web.Response:
         if request.content_type == "application/json":
             return await _from_source(request, ingestor)
@@ -80,11 +88,59 @@ def routes(ingestor: Ingestor) -> list[web.RouteDef]:
             }
         )
 
+    async def create_workspace(request: web.Request) -> web.Response:
+        """A tar archive of the folder's contents, sent raw (``?filename=`` optional)."""
+        try:
+            archive = workspace_archive_name(request.query.get("filename"), request.content_type)
+            staged = await workspaces.stage(
+                request.content.iter_chunked(UPLOAD_CHUNK_BYTES), archive
+            )
+        except Rejected as rejected:
+            log.warning("workspace.rejected", code=rejected.code, reason=rejected.reason)
+            return json_error(STATUS[rejected.code], rejected.reason, code=rejected.code.value)
+        manifest = staged.manifest
+        if staged.created:
+            ingestor.metrics.workspaces.inc()
+        log.info(
+            "workspace.staged",
+            workspace=manifest.workspace,
+            files=len(manifest.files),
+            size_bytes=manifest.size_bytes,
+            new=staged.created,
+        )
+        return web.json_response(
+            {
+                "workspace": manifest.workspace,
+                "path": staged.path,
+                "files": len(manifest.files),
+                "size_bytes": manifest.size_bytes,
+                "created": staged.created,
+            },
+            status=201,
+        )
+
+    async def show_workspace(request: web.Request) -> web.Response:
+        workspace_id = request.match_info["workspace"]
+        try:
+            _WORKSPACE_ID.validate_python(workspace_id)
+        except ValidationError:
+            return json_error(
+                400,
+                f"{workspace_id!r} is not a workspace id (16 lowercase hex digits)",
+                code=RejectCode.BAD_REQUEST.value,
+            )
+        manifest = workspaces.read_manifest(workspace_id)
+        if manifest is None:
+            return json_error(404, f"no workspace {workspace_id!r} is staged")
+        return web.json_response(manifest.model_dump(mode="json"))
+
     return [
         web.post("/v1/datasets", create),
         web.get("/v1/datasets", list_datasets),
         web.get("/v1/datasets/{name}", show_dataset),
         web.get("/v1/datasets/{name}/{version}", show_version),
+        web.post("/v1/workspaces", create_workspace),
+        web.get("/v1/workspaces/{workspace}", show_workspace),
     ]
 
 

@@ -13,6 +13,7 @@ from torchrelay.services.ingest.handlers import IngestMetrics, Ingestor
 from torchrelay.services.ingest.http import routes
 from torchrelay.services.ingest.settings import IngestSettings
 from torchrelay.services.ingest.staging import Stager
+from torchrelay.services.ingest.workspaces import Workspaces
 from torchrelay.shared.bus import Subscription
 from torchrelay.shared.events import DatasetIngestRequested, PipelineSubmitted
 from torchrelay.shared.runtime import Platform, Service, service_main
@@ -27,6 +28,8 @@ async def build(platform: Platform[IngestSettings]) -> AsyncIterator[Service]:
     options = platform.settings.ingest
     stager = Stager(platform.settings.storage_root, options.limits())
     stager.datasets.mkdir(parents=True, exist_ok=True)
+    workspaces = Workspaces(platform.settings.storage_root, options.workspace_limits())
+    workspaces.root.mkdir(parents=True, exist_ok=True)
     ingestor = Ingestor(
         stager=stager,
         options=options,
@@ -40,9 +43,13 @@ async def build(platform: Platform[IngestSettings]) -> AsyncIterator[Service]:
     async def sweep(stop: asyncio.Event) -> None:
         """Remove staging leftovers of crashed writers, at start and every few minutes."""
         while not stop.is_set():
-            removed = await asyncio.to_thread(
-                clean_temporaries, stager.datasets, older_than_s=options.temp_stale_s
-            )
+            removed = [
+                path
+                for root in (stager.datasets, workspaces.root)
+                for path in await asyncio.to_thread(
+                    clean_temporaries, root, older_than_s=options.temp_stale_s
+                )
+            ]
             if removed:
                 log.info("ingest.cleaned_temporaries", paths=[str(p) for p in removed])
             with contextlib.suppress(TimeoutError):
@@ -70,7 +77,7 @@ async def build(platform: Platform[IngestSettings]) -> AsyncIterator[Service]:
                 ack_wait_s=60.0,
             ),
         ],
-        routes=routes(ingestor),
+        routes=routes(ingestor, workspaces),
         background=[sweep],
     )
 

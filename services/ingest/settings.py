@@ -37,6 +37,12 @@ class IngestOptions(Group):
     max_files: int = Field(default=Limits().max_files, gt=0, description="Per dataset.")
     max_file_bytes: int = Field(default=Limits().max_file_bytes, gt=0, description="Per file.")
     max_compression_ratio: float = Field(default=Limits().max_compression_ratio, gt=1)
+    max_workspace_bytes: int = Field(
+        default=64 << 20,
+        gt=0,
+        description="Per workspace (a user's training code folder), bytes unpacked.",
+    )
+    max_workspace_files: int = Field(default=10_000, gt=0, description="Per workspace.")
     temp_stale_s: float = Field(
         default=900.0,
         gt=0,
@@ -55,6 +61,16 @@ class IngestOptions(Group):
             max_bytes=self.max_bytes,
             max_files=self.max_files,
             max_file_bytes=self.max_file_bytes,
+            max_compression_ratio=self.max_compression_ratio,
+        )
+
+    def workspace_limits(self) -> Limits:
+        """A workspace has no cap per file of its own: one file may fill it."""
+        return Limits(
+            of="workspace",
+            max_bytes=self.max_workspace_bytes,
+            max_files=self.max_workspace_files,
+            max_file_bytes=self.max_workspace_bytes,
             max_compression_ratio=self.max_compression_ratio,
         )
 

@@ -155,6 +155,19 @@ def extract_archive(archive: Path, collected: Collected, budget: Budget) -> None
         ) from exc
 
 
+def is_archive(path: Path) -> bool:
+    """Whether ``path`` opens as the kind of archive its name says (its first member reads)."""
+    kind = archive_kind(path.name)
+    try:
+        if kind == "tar":
+            return tarfile.is_tarfile(path)
+        if kind == "zip":
+            return zipfile.is_zipfile(path)
+    except (OSError, EOFError, zlib.error, tarfile.TarError):
+        return False
+    return False
+
+
 def _tar_kind(member: tarfile.TarInfo) -> MemberKind:
     kinds: tuple[tuple[bool, MemberKind], ...] = (
         (member.isreg(), "file"),
@@ -170,7 +183,8 @@ def _tar_kind(member: tarfile.TarInfo) -> MemberKind:
 def _extract_tar(archive: Path, collected: Collected, budget: Budget) -> None:
     with tarfile.open(archive, mode="r:*") as tar:
         for member in tar:
-            relative = budget.admit(member.name, _tar_kind(member), member.size)
+            link = member.linkname if member.issym() or member.islnk() else None
+            relative = budget.admit(member.name, _tar_kind(member), member.size, link=link)
             if relative is None:
                 continue
             handle = tar.extractfile(member)
@@ -238,7 +252,13 @@ async def stream_to_file(
     budget.admit(str(relative), "file", 0)
     target = collected.root / relative
     target.parent.mkdir(parents=True, exist_ok=True)
-    cap = min(budget.limits.max_file_bytes, budget.limits.max_bytes - budget.bytes)
+    limits = budget.limits
+    room = limits.max_bytes - budget.bytes
+    cap, setting = (
+        (limits.max_file_bytes, limits.setting("max_file_bytes"))
+        if limits.max_file_bytes <= room
+        else (room, limits.setting("max_bytes"))
+    )
     digest = hashlib.sha256()
     size = 0
     fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
@@ -248,7 +268,8 @@ async def stream_to_file(
                 size += len(chunk)
                 if size > cap:
                     raise Rejected(  # noqa: TRY301 - the except below removes the partial file
-                        RejectCode.TOO_LARGE, f"{relative} is larger than the cap of {cap} bytes"
+                        RejectCode.TOO_LARGE,
+                        f"{relative} is larger than the cap of {cap} bytes ({setting})",
                     )
                 digest.update(chunk)
                 out.write(chunk)
@@ -282,6 +303,7 @@ __all__ = [
     "Collected",
     "copy_local",
     "extract_archive",
+    "is_archive",
     "member_path",
     "resolve_source_path",
     "stream_to_file",

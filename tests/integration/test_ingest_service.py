@@ -5,10 +5,12 @@ from __future__ import annotations
 import io
 import json
 import os
+import tarfile
 import time
 from collections.abc import AsyncIterator, Iterator
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 import numpy as np
@@ -28,6 +30,7 @@ from torchrelay.shared.events import (
 )
 from torchrelay.shared.events.data import (
     DatasetIngestRequestedData,
+    DatasetSource,
     PipelineSpec,
     PipelineSubmittedData,
 )
@@ -45,8 +48,7 @@ async def bus_and_watcher(nats_url: str) -> AsyncIterator[tuple[JetStreamBus, Wa
         yield pair
 
 
-@pytest.fixture
-def ingest(nats_url: str, tmp_path: Path) -> Iterator[tuple[ServiceProcess, Path, Path]]:
+def ingest_process(nats_url: str, tmp_path: Path, **env: str) -> tuple[ServiceProcess, Path, Path]:
     sources = tmp_path / "sources"
     sources.mkdir()
     storage = tmp_path / "storage"
@@ -58,7 +60,29 @@ def ingest(nats_url: str, tmp_path: Path) -> Iterator[tuple[ServiceProcess, Path
             "TORCHRELAY_INGEST_ALLOWED_ROOTS": str(sources),
             "TORCHRELAY_SHUTDOWN_GRACE_S": "5",
             "TORCHRELAY_SHUTDOWN_DEADLINE_S": "10",
+            **env,
         },
+    )
+    return process, sources, storage
+
+
+@pytest.fixture
+def ingest(nats_url: str, tmp_path: Path) -> Iterator[tuple[ServiceProcess, Path, Path]]:
+    process, sources, storage = ingest_process(nats_url, tmp_path)
+    yield process, sources, storage
+    process.stop()
+
+
+@pytest.fixture
+def ingest_small_workspaces(
+    nats_url: str, tmp_path: Path
+) -> Iterator[tuple[ServiceProcess, Path, Path]]:
+    """Ingest that takes workspaces of at most 1000 bytes and 3 files."""
+    process, sources, storage = ingest_process(
+        nats_url,
+        tmp_path,
+        TORCHRELAY_INGEST_MAX_WORKSPACE_BYTES="1000",
+        TORCHRELAY_INGEST_MAX_WORKSPACE_FILES="3",
     )
     yield process, sources, storage
     process.stop()
@@ -231,8 +255,15 @@ async def test_staging_leftovers_of_a_crash_are_cleaned_at_start(
         os.utime(path, (old, old))
     in_progress = storage / "datasets" / "digits" / ".tmp-version.ba9876543210"
     in_progress.mkdir()
+    crashed_workspace = storage / "workspaces" / ".tmp-workspace.0123456789ab"
+    (crashed_workspace / "code").mkdir(parents=True)
+    (crashed_workspace / "code" / "train.py").write_bytes(b"def tra")
+    for path in (crashed_workspace / "code" / "train.py", crashed_workspace / "code"):
+        os.utime(path, (old, old))
+    os.utime(crashed_workspace, (old, old))
     await process.wait_ready()
     await assert_eventually(lambda: not crashed.exists(), timeout_s=10)
+    await assert_eventually(lambda: not crashed_workspace.exists(), timeout_s=10)
     assert in_progress.exists(), "a fresh staging folder may belong to another replica"
 
 
@@ -366,3 +397,220 @@ async def test_a_redelivered_submission_whose_record_exists_still_stages_the_dat
     assert staged.pipelineid == "nightly-7"
 
     await ingest_ended(pipelines, "nightly-7")
+
+
+async def test_a_pipeline_can_name_a_staged_version_or_take_the_newest(
+    bus_and_watcher: tuple[JetStreamBus, Watcher], ingest: tuple[ServiceProcess, Path, Path]
+) -> None:
+    bus, watcher = bus_and_watcher
+    process, _, _ = ingest
+    port = await process.wait_ready()
+    older = await upload_csv(port, "blobs", "x,y\n1,2\n")
+    newest = await upload_csv(port, "blobs", "x,y\n3,4\n")
+    pipelines = await pipelines_of(bus)
+
+    await bus.publish(named_pipeline("p-older", name="blobs", version=older["version"]))
+    await bus.publish(named_pipeline("p-newest", name="blobs"))
+
+    for pipeline_id, chosen in (("p-older", older), ("p-newest", newest)):
+        staged = await watcher.one(DatasetStaged, request_id=f"{pipeline_id}.dataset")
+        assert staged.pipelineid == pipeline_id
+        assert staged.data.model_dump(exclude={"request_id"}) == {
+            k: v for k, v in chosen.items() if k != "request_id"
+        }, "the same data as the staging of that content"
+        await ingest_ended(pipelines, pipeline_id)
+        stage = (await stored(pipelines, pipeline_id)).value.stages["ingest"]
+        assert stage.detail == {"dataset": "blobs", "version": chosen["version"]}
+    assert watcher.of(DatasetRejected) == []
+
+
+async def test_a_pipeline_naming_no_staged_version_fails_its_ingest_stage_with_the_reason(
+    bus_and_watcher: tuple[JetStreamBus, Watcher], ingest: tuple[ServiceProcess, Path, Path]
+) -> None:
+    bus, watcher = bus_and_watcher
+    process, _, _ = ingest
+    port = await process.wait_ready()
+    staged = await upload_csv(port, "blobs", "x,y\n1,2\n")
+    pipelines = await pipelines_of(bus)
+
+    await bus.publish(named_pipeline("p-abc", name="blobs", version="abc"))
+    await bus.publish(named_pipeline("p-nothing", name="nothing"))
+
+    expected = {
+        "p-abc": "dataset 'blobs' has no version 'abc' "
+        f"(staged versions, newest first: {staged['version']})",
+        "p-nothing": "no version of dataset 'nothing' is staged yet: stage one first "
+        "(POST /v1/datasets, or give the spec a source)",
+    }
+    for pipeline_id, reason in expected.items():
+        rejected = await watcher.one(DatasetRejected, request_id=f"{pipeline_id}.dataset")
+        assert (rejected.pipelineid, rejected.data.code) == (pipeline_id, "unknown_version")
+        assert rejected.data.reason == reason
+
+        async def failed(pipeline_id: str = pipeline_id) -> bool:
+            return (await stored(pipelines, pipeline_id)).value.status == "failed"
+
+        await assert_eventually(failed, timeout_s=30)
+        stage = (await stored(pipelines, pipeline_id)).value.stages["ingest"]
+        assert (stage.status, stage.reason) == ("failed", f"unknown_version: {reason}")
+    metrics = await _metrics(process)
+    assert 'torchrelay_ingest_rejections_total{code="unknown_version"} 2.0' in metrics
+
+
+def named_pipeline(pipeline_id: str, **dataset: str) -> PipelineSubmitted:
+    spec = SPEC.model_copy(update={"dataset": DatasetSource.model_validate(dataset)})
+    return submitted(spec, pipeline_id)
+
+
+async def upload_csv(port: int, name: str, text: str) -> dict[str, Any]:
+    """Stage a csv as a version of ``name`` through the HTTP API; the dataset.staged data."""
+    url = f"http://127.0.0.1:{port}/v1/datasets"
+    params = {"name": name, "filename": "table.csv"}
+    async with aiohttp.ClientSession() as http, http.post(url, params=params, data=text) as r:
+        assert r.status == 201, await r.text()
+        staged: dict[str, Any] = await r.json()
+    return staged
+
+
+# --- workspaces ---------------------------------------------------------------------------------
+
+CODE = {"train.py": b"def train(ctx):\n    pass\n", "pkg/__init__.py": b"X = 1\n"}
+
+
+def tar_of(files: dict[str, bytes], *extra: tarfile.TarInfo, compress: bool = False) -> bytes:
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w:gz" if compress else "w") as tar:
+        for name, data in files.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+        for member in extra:
+            tar.addfile(member, io.BytesIO(b"x" * member.size) if member.isreg() else None)
+    return buffer.getvalue()
+
+
+def tar_member(name: str, kind: bytes = tarfile.REGTYPE, linkname: str = "") -> tarfile.TarInfo:
+    info = tarfile.TarInfo(name)
+    info.type = kind
+    info.linkname = linkname
+    info.size = 1 if kind == tarfile.REGTYPE else 0
+    return info
+
+
+def workspace_files(storage: Path) -> list[Path]:
+    root = storage / "workspaces"
+    return sorted(root.rglob("*")) if root.exists() else []
+
+
+async def test_the_http_api_stages_workspaces_by_content(
+    ingest: tuple[ServiceProcess, Path, Path],
+) -> None:
+    process, _, storage = ingest
+    port = await process.wait_ready()
+    base = f"http://127.0.0.1:{port}/v1/workspaces"
+    gzip_type = {"Content-Type": "application/gzip"}
+    tar_type = {"Content-Type": "application/x-tar"}
+    async with aiohttp.ClientSession() as http:
+        async with http.post(
+            base, params={"filename": "ws.tar.gz"}, data=tar_of(CODE, compress=True)
+        ) as r:
+            assert r.status == 201, await r.text()
+            first = await r.json()
+        async with http.post(base, data=tar_of(CODE), headers=tar_type) as r:
+            assert r.status == 201, await r.text()
+            again = await r.json()
+        changed = {**CODE, "train.py": b"def train(ctx):\n    return 1\n"}
+        async with http.post(base, data=tar_of(changed, compress=True), headers=gzip_type) as r:
+            assert r.status == 201, await r.text()
+            other = await r.json()
+        async with http.get(f"{base}/{first['workspace']}") as r:
+            assert r.status == 200
+            manifest = await r.json()
+        async with http.get(f"{base}/0123456789abcdef") as r:
+            assert r.status == 404
+            assert "no workspace '0123456789abcdef'" in (await r.json())["error"]
+        async with http.get(f"{base}/not-an-id") as r:
+            assert r.status == 400
+            assert (await r.json())["code"] == "bad_request"
+
+    workspace = first["workspace"]
+    assert first == {
+        "workspace": workspace,
+        "path": f"workspaces/{workspace}",
+        "files": 2,
+        "size_bytes": sum(len(data) for data in CODE.values()),
+        "created": True,
+    }
+    assert again == {**first, "created": False}, "the same files: the same workspace"
+    assert other["workspace"] != workspace
+    for name, data in CODE.items():
+        assert (storage / "workspaces" / workspace / "code" / name).read_bytes() == data
+    on_disk = json.loads((storage / "workspaces" / workspace / "manifest.json").read_text())
+    assert manifest == on_disk
+    assert [f["path"] for f in manifest["files"]] == ["code/pkg/__init__.py", "code/train.py"]
+    assert sorted(p.name for p in (storage / "workspaces").iterdir()) == sorted(
+        [workspace, other["workspace"]]
+    )
+    assert "torchrelay_ingest_staged_workspaces_total 2.0" in await _metrics(process)
+
+
+async def test_bad_workspace_uploads_get_a_4xx_with_a_json_reason_and_leave_nothing(
+    ingest_small_workspaces: tuple[ServiceProcess, Path, Path],
+) -> None:
+    process, _, storage = ingest_small_workspaces
+    port = await process.wait_ready()
+    url = f"http://127.0.0.1:{port}/v1/workspaces"
+    cases: list[tuple[str, bytes, dict[str, str], int, str, str]] = [
+        ("not an archive", b"print('hi')\n" * 50, {}, 400, "bad_request", "not a tar archive"),
+        ("an empty body", b"", {}, 400, "bad_request", "the body is empty"),
+        ("a file name", tar_of(CODE), {"filename": "t.py"}, 400, "bad_request", "not an archive"),
+        (
+            "no files",
+            tar_of({}, tar_member("src", tarfile.DIRTYPE)),
+            {},
+            400,
+            "bad_request",
+            "holds no files",
+        ),
+        (
+            "an escaping link",
+            tar_of(CODE, tar_member("keys", tarfile.SYMTYPE, "../../../root/.ssh")),
+            {},
+            422,
+            "unsafe_archive",
+            "'keys' is a symlink to '../../../root/.ssh' (outside the workspace)",
+        ),
+        (
+            "a ../ member",
+            tar_of(CODE, tar_member("../evil.py")),
+            {},
+            422,
+            "unsafe_archive",
+            "climbs out with '..'",
+        ),
+        (
+            "too many bytes",
+            tar_of({"big.py": b"#" * 1001}),
+            {},
+            413,
+            "too_large",
+            "TORCHRELAY_INGEST_MAX_WORKSPACE_BYTES",
+        ),
+        (
+            "too many files",
+            tar_of({f"m{i}.py": b"" for i in range(4)}),
+            {},
+            413,
+            "too_many_files",
+            "more than 3 files (TORCHRELAY_INGEST_MAX_WORKSPACE_FILES)",
+        ),
+    ]
+    async with aiohttp.ClientSession() as http:
+        for case, body, params, status, code, reason in cases:
+            async with http.post(url, data=body, params=params) as r:
+                answer = await r.json()
+                assert (r.status, answer.get("code")) == (status, code), (case, answer)
+            assert reason in answer["error"], case
+            assert workspace_files(storage) == [], f"{case} left files behind"
+    assert not (storage / "evil.py").exists()
+    assert len(process.logged("workspace.rejected")) == len(cases)

@@ -1,8 +1,10 @@
-"""Ingest's pure rules: archive member names, budgets, URL policy, versions, formats."""
+"""Ingest's pure rules: archive member names, budgets, URL policy, versions, formats, which
+staged version a pipeline names, and what a workspace upload may be."""
 
 from __future__ import annotations
 
 import ipaddress
+from datetime import UTC, datetime, timedelta
 from pathlib import PurePosixPath
 
 import pytest
@@ -14,13 +16,19 @@ from torchrelay.services.ingest.domain import (
     Rejected,
     address_allowed,
     check_url,
+    choose_version,
     classify_source,
     detect_format,
     expected_format,
     file_name_from_url,
+    link_escapes,
     member_path,
+    packed_limits,
+    staged_source,
     version_id,
+    workspace_archive_name,
 )
+from torchrelay.services.ingest.settings import IngestSettings
 
 
 @pytest.mark.parametrize(
@@ -191,3 +199,160 @@ def test_sources_are_classified() -> None:
     with pytest.raises(Rejected) as scheme:
         classify_source("s3://bucket/key")
     assert scheme.value.code is RejectCode.UNSUPPORTED_SOURCE
+
+
+# --- archives made from a folder's top, and links -------------------------------------------
+
+
+@pytest.mark.parametrize("name", [".", "./", "././"])
+def test_the_top_folder_of_an_archive_is_admitted_as_nothing(name: str) -> None:
+    """``tar -C folder -cf - .`` starts with a ``./`` member: the folder itself, not a name."""
+    assert Budget(Limits()).admit(name, "dir", 0) is None
+    with pytest.raises(Rejected) as info:
+        Budget(Limits()).admit(name, "file", 1)
+    assert info.value.code is RejectCode.UNSAFE_ARCHIVE
+
+
+@pytest.mark.parametrize(
+    ("name", "target", "hard", "escapes"),
+    [
+        ("link", "/etc/passwd", False, True),
+        ("link", "../secret", False, True),
+        ("a/b/link", "../../../secret", False, True),
+        ("a/b/link", "../../ok.py", False, False),
+        ("a/link", "sibling.py", False, False),
+        ("a/link", "C:/x", False, True),
+        ("a/link", "", False, True),
+        ("a/hard", "b.py", True, False),
+        ("a/hard", "../b.py", True, True),
+    ],
+)
+def test_a_link_escapes_when_its_target_lands_outside_the_folder(
+    name: str, target: str, hard: bool, escapes: bool
+) -> None:
+    assert link_escapes(name, target, hard=hard) is escapes
+
+
+def test_a_link_is_refused_with_where_it_points() -> None:
+    budget = Budget(Limits(of="workspace"))
+    with pytest.raises(Rejected) as outside:
+        budget.admit("src/conf", "symlink", 0, link="../../home/user/.ssh/id_rsa")
+    assert outside.value.code is RejectCode.UNSAFE_ARCHIVE
+    assert outside.value.reason == (
+        "'src/conf' is a symlink to '../../home/user/.ssh/id_rsa' (outside the workspace); "
+        "only regular files and folders are allowed"
+    )
+    with pytest.raises(Rejected, match=r"symlink to 'b.py' \(inside the workspace\)"):
+        budget.admit("src/a.py", "symlink", 0, link="b.py")
+
+
+# --- caps name the setting to raise -----------------------------------------------------------
+
+
+def test_workspace_caps_name_their_settings() -> None:
+    limits = Limits(of="workspace", max_bytes=100, max_files=2, max_file_bytes=100)
+    budget = Budget(limits)
+    budget.admit("a.py", "file", 60)
+    with pytest.raises(Rejected) as too_large:
+        budget.admit("b.py", "file", 60)
+    assert too_large.value.code is RejectCode.TOO_LARGE
+    assert too_large.value.reason == (
+        "the workspace is larger than 100 bytes (TORCHRELAY_INGEST_MAX_WORKSPACE_BYTES)"
+    )
+    budget = Budget(limits)
+    budget.admit("a.py", "file", 1)
+    budget.admit("b.py", "file", 1)
+    with pytest.raises(Rejected) as too_many:
+        budget.admit("c.py", "file", 1)
+    assert too_many.value.code is RejectCode.TOO_MANY_FILES
+    assert "more than 2 files (TORCHRELAY_INGEST_MAX_WORKSPACE_FILES)" in too_many.value.reason
+
+
+def test_dataset_caps_name_theirs() -> None:
+    with pytest.raises(Rejected, match=r"\(TORCHRELAY_INGEST_MAX_FILE_BYTES\)"):
+        Budget(Limits(max_file_bytes=10)).admit("a.csv", "file", 11)
+    with pytest.raises(Rejected, match=r"the dataset is larger .* \(TORCHRELAY_INGEST_MAX_BYTES\)"):
+        Budget(Limits(max_bytes=10, max_file_bytes=100)).add_bytes("a.csv", 11)
+
+
+def test_workspace_settings_come_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("TORCHRELAY_INGEST_MAX_WORKSPACE_BYTES", "1000")
+    monkeypatch.setenv("TORCHRELAY_INGEST_MAX_WORKSPACE_FILES", "3")
+    limits = IngestSettings().ingest.workspace_limits()
+    assert (limits.of, limits.max_bytes, limits.max_files) == ("workspace", 1000, 3)
+    assert limits.max_file_bytes == 1000, "one file may fill a workspace"
+    defaults = IngestSettings.model_fields["ingest"].default.workspace_limits()
+    assert (defaults.max_bytes, defaults.max_files) == (64 << 20, 10_000)
+
+
+# --- a pipeline's dataset named by a staged version -------------------------------------------
+
+T0 = datetime(2026, 1, 1, tzinfo=UTC)
+STAGED = [("aaaa", T0), ("cccc", T0 + timedelta(hours=2)), ("bbbb", T0 + timedelta(hours=1))]
+
+
+def test_a_named_version_is_that_version_and_none_is_the_newest() -> None:
+    assert choose_version("blobs", "aaaa", STAGED) == "aaaa"
+    assert choose_version("blobs", None, STAGED) == "cccc"
+    assert staged_source("aaaa") == "staged:aaaa"
+    assert staged_source(None) == "staged:newest"
+
+
+def test_an_unknown_version_lists_the_staged_ones_newest_first() -> None:
+    with pytest.raises(Rejected) as info:
+        choose_version("blobs", "abc", STAGED)
+    assert info.value.code is RejectCode.UNKNOWN_VERSION
+    assert info.value.reason == (
+        "dataset 'blobs' has no version 'abc' (staged versions, newest first: cccc, bbbb, aaaa)"
+    )
+    many = [(f"v{index:02d}", T0 + timedelta(minutes=index)) for index in range(11)]
+    with pytest.raises(Rejected, match=r"first: v10, v09, .*, v03, and 3 older\)$"):
+        choose_version("blobs", "abc", many)
+
+
+def test_a_dataset_with_no_staged_version_says_how_to_stage_one() -> None:
+    with pytest.raises(Rejected) as newest:
+        choose_version("blobs", None, [])
+    assert newest.value.code is RejectCode.UNKNOWN_VERSION
+    assert newest.value.reason == (
+        "no version of dataset 'blobs' is staged yet: stage one first "
+        "(POST /v1/datasets, or give the spec a source)"
+    )
+    with pytest.raises(Rejected, match=r"^dataset 'blobs' has no version 'abc': no version"):
+        choose_version("blobs", "abc", [])
+
+
+# --- workspace uploads --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("filename", "content_type", "expected"),
+    [
+        (None, "application/x-tar", "workspace.tar"),
+        (None, "application/gzip", "workspace.tar.gz"),
+        (None, "application/octet-stream", "workspace.tar"),
+        ("ws.tar.gz", "application/gzip", "ws.tar.gz"),
+        ("../../ws.tgz", "application/x-tar", "ws.tgz"),
+        ("code.zip", "application/zip", "code.zip"),
+    ],
+)
+def test_an_uploaded_workspace_archive_gets_a_safe_name(
+    filename: str | None, content_type: str, expected: str
+) -> None:
+    assert workspace_archive_name(filename, content_type) == PurePosixPath(expected)
+
+
+def test_a_filename_that_is_no_archive_is_a_bad_request() -> None:
+    with pytest.raises(Rejected, match=r"'train\.py' is not an archive name") as info:
+        workspace_archive_name("train.py", "application/x-tar")
+    assert info.value.code is RejectCode.BAD_REQUEST
+
+
+def test_the_packed_upload_may_be_as_large_as_any_workspace_within_the_caps_packs_to() -> None:
+    limits = Limits(of="workspace", max_bytes=64 << 20, max_files=10_000, max_file_bytes=64 << 20)
+    packed = packed_limits(limits)
+    # A tar of 10,000 files with long names in folders of their own: well over 64 MiB packed.
+    assert packed.max_bytes >= limits.max_bytes + 10_000 * 4 * 512
+    assert packed.max_file_bytes == packed.max_bytes
+    assert packed.max_files == 1
+    assert packed.setting("max_bytes") == "TORCHRELAY_INGEST_MAX_WORKSPACE_BYTES"
