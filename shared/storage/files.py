@@ -234,10 +234,19 @@ class ModelDescription(StoredFile):
             raise ValueError(problem)
         return self
 
+    def write(self, path: Path) -> None:
+        """As :meth:`StoredFile.write`, leaving out ``labels`` and ``preprocessing`` when the
+        model declares none: such a file is the one readers from before those fields read."""
+        undeclared = {name for name in _DECLARATIONS if getattr(self, name) is None}
+        atomic_write_bytes(path, self.model_dump_json(indent=2, exclude=undeclared).encode())
+
     @property
     def artifact(self) -> str:
         """The weights' file name inside the model's folder."""
         return TORCHSCRIPT_FILE if self.format == "torchscript" else STATE_DICT_FILE
+
+
+_DECLARATIONS = ("labels", "preprocessing")
 
 
 # --- result.json --------------------------------------------------------------------------------

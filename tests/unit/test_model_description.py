@@ -53,13 +53,16 @@ def test_labels_and_preprocessing_round_trip_through_model_json(tmp_path: Path) 
     }
 
 
-def test_a_model_json_without_them_still_loads(tmp_path: Path) -> None:
-    written = json.loads(description().model_dump_json())
-    del written["labels"], written["preprocessing"]  # as every file before them
-    (tmp_path / "m.json").write_text(json.dumps(written))
+def test_a_model_that_declares_neither_writes_the_model_json_of_before(tmp_path: Path) -> None:
+    description().write(tmp_path / "m.json")
+    written = json.loads((tmp_path / "m.json").read_text())
+    assert "labels" not in written, "readers from before these fields read the file"
+    assert "preprocessing" not in written
     read = ModelDescription.read(tmp_path / "m.json")
     assert read.labels is None
     assert read.preprocessing is None
+    description(labels=["a", "b", "c"]).write(tmp_path / "m.json")
+    assert "preprocessing" not in json.loads((tmp_path / "m.json").read_text())
 
 
 def test_labels_must_name_every_output_value(tmp_path: Path) -> None:
