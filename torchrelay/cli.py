@@ -249,7 +249,16 @@ def _logs(args: argparse.Namespace) -> int:
 def _predict(args: argparse.Namespace) -> int:
     import asyncio
 
-    from torchrelay.client import Client, load_input, predict
+    from torchrelay.client import (
+        Client,
+        InputMismatch,
+        decode,
+        infer,
+        load_input,
+        model_info,
+        prepare_input,
+        scaling_line,
+    )
 
     try:
         sample = load_input(args.file)
@@ -266,13 +275,25 @@ def _predict(args: argparse.Namespace) -> int:
         if deployment is None or deployment.status != "deployed" or not deployment.endpoint:
             print(f"torchrelay: model {args.model!r} is not deployed", file=sys.stderr)
             return 1
-        batch = sample if args.batched else sample[None, ...]
         try:
-            answer = await predict(deployment.endpoint, batch)
+            info = await model_info(deployment.endpoint)
+            batch = prepare_input(sample, info, batched=args.batched, raw=args.raw)
+            answer = await infer(deployment.endpoint, info, batch)
+        except InputMismatch as exc:
+            print(f"torchrelay: {exc}", file=sys.stderr)
+            return EXIT_USAGE
         except (RuntimeError, ValueError, OSError) as exc:
             print(f"torchrelay: {exc}", file=sys.stderr)
             return 1
-        print(json.dumps(answer, indent=2))
+        decoded = decode(answer, info.labels) if info.labels else None
+        if decoded is None:  # nothing to name: the answer as the model gave it
+            print(json.dumps(answer, indent=2))
+        elif args.json:
+            print(json.dumps({**answer, **decoded.as_json()}, indent=2))
+        else:
+            if info.preprocessing is not None and not args.raw:
+                print(scaling_line(info.preprocessing))
+            print("\n".join(decoded.lines()))
         return 0
 
     return asyncio.run(run())
@@ -436,11 +457,25 @@ def build_parser() -> argparse.ArgumentParser:
     status.add_argument("--json", action="store_true")
     logs = commands.add_parser("logs", parents=[state], help="a run's worker logs")
     logs.add_argument("run_id")
-    predict = commands.add_parser("predict", parents=[state], help="send an input to a model")
+    predict = commands.add_parser(
+        "predict",
+        parents=[state],
+        help="send an input to a model: its predicted labels when the model declares them",
+    )
     predict.add_argument("model")
     predict.add_argument("file", type=Path, help="one input: .npy, or .json list of numbers")
     predict.add_argument(
         "--batched", action="store_true", help="the file holds a batch (first axis), not one"
+    )
+    predict.add_argument(
+        "--raw",
+        action="store_true",
+        help="send the input as it is: skip the scaling the model declares (preprocessing)",
+    )
+    predict.add_argument(
+        "--json",
+        action="store_true",
+        help="print the whole answer (plus the decoded labels when the model has them)",
     )
     env = commands.add_parser(
         "env", help="export lines: the platform's NATS URLs (with credentials) and storage"

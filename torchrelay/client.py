@@ -7,15 +7,16 @@ import asyncio
 import json
 import time
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import aiohttp
 import numpy as np
 
 from torchrelay.services.serve.domain import DeploymentRecord
+from torchrelay.services.serve.server.protocol import read_model_parameters
 from torchrelay.services.train.domain import ModelRecord
 from torchrelay.shared.bus.connection import NatsSettings, connect
 from torchrelay.shared.bus.jetstream import JetStreamBus
@@ -31,6 +32,7 @@ from torchrelay.shared.pipelines import (
 )
 from torchrelay.shared.runs import RunRecord
 from torchrelay.shared.state import KvState, State, key_part
+from torchrelay.shared.storage.files import InputPreprocessing
 
 DEMO = {
     "name": "digits-demo",
@@ -303,21 +305,170 @@ def timing(record: PipelineRecord) -> dict[str, Any]:
     }
 
 
-async def predict(endpoint: str, sample: np.ndarray[Any, Any]) -> dict[str, Any]:
-    """One V2 inference of ``sample`` (with its batch dimension) at a model's endpoint; the
-    input's name and datatype come from the model's own metadata."""
-    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=60)) as http:
-        async with http.get(endpoint) as r:
-            metadata = await r.json(content_type=None)
-            if r.status != 200:
-                raise RuntimeError(f"{endpoint} answered HTTP {r.status}: {metadata}")
-        declared = metadata["inputs"][0]
-        body = {"inputs": [_tensor(declared["name"], declared["datatype"], sample)]}
-        async with http.post(f"{endpoint}/infer", json=body) as r:
-            answer: dict[str, Any] = await r.json(content_type=None)
-            if r.status != 200:
-                raise RuntimeError(f"inference failed: HTTP {r.status} {answer}")
+@dataclass(frozen=True)
+class ModelInfo:
+    """What a model's v2 metadata tells a client: its input, and what it declares (labels in
+    output order, how raw inputs are scaled)."""
+
+    name: str
+    input_name: str
+    datatype: str
+    shape: tuple[int, ...]
+    labels: list[str] | None = None
+    preprocessing: InputPreprocessing | None = None
+
+    @classmethod
+    def from_metadata(cls, metadata: Any) -> ModelInfo:
+        """From the JSON of ``GET /v2/models/<name>``; :class:`ValueError` when malformed."""
+        try:
+            declared = metadata["inputs"][0]
+            name, datatype = str(declared["name"]), str(declared["datatype"])
+            shape = tuple(int(n) for n in declared["shape"])
+            model = str(metadata["name"])
+        except (KeyError, IndexError, TypeError, ValueError) as exc:
+            raise ValueError(f"the model's metadata declares no usable input: {exc!r}") from exc
+        labels, preprocessing = read_model_parameters(metadata.get("parameters"))
+        return cls(model, name, datatype, shape, labels, preprocessing)
+
+
+class InputMismatch(ValueError):
+    """The input does not fit the model's input signature (the CLI's usage error)."""
+
+
+def prepare_input(
+    sample: np.ndarray[Any, Any], info: ModelInfo, *, batched: bool, raw: bool
+) -> np.ndarray[Any, Any]:
+    """The batch to send: ``sample`` with a batch dimension unless it has one (``batched``),
+    checked against the model's input shape, and scaled as the model declares unless ``raw``
+    (the input is then already what the model takes)."""
+    batch = sample if batched else sample[None, ...]
+    want = info.shape
+    if len(batch.shape) != len(want) or any(
+        w not in (-1, got) for w, got in zip(want, batch.shape, strict=True)
+    ):
+        given = (
+            f"a batch of shape {list(batch.shape)}"
+            if batched
+            else (f"one sample of shape {list(sample.shape)}")
+        )
+        one = [1 if n == -1 else n for n in want[1:]]
+        raise InputMismatch(
+            f"the input is {given}; model {info.name!r} takes shape {list(want)} (the first "
+            f"dimension is the batch): one sample is {one}, a batch (--batched) is "
+            f"[n, {', '.join(map(str, one))}]"
+        )
+    if raw or info.preprocessing is None:
+        return batch
+    scaled: np.ndarray[Any, Any] = info.preprocessing.apply(batch.astype(np.float64))
+    return scaled
+
+
+async def model_info(endpoint: str) -> ModelInfo:
+    """The model's metadata at its endpoint (``GET /v2/models/<name>``)."""
+    async with (
+        aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=60)) as http,
+        http.get(endpoint) as r,
+    ):
+        metadata = await r.json(content_type=None)
+        if r.status != 200:
+            raise RuntimeError(f"{endpoint} answered HTTP {r.status}: {metadata}")
+    return ModelInfo.from_metadata(metadata)
+
+
+async def infer(endpoint: str, info: ModelInfo, batch: np.ndarray[Any, Any]) -> dict[str, Any]:
+    """One V2 inference of ``batch`` (with its batch dimension), sent as the model's input."""
+    body = {"inputs": [_tensor(info.input_name, info.datatype, batch)]}
+    async with (
+        aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=60)) as http,
+        http.post(f"{endpoint}/infer", json=body) as r,
+    ):
+        answer: dict[str, Any] = await r.json(content_type=None)
+        if r.status != 200:
+            raise RuntimeError(f"inference failed: HTTP {r.status} {answer}")
     return answer
+
+
+async def predict(endpoint: str, sample: np.ndarray[Any, Any]) -> dict[str, Any]:
+    """One V2 inference of ``sample`` (with its batch dimension, as the model takes it: no
+    preprocessing) at a model's endpoint; the input's name and datatype come from the model's
+    own metadata."""
+    return await infer(endpoint, await model_info(endpoint), sample)
+
+
+def scaling_line(preprocessing: InputPreprocessing) -> str:
+    """What ``predict`` did to the input, in one line."""
+    sign = "-" if preprocessing.offset < 0 else "+"
+    said = f" ({preprocessing.description})" if preprocessing.description else ""
+    return (
+        f"input scaled as the model declares: x * {preprocessing.scale:g} {sign} "
+        f"{abs(preprocessing.offset):g}{said}"
+    )
+
+
+TOP = 3
+ScoreKind = Literal["softmax", "probabilities"]
+
+
+@dataclass(frozen=True)
+class Prediction:
+    """One input's answer: the predicted label and the best ``TOP`` (label, score)."""
+
+    label: str
+    top: list[tuple[str, float]]
+
+
+@dataclass(frozen=True)
+class Decoded:
+    predictions: list[Prediction]
+    scores: ScoreKind
+    """``softmax``: the outputs looked like logits and the scores are their softmax;
+    ``probabilities``: they already were (each row in [0, 1], summing to 1)."""
+
+    def as_json(self) -> dict[str, Any]:
+        return {
+            "scores": self.scores,
+            "predictions": [
+                {"label": p.label, "top": [{"label": k, "score": v} for k, v in p.top]}
+                for p in self.predictions
+            ],
+        }
+
+    def lines(self) -> list[str]:
+        said = {
+            "softmax": "scores: softmax of the model's outputs (they look like logits)",
+            "probabilities": "scores: the model's outputs (they are probabilities)",
+        }
+        rows = [said[self.scores]]
+        for n, p in enumerate(self.predictions):
+            top = "  ".join(f"{label} {score:.3f}" for label, score in p.top)
+            rows.append(f"input {n}: {p.label}    top {len(p.top)}: {top}")
+        return rows
+
+
+def decode(answer: dict[str, Any], labels: Sequence[str], *, top: int = TOP) -> Decoded | None:
+    """The labelled answer, or None when the first output is not one score per label and
+    input (shape ``[n, len(labels)]``): then there is nothing to name."""
+    try:
+        output = answer["outputs"][0]
+        shape = [int(n) for n in output["shape"]]
+        data = output["data"]
+    except (KeyError, IndexError, TypeError, ValueError):
+        return None
+    if len(shape) != 2 or shape[1] != len(labels) or not labels:
+        return None
+    scores = np.asarray(data, dtype=np.float64).reshape(shape)
+    probabilities = bool(
+        np.all((scores >= 0) & (scores <= 1)) and np.allclose(scores.sum(axis=1), 1, atol=1e-3)
+    )
+    if not probabilities:
+        shifted = np.exp(scores - scores.max(axis=1, keepdims=True))
+        scores = shifted / shifted.sum(axis=1, keepdims=True)
+    predictions = []
+    for row in scores:
+        best = np.argsort(-row, kind="stable")[:top]
+        ranked = [(labels[i], float(row[i])) for i in best]
+        predictions.append(Prediction(ranked[0][0], ranked))
+    return Decoded(predictions, "probabilities" if probabilities else "softmax")
 
 
 _NUMPY = {"FP32": np.float32, "FP64": np.float64, "INT64": np.int64, "INT32": np.int32}

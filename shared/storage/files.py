@@ -20,8 +20,9 @@ release the readers, then the writers.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path, PurePosixPath
-from typing import Annotated, ClassVar, Literal, Self
+from typing import Annotated, Any, ClassVar, Literal, Self
 
 from pydantic import (
     AwareDatetime,
@@ -144,6 +145,48 @@ class ModelLineage(BaseModel):
     steps: int = Field(ge=0, description="Optimizer steps when it was exported.")
 
 
+class InputPreprocessing(BaseModel):
+    """How a raw input becomes the model's input: ``model input = raw * scale + offset``.
+
+    Declared at export (``ctx.export(..., preprocessing=...)``) so a client can send raw data
+    (pixel values 0..255, counts, ...) and scale it the way training did."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid", allow_inf_nan=False)
+
+    scale: float = Field(default=1.0, description="Multiplies the raw input (never 0).")
+    offset: float = Field(default=0.0, description="Added after scaling.")
+    description: Annotated[str, StringConstraints(max_length=512)] | None = Field(
+        default=None, description="In words, for people: 'pixel values 0..16 to 0..1'."
+    )
+
+    @model_validator(mode="after")
+    def _scale_keeps_inputs_apart(self) -> Self:
+        if self.scale == 0:
+            raise ValueError("scale 0 would turn every input into the same value")
+        return self
+
+    def apply(self, raw: Any) -> Any:
+        """``raw * scale + offset``; works on numbers, numpy arrays and tensors alike."""
+        return raw * self.scale + self.offset
+
+
+Label = Annotated[str, StringConstraints(max_length=512)]
+MAX_LABELS = 10_000
+
+
+def label_problem(labels: Sequence[str], output_shape: Sequence[int]) -> str | None:
+    """Why ``labels`` cannot name the outputs of shape ``output_shape``, or None when they can:
+    when the output has a last dimension (beyond the batch one), there is one label per value."""
+    if len(output_shape) < 2 or output_shape[-1] == -1:
+        return None
+    if len(labels) != output_shape[-1]:
+        return (
+            f"{len(labels)} labels for an output of {output_shape[-1]} values per sample "
+            f"(shape {list(output_shape)}): give one label per output value, in output order"
+        )
+    return None
+
+
 ModelFormat = Literal["torchscript", "state_dict"]
 ModelClass = Annotated[str, StringConstraints(pattern=r"^[\w.]+:\S+$", max_length=512)]
 """``module:qualname``; a class the server cannot import fails there, with the reason."""
@@ -168,6 +211,14 @@ class ModelDescription(StoredFile):
     metrics: dict[str, float]
     lineage: ModelLineage
     created: AwareDatetime
+    labels: tuple[Label, ...] | None = Field(
+        default=None,
+        max_length=MAX_LABELS,
+        description="Class names in output order (the first output's last dimension).",
+    )
+    preprocessing: InputPreprocessing | None = Field(
+        default=None, description="How raw inputs are scaled into the model's input."
+    )
 
     @model_validator(mode="after")
     def _state_dict_names_its_class(self) -> Self:
@@ -175,10 +226,27 @@ class ModelDescription(StoredFile):
             raise ValueError("format state_dict needs model_class (module:Class)")
         return self
 
+    @model_validator(mode="after")
+    def _one_label_per_output(self) -> Self:
+        if self.labels is not None and (
+            problem := label_problem(self.labels, self.outputs[0].shape)
+        ):
+            raise ValueError(problem)
+        return self
+
+    def write(self, path: Path) -> None:
+        """As :meth:`StoredFile.write`, leaving out ``labels`` and ``preprocessing`` when the
+        model declares none: such a file is the one readers from before those fields read."""
+        undeclared = {name for name in _DECLARATIONS if getattr(self, name) is None}
+        atomic_write_bytes(path, self.model_dump_json(indent=2, exclude=undeclared).encode())
+
     @property
     def artifact(self) -> str:
         """The weights' file name inside the model's folder."""
         return TORCHSCRIPT_FILE if self.format == "torchscript" else STATE_DICT_FILE
+
+
+_DECLARATIONS = ("labels", "preprocessing")
 
 
 # --- result.json --------------------------------------------------------------------------------
@@ -217,6 +285,7 @@ class RunResult(StoredFile):
 
 __all__ = [
     "CorruptFile",
+    "InputPreprocessing",
     "MissingFile",
     "ModelDescription",
     "ModelFormat",
@@ -225,4 +294,5 @@ __all__ = [
     "StoredFile",
     "TensorSignature",
     "Throughput",
+    "label_problem",
 ]

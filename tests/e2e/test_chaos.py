@@ -353,7 +353,7 @@ def say(line: str) -> None:
 
 def answer(up: Up, model: str) -> dict[str, Any] | str:
     """The model's answer to one image through `torchrelay predict`, or why there is none."""
-    predicted = torchrelay("predict", model, "image.json", cwd=up.folder, timeout=90)
+    predicted = torchrelay("predict", model, "image.json", "--json", cwd=up.folder, timeout=90)
     if predicted.returncode != 0:
         return f"exit {predicted.returncode}: {predicted.stderr.strip()}"
     answered: dict[str, Any] = json.loads(predicted.stdout)

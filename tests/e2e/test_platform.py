@@ -112,11 +112,15 @@ def test_status_links_each_pipeline_to_its_run_model_and_deployment_and_predict_
 
     image = [[0.0] * 8 for _ in range(8)]
     (platform.folder / "image.json").write_text(json.dumps([image]))  # one 1x8x8 input
-    predicted = torchrelay("predict", "digits", "image.json", cwd=platform.folder)
+    predicted = torchrelay("predict", "digits", "image.json", "--json", cwd=platform.folder)
     assert predicted.returncode == 0, predicted.stderr
     answer = json.loads(predicted.stdout)
     assert answer["model_version"] == deployment["version"]
     assert answer["outputs"][0]["shape"] == [1, 10]
+    assert answer["predictions"][0]["label"] in [str(digit) for digit in range(10)]
+    named = torchrelay("predict", "digits", "image.json", cwd=platform.folder)
+    assert named.returncode == 0, named.stderr
+    assert re.search(r"^input 0: \d    top 3: ", named.stdout, re.M), named.stdout
 
     missing = torchrelay("predict", "no-such-model", "image.json", cwd=platform.folder)
     assert missing.returncode == 1
@@ -126,5 +130,5 @@ def test_status_links_each_pipeline_to_its_run_model_and_deployment_and_predict_
     assert unreadable.returncode == 2
     assert "cannot read an input from bad.json" in unreadable.stderr
     wrong_shape = torchrelay("predict", "digits", "image.json", "--batched", cwd=platform.folder)
-    assert wrong_shape.returncode == 1
-    assert "HTTP 400" in wrong_shape.stderr
+    assert wrong_shape.returncode == 2
+    assert "model 'digits' takes shape [-1, 1, 8, 8]" in wrong_shape.stderr

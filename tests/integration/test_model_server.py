@@ -276,6 +276,19 @@ def test_a_model_json_of_todays_trainer_loads(model_dir: Path) -> None:
     assert loaded.inputs[0].shape == (-1, 1, 8, 8)
 
 
+async def test_the_digits_model_declares_its_labels_and_pixel_scaling(
+    server: ModelServer,
+) -> None:
+    base = f"http://127.0.0.1:{server.port}/v2/models/digits"
+    async with aiohttp.ClientSession() as http:
+        for url in (base, f"{base}/versions/served"):
+            async with http.get(url) as response:
+                parameters = (await response.json())["parameters"]
+            assert json.loads(parameters["labels"]) == [str(digit) for digit in range(10)]
+            assert parameters["preprocessing_scale"] == 1 / 16
+            assert parameters["preprocessing_offset"] == 0.0
+
+
 async def admin_post(admin: Path, action: str, **params: str) -> int:
     """POST a control request over the server's admin socket; returns the HTTP status."""
     with socket_address(admin) as address:

@@ -123,15 +123,16 @@ class ModelApi:
         if (missing := self._unknown(request)) is not None:
             return missing
         model = self.model
-        return web.json_response(
-            {
-                "name": model.name,
-                "versions": [model.version],
-                "platform": model.platform,
-                "inputs": [spec.metadata() for spec in model.inputs],
-                "outputs": [spec.metadata() for spec in model.outputs],
-            }
-        )
+        metadata: dict[str, Any] = {
+            "name": model.name,
+            "versions": [model.version],
+            "platform": model.platform,
+            "inputs": [spec.metadata() for spec in model.inputs],
+            "outputs": [spec.metadata() for spec in model.outputs],
+        }
+        if model.parameters:  # labels and preprocessing, when the model declares them
+            metadata["parameters"] = model.parameters
+        return web.json_response(metadata)
 
     async def model_ready(self, request: web.Request) -> web.Response:
         if (missing := self._unknown(request)) is not None:

@@ -6,14 +6,19 @@ from __future__ import annotations
 
 import importlib
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from torchrelay.services.serve.server.protocol import DATATYPES, TensorSpec
+from torchrelay.services.serve.server.protocol import (
+    DATATYPES,
+    Parameter,
+    TensorSpec,
+    model_parameters,
+)
 from torchrelay.shared.storage import CorruptFile, ModelDescription, TensorSignature
 from torchrelay.shared.storage.layout import MODEL_DESCRIPTION_FILE
 
@@ -30,6 +35,9 @@ class LoadedModel:
     inputs: list[TensorSpec]
     outputs: list[TensorSpec]
     module: torch.nn.Module
+    parameters: dict[str, Parameter] = field(default_factory=dict)
+    """What the model declares for clients (labels, preprocessing): its metadata's
+    ``parameters``."""
 
     def predict(self, batch: np.ndarray[Any, Any]) -> np.ndarray[Any, Any]:
         """Run one batch (called from a worker thread; torch releases the GIL)."""
@@ -81,4 +89,5 @@ def load_model(folder: Path) -> LoadedModel:
         inputs=inputs,
         outputs=outputs,
         module=module,
+        parameters=model_parameters(description.labels, description.preprocessing),
     )

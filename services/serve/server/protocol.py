@@ -10,6 +10,9 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+from pydantic import ValidationError
+
+from torchrelay.shared.storage.files import InputPreprocessing
 
 DATATYPES: dict[str, np.dtype[Any]] = {
     "BOOL": np.dtype(np.bool_),
@@ -47,6 +50,64 @@ class InferRequest:
     array: np.ndarray[Any, Any]
     output_names: tuple[str, ...]
     binary_output: bool = False
+
+
+Parameter = str | float | bool
+"""The protocol's parameter values: a string, a number or a boolean, never an object."""
+LABELS = "labels"
+PREPROCESSING_SCALE = "preprocessing_scale"
+PREPROCESSING_OFFSET = "preprocessing_offset"
+PREPROCESSING_DESCRIPTION = "preprocessing_description"
+
+
+def model_parameters(
+    labels: Sequence[str] | None, preprocessing: InputPreprocessing | None
+) -> dict[str, Parameter]:
+    """The ``parameters`` of a model's metadata: what ``model.json`` declares for clients.
+
+    Parameter values are scalars in the protocol, so the labels travel as one string holding
+    a JSON array (``'["cat", "dog"]'``) and the preprocessing as its numbers; a model that
+    declares neither has no ``parameters`` at all (:func:`read_model_parameters` reads them)."""
+    parameters: dict[str, Parameter] = {}
+    if labels is not None:
+        parameters[LABELS] = json.dumps(list(labels))
+    if preprocessing is not None:
+        parameters[PREPROCESSING_SCALE] = preprocessing.scale
+        parameters[PREPROCESSING_OFFSET] = preprocessing.offset
+        if preprocessing.description is not None:
+            parameters[PREPROCESSING_DESCRIPTION] = preprocessing.description
+    return parameters
+
+
+def read_model_parameters(
+    parameters: Any,
+) -> tuple[list[str] | None, InputPreprocessing | None]:
+    """(labels, preprocessing) from a model metadata's ``parameters``, as
+    :func:`model_parameters` wrote them; :class:`ValueError` when they are malformed."""
+    if parameters is None:
+        return None, None
+    if not isinstance(parameters, dict):
+        # A malformed answer: one error type for every way the metadata can be malformed.
+        raise ValueError(f"the model's 'parameters' must be an object, not {parameters!r}")  # noqa: TRY004
+    labels = None
+    if LABELS in parameters:
+        try:
+            labels = json.loads(parameters[LABELS])
+        except (TypeError, ValueError) as exc:
+            raise ValueError(f"the model's labels are not a JSON array: {exc}") from exc
+        if not isinstance(labels, list) or not all(isinstance(x, str) for x in labels):
+            raise ValueError(f"the model's labels are not a list of names: {labels!r}")
+    preprocessing = None
+    if PREPROCESSING_SCALE in parameters or PREPROCESSING_OFFSET in parameters:
+        try:
+            preprocessing = InputPreprocessing(
+                scale=parameters.get(PREPROCESSING_SCALE, 1.0),
+                offset=parameters.get(PREPROCESSING_OFFSET, 0.0),
+                description=parameters.get(PREPROCESSING_DESCRIPTION),
+            )
+        except ValidationError as exc:
+            raise ValueError(f"the model's preprocessing is malformed: {exc}") from exc
+    return labels, preprocessing
 
 
 HEADER_LENGTH = "Inference-Header-Content-Length"

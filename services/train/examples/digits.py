@@ -2,6 +2,10 @@
 
 Entrypoint: ``torchrelay.services.train.examples.digits:train``. Hyperparameters: ``epochs``
 (default 30), ``batch_size`` (32), ``lr`` (0.003), ``holdout`` (share kept for evaluation, 0.2).
+
+The exported model describes itself: labels ``"0"`` .. ``"9"`` (output order) and its input
+scaling (pixel values 0..16 divided by 16), so ``torchrelay predict digits image.json`` takes raw
+8x8 pixel values and answers with the digit.
 """
 
 from __future__ import annotations
@@ -9,7 +13,11 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from torchrelay.services.train.worker import TrainingContext
+from torchrelay.sdk import InputPreprocessing, TrainingContext
+
+PIXEL_SCALE = 1 / 16
+"""The digits' pixel values are 0..16; the model takes them in 0..1."""
+LABELS = [str(digit) for digit in range(10)]
 
 
 class DigitsNet(nn.Module):
@@ -37,7 +45,7 @@ def split(x: torch.Tensor, y: torch.Tensor, holdout: float, seed: int) -> tuple[
 
 def train(ctx: TrainingContext) -> None:
     x, y = ctx.arrays("x", "y")
-    x = (x.float() / 16.0).unsqueeze(1)  # pixel values are 0..16
+    x = (x.float() / 16.0).unsqueeze(1)  # what PIXEL_SCALE declares: pixel values are 0..16
     y = y.long()
     x_train, y_train, x_test, y_test = split(x, y, ctx.number("holdout", 0.2), seed=0)
     model = ctx.wrap(DigitsNet())
@@ -57,4 +65,12 @@ def train(ctx: TrainingContext) -> None:
     model.eval()
     with torch.no_grad():
         accuracy = (model(x_test.to(ctx.device)).argmax(1).cpu() == y_test).float().mean().item()
-    ctx.export(model, example_input=x_test[:1], metrics={"accuracy": accuracy})
+    ctx.export(
+        model,
+        example_input=x_test[:1],
+        metrics={"accuracy": accuracy},
+        labels=LABELS,
+        preprocessing=InputPreprocessing(
+            scale=PIXEL_SCALE, description="8x8 pixel values 0..16, scaled to 0..1"
+        ),
+    )
