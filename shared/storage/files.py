@@ -143,6 +143,9 @@ class ModelLineage(BaseModel):
     attempt: int = Field(ge=0, description="The attempt that exported it.")
     entrypoint: NonEmpty = Field(description="The training function, module:function.")
     steps: int = Field(ge=0, description="Optimizer steps when it was exported.")
+    workspace: NonEmpty | None = Field(
+        default=None, description="The staged workspace the entrypoint came from, if any."
+    )
 
 
 class InputPreprocessing(BaseModel):
@@ -235,9 +238,14 @@ class ModelDescription(StoredFile):
         return self
 
     def write(self, path: Path) -> None:
-        """As :meth:`StoredFile.write`, leaving out ``labels`` and ``preprocessing`` when the
-        model declares none: such a file is the one readers from before those fields read."""
-        undeclared = {name for name in _DECLARATIONS if getattr(self, name) is None}
+        """As :meth:`StoredFile.write`, leaving out ``labels``, ``preprocessing`` and the
+        lineage's ``workspace`` when there are none: such a file is the one readers from before
+        those fields read."""
+        undeclared: dict[str, Any] = {
+            name: True for name in _DECLARATIONS if getattr(self, name) is None
+        }
+        if self.lineage.workspace is None:  # likewise for code that came from no workspace
+            undeclared["lineage"] = {"workspace": True}
         atomic_write_bytes(path, self.model_dump_json(indent=2, exclude=undeclared).encode())
 
     @property

@@ -107,6 +107,7 @@ async def test_every_rank_imports_the_entrypoint_from_the_staged_workspace(
     assert completed.data.metrics["accuracy"] > 0.5
     described = ModelDescription.read(staged[0] / completed.data.path / "model.json")
     assert described.lineage.entrypoint == "blobs.model:train"
+    assert described.lineage.workspace == WORKSPACE
     assert workers_of("ws-run") == []
 
 

@@ -535,6 +535,7 @@ class TrainingContext:
                     attempt=self.spec.attempt,
                     entrypoint=job.entrypoint,
                     steps=self.step,
+                    workspace=job.workspace,
                 ),
                 created=datetime.now(UTC),
                 labels=None if labels is None else tuple(labels),
