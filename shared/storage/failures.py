@@ -27,6 +27,7 @@ this attempt's first step; after at least one step of this attempt."""
 MESSAGE_CHARS = 2000
 TRACEBACK_LINES = 20
 LINE_CHARS = 500
+_EXCEPTION_LINES = 5
 
 Message = Annotated[str, StringConstraints(max_length=MESSAGE_CHARS)]
 Line = Annotated[str, StringConstraints(max_length=LINE_CHARS)]
@@ -135,9 +136,15 @@ def qualified_name(kind: type[BaseException]) -> str:
 
 
 def traceback_tail(exc: BaseException, lines: int = TRACEBACK_LINES) -> tuple[str, ...]:
-    """The formatted traceback's last ``lines`` lines (its end says where and what)."""
-    text = "".join(traceback.format_exception(exc))
-    kept = [line[:LINE_CHARS] for line in text.splitlines() if line.strip()]
+    """The formatted traceback's last ``lines`` lines (its end says where and what), the
+    exception's own text cut to its first lines so that a long message leaves the frames in
+    view (the message is kept whole elsewhere)."""
+    full = "".join(traceback.format_exception(exc)).splitlines()
+    only = "".join(traceback.format_exception_only(exc)).splitlines()
+    frames = full[: len(full) - len(only)]
+    if len(only) > _EXCEPTION_LINES:
+        only = [*only[:_EXCEPTION_LINES], "..."]
+    kept = [line[:LINE_CHARS] for line in (*frames, *only) if line.strip()]
     return tuple(kept[-lines:])
 
 
