@@ -8,7 +8,7 @@ import math
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, TypeAdapter, ValidationError
@@ -128,7 +128,8 @@ def attempt_end(
     """
     if cancel is not None and ended.status is Status.FAILED:
         ended = Ended(Status.CANCELLED, "cancelled", log_tail=ended.log_tail)
-    error = reported_failure(ended, failures) if ended.status is Status.FAILED else None
+    current = [failure for failure in failures if of_attempt(failure, record)]
+    error = reported_failure(ended, current) if ended.status is Status.FAILED else None
     if error is not None:
         same_rank = error.rank == ended.rank
         ended = Ended(
@@ -148,6 +149,17 @@ def attempt_end(
         restart_cancel=cancel == "restart",
     )
     return AttemptEnd(ended, final, error)
+
+
+CLOCK_SKEW = timedelta(seconds=5)
+"""How far a node's clock may lag the train service's (Kubernetes: the rank's node)."""
+
+
+def of_attempt(failure: RankFailure, record: RunRecord) -> bool:
+    """Whether ``failure`` was written by the attempt ``record`` launched, not left by an
+    earlier run under the same id (a rank killed before it cleared its file leaves the old
+    one): written after the launch (``record.updated``), give or take the nodes' clocks."""
+    return failure.attempt == record.attempt and failure.written >= record.updated - CLOCK_SKEW
 
 
 def reported_failure(ended: Ended, failures: Sequence[RankFailure]) -> RankFailure | None:

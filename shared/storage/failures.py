@@ -14,9 +14,10 @@ from __future__ import annotations
 
 import traceback
 from collections.abc import Iterator
+from datetime import UTC, datetime
 from typing import Annotated, ClassVar, Literal
 
-from pydantic import Field, StringConstraints
+from pydantic import AwareDatetime, Field, StringConstraints
 
 from torchrelay.shared.storage.files import NonEmpty, StoredFile
 
@@ -66,6 +67,9 @@ class RankFailure(StoredFile):
     collective: bool = Field(
         default=False, description="Whether it is a collective's failure (a peer, the network)."
     )
+    written: AwareDatetime = Field(
+        description="When the rank wrote it: a file older than its attempt is another run's."
+    )
 
     @classmethod
     def of(
@@ -91,6 +95,7 @@ class RankFailure(StoredFile):
             step=step,
             repeatable=repeatable(phase, collective=collective),
             collective=collective,
+            written=datetime.now(UTC),
         )
 
     @property

@@ -3,7 +3,7 @@ attempt, and how the train service ends an attempt given what its ranks wrote.""
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Literal
 
@@ -11,7 +11,12 @@ import pytest
 import torch.distributed as dist
 from torch import nn
 
-from torchrelay.services.train.domain import attempt_end, failure_reason, reported_failure
+from torchrelay.services.train.domain import (
+    AttemptEnd,
+    attempt_end,
+    failure_reason,
+    reported_failure,
+)
 from torchrelay.shared.cluster import Ended, Status
 from torchrelay.shared.events.data import DatasetRef, TrainFailedData, TrainJobSpec
 from torchrelay.shared.runs import RunRecord
@@ -34,10 +39,9 @@ GLOO_PEER_CLOSED = (
 
 def raised(exc: BaseException) -> BaseException:
     """``exc`` with a traceback, as a rank catches it."""
-    try:
+    with pytest.raises(type(exc)) as info:
         raise exc
-    except BaseException as caught:  # noqa: BLE001 - returned for inspection
-        return caught
+    return info.value
 
 
 def failure_of(
@@ -89,13 +93,18 @@ def test_an_error_raised_in_ddp_code_is_a_collective_failure() -> None:
 
 
 def test_a_collective_failure_chained_under_a_user_exception_still_counts() -> None:
-    try:
+    def all_reduce() -> None:
+        raise RuntimeError(GLOO_PEER_CLOSED)
+
+    def sync_metrics() -> None:
         try:
-            raise RuntimeError(GLOO_PEER_CLOSED)
+            all_reduce()
         except RuntimeError as exc:
             raise ValueError("could not sync the metrics") from exc
-    except ValueError as exc:
-        assert collective_failure(exc)
+
+    with pytest.raises(ValueError, match="could not sync") as info:
+        sync_metrics()
+    assert collective_failure(info.value)
 
 
 def test_a_failure_records_type_message_and_the_tracebacks_end() -> None:
@@ -252,6 +261,19 @@ def test_a_peers_collective_error_reported_first_is_restarted() -> None:
     end = attempt_end(run(), exited(0, 1), None, [echo])
     assert not end.final
     assert end.ended.reason.startswith("a collective failed on rank 0 at step 0, most likely")
+
+
+def test_a_file_left_by_an_earlier_run_or_attempt_is_not_this_attempts_failure() -> None:
+    bad = failure_of(ValueError("bad column 'z'"))
+    launched_later = run().model_copy(update={"updated": bad.written + timedelta(hours=1)})
+    assert attempt_end(launched_later, exited(0, 1), None, [bad]) == AttemptEnd(
+        exited(0, 1), final=False
+    )
+    restarted = run(attempt=1)
+    assert attempt_end(restarted, exited(0, 1), None, [bad]).error is None
+    # A node's clock a little behind the service's is still this attempt's.
+    skewed = bad.model_copy(update={"written": restarted.updated - timedelta(seconds=2)})
+    assert attempt_end(run(), exited(0, 1), None, [skewed]).error == skewed
 
 
 def test_without_failure_files_an_attempt_fails_as_the_backend_said() -> None:
