@@ -583,7 +583,13 @@ class Trainer:
         )
         recorded = await self._record_outcome(record, status, outcome, reason=ended.reason)
         await self._announce(recorded, cause)
-        log.warning("run.failed", run_id=record.run_id, reason=ended.reason, final=final)
+        log.warning(
+            "run.failed",
+            run_id=record.run_id,
+            reason=ended.reason,
+            final=final,
+            error_type=error.error_type if error else None,
+        )
 
     async def _record_outcome(
         self, record: RunRecord, status: RunStatus, outcome: Outcome, *, reason: str | None

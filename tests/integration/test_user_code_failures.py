@@ -25,6 +25,7 @@ from tests.integration.training import request, workers_of
 from tests.integration.watching import Watcher, watching
 from torchrelay.shared.bus.jetstream import JetStreamBus
 from torchrelay.shared.events import (
+    AnyEvent,
     TrainCheckpointed,
     TrainCompleted,
     TrainFailed,
@@ -50,7 +51,13 @@ def staged(staged_digits: tuple[Path, str]) -> tuple[Path, str]:
 
 @pytest.fixture
 async def bus(nats_url: str) -> AsyncIterator[tuple[JetStreamBus, Watcher]]:
-    kinds = [TrainStarted, TrainCheckpointed, TrainCompleted, TrainFailed, TrainRestartRequested]
+    kinds: list[type[AnyEvent]] = [
+        TrainStarted,
+        TrainCheckpointed,
+        TrainCompleted,
+        TrainFailed,
+        TrainRestartRequested,
+    ]
     async with watching(nats_url, "test-user-code-watch", kinds) as pair:
         yield pair
 
@@ -208,7 +215,9 @@ async def test_a_crash_after_progress_is_restarted_from_its_checkpoint(
     await monitor.wait_ready()
     entrypoint = f"{FAILING}:crash_once_after_a_checkpoint"
     await publisher.publish(request(staged, "crashy", entrypoint=entrypoint, max_restarts=1))
-    await assert_eventually(lambda: watcher.of(TrainCompleted, run_id="crashy"), timeout_s=180)
+    await assert_eventually(
+        lambda: bool(watcher.of(TrainCompleted, run_id="crashy")), timeout_s=180
+    )
 
     (failed,) = watcher.of(TrainFailed, run_id="crashy")
     assert not failed.data.final, "the crash came after progress: a restart may get past it"
@@ -235,11 +244,15 @@ async def test_a_killed_rank_is_restarted(
     await publisher.publish(
         request(staged, "killed", max_restarts=1, hyperparameters={"epochs": 200})
     )
-    await assert_eventually(lambda: watcher.of(TrainCheckpointed, run_id="killed"), timeout_s=60)
+    await assert_eventually(
+        lambda: bool(watcher.of(TrainCheckpointed, run_id="killed")), timeout_s=60
+    )
     checkpointed = watcher.of(TrainCheckpointed, run_id="killed")[0].data.step
     os.kill(max(workers_of("killed")), signal.SIGKILL)
     await watcher.one(TrainStarted, run_id="killed", attempt=1, timeout_s=60)
-    await assert_eventually(lambda: restored_steps(staged[0], "killed", attempt=1), timeout_s=60)
+    await assert_eventually(
+        lambda: bool(restored_steps(staged[0], "killed", attempt=1)), timeout_s=60
+    )
     assert restored_steps(staged[0], "killed", attempt=1)[0] >= checkpointed
 
     (failed,) = watcher.of(TrainFailed, run_id="killed", attempt=0)

@@ -9,6 +9,7 @@ and prints the traceback as plain text to its log.
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import inspect
 import sys
@@ -42,8 +43,10 @@ def main() -> int:
     structlog.contextvars.bind_contextvars(run_id=spec.run_id, rank=spec.rank, attempt=spec.attempt)
     log = structlog.get_logger("torchrelay.train.worker")
     error_file = Layout(Path(spec.storage_root)).rank_error(spec.run_id, spec.attempt, spec.rank)
-    # A file left by an earlier run under the same id must not explain this attempt.
-    error_file.unlink(missing_ok=True)
+    # A file left by an earlier run under the same id must not explain this attempt (the
+    # service also ignores one older than the attempt, for a rank that never got here).
+    with contextlib.suppress(OSError):
+        error_file.unlink(missing_ok=True)
     try:
         function = _entrypoint(spec.job.entrypoint)
     except Exception as exc:  # noqa: BLE001 - whatever importing the user's code raises
@@ -120,21 +123,26 @@ def _entrypoint(entrypoint: str) -> Callable[..., Any]:
 def _record(
     spec: WorkerSpec, exc: Exception, phase: FailurePhase, *, step: int, path: Path
 ) -> None:
-    """Say why the training code failed: a log event, the traceback as plain text (the log
-    is read by people too), and the failure file the train service decides on."""
-    failure = RankFailure.of(
-        exc,
-        rank=spec.rank,
-        attempt=spec.attempt,
-        entrypoint=spec.job.entrypoint,
-        phase=phase,
-        step=step,
-    )
+    """Say why the training code failed: the traceback as plain text (the log is read by
+    people too), a log event, and the failure file the train service decides on."""
     sys.stderr.write("".join(traceback.format_exception(exc)))
     sys.stderr.flush()
     log = structlog.get_logger("torchrelay.train.worker")
+    event = "worker.bad_entrypoint" if phase == "import" else "worker.failed"
+    try:
+        failure = RankFailure.of(
+            exc,
+            rank=spec.rank,
+            attempt=spec.attempt,
+            entrypoint=spec.job.entrypoint,
+            phase=phase,
+            step=step,
+        )
+    except ValueError:  # an exception no contract can hold (a huge class name): say so only
+        log.exception(event, entrypoint=spec.job.entrypoint, phase=phase, step=step)
+        return
     log.error(
-        "worker.bad_entrypoint" if phase == "import" else "worker.failed",
+        event,
         entrypoint=spec.job.entrypoint,
         phase=phase,
         step=step,
