@@ -131,7 +131,7 @@ def _submit(args: argparse.Namespace) -> int:
     import asyncio
 
     from torchrelay import specfile
-    from torchrelay.client import Client, PipelineRefused
+    from torchrelay.client import Client, PipelineRefused, failure_report, train_run_id
 
     async def run() -> int:
         try:
@@ -153,7 +153,11 @@ def _submit(args: argparse.Namespace) -> int:
                 print(f"torchrelay: pipeline {pipeline_id} refused: {exc.reason}", file=sys.stderr)
                 return 1
             print(f"{pipeline_id}: {record.status}")
-            return 0 if record.status == "succeeded" else 1
+            if record.status == "succeeded":
+                return 0
+            run = await client.run(train_run_id(pipeline_id))
+            print("\n".join(failure_report(record, run)), file=sys.stderr)
+            return 1
         finally:
             await client.aclose()
 

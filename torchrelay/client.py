@@ -21,7 +21,7 @@ from torchrelay.services.train.domain import ModelRecord
 from torchrelay.shared.bus.connection import NatsSettings, connect
 from torchrelay.shared.bus.jetstream import JetStreamBus
 from torchrelay.shared.events import PipelineSubmitted
-from torchrelay.shared.events.data import PipelineSpec, PipelineSubmittedData
+from torchrelay.shared.events.data import PipelineSpec, PipelineSubmittedData, TrainFailedData
 from torchrelay.shared.pipelines import (
     STAGES,
     PipelineRecord,
@@ -121,6 +121,10 @@ class Client:
     async def records(self) -> list[PipelineRecord]:
         return [item.value for item in await self.pipelines.items()]
 
+    async def run(self, run_id: str) -> RunRecord | None:
+        item = await self.runs.get(key_part(run_id))
+        return item.value if item else None
+
     async def deployment(self, model: str) -> DeploymentRecord | None:
         item = await self.deployments.get(key_part(model))
         return item.value if item else None
@@ -176,6 +180,44 @@ class Client:
         finally:
             await progress.unsubscribe()
         raise ConnectionError(f"the watch of pipeline {pipeline_id} ended before it finished")
+
+
+def train_run_id(pipeline_id: str) -> str:
+    """The run id of a pipeline's training stage."""
+    return f"{pipeline_id}.train"
+
+
+_MESSAGE_LINES = 10
+
+
+def failure_report(record: PipelineRecord, run: RunRecord | None) -> list[str]:
+    """Why a pipeline did not succeed, as lines for a person: the stage that failed and its
+    reason; for a training stage, the exception the code raised (type and message) and the
+    end of its traceback, or the failed rank's last log lines when it raised none (a signal).
+    ``run`` is the pipeline's training run (None: none was recorded)."""
+    failed = [name for name in STAGES if record.stages[name].status == "failed"]
+    if not failed:
+        return [f"pipeline {record.pipeline_id} {record.status}: no stage says why"]
+    name = failed[0]
+    lines = [
+        f"pipeline {record.pipeline_id} failed at its {name} stage: "
+        f"{record.stages[name].reason or 'no reason recorded'}"
+    ]
+    outcome = run.outcome if run is not None else None
+    if name != "train" or not isinstance(outcome, TrainFailedData):
+        return lines
+    where = f"rank {outcome.rank}, " if outcome.rank is not None else ""
+    if outcome.error_type is not None:
+        message = (outcome.error_message or "").splitlines() or [""]
+        shown = message[:_MESSAGE_LINES] + (["..."] if len(message) > _MESSAGE_LINES else [])
+        lines.append(f"  {outcome.error_type}: {shown[0]}".rstrip())
+        lines.extend(f"    {line}" for line in shown[1:])
+        if outcome.log_tail:
+            lines.append(f"  traceback ({where}attempt {outcome.attempt}), last lines:")
+    elif outcome.log_tail:
+        lines.append(f"  last log lines ({where}attempt {outcome.attempt}):")
+    lines.extend(f"    {line}" for line in outcome.log_tail)
+    return lines
 
 
 def _short(detail: dict[str, Any]) -> str:

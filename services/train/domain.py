@@ -7,7 +7,8 @@ import ast
 import math
 import uuid
 from collections.abc import Sequence
-from datetime import datetime
+from dataclasses import dataclass
+from datetime import datetime, timedelta
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, TypeAdapter, ValidationError
@@ -16,6 +17,7 @@ from torchrelay.shared.cluster import Ended, Status
 from torchrelay.shared.events.data import Version
 from torchrelay.shared.runs import RunRecord
 from torchrelay.shared.state import key_part
+from torchrelay.shared.storage.failures import RankFailure
 from torchrelay.shared.storage.files import RunResult
 
 _RUN_IDS = uuid.UUID("7c1d9e2a-4b3f-4e8a-9c6d-1f2e3a4b5c6d")
@@ -97,23 +99,102 @@ def failure_is_final(
     return attempt >= max_restarts
 
 
+@dataclass(frozen=True)
+class AttemptEnd:
+    """How an attempt that did not succeed ends: what to report, whether that ends its run,
+    and the exception its code raised (None: a signal, a cancel, a file nobody wrote)."""
+
+    ended: Ended
+    final: bool
+    error: RankFailure | None = None
+
+
 def attempt_end(
-    record: RunRecord, ended: Ended, cancel: Literal["final", "restart"] | None
-) -> tuple[Ended, bool]:
+    record: RunRecord,
+    ended: Ended,
+    cancel: Literal["final", "restart"] | None,
+    failures: Sequence[RankFailure] = (),
+) -> AttemptEnd:
     """How an attempt that did not succeed ends, and whether that ends its run.
 
     ``cancel`` is the intent stored on the run for this attempt, if any: a backend that sees
-    a cancelled job only as a failed one (a deleted Kubernetes Job) reports it as cancelled.
+    a cancelled job only as a failed one (a deleted Kubernetes Job) reports it as cancelled,
+    and a cancel keeps its meaning whatever the ranks wrote.
+
+    ``failures`` are the attempt's rank failure files. If any says its failure would repeat
+    (the entrypoint cannot run, or the code raised before its first step, not in a
+    collective), the run ends at once, whatever restarts are left: another attempt would fail
+    the same way. Otherwise it is restarted while restarts are left, as for any crash.
     """
     if cancel is not None and ended.status is Status.FAILED:
         ended = Ended(Status.CANCELLED, "cancelled", log_tail=ended.log_tail)
+    current = [failure for failure in failures if of_attempt(failure, record)]
+    error = reported_failure(ended, current) if ended.status is Status.FAILED else None
+    if error is not None:
+        same_rank = error.rank == ended.rank
+        ended = Ended(
+            Status.FAILED,
+            failure_reason(error),
+            error.rank,
+            ended.exit_code if same_rank else None,
+            ended.signal if same_rank else None,
+            list(error.traceback),
+        )
+        if error.repeatable:
+            return AttemptEnd(ended, final=True, error=error)
     final = failure_is_final(
         attempt=record.attempt,
         max_restarts=record.spec.max_restarts,
         cancelled=ended.status is Status.CANCELLED,
         restart_cancel=cancel == "restart",
     )
-    return ended, final
+    return AttemptEnd(ended, final, error)
+
+
+CLOCK_SKEW = timedelta(seconds=5)
+"""How far a node's clock may lag the train service's (Kubernetes: the rank's node)."""
+
+
+def of_attempt(failure: RankFailure, record: RunRecord) -> bool:
+    """Whether ``failure`` was written by the attempt ``record`` launched, not left by an
+    earlier run under the same id (a rank killed before it cleared its file leaves the old
+    one): written after the launch (``record.updated``), give or take the nodes' clocks."""
+    return failure.attempt == record.attempt and failure.written >= record.updated - CLOCK_SKEW
+
+
+def reported_failure(ended: Ended, failures: Sequence[RankFailure]) -> RankFailure | None:
+    """The rank failure that explains a failed attempt: the lowest rank's that would repeat
+    (the cause; a peer's collective error is only its echo), else the failed rank's own, else
+    None (it was killed, or wrote nothing)."""
+    ordered = sorted(failures, key=lambda failure: failure.rank)
+    for failure in ordered:
+        if failure.repeatable:
+            return failure
+    for failure in ordered:
+        if failure.rank == ended.rank and ended.signal is None:
+            return failure
+    return None
+
+
+def failure_reason(failure: RankFailure) -> str:
+    """What a rank's failure says to the person who submitted the run."""
+    where = f"(rank {failure.rank})"
+    if failure.phase == "import":
+        return (
+            f"the entrypoint {failure.entrypoint!r} cannot run: {failure.summary} {where}: "
+            "not restarted, it would fail again"
+        )
+    if failure.repeatable:
+        return (
+            f"the training function raised {failure.summary} before its first step {where}: "
+            "not restarted, it would fail again"
+        )
+    if failure.collective:
+        return (
+            f"a collective failed on rank {failure.rank} at step {failure.step}, most likely "
+            f"because a peer rank died: {failure.summary}"
+        )
+    return f"the training function raised {failure.summary} at step {failure.step} {where}"
 
 
 def orphan_is_final(record: RunRecord) -> bool:

@@ -60,6 +60,7 @@ from torchrelay.shared.runs import Outcome, RunRecord, RunStatus, outcome_event_
 from torchrelay.shared.runtime.loops import every
 from torchrelay.shared.state import State, Store, key_part
 from torchrelay.shared.state.presence import Presence
+from torchrelay.shared.storage.failures import RankFailure
 from torchrelay.shared.storage.files import CorruptFile, MissingFile, RunResult
 from torchrelay.shared.storage.layout import Layout, relative_dataset
 
@@ -489,8 +490,24 @@ class Trainer:
             if latest is not None and latest.value.attempt == record.attempt
             else None
         )
-        ended, final = attempt_end(record, ended, intent)
-        await self._failed(record, ended, final=final, cause=cause)
+        failures = await asyncio.to_thread(self._rank_failures, record)
+        end = attempt_end(record, ended, intent, failures)
+        await self._failed(record, end.ended, final=end.final, cause=cause, error=end.error)
+
+    def _rank_failures(self, record: RunRecord) -> list[RankFailure]:
+        """What the attempt's ranks wrote about their code's failure (none for a rank that
+        was killed or failed outside its code). A file unreadable as the contract is left out:
+        the attempt then fails as a crash would, with the backend's reason."""
+        failures = []
+        for rank in range(record.spec.world_size):
+            path = self._layout.rank_error(record.run_id, record.attempt, rank)
+            try:
+                failures.append(RankFailure.read(path))
+            except MissingFile:
+                continue
+            except (CorruptFile, OSError) as exc:
+                log.warning("run.failure_unreadable", run_id=record.run_id, error=str(exc))
+        return failures
 
     async def _retrying(
         self,
@@ -549,7 +566,13 @@ class Trainer:
         log.info("run.completed", run_id=record.run_id, metrics=result.metrics)
 
     async def _failed(
-        self, record: RunRecord, ended: Ended, *, final: bool, cause: str | None
+        self,
+        record: RunRecord,
+        ended: Ended,
+        *,
+        final: bool,
+        cause: str | None,
+        error: RankFailure | None = None,
     ) -> None:
         status: RunStatus = "cancelled" if ended.status is Status.CANCELLED else "failed"
         outcome = TrainFailedData(
@@ -561,10 +584,18 @@ class Trainer:
             signal=ended.signal,
             log_tail=ended.log_tail[-50:],
             final=final,
+            error_type=error.error_type if error else None,
+            error_message=error.message if error else None,
         )
         recorded = await self._record_outcome(record, status, outcome, reason=ended.reason)
         await self._announce(recorded, cause)
-        log.warning("run.failed", run_id=record.run_id, reason=ended.reason, final=final)
+        log.warning(
+            "run.failed",
+            run_id=record.run_id,
+            reason=ended.reason,
+            final=final,
+            error_type=error.error_type if error else None,
+        )
 
     async def _record_outcome(
         self, record: RunRecord, status: RunStatus, outcome: Outcome, *, reason: str | None

@@ -194,9 +194,24 @@ class TrainFailedData(Data):
     rank: int | None = Field(default=None, ge=0)
     exit_code: int | None = None
     signal: NonEmpty | None = None
-    log_tail: list[str] = Field(default_factory=list, max_length=200)
+    log_tail: list[str] = Field(
+        default_factory=list,
+        max_length=200,
+        description="The last lines of the failed rank's log, or of its exception's traceback "
+        "when its code raised.",
+    )
     final: bool = Field(
-        default=False, description="True when no restart will follow (restarts exhausted)."
+        default=False,
+        description="True when no restart will follow: restarts exhausted, a cancel, or a "
+        "failure that would repeat (the code cannot be imported, or raised before its first "
+        "step).",
+    )
+    error_type: NonEmpty | None = Field(
+        default=None,
+        description="The qualified class of the exception the training code raised, if any.",
+    )
+    error_message: Annotated[str, StringConstraints(max_length=2000)] | None = Field(
+        default=None, description="That exception's message (at most 2000 characters)."
     )
 
 

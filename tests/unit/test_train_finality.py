@@ -10,6 +10,7 @@ from datetime import UTC, datetime
 import pytest
 
 from torchrelay.services.train.domain import (
+    AttemptEnd,
     RunRecord,
     attempt_end,
     failure_is_final,
@@ -70,7 +71,8 @@ def run(attempt: int, max_restarts: int = 2) -> RunRecord:
 def test_a_deleted_job_with_a_cancel_intent_ends_as_cancelled_not_failed() -> None:
     # Kubernetes reports a Job deleted by a cancel as a failure; the stored intent says why.
     crashed = Ended(Status.FAILED, "job deleted", log_tail=["last line"])
-    ended, final = attempt_end(run(0), crashed, "final")
+    end = attempt_end(run(0), crashed, "final")
+    ended, final = end.ended, end.final
     assert (ended.status, ended.reason, ended.log_tail, final) == (
         Status.CANCELLED,
         "cancelled",
@@ -80,16 +82,17 @@ def test_a_deleted_job_with_a_cancel_intent_ends_as_cancelled_not_failed() -> No
 
 
 def test_a_restart_cancel_ends_the_attempt_as_cancelled_and_keeps_the_run() -> None:
-    ended, final = attempt_end(run(0), Ended(Status.FAILED, "job deleted"), "restart")
-    assert (ended.status, final) == (Status.CANCELLED, False)
-    _, final = attempt_end(run(2), Ended(Status.CANCELLED, "cancelled"), "restart")
-    assert final, "no restart left"
+    end = attempt_end(run(0), Ended(Status.FAILED, "job deleted"), "restart")
+    assert (end.ended.status, end.final) == (Status.CANCELLED, False)
+    assert attempt_end(run(2), Ended(Status.CANCELLED, "cancelled"), "restart").final, (
+        "no restart left"
+    )
 
 
 def test_without_an_intent_a_failure_stays_a_failure() -> None:
     failed = Ended(Status.FAILED, "rank 1 failed", rank=1, exit_code=1)
-    assert attempt_end(run(0), failed, None) == (failed, False)
-    assert attempt_end(run(2), failed, None) == (failed, True)
+    assert attempt_end(run(0), failed, None) == AttemptEnd(failed, final=False)
+    assert attempt_end(run(2), failed, None) == AttemptEnd(failed, final=True)
 
 
 def test_an_orphaned_attempt_fails_like_a_crash() -> None:

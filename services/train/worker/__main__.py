@@ -2,16 +2,22 @@
 
 Exit codes: 0 done and exported; 1 the training function raised; 3 the entrypoint cannot be
 imported, is not a function defined in the module it names, or never exported a model.
-Rank 0 writes ``runs/<id>/result.json`` on success.
+Rank 0 writes ``runs/<id>/result.json`` on success. A rank whose training code fails (exit 1
+or 3) writes why to ``runs/<id>/logs/attempt-<a>/rank-<r>.error.json`` (:class:`RankFailure`)
+and prints the traceback as plain text to its log.
 """
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import inspect
 import sys
+import traceback
+from collections.abc import Callable
 from datetime import timedelta
 from pathlib import Path
+from typing import Any
 
 import structlog
 import torch
@@ -23,8 +29,8 @@ from torchrelay.shared.cluster.lifeline import die_with_parent
 from torchrelay.shared.cluster.worker_spec import WorkerSpec
 from torchrelay.shared.runtime.logging import configure_logging
 from torchrelay.shared.runtime.settings import LogSettings
-from torchrelay.shared.storage import RunResult
-from torchrelay.shared.storage.layout import Layout
+from torchrelay.shared.storage import Layout, RunResult
+from torchrelay.shared.storage.failures import FailurePhase, RankFailure
 
 EXIT_FAILED = 1
 EXIT_BAD_ENTRYPOINT = 3
@@ -36,23 +42,18 @@ def main() -> int:
     configure_logging(LogSettings())
     structlog.contextvars.bind_contextvars(run_id=spec.run_id, rank=spec.rank, attempt=spec.attempt)
     log = structlog.get_logger("torchrelay.train.worker")
+    layout = Layout(Path(spec.storage_root))
+    error_file = layout.rank_error(spec.run_id, spec.attempt, spec.rank)
+    # A file left by an earlier run under the same id must not explain this attempt (the
+    # service also ignores one older than the attempt, for a rank that never got here).
+    with contextlib.suppress(OSError):
+        error_file.unlink(missing_ok=True)
     if spec.job.workspace is not None:  # the user's staged code comes first on the path
-        sys.path.insert(0, str(Layout(Path(spec.storage_root)).workspace_code(spec.job.workspace)))
-    module_name, _, function_name = spec.job.entrypoint.partition(":")
+        sys.path.insert(0, str(layout.workspace_code(spec.job.workspace)))
     try:
-        function = getattr(importlib.import_module(module_name), function_name)
-    except (ImportError, AttributeError):
-        log.exception("worker.bad_entrypoint", entrypoint=spec.job.entrypoint)
-        return EXIT_BAD_ENTRYPOINT
-    # The train service checked the module's source; this checks what the import produced
-    # (a name rebound at import time, or a service that skipped the check).
-    if not inspect.isfunction(function) or function.__module__ != module_name:
-        log.error(
-            "worker.bad_entrypoint",
-            entrypoint=spec.job.entrypoint,
-            reason=f"{function_name!r} is not a function defined in module {module_name!r} "
-            f"(it is {type(function).__name__} from {getattr(function, '__module__', None)!r})",
-        )
+        function = _entrypoint(spec.job.entrypoint)
+    except Exception as exc:  # noqa: BLE001 - whatever importing the user's code raises
+        _record(spec, exc, "import", step=0, path=error_file)
         return EXIT_BAD_ENTRYPOINT
     if spec.backend == "nccl":
         torch.cuda.set_device(spec.rank % torch.cuda.device_count())
@@ -66,16 +67,23 @@ def main() -> int:
         timeout=timedelta(seconds=spec.collective_timeout_s),
     )
     reporter = Reporter(spec)
+    context: TrainingContext | None = None
+    first_step = 0
     try:
         context = TrainingContext(spec, reporter)
+        first_step = context.step
         log.info("worker.started", resumed_from_step=context.resumed_from_step)
         function(context)
         if spec.world_size > 1:
             # Every rank is done before any tears the group down: gloo aborts a rank whose
             # peer destroys the group while it still talks to it.
             dist.barrier()
-    except Exception:
-        log.exception("worker.failed")
+    except Exception as exc:
+        if context is None:  # the platform's own code failed (storage): nothing to classify
+            log.exception("worker.failed")
+            return EXIT_FAILED
+        phase: FailurePhase = "after_progress" if context.step > first_step else "before_first_step"
+        _record(spec, exc, phase, step=context.step, path=error_file)
         return EXIT_FAILED
     finally:
         reporter.close()
@@ -97,6 +105,58 @@ def main() -> int:
         result.write(context.layout.result(spec.run_id))
     log.info("worker.finished", steps=context.step)
     return 0
+
+
+def _entrypoint(entrypoint: str) -> Callable[..., Any]:
+    """The function ``module:function`` names, imported; raises what the import raised, an
+    AttributeError for a missing name, a TypeError for a name that is not its module's own
+    function."""
+    module_name, _, function_name = entrypoint.partition(":")
+    function = getattr(importlib.import_module(module_name), function_name)
+    # The train service checked the module's source; this checks what the import produced
+    # (a name rebound at import time, or a service that skipped the check).
+    if not inspect.isfunction(function) or function.__module__ != module_name:
+        raise TypeError(
+            f"{function_name!r} is not a function defined in module {module_name!r} "
+            f"(it is {type(function).__name__} from {getattr(function, '__module__', None)!r})"
+        )
+    return function
+
+
+def _record(
+    spec: WorkerSpec, exc: Exception, phase: FailurePhase, *, step: int, path: Path
+) -> None:
+    """Say why the training code failed: the traceback as plain text (the log is read by
+    people too), a log event, and the failure file the train service decides on."""
+    sys.stderr.write("".join(traceback.format_exception(exc)))
+    sys.stderr.flush()
+    log = structlog.get_logger("torchrelay.train.worker")
+    event = "worker.bad_entrypoint" if phase == "import" else "worker.failed"
+    try:
+        failure = RankFailure.of(
+            exc,
+            rank=spec.rank,
+            attempt=spec.attempt,
+            entrypoint=spec.job.entrypoint,
+            phase=phase,
+            step=step,
+        )
+    except ValueError:  # an exception no contract can hold (a huge class name): say so only
+        log.exception(event, entrypoint=spec.job.entrypoint, phase=phase, step=step)
+        return
+    log.error(
+        event,
+        entrypoint=spec.job.entrypoint,
+        phase=phase,
+        step=step,
+        error_type=failure.error_type,
+        reason=failure.message,
+        repeatable=failure.repeatable,
+    )
+    try:
+        failure.write(path)
+    except OSError:  # the exit code still says it failed; the service falls back on it
+        log.exception("worker.failure_unrecorded", path=str(path))
 
 
 if __name__ == "__main__":
