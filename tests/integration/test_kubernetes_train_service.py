@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from tests.integration.processes import ServiceProcess
-from tests.integration.training import request
+from tests.integration.training import request, train_service
 from tests.integration.watching import Watcher, watching
 from tests.kube.emulator import KubeEmulator, running_emulator
 from torchrelay.shared.bus.jetstream import JetStreamBus
@@ -53,17 +53,15 @@ def train(
     emulator: KubeEmulator,
     tmp_path: Path,
 ) -> Iterator[ServiceProcess]:
-    process = ServiceProcess(
-        ["-m", "torchrelay", "service", "train", "--nats-url", nats_url, "--http-port", "0"],
+    process = train_service(
+        nats_url,
+        staged[0],
         tmp_path / "train.log",
-        env={
-            "TORCHRELAY_STORAGE_ROOT": str(staged[0]),
-            "TORCHRELAY_TRAIN_BACKEND": "kubernetes",
-            "TORCHRELAY_KUBE_API_URL": emulator.url,
-            "TORCHRELAY_KUBE_NAMESPACE": "torchrelay",
-            "TORCHRELAY_SHUTDOWN_GRACE_S": "2",
-            "TORCHRELAY_SHUTDOWN_DEADLINE_S": "5",
-        },
+        TORCHRELAY_TRAIN_BACKEND="kubernetes",
+        TORCHRELAY_KUBE_API_URL=emulator.url,
+        TORCHRELAY_KUBE_NAMESPACE="torchrelay",
+        TORCHRELAY_SHUTDOWN_GRACE_S="2",
+        TORCHRELAY_SHUTDOWN_DEADLINE_S="5",
     )
     yield process
     process.stop()

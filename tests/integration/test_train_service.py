@@ -14,7 +14,7 @@ import aiohttp
 import pytest
 
 from tests.integration.processes import ServiceProcess
-from tests.integration.training import request, workers_of
+from tests.integration.training import request, train_service, workers_of
 from tests.integration.watching import Watcher, watching
 from torchrelay.shared.bus.jetstream import JetStreamBus
 from torchrelay.shared.events import (
@@ -60,16 +60,12 @@ async def bus(nats_url: str) -> AsyncIterator[tuple[JetStreamBus, Watcher]]:
 
 @pytest.fixture
 def train(nats_url: str, staged: tuple[Path, str], tmp_path: Path) -> Iterator[ServiceProcess]:
-    process = ServiceProcess(
-        ["-m", "torchrelay", "service", "train", "--nats-url", nats_url, "--http-port", "0"],
+    process = train_service(
+        nats_url,
+        staged[0],
         tmp_path / "train.log",
-        env={
-            "TORCHRELAY_STORAGE_ROOT": str(staged[0]),
-            "TORCHRELAY_TRAIN_MAX_WORLD_SIZE": "4",
-            "TORCHRELAY_TRAIN_ENTRYPOINTS": ENTRYPOINTS,
-            "TORCHRELAY_SHUTDOWN_GRACE_S": "5",
-            "TORCHRELAY_SHUTDOWN_DEADLINE_S": "10",
-        },
+        TORCHRELAY_TRAIN_MAX_WORLD_SIZE="4",
+        TORCHRELAY_TRAIN_ENTRYPOINTS=ENTRYPOINTS,
     )
     yield process
     process.stop()

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from tests.integration.processes import ServiceProcess
-from tests.integration.training import request, workers_of
+from tests.integration.training import request, train_service, workers_of
 from tests.integration.watching import Watcher, watching
 from torchrelay.shared.bus.jetstream import JetStreamBus
 from torchrelay.shared.events import TrainCompleted, TrainFailed, TrainStarted
@@ -79,11 +79,9 @@ async def bus(nats_url: str) -> AsyncIterator[tuple[JetStreamBus, Watcher]]:
 
 @pytest.fixture
 def train(nats_url: str, staged: tuple[Path, str], tmp_path: Path) -> Iterator[ServiceProcess]:
-    process = ServiceProcess(
-        ["-m", "torchrelay", "service", "train", "--nats-url", nats_url, "--http-port", "0"],
-        tmp_path / "train.log",
-        # Only the bundled examples are allowed by prefix: the workspace needs no setting.
-        env={"TORCHRELAY_STORAGE_ROOT": str(staged[0]), "TORCHRELAY_TRAIN_MAX_WORLD_SIZE": "2"},
+    # Only the bundled examples are allowed by prefix: the workspace needs no setting.
+    process = train_service(
+        nats_url, staged[0], tmp_path / "train.log", TORCHRELAY_TRAIN_MAX_WORLD_SIZE="2"
     )
     yield process
     process.stop()

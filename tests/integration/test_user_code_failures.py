@@ -21,7 +21,7 @@ import pytest
 
 from tests.integration.failing_trainers import CRASH_AT_STEP
 from tests.integration.processes import ServiceProcess
-from tests.integration.training import request, workers_of
+from tests.integration.training import request, train_service, workers_of
 from tests.integration.watching import Watcher, watching
 from torchrelay.shared.bus.jetstream import JetStreamBus
 from torchrelay.shared.events import (
@@ -67,15 +67,12 @@ def services(
     nats_url: str, staged: tuple[Path, str], tmp_path: Path
 ) -> Iterator[tuple[ServiceProcess, ServiceProcess]]:
     shutdown = {"TORCHRELAY_SHUTDOWN_GRACE_S": "5", "TORCHRELAY_SHUTDOWN_DEADLINE_S": "10"}
-    train = ServiceProcess(
-        ["-m", "torchrelay", "service", "train", "--nats-url", nats_url, "--http-port", "0"],
+    train = train_service(
+        nats_url,
+        staged[0],
         tmp_path / "train.log",
-        env={
-            "TORCHRELAY_STORAGE_ROOT": str(staged[0]),
-            "TORCHRELAY_TRAIN_MAX_WORLD_SIZE": "2",
-            "TORCHRELAY_TRAIN_ENTRYPOINTS": ENTRYPOINTS,
-            **shutdown,
-        },
+        TORCHRELAY_TRAIN_MAX_WORLD_SIZE="2",
+        TORCHRELAY_TRAIN_ENTRYPOINTS=ENTRYPOINTS,
     )
     monitor = ServiceProcess(
         ["-m", "torchrelay", "service", "monitor", "--nats-url", nats_url, "--http-port", "0"],

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from tests.integration.processes import ServiceProcess
 from torchrelay.shared.events import TrainRequested
 from torchrelay.shared.events.data import DatasetRef, TrainJobSpec, TrainRequestedData
 
@@ -25,6 +26,21 @@ def request(staged: tuple[Path, str], run_id: str, **spec: object) -> TrainReque
         source="/tests",
         pipelineid="pipe-t",
         data=TrainRequestedData(run_id=run_id, spec=TrainJobSpec.model_validate(fields)),
+    )
+
+
+def train_service(nats_url: str, storage_root: Path, log: Path, **env: str) -> ServiceProcess:
+    """The train service as its own process on ``storage_root``, with a short shutdown and
+    ``env`` (``TORCHRELAY_*`` settings) on top."""
+    return ServiceProcess(
+        ["-m", "torchrelay", "service", "train", "--nats-url", nats_url, "--http-port", "0"],
+        log,
+        env={
+            "TORCHRELAY_STORAGE_ROOT": str(storage_root),
+            "TORCHRELAY_SHUTDOWN_GRACE_S": "5",
+            "TORCHRELAY_SHUTDOWN_DEADLINE_S": "10",
+            **env,
+        },
     )
 
 
