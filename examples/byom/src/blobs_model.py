@@ -9,6 +9,7 @@ from __future__ import annotations
 import torch
 from nets import Classifier
 from torch import nn
+
 from torchrelay.sdk import TrainingContext
 
 FEATURES = ("length", "width", "depth", "weight")
