@@ -185,8 +185,13 @@ def failure_reason(failure: RankFailure) -> str:
             "not restarted, it would fail again"
         )
     if failure.repeatable:
+        when = (
+            "before its first step"
+            if failure.phase == "before_first_step"
+            else (f"at step {failure.step}")
+        )
         return (
-            f"the training function raised {failure.summary} before its first step {where}: "
+            f"the training function raised {failure.summary} {when} {where}: "
             "not restarted, it would fail again"
         )
     if failure.collective:

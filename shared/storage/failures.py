@@ -45,6 +45,12 @@ _COLLECTIVE_FRAMES = ("torch/distributed/", "torch/nn/parallel/distributed.py")
 _COLLECTIVE_WORDS = ("gloo", "nccl", "closed by peer", "reset by peer")
 
 
+class SameEveryTime(Exception):
+    """Mixed into the training SDK's errors that the same code and data raise on every attempt
+    (labels that do not name the model's outputs at export): such a failure ends the run at
+    once, even after progress, where a restart would only train again to fail again."""
+
+
 class RankFailure(StoredFile):
     """``rank-<r>.error.json``: the exception that ended a rank's training code."""
 
@@ -84,6 +90,7 @@ class RankFailure(StoredFile):
     ) -> RankFailure:
         """The failure record of ``exc``, caught in ``phase`` at ``step``."""
         collective = collective_failure(exc)
+        same = any(isinstance(link, SameEveryTime) for link in _chain(exc))
         return cls(
             rank=rank,
             attempt=attempt,
@@ -93,7 +100,7 @@ class RankFailure(StoredFile):
             message=str(exc)[:MESSAGE_CHARS],
             traceback=traceback_tail(exc),
             step=step,
-            repeatable=repeatable(phase, collective=collective),
+            repeatable=repeatable(phase, collective=collective, same_every_time=same),
             collective=collective,
             written=datetime.now(UTC),
         )
@@ -106,12 +113,13 @@ class RankFailure(StoredFile):
         return f"{self.error_type}: {first}" if first else self.error_type
 
 
-def repeatable(phase: FailurePhase, *, collective: bool) -> bool:
+def repeatable(phase: FailurePhase, *, collective: bool, same_every_time: bool = False) -> bool:
     """Whether a failure in ``phase`` would happen again in a fresh attempt: one in importing
-    or calling the entrypoint always does; one before the attempt's first step does unless it
-    is a collective's (a peer rank died, the rendezvous failed); one after progress may be
+    or calling the entrypoint always does, and so does an SDK error marked
+    :class:`SameEveryTime`; one before the attempt's first step does unless it is a
+    collective's (a peer rank died, the rendezvous failed); one after progress may be
     transient (the attempt got somewhere), so it is restarted from the checkpoint."""
-    if phase == "import":
+    if phase == "import" or same_every_time:
         return True
     return phase == "before_first_step" and not collective
 
@@ -165,6 +173,7 @@ def _chain(exc: BaseException) -> Iterator[BaseException]:
 __all__ = [
     "FailurePhase",
     "RankFailure",
+    "SameEveryTime",
     "collective_failure",
     "qualified_name",
     "repeatable",

@@ -13,6 +13,7 @@ import torch
 
 from tests.integration.labelled_models import LABELS, SCALING, export_toy, toy_context, toy_model
 from tests.integration.models import ModelServer
+from torchrelay.services.train.worker.context import ExportRefused
 from torchrelay.shared.storage import ModelDescription
 
 pytestmark = pytest.mark.filterwarnings("ignore:`torch.jit.*` is deprecated:DeprecationWarning")
@@ -55,9 +56,9 @@ async def test_the_model_server_reports_them_in_its_v2_metadata(served: ModelSer
 @pytest.mark.parametrize(
     ("labels", "error", "problem"),
     [
-        (["cat", "dog"], ValueError, r"2 labels for an output of 3 values per sample"),
-        ("cde", TypeError, r"labels must be a list of class names"),
-        ([0, 1, 2], TypeError, r"labels must be a list of class names"),
+        (["cat", "dog"], ExportRefused, r"2 labels for an output of 3 values per sample"),
+        ("cde", ExportRefused, r"labels must be a list of class names"),
+        ([0, 1, 2], ExportRefused, r"labels must be a list of class names"),
     ],
 )
 def test_labels_that_do_not_name_the_outputs_are_refused_and_nothing_is_written(

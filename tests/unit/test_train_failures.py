@@ -24,7 +24,9 @@ from torchrelay.shared.storage import Layout
 from torchrelay.shared.storage.failures import (
     FailurePhase,
     RankFailure,
+    SameEveryTime,
     collective_failure,
+    qualified_name,
     repeatable,
 )
 from torchrelay.shared.storage.files import CorruptFile
@@ -68,6 +70,26 @@ def failure_of(
 )
 def test_what_would_fail_again(phase: FailurePhase, collective: bool, expected: bool) -> None:
     assert repeatable(phase, collective=collective) is expected
+
+
+class LabelsRefused(SameEveryTime, ValueError):
+    pass
+
+
+@pytest.mark.parametrize("phase", ["before_first_step", "after_progress"])
+def test_an_sdk_error_marked_same_every_time_would_fail_again_in_any_phase(
+    phase: FailurePhase,
+) -> None:
+    refused = LabelsRefused("2 labels for an output of 3 values per sample")
+    failure = failure_of(refused, phase, step=420)
+    assert failure.repeatable
+    end = attempt_end(run(max_restarts=3), exited(0, 1), None, [failure])
+    assert end.final, "training again would only be refused again"
+    when = "before its first step" if phase == "before_first_step" else "at step 420"
+    assert end.ended.reason == (
+        f"the training function raised {qualified_name(LabelsRefused)}: 2 labels for an output "
+        f"of 3 values per sample {when} (rank 0): not restarted, it would fail again"
+    )
 
 
 def test_a_user_exception_is_not_a_collective_failure() -> None:

@@ -58,6 +58,7 @@ from torchrelay.shared.storage import (
     publish_dir,
     temp_sibling,
 )
+from torchrelay.shared.storage.failures import SameEveryTime
 from torchrelay.shared.storage.files import InputPreprocessing, ModelFormat, label_problem
 from torchrelay.shared.storage.layout import (
     DATA_FOLDER,
@@ -81,6 +82,12 @@ READERS: dict[DatasetFormat, str] = {
     "pt": "ctx.tensors()",
 }
 """What reads each staged format, for the error a reader of another format raises."""
+
+
+class ExportRefused(SameEveryTime, ValueError):
+    """``ctx.export`` was given what cannot describe the model (labels that do not name its
+    outputs, a wrong preprocessing object): nothing is written, and the run ends at once,
+    since every attempt would train again only to be refused again."""
 
 
 class WrongDatasetFormat(TypeError):
@@ -492,9 +499,9 @@ class TrainingContext:
         if isinstance(labels, str) or (
             labels is not None and not all(isinstance(label, str) for label in labels)
         ):
-            raise TypeError(f"labels must be a list of class names (str), got {labels!r}")
+            raise ExportRefused(f"labels must be a list of class names (str), got {labels!r}")
         if preprocessing is not None and not isinstance(preprocessing, InputPreprocessing):
-            raise TypeError(
+            raise ExportRefused(
                 f"preprocessing must be an InputPreprocessing, got {type(preprocessing).__name__}"
             )
         module = model.module if isinstance(model, DistributedDataParallel) else model
@@ -508,7 +515,7 @@ class TrainingContext:
             outputs = (_signature("output", output),)
             if labels is not None and (problem := label_problem(labels, outputs[0].shape)):
                 module.to(self.device)
-                raise ValueError(f"ctx.export(labels=...): {problem}")
+                raise ExportRefused(f"ctx.export(labels=...): {problem}")
             staging = temp_sibling(final)
             staging.mkdir(parents=True)
             model_class = None
