@@ -34,7 +34,8 @@ def test_a_pipeline_with_a_bad_source_fails_at_ingest_with_the_reason_in_status(
     folder = platform.folder
     spec = {
         "name": "broken",
-        "dataset": {"name": "nothing", "source": "/definitely/not/here.csv"},
+        # A path on the platform's side (a plain path would be the submitter's own file).
+        "dataset": {"name": "nothing", "source": "file:///definitely/not/here.csv"},
         "training": {
             "entrypoint": "torchrelay.services.train.examples.digits:train",
             "model_name": "digits",
