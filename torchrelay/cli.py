@@ -21,6 +21,10 @@ SERVICES = {
     "train": "torchrelay.services.train.service",
 }
 EXIT_USAGE = 2
+EXIT_INTERRUPTED = 130
+"""128 + SIGINT, as shells report a command Ctrl-C stopped."""
+EXIT_BROKEN_PIPE = 141
+"""128 + SIGPIPE, as a command that wrote to a closed pipe reports it."""
 
 
 def _schema_export(directory: Path) -> int:
@@ -133,6 +137,8 @@ def _submit(args: argparse.Namespace) -> int:
     from torchrelay import specfile
     from torchrelay.client import Client, PipelineRefused, failure_report, train_run_id
 
+    following: dict[str, str] = {}
+
     async def run() -> int:
         try:
             spec = await specfile.prepare(
@@ -144,6 +150,7 @@ def _submit(args: argparse.Namespace) -> int:
         client = await Client.connect(_nats_url(args))
         try:
             pipeline_id = await client.submit(spec)
+            following["id"] = pipeline_id
             print(f"submitted {pipeline_id}", flush=True)
             if not args.wait:
                 return 0
@@ -151,6 +158,13 @@ def _submit(args: argparse.Namespace) -> int:
                 record = await client.wait(pipeline_id, timeout_s=args.timeout)
             except PipelineRefused as exc:
                 print(f"torchrelay: pipeline {pipeline_id} refused: {exc.reason}", file=sys.stderr)
+                return 1
+            except TimeoutError:
+                print(
+                    f"torchrelay: {pipeline_id} is still running after {args.timeout:g}s; it goes "
+                    f"on: `torchrelay status {pipeline_id}` shows it",
+                    file=sys.stderr,
+                )
                 return 1
             print(f"{pipeline_id}: {record.status}")
             if record.status == "succeeded":
@@ -161,7 +175,17 @@ def _submit(args: argparse.Namespace) -> int:
         finally:
             await client.aclose()
 
-    return asyncio.run(run())
+    try:
+        return asyncio.run(run())
+    except KeyboardInterrupt:
+        if args.wait and "id" in following:
+            pipeline_id = following["id"]
+            print(
+                f"\ntorchrelay: stopped following {pipeline_id}; the pipeline goes on: "
+                f"`torchrelay status {pipeline_id}` shows it",
+                file=sys.stderr,
+            )
+        return EXIT_INTERRUPTED
 
 
 def _uploader(args: argparse.Namespace) -> Any:
@@ -520,19 +544,49 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _service(args.name, rest)
     if rest:
         build_parser().error(f"unrecognised arguments: {' '.join(rest)}")
-    if args.command == "schema" and args.schema_command == "catalogue":
+    return _quietly(handlers_of(args), args)
+
+
+def _schema(args: argparse.Namespace) -> int:
+    if args.schema_command == "catalogue":
         from torchrelay.shared.events.schema import catalogue_markdown
 
         print(catalogue_markdown(), end="")
         return 0
-    if args.command == "schema" and args.schema_command == "nats-auth":
+    if args.schema_command == "nats-auth":
         from torchrelay.shared.bus.principals import authorization_config
 
         print(authorization_config(), end="")
         return 0
-    if args.command == "schema":
-        return _schema_export(args.directory)
+    return _schema_export(args.directory)
+
+
+def _quietly(handler: Any, args: argparse.Namespace) -> int:
+    """Run a command; what people expect to happen ends with a line, never a traceback: a
+    Ctrl-C (130), a reader that closed the pipe (`status | head`), a platform that is not
+    there (2)."""
+    from torchrelay.shared.errors import ConfigError
+
+    try:
+        result: int = handler(args)
+        sys.stdout.flush()  # here, where a closed pipe is caught, not at the interpreter's exit
+    except KeyboardInterrupt:
+        return EXIT_INTERRUPTED
+    except BrokenPipeError:
+        # Nothing more can be said to a closed pipe: point stdout at /dev/null so that the
+        # interpreter's own flush at exit stays quiet too.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return EXIT_BROKEN_PIPE
+    except ConfigError as exc:
+        print(f"torchrelay: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    return result
+
+
+def handlers_of(args: argparse.Namespace) -> Any:
     handlers = {
+        "schema": _schema,
         "up": _up,
         "submit": _submit,
         "status": _status,
@@ -542,4 +596,4 @@ def main(argv: Sequence[str] | None = None) -> int:
         "deadletters": _deadletters,
         "env": _env,
     }
-    return handlers[args.command](args)
+    return handlers[args.command]

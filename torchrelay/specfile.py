@@ -115,7 +115,7 @@ def staged_spec(
     try:
         return PipelineSpec.model_validate(resolved)
     except ValidationError as exc:
-        raise SpecError(f"invalid pipeline spec: {_problems(exc)}") from exc
+        raise SpecError(f"invalid pipeline spec, {_problems(exc)}") from exc
 
 
 def check(raw: dict[str, Any], refs: References) -> None:
@@ -127,11 +127,29 @@ def check(raw: dict[str, Any], refs: References) -> None:
     )
 
 
+HINTS = {
+    "entrypoint": "must be module:function, e.g. blobs_model:train",
+    "name": "must be a DNS label: lower-case letters, digits and '-', at most 63",
+    "model_name": "must be a DNS label: lower-case letters, digits and '-', at most 63",
+    "workspace": "must be a folder (relative to the spec file) or a staged workspace id",
+}
+"""What a field's pattern means, said instead of the pattern itself."""
+
+
 def _problems(exc: ValidationError) -> str:
-    return "; ".join(
-        f"{'.'.join(str(p) for p in err['loc']) or '<spec>'}: {err['msg']}"
-        for err in exc.errors(include_url=False)
-    )
+    """One line per problem, each naming its field (``training.hyperparams: ...``)."""
+    lines = []
+    for err in exc.errors(include_url=False):
+        field = ".".join(str(part) for part in err["loc"]) or "<spec>"
+        message = err["msg"]
+        last = str(err["loc"][-1]) if err["loc"] else ""
+        if err["type"] == "string_pattern_mismatch" and last in HINTS:
+            message = f"{HINTS[last]} (got {err['input']!r})"
+        elif err["type"] == "extra_forbidden":
+            message = "unknown field (a misspelling?)"
+        lines.append(f"  {field}: {message}")
+    count = len(lines)
+    return f"{count} problem{'s' if count > 1 else ''}\n" + "\n".join(lines)
 
 
 # --- packing ----------------------------------------------------------------------------------

@@ -4,8 +4,12 @@ the repository: own module, own CSV, a spec with `workspace:` and relative paths
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
+import signal
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -46,9 +50,28 @@ def test_the_guide_trains_serves_and_gates_a_users_own_project(platform: Up, pro
     worse = (project / "pipeline.yaml").read_text().replace("epochs: 20", "epochs: 1")
     worse = worse.replace("lr: 0.01", "lr: 0.0001")
     (project / "worse.yaml").write_text(worse)
-    again = torchrelay("submit", "my-project/worse.yaml", "--wait", cwd=folder)
-    assert again.returncode == 0, again.stdout + again.stderr
-    second = re.search(r"submitted (\S+)", again.stdout)[1]  # type: ignore[index]
+    # Followed, then let go with Ctrl-C: the pipeline goes on without the command.
+    again = subprocess.Popen(
+        [sys.executable, "-m", "torchrelay", "submit", "my-project/worse.yaml", "--wait"],
+        cwd=folder,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )
+    assert again.stdout is not None
+    said = []
+    while not (said and said[-1].startswith("submitted ")):
+        line = again.stdout.readline()
+        assert line, "submit ended before it submitted"
+        said.append(line)
+    second = said[-1].split()[1]
+    again.send_signal(signal.SIGINT)
+    _, stopped = again.communicate(timeout=30)
+    assert again.returncode == 130, stopped
+    assert f"stopped following {second}; the pipeline goes on" in stopped
+    assert "Traceback" not in stopped
+    assert platform.finish(second)["status"] == "succeeded"
     deploy = platform.status(second)["stages"]["deploy"]
     assert deploy["status"] == "skipped", deploy
     assert "accuracy" in deploy["reason"], deploy
@@ -56,7 +79,7 @@ def test_the_guide_trains_serves_and_gates_a_users_own_project(platform: Up, pro
     assert [d["version"] for d in served if d["model"] == "blobs"] == [f"{first}.train"], served
 
     # The same data and code staged again are the same version and workspace.
-    assert re.findall(r"version [0-9a-f]{16}|workspace [0-9a-f]{16}", again.stdout) == (
+    assert re.findall(r"version [0-9a-f]{16}|workspace [0-9a-f]{16}", "".join(said)) == (
         re.findall(r"version [0-9a-f]{16}|workspace [0-9a-f]{16}", submitted.stdout)
     )
 
