@@ -268,9 +268,13 @@ def _logs(args: argparse.Namespace) -> int:
     if not logs:
         print(f"torchrelay: no logs for run {args.run_id} under {folder}", file=sys.stderr)
         return 1
+    from torchrelay.client import render_log_line
+
     for log in logs:
         print(f"==> {log.parent.name}/{log.name} <==")
-        print(log.read_text(errors="replace"), end="")
+        with log.open(errors="replace") as lines:
+            for line in lines:
+                print(line.rstrip("\n") if args.raw else render_log_line(line))
     return 0
 
 
@@ -485,6 +489,7 @@ def build_parser() -> argparse.ArgumentParser:
     status.add_argument("--json", action="store_true")
     logs = commands.add_parser("logs", parents=[state], help="a run's worker logs")
     logs.add_argument("run_id")
+    logs.add_argument("--raw", action="store_true", help="the JSON lines as they are stored")
     predict = commands.add_parser(
         "predict",
         parents=[state],

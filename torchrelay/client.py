@@ -542,3 +542,37 @@ def load_input(path: Path) -> np.ndarray[Any, Any]:
     if array.ndim == 0 or array.dtype.kind not in "biuf":
         raise ValueError(f"{path}: the input must be a numeric array, not {array.dtype}")
     return array
+
+
+_LOG_CONTEXT = frozenset({"event", "level", "timestamp", "run_id", "attempt", "rank"})
+"""Keys every rank log line carries: shown as the line's head, or by the file's header."""
+
+
+def render_log_line(line: str) -> str:
+    """A rank log line for people: ``14:02:11.617 info  train.progress step=10 loss=2.156``,
+    an exception's traceback on its own lines. Text that is not a JSON log event (a traceback
+    the rank printed) is left as it is."""
+    try:
+        record = json.loads(line)
+    except ValueError:
+        return line.rstrip("\n")
+    if not isinstance(record, dict) or "event" not in record:
+        return line.rstrip("\n")
+    stamp = str(record.get("timestamp", ""))
+    clock = stamp[11:23] if len(stamp) >= 23 else stamp
+    exception = record.pop("exception", None)
+    fields = " ".join(
+        f"{key}={_log_value(value)}" for key, value in record.items() if key not in _LOG_CONTEXT
+    )
+    head = f"{clock} {record.get('level', ''):5s} {record['event']} {fields}".rstrip()
+    if isinstance(exception, str) and exception:
+        return head + "\n" + "\n".join(f"    {row}" for row in exception.splitlines())
+    return head
+
+
+def _log_value(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    if isinstance(value, str):
+        return value if value and " " not in value else json.dumps(value)
+    return json.dumps(value, separators=(",", ":"))

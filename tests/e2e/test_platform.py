@@ -78,6 +78,7 @@ def test_a_pipeline_whose_worker_dies_completes_after_a_restart_from_checkpoint(
     assert "==> attempt-0/rank-1.log <==" in shown.stdout
     assert "==> attempt-1/rank-0.log <==" in shown.stdout
     assert "worker.finished" in shown.stdout
+    assert "info  worker.started resumed_from_step=" in shown.stdout, "one readable line"
     assert torchrelay("logs", "no-such-run", cwd=platform.folder).returncode == 1
 
 

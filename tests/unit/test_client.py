@@ -9,7 +9,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from torchrelay.client import Inventory, finished, lineage, load_input, refusal, table
+from torchrelay.client import (
+    Inventory,
+    finished,
+    lineage,
+    load_input,
+    refusal,
+    render_log_line,
+    table,
+)
 from torchrelay.services.serve.domain import DeploymentRecord
 from torchrelay.services.train.domain import ModelRecord
 from torchrelay.shared.events import PipelineSubmitted
@@ -171,3 +179,43 @@ def test_waiting_stops_only_at_a_pipelines_end() -> None:
     assert not finished(record), "a training run (restarted or not) is followed on"
     assert finished(finished_pipeline())
     assert finished(with_stage(record, "train", "failed", NOW, reason="no restarts left"))
+
+
+def test_a_rank_log_event_reads_as_one_line_and_its_traceback_as_lines() -> None:
+    progress = json.dumps(
+        {
+            "step": 10,
+            "loss": 2.1559131145477295,
+            "metrics": {},
+            "event": "train.progress",
+            "run_id": "r",
+            "attempt": 0,
+            "rank": 0,
+            "level": "info",
+            "timestamp": "2026-12-02T14:02:11.617126Z",
+        }
+    )
+    assert render_log_line(progress + "\n") == (
+        "14:02:11.617 info  train.progress step=10 loss=2.156 metrics={}"
+    )
+    failed = json.dumps(
+        {
+            "event": "worker.failed",
+            "level": "error",
+            "reason": "bad column 'z'",
+            "timestamp": "2026-12-02T14:02:12.000001Z",
+            "exception": 'Traceback (most recent call last):\n  File "m.py", line 3\n'
+            "ValueError: bad",
+        }
+    )
+    assert render_log_line(failed).splitlines() == [
+        "14:02:12.000 error worker.failed reason=\"bad column 'z'\"",
+        "    Traceback (most recent call last):",
+        '      File "m.py", line 3',
+        "    ValueError: bad",
+    ]
+
+
+@pytest.mark.parametrize("line", ["Traceback (most recent call last):\n", "[1, 2]\n", "{}\n"])
+def test_text_that_is_no_log_event_is_left_as_it_is(line: str) -> None:
+    assert render_log_line(line) == line.rstrip("\n")
