@@ -135,7 +135,7 @@ def _submit(args: argparse.Namespace) -> int:
     import asyncio
 
     from torchrelay import specfile
-    from torchrelay.client import Client, PipelineRefused, failure_report, train_run_id
+    from torchrelay.client import Client
 
     following: dict[str, str] = {}
 
@@ -154,38 +154,47 @@ def _submit(args: argparse.Namespace) -> int:
             print(f"submitted {pipeline_id}", flush=True)
             if not args.wait:
                 return 0
-            try:
-                record = await client.wait(pipeline_id, timeout_s=args.timeout)
-            except PipelineRefused as exc:
-                print(f"torchrelay: pipeline {pipeline_id} refused: {exc.reason}", file=sys.stderr)
-                return 1
-            except TimeoutError:
-                print(
-                    f"torchrelay: {pipeline_id} is still running after {args.timeout:g}s; it goes "
-                    f"on: `torchrelay status {pipeline_id}` shows it",
-                    file=sys.stderr,
-                )
-                return 1
-            print(f"{pipeline_id}: {record.status}")
-            if record.status == "succeeded":
-                return 0
-            run = await client.run(train_run_id(pipeline_id))
-            print("\n".join(failure_report(record, run)), file=sys.stderr)
-            return 1
+            return await _follow(client, pipeline_id, args.timeout)
         finally:
             await client.aclose()
 
     try:
         return asyncio.run(run())
     except KeyboardInterrupt:
-        if args.wait and "id" in following:
-            pipeline_id = following["id"]
-            print(
-                f"\ntorchrelay: stopped following {pipeline_id}; the pipeline goes on: "
-                f"`torchrelay status {pipeline_id}` shows it",
-                file=sys.stderr,
-            )
-        return EXIT_INTERRUPTED
+        return _let_go(following["id"]) if args.wait and "id" in following else EXIT_INTERRUPTED
+
+
+async def _follow(client: Any, pipeline_id: str, timeout_s: float) -> int:
+    """Follow a pipeline to its end: 0 when it succeeded, else 1 saying why."""
+    from torchrelay.client import PipelineRefused, failure_report, train_run_id
+
+    try:
+        record = await client.wait(pipeline_id, timeout_s=timeout_s)
+    except PipelineRefused as exc:
+        print(f"torchrelay: pipeline {pipeline_id} refused: {exc.reason}", file=sys.stderr)
+        return 1
+    except TimeoutError:
+        print(
+            f"torchrelay: {pipeline_id} is still running after {timeout_s:g}s; it goes on: "
+            f"`torchrelay status {pipeline_id} --follow` follows it again",
+            file=sys.stderr,
+        )
+        return 1
+    print(f"{pipeline_id}: {record.status}")
+    if record.status == "succeeded":
+        return 0
+    run = await client.run(train_run_id(pipeline_id))
+    print("\n".join(failure_report(record, run)), file=sys.stderr)
+    return 1
+
+
+def _let_go(pipeline_id: str) -> int:
+    print(
+        f"\ntorchrelay: stopped following {pipeline_id}; the pipeline goes on: "
+        f"`torchrelay status {pipeline_id} --follow` follows it again",
+        file=sys.stderr,
+    )
+    return EXIT_INTERRUPTED
 
 
 def _uploader(args: argparse.Namespace) -> Any:
@@ -226,6 +235,8 @@ def _status(args: argparse.Namespace) -> int:
             if record is None:
                 print(f"torchrelay: no pipeline {args.id}", file=sys.stderr)
                 return 1
+            if args.follow:
+                return await _follow(client, args.id, args.timeout)
             report = timing(record)
             if args.json:
                 print(json.dumps(report, indent=2, default=str))
@@ -247,6 +258,40 @@ def _status(args: argparse.Namespace) -> int:
             return 0
         finally:
             await client.aclose()
+
+    try:
+        return asyncio.run(run())
+    except KeyboardInterrupt:
+        return _let_go(args.id) if args.follow and args.id else EXIT_INTERRUPTED
+
+
+def _request(args: argparse.Namespace) -> int:
+    """``cancel``, ``deploy`` and ``rollback``: check, then publish the request event."""
+    import asyncio
+
+    from torchrelay.client import Client, Refused
+
+    async def run() -> int:
+        client = await Client.connect(_nats_url(args))
+        try:
+            if args.command == "cancel":
+                run_id = await client.cancel(args.id, args.reason)
+                print(f"cancel of run {run_id} requested; `torchrelay status` shows it end")
+            elif args.command == "deploy":
+                await client.deploy(args.model, args.version, args.replicas)
+                print(
+                    f"rollout of {args.model} {args.version} requested; `torchrelay status` "
+                    "shows the deployment"
+                )
+            else:
+                await client.rollback(args.model, args.to)
+                print(f"rollback of {args.model} requested; `torchrelay status` shows it")
+        except Refused as exc:
+            print(f"torchrelay: {exc}", file=sys.stderr)
+            return 1
+        finally:
+            await client.aclose()
+        return 0
 
     return asyncio.run(run())
 
@@ -450,6 +495,13 @@ def _dead_letter_table(rows: list[dict[str, object]]) -> str:
     )
 
 
+def _replicas(text: str) -> int:
+    value = int(text)
+    if not 1 <= value <= 64:
+        raise argparse.ArgumentTypeError(f"{value} is not between 1 and 64")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="torchrelay", description=__doc__)
     parser.add_argument("--version", action="version", version=f"torchrelay {__version__}")
@@ -487,6 +539,24 @@ def build_parser() -> argparse.ArgumentParser:
     status = commands.add_parser("status", parents=[state], help="pipelines and their stages")
     status.add_argument("id", nargs="?")
     status.add_argument("--json", action="store_true")
+    status.add_argument(
+        "--follow", action="store_true", help="with ID: follow the pipeline live to its end"
+    )
+    status.add_argument("--timeout", type=float, default=1800, help="for --follow, seconds")
+    cancel = commands.add_parser(
+        "cancel", parents=[state], help="stop a pipeline's training (or a run by its id)"
+    )
+    cancel.add_argument("id", help="a pipeline id or a run id")
+    cancel.add_argument("--reason", default="cancelled from the command line")
+    deploy = commands.add_parser("deploy", parents=[state], help="roll a trained model version out")
+    deploy.add_argument("model")
+    deploy.add_argument("version")
+    deploy.add_argument("--replicas", type=_replicas, default=1, help="1 to 64")
+    rollback = commands.add_parser(
+        "rollback", parents=[state], help="put a deployed model's previous version back"
+    )
+    rollback.add_argument("model")
+    rollback.add_argument("--to", help="the version to go to (default: the previous one)")
     logs = commands.add_parser("logs", parents=[state], help="a run's worker logs")
     logs.add_argument("run_id")
     logs.add_argument("--raw", action="store_true", help="the JSON lines as they are stored")
@@ -592,6 +662,9 @@ def _quietly(handler: Any, args: argparse.Namespace) -> int:
 def handlers_of(args: argparse.Namespace) -> Any:
     handlers = {
         "schema": _schema,
+        "cancel": _request,
+        "deploy": _request,
+        "rollback": _request,
         "up": _up,
         "submit": _submit,
         "status": _status,

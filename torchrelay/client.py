@@ -17,11 +17,23 @@ import numpy as np
 
 from torchrelay.services.serve.domain import DeploymentRecord
 from torchrelay.services.serve.server.protocol import read_model_parameters
-from torchrelay.services.train.domain import ModelRecord
+from torchrelay.services.train.domain import ModelRecord, model_key
 from torchrelay.shared.bus.connection import NatsSettings, connect
 from torchrelay.shared.bus.jetstream import JetStreamBus
-from torchrelay.shared.events import PipelineSubmitted
-from torchrelay.shared.events.data import PipelineSpec, PipelineSubmittedData, TrainFailedData
+from torchrelay.shared.events import (
+    ModelDeployRequested,
+    ModelRollbackRequested,
+    PipelineSubmitted,
+    TrainCancelRequested,
+)
+from torchrelay.shared.events.data import (
+    ModelDeployRequestedData,
+    ModelRollbackRequestedData,
+    PipelineSpec,
+    PipelineSubmittedData,
+    TrainCancelRequestedData,
+    TrainFailedData,
+)
 from torchrelay.shared.pipelines import (
     STAGES,
     PipelineRecord,
@@ -94,7 +106,7 @@ class Client:
     @classmethod
     async def connect(cls, nats_url: str) -> Client:
         nc = await connect(NatsSettings(url=nats_url, startup_wait_s=10))
-        bus = JetStreamBus(nc, source="/torchrelay/cli")
+        bus = JetStreamBus(nc, source=SOURCE)
         await bus.ensure_stream()
         return cls(bus, await KvState.open(nc.jetstream()))
 
@@ -105,7 +117,7 @@ class Client:
         """Publish ``pipeline.submitted``; the pipeline id is fresh unless one is given."""
         pipeline_id = pipeline_id or f"{spec.name}-{uuid.uuid4().hex[:8]}"
         event = PipelineSubmitted(
-            source="/torchrelay/cli",
+            source=SOURCE,
             subject=spec.name,
             pipelineid=pipeline_id,
             data=PipelineSubmittedData(spec=spec),
@@ -120,6 +132,62 @@ class Client:
 
     async def records(self) -> list[PipelineRecord]:
         return [item.value for item in await self.pipelines.items()]
+
+    async def cancel(self, ident: str, reason: str) -> str:
+        """Ask train to stop a pipeline's training or a run; the run id asked about, or
+        :class:`Refused` saying why there is nothing to stop."""
+        pipeline = await self.record(ident)
+        run_id = cancellable_run(ident, pipeline)
+        run = await self.run(run_id)
+        if run is None:
+            raise Refused(f"no pipeline or run named {ident!r}")
+        if run.status != "running":
+            raise Refused(f"run {run_id} already ended ({run.status}): nothing to cancel")
+        await self.bus.publish(
+            TrainCancelRequested(
+                source=SOURCE,
+                subject=run_id,
+                pipelineid=run.pipeline_id,
+                data=TrainCancelRequestedData(run_id=run_id, reason=reason),
+            )
+        )
+        return run_id
+
+    async def deploy(self, model: str, version: str, replicas: int) -> None:
+        """Ask serve to roll ``version`` of ``model`` out; :class:`Refused` for a version no
+        run exported."""
+        if await self.models.get(model_key(model, version)) is None:
+            versions = sorted(
+                item.value.version for item in await self.models.items() if item.value.name == model
+            )
+            known = f"its versions: {', '.join(versions)}" if versions else "no versions"
+            raise Refused(f"no version {version!r} of model {model!r} ({known})")
+        await self.bus.publish(
+            ModelDeployRequested(
+                source=SOURCE,
+                subject=model,
+                data=ModelDeployRequestedData(model_name=model, version=version, replicas=replicas),
+            )
+        )
+
+    async def rollback(self, model: str, to_version: str | None) -> None:
+        """Ask serve to put an earlier version of a deployed model back; :class:`Refused` for
+        a model that is not deployed."""
+        deployment = await self.deployment(model)
+        if deployment is None or deployment.active_version is None:
+            raise Refused(f"model {model!r} is not deployed: nothing to roll back")
+        if to_version is None and deployment.previous_version is None:
+            raise Refused(
+                f"model {model!r} serves its first version ({deployment.active_version}): "
+                "name the version to go to with --to"
+            )
+        await self.bus.publish(
+            ModelRollbackRequested(
+                source=SOURCE,
+                subject=model,
+                data=ModelRollbackRequestedData(model_name=model, to_version=to_version),
+            )
+        )
 
     async def run(self, run_id: str) -> RunRecord | None:
         item = await self.runs.get(key_part(run_id))
@@ -180,6 +248,30 @@ class Client:
         finally:
             await progress.unsubscribe()
         raise ConnectionError(f"the watch of pipeline {pipeline_id} ended before it finished")
+
+
+SOURCE = "/torchrelay/cli"
+
+
+class Refused(Exception):
+    """A request the command line does not send: the message says why."""
+
+
+def cancellable_run(ident: str, pipeline: PipelineRecord | None) -> str:
+    """The run a cancel of ``ident`` is about: a pipeline's training run (:class:`Refused`
+    when the pipeline has ended or is not training), else ``ident`` itself as a run id."""
+    if pipeline is None:
+        return ident
+    if pipeline.status != "running":
+        raise Refused(f"pipeline {ident} already ended ({pipeline.status}): nothing to cancel")
+    stage = pipeline.stages["train"]
+    if stage.status != "running":
+        current = next((n for n in STAGES if pipeline.stages[n].status == "running"), "ingest")
+        raise Refused(
+            f"pipeline {ident} is in its {current} stage, not training: only training is "
+            "cancelled (it ends with the pipeline failed)"
+        )
+    return str(stage.detail.get("run_id", train_run_id(ident)))
 
 
 def train_run_id(pipeline_id: str) -> str:
