@@ -71,15 +71,16 @@ def test_an_unreachable_platform_is_one_line_and_exit_2(tmp_path: Path) -> None:
 
 
 def test_a_reader_that_closes_the_pipe_early_gets_no_complaint(tmp_path: Path) -> None:
-    process = subprocess.Popen(
+    with subprocess.Popen(
         [sys.executable, "-m", "torchrelay", "schema", "catalogue"],
         cwd=tmp_path,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
-    )
-    assert process.stdout is not None
-    assert process.stderr is not None
-    process.stdout.close()  # as `| head` does once it has its lines
-    stderr = process.stderr.read().decode()
-    assert process.wait(timeout=60) in {0, 141}
+    ) as process:
+        assert process.stdout is not None
+        assert process.stderr is not None
+        process.stdout.close()  # as `| head` does once it has its lines
+        stderr = process.stderr.read().decode()
+        code = process.wait(timeout=60)
+    assert code in {0, 141}
     assert stderr == ""

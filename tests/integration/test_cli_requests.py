@@ -125,7 +125,11 @@ async def test_cancel_stops_a_training_pipeline_and_refuses_what_has_nothing_to_
 
     for ident, says in [
         ("nope", "no pipeline or run named 'nope'"),
-        ("p-ingest", "pipeline p-ingest is in its ingest stage, not training"),
+        (
+            "p-ingest",
+            "pipeline p-ingest is in its ingest stage, not training: only training is "
+            "cancelled (it ends with the pipeline failed)",
+        ),
         ("p-done", "pipeline p-done already ended (failed): nothing to cancel"),
         ("lone-run", "run lone-run already ended (succeeded): nothing to cancel"),
     ]:
