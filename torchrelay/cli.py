@@ -283,12 +283,68 @@ def _request(args: argparse.Namespace) -> int:
                     f"rollout of {args.model} {args.version} requested; `torchrelay status` "
                     "shows the deployment"
                 )
-            else:
+            elif args.command == "rollback":
                 await client.rollback(args.model, args.to)
                 print(f"rollback of {args.model} requested; `torchrelay status` shows it")
+            else:
+                pipeline_id = await client.retry(args.id)
+                print(f"submitted {pipeline_id} (a retry of {args.id})")
+                if args.wait:
+                    return await _follow(client, pipeline_id, args.timeout)
         except Refused as exc:
             print(f"torchrelay: {exc}", file=sys.stderr)
             return 1
+        finally:
+            await client.aclose()
+        return 0
+
+    return asyncio.run(run())
+
+
+def _listing(args: argparse.Namespace) -> int:
+    """``models`` and ``datasets``: one table (or JSON)."""
+    import asyncio
+
+    from torchrelay.client import Client, table
+
+    async def run() -> list[dict[str, Any]]:
+        client = await Client.connect(_nats_url(args))
+        try:
+            if args.command == "models":
+                return (await client.inventory()).rows()["models"]
+            return [
+                {
+                    "dataset": v.name,
+                    "version": v.version,
+                    "format": v.format,
+                    "files": v.files,
+                    "bytes": v.size_bytes,
+                    "created": v.created.isoformat(timespec="seconds"),
+                    "source": v.source,
+                }
+                for v in await client.datasets()
+            ]
+        finally:
+            await client.aclose()
+
+    rows = asyncio.run(run())
+    print(json.dumps(rows, indent=2, default=str) if args.json else table(rows))
+    return 0
+
+
+def _events(args: argparse.Namespace) -> int:
+    """The stream's last events, one line each (``--json``: as stored); ``--follow`` goes on."""
+    import asyncio
+
+    from torchrelay.client import Client, event_line
+
+    async def run() -> int:
+        client = await Client.connect(_nats_url(args))
+        try:
+            async for event in client.events(
+                last=args.last, follow=args.follow, pipeline_id=args.pipeline
+            ):
+                print(json.dumps(event) if args.json else event_line(event), flush=True)
         finally:
             await client.aclose()
         return 0
@@ -543,20 +599,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--follow", action="store_true", help="with ID: follow the pipeline live to its end"
     )
     status.add_argument("--timeout", type=float, default=1800, help="for --follow, seconds")
-    cancel = commands.add_parser(
-        "cancel", parents=[state], help="stop a pipeline's training (or a run by its id)"
-    )
-    cancel.add_argument("id", help="a pipeline id or a run id")
-    cancel.add_argument("--reason", default="cancelled from the command line")
-    deploy = commands.add_parser("deploy", parents=[state], help="roll a trained model version out")
-    deploy.add_argument("model")
-    deploy.add_argument("version")
-    deploy.add_argument("--replicas", type=_replicas, default=1, help="1 to 64")
-    rollback = commands.add_parser(
-        "rollback", parents=[state], help="put a deployed model's previous version back"
-    )
-    rollback.add_argument("model")
-    rollback.add_argument("--to", help="the version to go to (default: the previous one)")
+    _add_operations(commands, state)
     logs = commands.add_parser("logs", parents=[state], help="a run's worker logs")
     logs.add_argument("run_id")
     logs.add_argument("--raw", action="store_true", help="the JSON lines as they are stored")
@@ -588,6 +631,39 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--timeout", type=float, default=600)
     _add_deadletters(commands, state)
     return parser
+
+
+def _add_operations(commands: Any, state: argparse.ArgumentParser) -> None:
+    """What an operator asks of a running platform: cancel, deploy, rollback, retry; and
+    what it lists: models, datasets, events."""
+    cancel = commands.add_parser(
+        "cancel", parents=[state], help="stop a pipeline's training (or a run by its id)"
+    )
+    cancel.add_argument("id", help="a pipeline id or a run id")
+    cancel.add_argument("--reason", default="cancelled from the command line")
+    deploy = commands.add_parser("deploy", parents=[state], help="roll a trained model version out")
+    deploy.add_argument("model")
+    deploy.add_argument("version")
+    deploy.add_argument("--replicas", type=_replicas, default=1, help="1 to 64")
+    rollback = commands.add_parser(
+        "rollback", parents=[state], help="put a deployed model's previous version back"
+    )
+    rollback.add_argument("model")
+    rollback.add_argument("--to", help="the version to go to (default: the previous one)")
+    retry = commands.add_parser(
+        "retry", parents=[state], help="submit a failed pipeline again, as it was specified"
+    )
+    retry.add_argument("id")
+    retry.add_argument("--wait", action="store_true", help="follow it to the end")
+    retry.add_argument("--timeout", type=float, default=1800)
+    for name, what in [("models", "trained model versions"), ("datasets", "staged datasets")]:
+        listing = commands.add_parser(name, parents=[state], help=f"list the {what}")
+        listing.add_argument("--json", action="store_true")
+    events = commands.add_parser("events", parents=[state], help="the stream's events")
+    events.add_argument("--pipeline", help="only this pipeline's")
+    events.add_argument("--last", type=int, default=20, help="how many to show first")
+    events.add_argument("--follow", action="store_true", help="then each new one")
+    events.add_argument("--json", action="store_true", help="each event as stored")
 
 
 def _add_deadletters(commands: Any, state: argparse.ArgumentParser) -> None:
@@ -665,6 +741,10 @@ def handlers_of(args: argparse.Namespace) -> Any:
         "cancel": _request,
         "deploy": _request,
         "rollback": _request,
+        "retry": _request,
+        "models": _listing,
+        "datasets": _listing,
+        "events": _events,
         "up": _up,
         "submit": _submit,
         "status": _status,

@@ -4,17 +4,20 @@ send an inference."""
 from __future__ import annotations
 
 import asyncio
+import collections
 import json
 import time
 import uuid
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
 import aiohttp
 import numpy as np
+from nats.js.api import ConsumerConfig, DeliverPolicy
 
+from torchrelay.services.ingest.handlers import VERSIONS, VersionRecord
 from torchrelay.services.serve.domain import DeploymentRecord
 from torchrelay.services.serve.server.protocol import read_model_parameters
 from torchrelay.services.train.domain import ModelRecord, model_key
@@ -97,6 +100,7 @@ def finished(record: PipelineRecord) -> bool:
 class Client:
     def __init__(self, bus: JetStreamBus, state: State) -> None:
         self.bus = bus
+        self.state = state
         self._submitted: dict[str, PipelineSubmitted] = {}
         self.pipelines = state.store("pipelines", PipelineRecord)
         self.runs = state.store("runs", RunRecord)
@@ -115,7 +119,7 @@ class Client:
 
     async def submit(self, spec: PipelineSpec, *, pipeline_id: str | None = None) -> str:
         """Publish ``pipeline.submitted``; the pipeline id is fresh unless one is given."""
-        pipeline_id = pipeline_id or f"{spec.name}-{uuid.uuid4().hex[:8]}"
+        pipeline_id = pipeline_id or f"{spec.name}-{_fresh()}"
         event = PipelineSubmitted(
             source=SOURCE,
             subject=spec.name,
@@ -189,6 +193,70 @@ class Client:
             )
         )
 
+    async def retry(self, pipeline_id: str) -> str:
+        """Submit a pipeline that failed again, as it was specified, under a new id (its data
+        and code are the versions it staged, so the same bytes are trained on)."""
+        record = await self.record(pipeline_id)
+        if record is None:
+            raise Refused(f"no pipeline {pipeline_id}")
+        if record.status != "failed":
+            raise Refused(
+                f"pipeline {pipeline_id} {record.status}, it did not fail: nothing to retry"
+            )
+        return await self.submit(record.spec, pipeline_id=f"{record.spec.name}-{_fresh()}")
+
+    async def datasets(self) -> list[VersionRecord]:
+        """Every staged dataset version, oldest first."""
+        staged = self.state.store("datasets", VersionRecord)
+        return sorted((i.value for i in await staged.items(VERSIONS)), key=lambda v: v.created)
+
+    async def events(
+        self, *, last: int, follow: bool, pipeline_id: str | None = None
+    ) -> AsyncIterator[dict[str, Any]]:
+        """The stream's events as JSON objects: the ``last`` ones (of ``pipeline_id`` only,
+        when given), then, with ``follow``, each new one as it arrives."""
+        js = self.bus.nc.jetstream()
+        newest = (await js.stream_info(self.bus.settings.name)).state.last_seq
+        # Of one pipeline, the last ones can lie anywhere: read from the start and keep them.
+        start = 1 if pipeline_id else max(1, newest - last + 1)
+        subscription = await js.subscribe(
+            "torchrelay.>",
+            stream=self.bus.settings.name,
+            ordered_consumer=True,
+            config=ConsumerConfig(
+                deliver_policy=DeliverPolicy.BY_START_SEQUENCE, opt_start_seq=start
+            ),
+        )
+
+        def wanted(message: Any) -> dict[str, Any] | None:
+            try:
+                event = json.loads(message.data)
+            except ValueError:
+                return None
+            if not isinstance(event, dict):
+                return None
+            return event if pipeline_id in (None, event.get("pipelineid")) else None
+
+        kept: collections.deque[dict[str, Any]] = collections.deque(maxlen=last)
+        try:
+            while newest >= start:  # what the stream held when asked: there, so no long wait
+                try:
+                    message = await subscription.next_msg(timeout=5)
+                except TimeoutError:
+                    break
+                if (event := wanted(message)) is not None:
+                    kept.append(event)
+                if message.metadata.sequence.stream >= newest:
+                    break
+            for event in kept:
+                yield event
+            while follow:
+                message = await subscription.next_msg(timeout=None)
+                if (event := wanted(message)) is not None:
+                    yield event
+        finally:
+            await subscription.unsubscribe()
+
     async def run(self, run_id: str) -> RunRecord | None:
         item = await self.runs.get(key_part(run_id))
         return item.value if item else None
@@ -251,6 +319,26 @@ class Client:
 
 
 SOURCE = "/torchrelay/cli"
+
+
+def _fresh() -> str:
+    """The random part of a pipeline id the command line makes up."""
+    return uuid.uuid4().hex[:8]
+
+
+def event_line(event: dict[str, Any]) -> str:
+    """One stream event on one line: time, type, pipeline, and its data's plain fields."""
+    kind = str(event.get("type", "?")).removeprefix("io.torchrelay.")
+    kind = kind.rsplit(".v", 1)[0] if ".v" in kind else kind
+    raw = event.get("data")
+    data: dict[str, Any] = raw if isinstance(raw, dict) else {}
+    fields = " ".join(
+        f"{key}={_log_value(value)}"
+        for key, value in data.items()
+        if isinstance(value, str | int | float | bool) and key != "log_tail"
+    )
+    when = str(event.get("time", ""))[:19].replace("T", " ")
+    return f"{when} {kind:24s} {event.get('pipelineid') or '-':24s} {fields}".rstrip()
 
 
 class Refused(Exception):

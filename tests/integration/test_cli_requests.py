@@ -5,6 +5,7 @@ refuses with one line and exit 1 when there is nothing to do (issue 15, item 3).
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import signal
 import subprocess
@@ -16,18 +17,21 @@ import nats
 import pytest
 
 from tests.integration.watching import Watcher, watching
+from torchrelay.services.ingest.handlers import VersionRecord, version_key
 from torchrelay.services.serve.domain import DeploymentRecord
 from torchrelay.services.train.domain import ModelRecord, model_key
 from torchrelay.shared.bus.jetstream import JetStreamBus
 from torchrelay.shared.events import (
     ModelDeployRequested,
     ModelRollbackRequested,
+    PipelineSubmitted,
     TrainCancelRequested,
 )
 from torchrelay.shared.events.data import DatasetRef, PipelineSpec, TrainJobSpec
 from torchrelay.shared.pipelines import PipelineRecord, pipeline_key, with_stage
 from torchrelay.shared.runs import RunRecord
 from torchrelay.shared.state import KvState, State, key_part
+from torchrelay.shared.testing import assert_eventually
 
 pytestmark = [pytest.mark.timeout(90)]
 SPEC = PipelineSpec.model_validate(
@@ -61,7 +65,7 @@ async def state(nats_url: str) -> AsyncIterator[State]:
 
 @pytest.fixture
 async def bus(nats_url: str) -> AsyncIterator[tuple[JetStreamBus, Watcher]]:
-    kinds = [TrainCancelRequested, ModelDeployRequested, ModelRollbackRequested]
+    kinds = [TrainCancelRequested, ModelDeployRequested, ModelRollbackRequested, PipelineSubmitted]
     async with watching(nats_url, "test-cli-requests", kinds) as pair:
         yield pair
 
@@ -227,3 +231,104 @@ async def test_ctrl_c_on_status_follow_says_the_pipeline_goes_on(
     said = err.decode()
     assert "stopped following p-long; the pipeline goes on" in said
     assert "Traceback" not in said
+
+
+async def test_retry_submits_a_failed_pipelines_spec_again_under_a_new_id(
+    nats_url: str, state: State, bus: tuple[JetStreamBus, Watcher]
+) -> None:
+    _, watcher = bus
+    await a_pipeline(state, "p-failed", ("ingest", "succeeded"), ("train", "failed"))
+    await a_pipeline(state, "p-busy", ("ingest", "running"))
+    retried = torchrelay(nats_url, "retry", "p-failed")
+    assert retried.returncode == 0, retried.stderr
+    new_id = retried.stdout.split()[1]
+    assert new_id.startswith("digits-")
+    assert new_id != "p-failed"
+    await assert_eventually(
+        lambda: [e for e in watcher.of(PipelineSubmitted) if e.pipelineid == new_id]
+    )
+    (event,) = [e for e in watcher.of(PipelineSubmitted) if e.pipelineid == new_id]
+    assert event.data.spec == SPEC
+    for ident, says in [
+        ("p-busy", "pipeline p-busy running, it did not fail: nothing to retry"),
+        ("nope", "no pipeline nope"),
+    ]:
+        refused = torchrelay(nats_url, "retry", ident)
+        assert (refused.returncode, refused.stderr.strip()) == (1, f"torchrelay: {says}")
+
+
+async def test_models_and_datasets_list_what_was_trained_and_staged(
+    nats_url: str, state: State
+) -> None:
+    await state.store("models", ModelRecord).put(
+        model_key("listed", "v7"),
+        ModelRecord(
+            name="listed",
+            version="v7",
+            path="models/listed/v7",
+            metrics={"accuracy": 0.97},
+            run_id="r7",
+            dataset="blobs@d1",
+            created=datetime.now(UTC),
+        ),
+    )
+    await state.store("datasets", VersionRecord).put(
+        version_key("listed-data", "d1"),
+        VersionRecord(
+            name="listed-data",
+            version="d1",
+            format="csv",
+            path="datasets/listed-data/d1",
+            files=1,
+            size_bytes=27510,
+            source="upload:blobs.csv",
+            created=datetime.now(UTC),
+        ),
+    )
+    models = torchrelay(nats_url, "models", "--json")
+    assert models.returncode == 0, models.stderr
+    assert {"model": "listed@v7", "metrics": "accuracy=0.97"}.items() <= next(
+        row for row in json.loads(models.stdout) if row["model"] == "listed@v7"
+    ).items()
+    datasets = torchrelay(nats_url, "datasets")
+    assert datasets.returncode == 0, datasets.stderr
+    row = next(line for line in datasets.stdout.splitlines() if "listed-data" in line)
+    assert row.split()[:5] == ["listed-data", "d1", "csv", "1", "27510"]
+
+
+async def test_events_shows_the_last_ones_of_a_pipeline_and_follows_new_ones(
+    nats_url: str, bus: tuple[JetStreamBus, Watcher]
+) -> None:
+    publisher, _ = bus
+    for index in range(3):
+        for pipeline in ("ev-a", "ev-b"):
+            await publisher.publish(submitted(pipeline, index))
+    shown = torchrelay(nats_url, "events", "--pipeline", "ev-a", "--last", "2")
+    assert shown.returncode == 0, shown.stderr
+    lines = shown.stdout.splitlines()
+    assert len(lines) == 2
+    assert [line.split()[2:4] for line in lines] == [["pipeline.submitted", "ev-a"]] * 2
+
+    follow = await asyncio.create_subprocess_exec(
+        *(sys.executable, "-m", "torchrelay", "events", "--follow", "--last", "0"),
+        *("--pipeline", "ev-b", "--nats-url", nats_url),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    assert follow.stdout is not None
+    await asyncio.sleep(2)  # subscribed by now; a later event is followed either way
+    await publisher.publish(submitted("ev-a", 9))
+    await publisher.publish(submitted("ev-b", 9))
+    line = await asyncio.wait_for(follow.stdout.readline(), 30)
+    assert line.split()[2:4] == [b"pipeline.submitted", b"ev-b"]
+    follow.send_signal(signal.SIGINT)
+    _, err = await asyncio.wait_for(follow.communicate(), 30)
+    assert follow.returncode == 130
+    assert b"Traceback" not in err
+
+
+def submitted(pipeline_id: str, index: int) -> PipelineSubmitted:
+    spec = SPEC.model_copy(update={"name": f"events-{index}"})
+    return PipelineSubmitted(
+        source="/tests", subject=spec.name, pipelineid=pipeline_id, data={"spec": spec}
+    )
