@@ -8,9 +8,11 @@ PYTHON ?= python3
 .PHONY: install check lint test demo bench clean
 
 $(VENV)/.installed: pyproject.toml
+	@echo "first run: installing torchrelay and its dependencies into $(VENV) (a few minutes)"
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e '.[dev]'
+	$(PY) -m pip install -e '.[dev]'
+	@echo "installed: $(VENV)"
 	touch $@
 
 install: $(VENV)/.installed
