@@ -25,6 +25,10 @@ EXIT_INTERRUPTED = 130
 """128 + SIGINT, as shells report a command Ctrl-C stopped."""
 EXIT_BROKEN_PIPE = 141
 """128 + SIGPIPE, as a command that wrote to a closed pipe reports it."""
+STATE_DIR_HELP = (
+    "the platform's state folder (default: $TORCHRELAY_STATE_DIR, else "
+    "$XDG_STATE_HOME/torchrelay, else ~/.local/state/torchrelay)"
+)
 
 
 def _schema_export(directory: Path) -> int:
@@ -92,6 +96,8 @@ def _env(args: argparse.Namespace) -> int:
         # facts, nothing else.
         "TORCHRELAY_PUBLISHER_URL": platform.client_url(args.state_dir, url, principals.PUBLISHER),
         "TORCHRELAY_STORAGE_ROOT": str(described["storage_root"]),
+        # Later commands in this shell find this platform from any folder.
+        "TORCHRELAY_STATE_DIR": str(args.state_dir.absolute()),
     }
     for name, value in lines.items():
         print(f"export {name}={shlex.quote(value)}")
@@ -103,17 +109,49 @@ def _up(args: argparse.Namespace) -> int:
     import time
 
     from torchrelay import platform
+    from torchrelay.shared.errors import ConfigError
 
     if platform.running(args.state_dir) is not None:
         print(f"torchrelay: a platform already runs from {args.state_dir}", file=sys.stderr)
         return EXIT_USAGE
-    started = platform.start(args.state_dir, nats_url=args.nats_url, replicas=args.replicas)
-    print(f"NATS        {started.nats_url}   (credentials: `torchrelay env`)")
-    for replica in started.replicas:
-        log = started.log_path(replica.name)
-        print(f"{replica.name:11s} http://127.0.0.1:{replica.port}   (log: {log})")
-    print(f"storage     {started.storage_root}")
-    print("A service that dies is started again. Ctrl-C stops everything.", flush=True)
+    begun = time.monotonic()
+    if args.detach:
+        try:
+            described = platform.start_detached(
+                args.state_dir,
+                nats_url=args.nats_url,
+                replicas=args.replicas,
+                timeout_s=args.timeout,
+            )
+        except ConfigError as exc:
+            print(f"torchrelay: {exc}", file=sys.stderr)
+            return 1
+        print("\n".join(platform.summary(described)))
+        log = platform.up_log(Path(described["state_dir"]))
+        print(
+            f"ready in {time.monotonic() - begun:.1f}s, running in the background "
+            f"(pid {described['pid']}, log: {log}); `{_down_command(args.state_dir)}` stops it"
+        )
+        return 0
+    # SIGTERM (`torchrelay down`) while it starts: KeyboardInterrupt, and start stops what it
+    # started.
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
+    try:
+        started = platform.start(
+            args.state_dir, nats_url=args.nats_url, replicas=args.replicas, timeout_s=args.timeout
+        )
+    except ConfigError as exc:
+        print(f"torchrelay: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("torchrelay: stopped before it was ready", file=sys.stderr)
+        return 1
+    print("\n".join(platform.summary(started.describe())))
+    print(
+        f"ready in {time.monotonic() - begun:.1f}s. A service that dies is started again. "
+        f"Ctrl-C (or `{_down_command(args.state_dir)}`) stops everything.",
+        flush=True,
+    )
     stop = {"requested": False}
 
     def request_stop(signum: int, frame: object) -> None:
@@ -128,6 +166,35 @@ def _up(args: argparse.Namespace) -> int:
     finally:
         print("stopping...", flush=True)
         platform.stop(started)
+    return 0
+
+
+def _down_command(state_dir: Path) -> str:
+    """The `torchrelay down` that finds the platform of ``state_dir`` (from any folder)."""
+    import shlex
+
+    from torchrelay import platform
+
+    if state_dir == platform.resolve_state_dir(None):
+        return "torchrelay down"
+    return f"torchrelay down --state-dir {shlex.quote(str(state_dir.absolute()))}"
+
+
+def _down(args: argparse.Namespace) -> int:
+    """Stop the platform that runs from the state folder (`up`, detached or not)."""
+    from torchrelay import platform
+    from torchrelay.shared.errors import ConfigError
+
+    described = platform.running(args.state_dir)
+    if described is None:
+        print(f"torchrelay: no platform runs from {args.state_dir}", file=sys.stderr)
+        return 1
+    try:
+        platform.stop_running(args.state_dir, int(described["pid"]), timeout_s=args.timeout)
+    except ConfigError as exc:
+        print(f"torchrelay: {exc}", file=sys.stderr)
+        return 1
+    print(f"stopped the platform that ran from {args.state_dir}")
     return 0
 
 
@@ -578,11 +645,25 @@ def build_parser() -> argparse.ArgumentParser:
     )
 
     state = argparse.ArgumentParser(add_help=False)
-    state.add_argument("--state-dir", type=Path, default=Path(".torchrelay"))
+    state.add_argument("--state-dir", type=Path, default=None, help=STATE_DIR_HELP)
     state.add_argument("--nats-url", help="use this NATS instead of the platform's own")
 
     up = commands.add_parser("up", parents=[state], help="run NATS and the four services here")
     up.add_argument("--replicas", type=int, default=1, help="processes per service (default 1)")
+    up.add_argument(
+        "--detach",
+        action="store_true",
+        help="run in the background and return once every service is ready "
+        "(`torchrelay down` stops it; its output: <state>/logs/up.log)",
+    )
+    up.add_argument(
+        "--timeout", type=float, default=120, help="seconds to be ready in (default 120)"
+    )
+    down = commands.add_parser("down", help="stop the platform `up` runs (detached or not)")
+    down.add_argument("--state-dir", type=Path, default=None, help=STATE_DIR_HELP)
+    down.add_argument(
+        "--timeout", type=float, default=60, help="seconds to wait for it to stop (default 60)"
+    )
     submit = commands.add_parser("submit", parents=[state], help="submit a pipeline (YAML/JSON)")
     submit.add_argument("file", type=Path)
     submit.add_argument("--wait", action="store_true", help="follow it to the end")
@@ -626,7 +707,7 @@ def build_parser() -> argparse.ArgumentParser:
     env = commands.add_parser(
         "env", help="export lines: the platform's NATS URLs (with credentials) and storage"
     )
-    env.add_argument("--state-dir", type=Path, default=Path(".torchrelay"))
+    env.add_argument("--state-dir", type=Path, default=None, help=STATE_DIR_HELP)
     demo = commands.add_parser("demo", parents=[state], help="run the digits demo pipeline")
     demo.add_argument("--timeout", type=float, default=600)
     _add_deadletters(commands, state)
@@ -695,6 +776,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _service(args.name, rest)
     if rest:
         build_parser().error(f"unrecognised arguments: {' '.join(rest)}")
+    if "state_dir" in vars(args):
+        from torchrelay.platform import resolve_state_dir
+
+        args.state_dir = resolve_state_dir(args.state_dir)
     return _quietly(handlers_of(args), args)
 
 
@@ -746,6 +831,7 @@ def handlers_of(args: argparse.Namespace) -> Any:
         "datasets": _listing,
         "events": _events,
         "up": _up,
+        "down": _down,
         "submit": _submit,
         "status": _status,
         "logs": _logs,

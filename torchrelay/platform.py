@@ -2,8 +2,11 @@
 
 ``torchrelay up`` runs it in the foreground and supervises it: a service process that dies is
 started again (with a growing pause if it keeps dying), as a Kubernetes Deployment would, and
-the other replicas take its work over meanwhile. ``torchrelay demo`` starts one if none is
-running. The running platform is described in ``<state>/platform.json`` for the other commands.
+the other replicas take its work over meanwhile. ``torchrelay up --detach`` runs that same
+supervisor in the background and returns once every service is ready; ``torchrelay down``
+stops it. ``torchrelay demo`` starts one if none is running. The running platform is described
+in ``<state>/platform.json`` for the other commands; the state folder is found by
+:func:`resolve_state_dir`.
 """
 
 from __future__ import annotations
@@ -16,7 +19,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -28,12 +31,46 @@ from torchrelay.shared.errors import ConfigError
 from torchrelay.shared.storage import atomic_write_bytes
 
 SERVICES = ("ingest", "train", "serve", "monitor")
-DEFAULT_STATE = Path(".torchrelay")
+STATE_DIR_VARIABLE = "TORCHRELAY_STATE_DIR"
 RESTART_PAUSES_S = (0.5, 1.0, 2.0, 5.0, 10.0, 30.0)
 STEADY_AFTER_S = 60.0
 """A replica that ran this long before dying is restarted at once again."""
 NATS_PORT = 4222
 """The embedded NATS listens here when the port is free (else on any free port, and says so)."""
+UP_LOG = "up.log"
+"""The detached supervisor's own output, under ``<state>/logs``."""
+
+
+def resolve_state_dir(
+    given: Path | None,
+    *,
+    environ: Mapping[str, str] | None = None,
+    home: Path | None = None,
+) -> Path:
+    """Where the platform keeps its state: ``--state-dir``, else ``$TORCHRELAY_STATE_DIR``,
+    else the user's own ``$XDG_STATE_HOME/torchrelay`` (``~/.local/state/torchrelay`` when
+    that is unset or not absolute, as the XDG base directory specification says). The same
+    folder whatever the current directory, so every command finds the running platform."""
+    environ = os.environ if environ is None else environ
+    if given is not None:
+        return given
+    if environ.get(STATE_DIR_VARIABLE):
+        return Path(environ[STATE_DIR_VARIABLE])
+    xdg = environ.get("XDG_STATE_HOME", "")
+    if xdg and Path(xdg).is_absolute():
+        return Path(xdg) / "torchrelay"
+    return (Path.home() if home is None else home) / ".local" / "state" / "torchrelay"
+
+
+def nats_note(port: int) -> str | None:
+    """What to say about the port the platform's own NATS got: nothing when it is the
+    well-known one that clients default to."""
+    if port == NATS_PORT:
+        return None
+    return (
+        f"port {NATS_PORT} was taken (another NATS?), so this NATS listens on {port}: "
+        'clients find it with `eval "$(torchrelay env)"`'
+    )
 
 
 @dataclass
@@ -67,6 +104,8 @@ class Platform:
     nats_due: float | None = None
     """When a dead nats-server is to be started again."""
     nats_restarts: int = 0
+    nats_note: str | None = None
+    """Why the platform's own NATS is not on :data:`NATS_PORT`."""
 
     @property
     def storage_root(self) -> Path:
@@ -79,6 +118,9 @@ class Platform:
         return {
             "pid": os.getpid(),
             "nats_url": self.nats_url,
+            "nats_note": self.nats_note,
+            "nats_pid": self.nats.pid if self.nats is not None else None,
+            "state_dir": str(self.state_dir.resolve()),
             "storage_root": str(self.storage_root.resolve()),
             "services": {
                 r.name: {"url": f"http://127.0.0.1:{r.port}", "pid": r.process.pid}
@@ -120,13 +162,39 @@ def client_url(state_dir: Path, nats_url: str, user: str = principals.ADMIN) -> 
 
 
 def start_nats(state_dir: Path, passwords: dict[str, str]) -> NatsServer:
+    """nats-server on :data:`NATS_PORT` when that port is free, else on any free port (see
+    :func:`nats_note`)."""
     authorization = principals.server_authorization(passwords)
     try:
-        return NatsServer(state_dir / "nats", port=NATS_PORT, authorization=authorization).start()
+        return _start_server(
+            NatsServer(state_dir / "nats", port=NATS_PORT, authorization=authorization)
+        )
     except ConfigError as exc:
         if "address already in use" not in str(exc):
             raise
-    return NatsServer(state_dir / "nats", authorization=authorization).start()
+    return _start_server(NatsServer(state_dir / "nats", authorization=authorization))
+
+
+def _start_server(server: NatsServer) -> NatsServer:
+    try:
+        return server.start()
+    except BaseException:
+        server.stop()  # interrupted (SIGTERM while `up` starts): nothing left running
+        raise
+
+
+def summary(described: Mapping[str, Any]) -> list[str]:
+    """What ``up`` says once the platform is ready: where NATS and each service listen, the
+    logs, the storage and the state folder (from ``platform.json``'s description)."""
+    logs = Path(described["state_dir"]) / "logs"
+    lines = [f"NATS        {described['nats_url']}   (credentials: `torchrelay env`)"]
+    if described.get("nats_note"):
+        lines.append(f"            {described['nats_note']}")
+    for name, service in described["services"].items():
+        lines.append(f"{name:11s} {service['url']}   (log: {logs / f'{name}.log'})")
+    lines.append(f"storage     {described['storage_root']}")
+    lines.append(f"state       {described['state_dir']}")
+    return lines
 
 
 def running(state_dir: Path) -> dict[str, Any] | None:
@@ -150,13 +218,13 @@ def start(
         raise ConfigError(f"replicas must be at least 1, not {replicas}")
     state_dir.mkdir(parents=True, exist_ok=True)
     (state_dir / "logs").mkdir(exist_ok=True)
-    nats = passwords = None
-    if nats_url is None:
-        passwords = nats_passwords(state_dir)
-        nats = start_nats(state_dir, passwords)
-        nats_url = nats.url
-    platform = Platform(state_dir, nats_url, nats, passwords=passwords)
+    passwords = nats_passwords(state_dir) if nats_url is None else None
+    platform = Platform(state_dir, nats_url or "", passwords=passwords)
     try:
+        if passwords is not None:
+            nats = platform.nats = start_nats(state_dir, passwords)
+            platform.nats_url = nats.url
+            platform.nats_note = nats_note(nats.port or 0)
         for name in SERVICES:
             for index in range(replicas):
                 platform.replicas.append(Replica(name, index, _spawn(platform, name, index)))
@@ -277,6 +345,7 @@ def _supervise_nats(platform: Platform, now: float, say: Callable[[str], None]) 
             return
         platform.nats_restarts = 0
         say(f"nats-server is back: {nats.url}")
+        platform.save()  # its new pid
 
 
 def stop(platform: Platform, timeout_s: float = 30) -> None:
@@ -294,3 +363,107 @@ def stop(platform: Platform, timeout_s: float = 30) -> None:
         platform.nats.stop()
     with contextlib.suppress(FileNotFoundError):
         (platform.state_dir / "platform.json").unlink()
+
+
+def up_log(state_dir: Path) -> Path:
+    return state_dir / "logs" / UP_LOG
+
+
+def start_detached(
+    state_dir: Path,
+    *,
+    nats_url: str | None = None,
+    replicas: int = 1,
+    timeout_s: float = 120,
+) -> dict[str, Any]:
+    """``torchrelay up`` as a process of its own, in a session of its own (it outlives this
+    process and the terminal), its output appended to ``<state>/logs/up.log``. Returns its
+    description once every service is ready. Raises ConfigError with the log's last lines when
+    it exits first, or when it is not ready in ``timeout_s`` (and a margin for NATS): then it
+    is stopped first, and nothing is left running."""
+    state_dir = state_dir.resolve()
+    log = up_log(state_dir)
+    log.parent.mkdir(parents=True, exist_ok=True)
+    argv = [sys.executable, "-m", "torchrelay", "up", "--state-dir", str(state_dir),
+            "--replicas", str(replicas), "--timeout", str(timeout_s)]  # fmt: skip
+    if nats_url is not None:
+        argv += ["--nats-url", nats_url]
+    with log.open("ab") as output:
+        offset = output.tell()
+        supervisor = subprocess.Popen(
+            argv, stdout=output, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+            start_new_session=True,
+        )  # fmt: skip
+    deadline = time.monotonic() + timeout_s + 30
+    try:
+        while True:
+            described = running(state_dir)
+            if described is not None and described.get("pid") == supervisor.pid:
+                return described
+            code = supervisor.poll()
+            if code is not None:
+                why = f"`torchrelay up` exited ({code}) before it was ready"
+                break
+            if time.monotonic() >= deadline:
+                _end(supervisor)
+                why = f"the platform was not ready in {timeout_s:g}s, so it was stopped"
+                break
+            time.sleep(0.1)
+    except BaseException:
+        _end(supervisor)
+        raise
+    raise ConfigError(f"{why}; the end of {log}:\n{_tail(log, offset)}")
+
+
+def _end(supervisor: subprocess.Popen[bytes], timeout_s: float = 60) -> None:
+    """Stop a detached ``up`` (it stops what it started); its whole process group if it
+    does not."""
+    if supervisor.poll() is None:
+        supervisor.send_signal(signal.SIGTERM)
+    try:
+        supervisor.wait(timeout_s)
+    except subprocess.TimeoutExpired:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(supervisor.pid, signal.SIGKILL)
+        supervisor.wait()
+
+
+def _tail(log: Path, offset: int, lines: int = 15) -> str:
+    """The last lines this start wrote to ``log`` (written from ``offset`` on)."""
+    with log.open("rb") as written:
+        written.seek(offset)
+        text = written.read().decode(errors="replace")
+    return "\n".join(f"  {line}" for line in text.splitlines()[-lines:]) or "  (nothing)"
+
+
+def stop_running(state_dir: Path, pid: int, timeout_s: float = 60) -> None:
+    """SIGTERM the supervisor ``pid`` of the platform running from ``state_dir`` (``up``,
+    detached or not) and wait until it has stopped everything: its ``platform.json`` is gone.
+    Raises ConfigError when it is still stopping after ``timeout_s``, or when it ended without
+    cleaning up."""
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(pid, signal.SIGTERM)
+    description = state_dir / "platform.json"
+    deadline = time.monotonic() + timeout_s
+    while description.exists():
+        if not _alive(pid) and description.exists():
+            raise ConfigError(
+                f"the platform's supervisor (pid {pid}) ended without stopping its services: "
+                f"{description} is stale (its pids may still run)"
+            )
+        if time.monotonic() >= deadline:
+            raise ConfigError(
+                f"the platform (pid {pid}) is still stopping after {timeout_s:g}s: "
+                f"see {up_log(state_dir)}"
+            )
+        time.sleep(0.1)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True

@@ -26,6 +26,12 @@ from torchrelay.platform import client_url
 ROOT = Path(__file__).parents[2]
 
 
+def state_env(folder: Path) -> dict[str, str]:
+    """The environment of a command run in ``folder``: its platform's state in
+    ``folder/.torchrelay`` (each test its own platform), nowhere in the user's home."""
+    return {**os.environ, "TORCHRELAY_STATE_DIR": str(folder / ".torchrelay")}
+
+
 def torchrelay(*argv: str, cwd: Path, timeout: float = 300) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, "-m", "torchrelay", *argv],
@@ -34,7 +40,7 @@ def torchrelay(*argv: str, cwd: Path, timeout: float = 300) -> subprocess.Comple
         text=True,
         timeout=timeout,
         check=False,
-        env={**os.environ, "PYTHONPATH": str(ROOT)},
+        env={**state_env(cwd), "PYTHONPATH": str(ROOT)},
     )
 
 
@@ -129,7 +135,7 @@ def start_up(folder: Path, *argv: str, env: Mapping[str, str] | None = None) -> 
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
-        env={**os.environ, **(env or {}), "PYTHONPATH": str(ROOT)},
+        env={**state_env(folder), **(env or {}), "PYTHONPATH": str(ROOT)},
     )
     deadline = time.monotonic() + 120
     while not (folder / ".torchrelay" / "platform.json").exists():

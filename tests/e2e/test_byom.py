@@ -4,7 +4,6 @@ the repository: own module, own CSV, a spec with `workspace:` and relative paths
 from __future__ import annotations
 
 import json
-import os
 import re
 import shutil
 import signal
@@ -14,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.e2e.conftest import ROOT, Up, torchrelay
+from tests.e2e.conftest import ROOT, Up, state_env, torchrelay
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
 
@@ -57,7 +56,7 @@ def test_the_guide_trains_serves_and_gates_a_users_own_project(platform: Up, pro
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
-        env={**os.environ, "PYTHONPATH": str(ROOT)},
+        env={**state_env(folder), "PYTHONPATH": str(ROOT)},
     )
     assert again.stdout is not None
     said = []
