@@ -446,6 +446,107 @@ def _logs(args: argparse.Namespace) -> int:
     return 0
 
 
+def _tensorboard(args: argparse.Namespace) -> int:
+    """TensorBoard over the history the workers wrote: the named runs, else every run that has
+    one; on 127.0.0.1 only, until Ctrl-C."""
+    import importlib.util
+    import signal
+    import socket
+    import subprocess
+
+    from torchrelay import platform
+    from torchrelay.shared.errors import UnsafePath
+
+    described = platform.running(args.state_dir)
+    root = Path(described["storage_root"]) if described else args.state_dir / "storage"
+    try:
+        folders = _histories(root, args.run_ids)
+    except UnsafePath as exc:
+        print(f"torchrelay: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except LookupError as exc:
+        print(f"torchrelay: {exc.args[0]}", file=sys.stderr)
+        return 1
+    if any("," in str(folder) for folder in folders.values()):
+        print(f"torchrelay: TensorBoard cannot read a path with a comma: {root}", file=sys.stderr)
+        return EXIT_USAGE
+    if importlib.util.find_spec("tensorboard") is None:
+        print(
+            "torchrelay: TensorBoard is not installed in this environment: "
+            "pip install 'torchrelay[train]'",
+            file=sys.stderr,
+        )
+        return 1
+    port = args.port
+    if port == 0:  # a free port, chosen here so that the URL can be printed before it starts
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            port = probe.getsockname()[1]
+    # --logdir_spec takes name:path pairs; its names cannot hold ":" (run ids may).
+    spec = ",".join(f"{name.replace(':', '_')}:{path.absolute()}" for name, path in folders.items())
+    argv = [sys.executable, "-m", "tensorboard.main", "--logdir_spec", spec]
+    argv += ["--host", "127.0.0.1", "--port", str(port)]
+    where = f"http://127.0.0.1:{port}/"
+    print(f"TensorBoard over {', '.join(folders)}: {where}  (Ctrl-C stops it)", flush=True)
+
+    def interrupt(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt
+
+    for stop in (signal.SIGINT, signal.SIGTERM):  # SIGINT too: a background start ignores it
+        signal.signal(stop, interrupt)
+    # Same process group: Ctrl-C in a terminal reaches TensorBoard too, and it stops quietly by
+    # itself. A signal to this process alone (kill, a supervisor) is passed on as SIGTERM.
+    board = subprocess.Popen(argv)
+    try:
+        return 0 if board.wait() == 0 else 1  # TensorBoard said why (a port in use, ...)
+    except KeyboardInterrupt:
+        for stop in (signal.SIGINT, signal.SIGTERM):  # a second Ctrl-C: no traceback either
+            signal.signal(stop, signal.SIG_IGN)
+        try:
+            board.wait(timeout=2)  # it had the terminal's Ctrl-C too
+        except subprocess.TimeoutExpired:
+            board.terminate()
+            try:
+                board.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                board.kill()
+                board.wait()
+        return 0
+
+
+def _histories(root: Path, run_ids: Sequence[str]) -> dict[str, Path]:
+    """Run id -> its history folder, for the named runs or (none named) every run with one.
+    LookupError (one line) for an unknown run, a run without history, or no history at all;
+    UnsafePath for a run id that is not one path segment."""
+    from torchrelay.shared.storage.layout import RUNS, Layout
+
+    layout, runs = Layout(root), root / RUNS
+
+    def has_history(folder: Path) -> bool:
+        return folder.is_dir() and any(folder.glob("attempt-*/events.out.tfevents.*"))
+
+    if not run_ids:
+        found = {
+            run.name: layout.history(run.name)
+            for run in sorted(runs.iterdir() if runs.is_dir() else [])
+            if has_history(layout.history(run.name))
+        }
+        if not found:
+            raise LookupError(
+                f"no run history under {runs}: rank 0 of a run writes it as it trains"
+            )
+        return found
+    folders: dict[str, Path] = {}
+    for run_id in dict.fromkeys(run_ids):
+        folder = layout.history(run_id)
+        if not layout.run(run_id).is_dir():
+            raise LookupError(f"no run {run_id} under {runs}")
+        if not has_history(folder):
+            raise LookupError(f"run {run_id} has no history (TensorBoard event files) in {folder}")
+        folders[run_id] = folder
+    return folders
+
+
 def _predict(args: argparse.Namespace) -> int:
     import asyncio
 
@@ -684,6 +785,12 @@ def build_parser() -> argparse.ArgumentParser:
     logs = commands.add_parser("logs", parents=[state], help="a run's worker logs")
     logs.add_argument("run_id")
     logs.add_argument("--raw", action="store_true", help="the JSON lines as they are stored")
+    board = commands.add_parser(
+        "tensorboard", help="TensorBoard over runs' history (loss, samples/s, lr, metrics)"
+    )
+    board.add_argument("run_ids", nargs="*", metavar="RUN_ID", help="default: every run")
+    board.add_argument("--port", type=int, default=6006, help="0: any free port (default 6006)")
+    board.add_argument("--state-dir", type=Path, default=None, help=STATE_DIR_HELP)
     predict = commands.add_parser(
         "predict",
         parents=[state],
@@ -835,6 +942,7 @@ def handlers_of(args: argparse.Namespace) -> Any:
         "submit": _submit,
         "status": _status,
         "logs": _logs,
+        "tensorboard": _tensorboard,
         "predict": _predict,
         "demo": _demo,
         "deadletters": _deadletters,

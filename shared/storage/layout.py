@@ -11,6 +11,7 @@
     <root>/runs/<run_id>/logs/attempt-<a>/rank-<r>.log  local backend
     <root>/runs/<run_id>/logs/attempt-<a>/rank-<r>.error.json   why a rank's code failed
     <root>/runs/<run_id>/rendezvous/attempt-<a>         local backend (a file:// store)
+    <root>/runs/<run_id>/tensorboard/attempt-<a>/       rank 0: TensorBoard event files
     <root>/models/<name>/<version>/model.json           plus model.pt or weights.pt
     <root>/serving/<model>/<version>/                   local model servers' logs
     <root>/serving/_admin/                              their admin sockets (mode 0700)
@@ -44,6 +45,7 @@ RESULT_FILE = "result.json"
 CHECKPOINTS_FOLDER = "checkpoints"
 LOGS_FOLDER = "logs"
 RENDEZVOUS_FOLDER = "rendezvous"
+HISTORY_FOLDER = "tensorboard"
 MODEL_DESCRIPTION_FILE = "model.json"
 TORCHSCRIPT_FILE = "model.pt"
 STATE_DICT_FILE = "weights.pt"
@@ -171,6 +173,13 @@ class Layout:
         """The file an attempt's ranks meet at (``file://``): a fresh one per attempt, so a
         restarted job never reads the dead ranks' addresses."""
         return self.run(run_id) / RENDEZVOUS_FOLDER / attempt_folder(attempt)
+
+    def history(self, run_id: str) -> Path:
+        """The run's metrics as TensorBoard event files, one folder per attempt under it."""
+        return self.run(run_id) / HISTORY_FOLDER
+
+    def attempt_history(self, run_id: str, attempt: int) -> Path:
+        return self.history(run_id) / attempt_folder(attempt)
 
     # --- models (rank 0 exports, model servers load) -----------------------------------------
 

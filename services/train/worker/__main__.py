@@ -86,6 +86,8 @@ def main() -> int:
         _record(spec, exc, phase, step=context.step, path=error_file)
         return EXIT_FAILED
     finally:
+        if context is not None:
+            context.close()  # the run's history on storage, whatever happened
         reporter.close()
         dist.destroy_process_group()
     if context.rank == 0:

@@ -21,6 +21,10 @@ with :meth:`TrainingContext.arrays` (text columns of a csv with
 On start the newest valid checkpoint (model, optimizer, scheduler, RNG of every rank, epoch and
 position in the data) is restored, so a resumed run ends with the same weights as one that
 never stopped.
+
+Rank 0 also keeps the run's history: what ``step_done`` reports, the learning rate and the
+exported metrics, as TensorBoard scalars under ``runs/<id>/tensorboard/attempt-<a>/`` (see
+:mod:`~torchrelay.services.train.worker.history`).
 """
 
 from __future__ import annotations
@@ -46,6 +50,12 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from torchrelay.services.train.worker import checkpoints
+from torchrelay.services.train.worker.history import (
+    RunHistory,
+    export_scalars,
+    learning_rates,
+    progress_scalars,
+)
 from torchrelay.shared.cluster.worker_spec import WorkerSpec
 from torchrelay.shared.storage import (
     CorruptFile,
@@ -157,6 +167,9 @@ class TrainingContext:
         self.checkpoint_seconds = 0.0
         self.checkpoints_written = 0
         self._checkpoints = self.layout.checkpoints(spec.run_id)
+        self._history = RunHistory(
+            self.layout.attempt_history(spec.run_id, spec.attempt) if self.rank == 0 else None
+        )
         self._restored = checkpoints.load_newest(self._checkpoints)
         if self._restored is not None:
             step, state = self._restored
@@ -407,7 +420,8 @@ class TrainingContext:
     def step_done(
         self, *, loss: float, samples: int, metrics: dict[str, float] | None = None
     ) -> None:
-        """Call after each optimizer step: counts it, reports progress, checkpoints on time."""
+        """Call after each optimizer step: counts it, reports progress (and keeps it in the
+        run's history), checkpoints on time."""
         self.step += 1
         self.position += 1
         self._window_samples += samples * self.world_size
@@ -419,15 +433,25 @@ class TrainingContext:
         self._last_step_at = now
         if self.step % self._report_every == 0 and self.rank == 0:
             elapsed = time.perf_counter() - self._window_started
+            samples_per_s = self._window_samples / elapsed if elapsed > 0 else 0.0
             self._report(
                 "progress",
                 {
                     "step": self.step,
                     "epoch": self.epoch,
                     "loss": float(loss),
-                    "samples_per_s": self._window_samples / elapsed if elapsed > 0 else 0.0,
+                    "samples_per_s": samples_per_s,
                     "metrics": metrics or {},
                 },
+            )
+            self._history.scalars(
+                self.step,
+                progress_scalars(
+                    loss=loss,
+                    samples_per_s=samples_per_s,
+                    metrics=metrics or {},
+                    learning_rates=learning_rates(self._optimizer),
+                ),
             )
             self._window_started, self._window_samples = time.perf_counter(), 0
         if self.step % self.spec.job.checkpoint_every_steps == 0:
@@ -469,10 +493,16 @@ class TrainingContext:
             self._report(
                 "checkpointed", {"step": self.step, "path": str(path.relative_to(self.root))}
             )
+            self._history.flush()  # the history on storage reaches at least the checkpoint
         if self.world_size > 1:
             dist.barrier()
         self.checkpoint_seconds += time.perf_counter() - started
         self.checkpoints_written += 1
+
+    def close(self) -> None:
+        """Flush and close the run's history (the worker calls it when the training function
+        has returned or raised; training code need not). Never raises."""
+        self._history.close()
 
     # --- export -----------------------------------------------------------------------------
 
@@ -553,6 +583,8 @@ class TrainingContext:
             self.exported = Exported(
                 job.model_name, version, relative_model(job.model_name, version), dict(metrics)
             )
+            self._history.scalars(self.step, export_scalars(metrics))
+            self._history.flush()
             module.to(self.device)
         if self.world_size > 1:
             dist.barrier()
