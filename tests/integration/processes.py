@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -77,3 +78,22 @@ class ServiceProcess:
         started = time.monotonic()
         code = self.wait(timeout_s)
         return code, time.monotonic() - started
+
+
+def cli(
+    *argv: str,
+    cwd: Path | None = None,
+    env: Mapping[str, str] | None = None,
+    timeout_s: float = 60,
+) -> subprocess.CompletedProcess[str]:
+    """``torchrelay ARGV`` as a person runs it: a process of its own, its output captured,
+    whatever its exit code (``env``: the whole environment, else this one)."""
+    return subprocess.run(
+        [sys.executable, "-m", "torchrelay", *argv],
+        capture_output=True,
+        text=True,
+        timeout=timeout_s,
+        check=False,
+        cwd=cwd,
+        env=None if env is None else dict(env),
+    )

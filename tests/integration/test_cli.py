@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import sys
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -17,6 +16,7 @@ import pytest
 
 from tests.integration.labelled_models import export_toy
 from tests.integration.models import ModelServer
+from tests.integration.processes import cli
 from tests.integration.tiny_models import export_digits
 from torchrelay.services.serve.domain import DeploymentRecord
 from torchrelay.shared.events import EVENT_TYPES
@@ -24,19 +24,8 @@ from torchrelay.shared.state import KvState, key_part
 from torchrelay.shared.storage import Layout
 
 
-def run(*argv: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "torchrelay", *argv],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-        env=env,
-    )
-
-
 def test_schema_export_writes_a_schema_per_event_and_an_asyncapi_document(tmp_path: Path) -> None:
-    result = run("schema", "export", str(tmp_path / "out"))
+    result = cli("schema", "export", str(tmp_path / "out"))
     assert result.returncode == 0, result.stderr
     files = sorted(p.name for p in (tmp_path / "out").iterdir())
     assert "asyncapi.json" in files
@@ -49,7 +38,7 @@ def test_schema_export_writes_a_schema_per_event_and_an_asyncapi_document(tmp_pa
 
 
 def test_bad_settings_exit_2_naming_the_variable(tmp_path: Path) -> None:
-    result = run(
+    result = cli(
         "service",
         "monitor",
         env={"TORCHRELAY_SHUTDOWN_GRACE_S": "50", "PATH": "/usr/bin:/bin"},
@@ -61,7 +50,7 @@ def test_bad_settings_exit_2_naming_the_variable(tmp_path: Path) -> None:
 
 def test_an_unreachable_nats_is_a_clear_error() -> None:
     # Port 9 (discard) is closed on loopback: nothing listens there.
-    result = run(
+    result = cli(
         "service",
         "monitor",
         "--nats-url",
@@ -75,7 +64,7 @@ def test_an_unreachable_nats_is_a_clear_error() -> None:
 
 
 def test_unknown_service_is_a_usage_error() -> None:
-    result = run("service", "nope")
+    result = cli("service", "nope")
     assert result.returncode == 2
     assert "invalid choice" in result.stderr
 
@@ -86,7 +75,7 @@ def test_logs_prints_every_attempts_rank_logs_from_the_storage(tmp_path: Path) -
         log = layout.rank_log("r1", attempt, rank)
         log.parent.mkdir(parents=True, exist_ok=True)
         log.write_text(f"line of {attempt}/{rank}\n")
-    shown = run("logs", "r1", "--state-dir", str(tmp_path / "state"))
+    shown = cli("logs", "r1", "--state-dir", str(tmp_path / "state"))
     assert shown.returncode == 0, shown.stderr
     assert shown.stdout.splitlines() == [
         "==> attempt-0/rank-0.log <==",
@@ -96,8 +85,8 @@ def test_logs_prints_every_attempts_rank_logs_from_the_storage(tmp_path: Path) -
         "==> attempt-1/rank-0.log <==",
         "line of 1/0",
     ]
-    assert run("logs", "r2", "--state-dir", str(tmp_path / "state")).returncode == 1
-    escaping = run("logs", "..", "--state-dir", str(tmp_path / "state"))
+    assert cli("logs", "r2", "--state-dir", str(tmp_path / "state")).returncode == 1
+    escaping = cli("logs", "..", "--state-dir", str(tmp_path / "state"))
     assert escaping.returncode == 2
     assert "not a single path segment" in escaping.stderr
 
@@ -130,7 +119,7 @@ async def test_predict_scales_the_input_as_declared_and_names_the_answer(
         np.save(tmp_path / "two.npy", np.array([[16, 48, 32, 0], [16, 160, 0, 0]]))
 
         def predict(*argv: str) -> subprocess.CompletedProcess[str]:
-            return run("predict", "toy", *argv, "--nats-url", nats_url)
+            return cli("predict", "toy", *argv, "--nats-url", nats_url)
 
         # raw [16, 48, 32, 0] -> scaled [0, 2, 1, -1] -> logits [0, 2, 6]: eel, by softmax
         shown = predict(str(tmp_path / "one.json"))
@@ -170,7 +159,7 @@ async def test_predict_prints_the_answer_of_a_model_without_labels_as_it_is(
     try:
         await deploy(nats_url, "plain", "v1", server.wait_ready())
         (tmp_path / "image.json").write_text(json.dumps([[[0.0] * 8] * 8]))
-        shown = run("predict", "plain", str(tmp_path / "image.json"), "--nats-url", nats_url)
+        shown = cli("predict", "plain", str(tmp_path / "image.json"), "--nats-url", nats_url)
         assert shown.returncode == 0, shown.stderr
         answer = json.loads(shown.stdout)
         assert answer["model_name"] == "plain"

@@ -10,6 +10,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.integration.processes import cli
+
 SPEC = """
 name: blobs
 dataset: {name: digits, source: "sklearn:digits"}
@@ -21,15 +23,7 @@ training:
 
 
 def torchrelay(*argv: str, cwd: Path) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "torchrelay", *argv],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-        cwd=cwd,
-        env={**os.environ, "TORCHRELAY_NATS_STARTUP_WAIT_S": "1"},
-    )
+    return cli(*argv, cwd=cwd, env={**os.environ, "TORCHRELAY_NATS_STARTUP_WAIT_S": "1"})
 
 
 def test_a_spec_with_mistakes_exits_2_with_a_line_per_problem_naming_the_field(

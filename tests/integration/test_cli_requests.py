@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -16,6 +15,7 @@ from datetime import UTC, datetime
 import nats
 import pytest
 
+from tests.integration.processes import cli
 from tests.integration.watching import Watcher, watching
 from torchrelay.services.ingest.handlers import VersionRecord, version_key
 from torchrelay.services.serve.domain import DeploymentRecord
@@ -44,14 +44,7 @@ SPEC = PipelineSpec.model_validate(
 
 
 def torchrelay(nats_url: str, *argv: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "torchrelay", *argv, "--nats-url", nats_url],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-        env=dict(os.environ),
-    )
+    return cli(*argv, "--nats-url", nats_url)
 
 
 @pytest.fixture

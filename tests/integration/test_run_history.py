@@ -8,7 +8,6 @@ import asyncio
 import json
 import re
 import signal
-import subprocess
 import sys
 from pathlib import Path
 
@@ -18,6 +17,7 @@ from structlog.testing import capture_logs
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from tests.integration.history_trainers import scheduled_lr
+from tests.integration.processes import cli
 from torchrelay.services.ingest.fill import fill_for
 from torchrelay.services.ingest.settings import IngestOptions
 from torchrelay.services.ingest.staging import Stager, StageRequest
@@ -198,16 +198,6 @@ def test_a_rank_other_than_0_writes_no_history_anywhere(
     history.close()
     assert not history.writing
     assert list(tmp_path.iterdir()) == []
-
-
-def cli(*argv: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "torchrelay", *argv],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
 
 
 def test_tensorboard_refuses_runs_it_cannot_show_in_one_line(tmp_path: Path) -> None:
