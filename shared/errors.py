@@ -30,6 +30,11 @@ class ConfigError(TorchrelayError, ValueError):
     """Settings or a spec are invalid; the message lists what to fix."""
 
 
+class Refused(TorchrelayError):
+    """A request a client does not send, because it cannot do anything (a cancel of a run that
+    ended, a rollback of a model that is not deployed): the message says why, in one line."""
+
+
 class JobNotFound(TorchrelayError, LookupError):
     """A backend was asked about a job it does not know."""
 

@@ -8,7 +8,7 @@ import collections
 import json
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -23,6 +23,7 @@ from torchrelay.services.serve.server.protocol import read_model_parameters
 from torchrelay.services.train.domain import ModelRecord, model_key
 from torchrelay.shared.bus.connection import NatsSettings, connect
 from torchrelay.shared.bus.jetstream import JetStreamBus
+from torchrelay.shared.errors import Refused
 from torchrelay.shared.events import (
     ModelDeployRequested,
     ModelRollbackRequested,
@@ -274,20 +275,35 @@ class Client:
         )
 
     async def wait(
-        self, pipeline_id: str, *, timeout_s: float, show: bool = True
+        self,
+        pipeline_id: str,
+        *,
+        timeout_s: float,
+        show: bool = True,
+        report: Report | None = None,
     ) -> PipelineRecord:
-        """Follow a pipeline to its end (see :func:`finished`), printing each stage change and
-        training progress. The record is followed with a KV watch, so a change shows at once
-        and an idle wait sends nothing; :class:`TimeoutError` after ``timeout_s``.
+        """Follow a pipeline to its end (see :func:`finished`), telling ``report`` of each
+        record change and of training progress (default: :class:`LineReport` when ``show``,
+        else nothing). The record is followed with a KV watch, so a change shows at once and
+        an idle wait sends nothing; :class:`TimeoutError` after ``timeout_s``.
 
         Raises :class:`PipelineRefused` when this client submitted ``pipeline_id`` and the
         platform refused it (the id holds another spec), rather than following that pipeline.
         """
+        told = report or (LineReport() if show else Report())
         submitted = self._submitted.get(pipeline_id)
-        seen: dict[str, str] = {}
-        progress = await self.bus.nc.subscribe(
-            "torchrelay.train.progress", cb=_progress(pipeline_id, show)
-        )
+
+        async def on_progress(msg: Any) -> None:
+            try:
+                event = json.loads(msg.data)
+            except ValueError:
+                return
+            if isinstance(event, dict) and event.get("pipelineid") == pipeline_id:
+                data = event.get("data")
+                if isinstance(data, dict):
+                    told.progress(data)
+
+        progress = await self.bus.nc.subscribe("torchrelay.train.progress", cb=on_progress)
         deadline = asyncio.timeout(timeout_s)
         try:
             async with deadline, self.pipelines.watch_key(pipeline_key(pipeline_id)) as updates:
@@ -298,15 +314,9 @@ class Client:
                     record = item.value
                     refused = refusal(record, submitted) if submitted else None
                     if refused is not None:
-                        if show:
-                            print(f"  refused {refused}", flush=True)  # noqa: T201
+                        told.refused(refused)
                         raise refused
-                    for name in STAGES:
-                        stage = record.stages[name]
-                        if show and seen.get(name) != stage.status:
-                            seen[name] = stage.status
-                            note = stage.reason or _short(stage.detail)
-                            print(f"  {name:7s} {stage.status:9s} {note}", flush=True)  # noqa: T201
+                    told.record(record)
                     if finished(record):
                         return record
         except TimeoutError:
@@ -316,6 +326,54 @@ class Client:
         finally:
             await progress.unsubscribe()
         raise ConnectionError(f"the watch of pipeline {pipeline_id} ended before it finished")
+
+
+class Report:
+    """What :meth:`Client.wait` tells as it follows a pipeline; this one tells no one."""
+
+    def record(self, record: PipelineRecord) -> None:
+        """The pipeline's record, as it is when following starts and after each change."""
+
+    def progress(self, data: dict[str, Any]) -> None:
+        """A ``train.progress`` event's data (step, epoch, loss, samples_per_s, metrics)."""
+
+    def refused(self, refused: PipelineRefused) -> None:
+        """The platform refused the submission being followed."""
+
+
+class LineReport(Report):
+    """A line per stage change, and a training progress line at most once a second: for logs,
+    pipes and notebooks."""
+
+    def __init__(self, write: Callable[[str], None] | None = None) -> None:
+        self._write = write or (lambda line: print(line, flush=True))  # noqa: T201
+        self._seen: dict[str, str] = {}
+        self._last_progress = 0.0
+
+    def record(self, record: PipelineRecord) -> None:
+        for name in STAGES:
+            stage = record.stages[name]
+            if self._seen.get(name) != stage.status:
+                self._seen[name] = stage.status
+                note = stage.reason or _short(stage.detail)
+                self._write(f"  {name:7s} {stage.status:9s} {note}")
+
+    def progress(self, data: dict[str, Any]) -> None:
+        if time.monotonic() - self._last_progress < 1:
+            return
+        self._last_progress = time.monotonic()
+        self._write(progress_line(data))
+
+    def refused(self, refused: PipelineRefused) -> None:
+        self._write(f"  refused {refused}")
+
+
+def progress_line(data: dict[str, Any]) -> str:
+    """A ``train.progress`` event's data as one line."""
+    return (
+        f"          step {data.get('step')} epoch {data.get('epoch')} "
+        f"loss {data.get('loss', 0):.4f} {data.get('samples_per_s', 0):.0f} samples/s"
+    )
 
 
 SOURCE = "/torchrelay/cli"
@@ -339,10 +397,6 @@ def event_line(event: dict[str, Any]) -> str:
     )
     when = str(event.get("time", ""))[:19].replace("T", " ")
     return f"{when} {kind:24s} {event.get('pipelineid') or '-':24s} {fields}".rstrip()
-
-
-class Refused(Exception):
-    """A request the command line does not send: the message says why."""
 
 
 def cancellable_run(ident: str, pipeline: PipelineRecord | None) -> str:
@@ -402,27 +456,6 @@ def failure_report(record: PipelineRecord, run: RunRecord | None) -> list[str]:
 
 def _short(detail: dict[str, Any]) -> str:
     return " ".join(f"{k}={v}" for k, v in detail.items() if not isinstance(v, dict))
-
-
-def _progress(pipeline_id: str, show: bool) -> Callable[[Any], Awaitable[None]]:
-    last = [0.0]
-
-    async def on_message(msg: Any) -> None:
-        try:
-            event = json.loads(msg.data)
-        except ValueError:
-            return
-        if not show or event.get("pipelineid") != pipeline_id or time.monotonic() - last[0] < 1:
-            return
-        last[0] = time.monotonic()
-        data = event.get("data", {})
-        print(  # noqa: T201
-            f"          step {data.get('step')} epoch {data.get('epoch')} "
-            f"loss {data.get('loss', 0):.4f} {data.get('samples_per_s', 0):.0f} samples/s",
-            flush=True,
-        )
-
-    return on_message
 
 
 @dataclass(frozen=True)
@@ -490,20 +523,6 @@ def lineage(record: PipelineRecord) -> dict[str, Any]:
         "model": model,
         "endpoint": deploy.get("endpoint", ""),
     }
-
-
-def table(rows: list[dict[str, Any]]) -> str:
-    """Rows as aligned text columns, headed by their keys."""
-    if not rows:
-        return "  (none)"
-    columns = list(rows[0])
-    cells = [[c.upper() for c in columns]] + [[str(row[c]) for c in columns] for row in rows]
-    widths = [max(len(line[i]) for line in cells) for i in range(len(columns))]
-    return "\n".join(
-        "  "
-        + "  ".join(cell.ljust(width) for cell, width in zip(line, widths, strict=True)).rstrip()
-        for line in cells
-    )
 
 
 def timing(record: PipelineRecord) -> dict[str, Any]:

@@ -66,7 +66,7 @@ def test_an_unreachable_nats_is_a_clear_error() -> None:
 def test_unknown_service_is_a_usage_error() -> None:
     result = cli("service", "nope")
     assert result.returncode == 2
-    assert "invalid choice" in result.stderr
+    assert "'nope' is not one of 'ingest', 'monitor', 'serve', 'train'" in result.stderr
 
 
 def test_logs_prints_every_attempts_rank_logs_from_the_storage(tmp_path: Path) -> None:

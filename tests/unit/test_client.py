@@ -16,7 +16,6 @@ from torchrelay.client import (
     load_input,
     refusal,
     render_log_line,
-    table,
 )
 from torchrelay.services.serve.domain import DeploymentRecord
 from torchrelay.services.train.domain import ModelRecord
@@ -101,16 +100,6 @@ def test_the_served_version_of_a_model_is_marked() -> None:
     ]
     assert rows["runs"][0]["model"] == "digits@m2"
     assert rows["deployments"][0]["previous"] == "m1"
-
-
-def test_a_table_aligns_columns_under_their_headings() -> None:
-    shown = table([{"model": "digits", "status": "deployed"}, {"model": "a", "status": "x"}])
-    assert shown.splitlines() == [
-        "  MODEL   STATUS",
-        "  digits  deployed",
-        "  a       x",
-    ]
-    assert table([]) == "  (none)"
 
 
 def test_an_input_comes_from_npy_or_a_json_list(tmp_path: Path) -> None:

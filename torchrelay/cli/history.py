@@ -1,0 +1,171 @@
+"""What runs left on the storage: ``logs`` (every rank's, readable) and ``tensorboard``."""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from torchrelay.cli.base import EXIT_USAGE, Refusal, StateDir, say, state_dir, storage_root
+
+
+def logs(
+    run_id: Annotated[str, typer.Argument(help="A run id.", show_default=False)],
+    *,
+    raw: Annotated[bool, typer.Option("--raw", help="The JSON lines as they are stored.")] = False,
+    state: StateDir = None,
+) -> int:
+    """Every attempt's rank logs of a run: a line per event, tracebacks on their own lines."""
+    from torchrelay.client import render_log_line
+    from torchrelay.shared.errors import UnsafePath
+    from torchrelay.shared.storage.layout import RANK_LOG_GLOB, Layout
+
+    try:
+        folder = Layout(storage_root(state_dir(state))).logs(run_id)
+    except UnsafePath as exc:
+        raise Refusal(str(exc), EXIT_USAGE) from None
+    found = sorted(folder.glob(RANK_LOG_GLOB))
+    if not found:
+        raise Refusal(f"no logs for run {run_id} under {folder}")
+    styled = sys.stdout.isatty() and not raw
+    for log in found:
+        header = f"==> {log.parent.name}/{log.name} <=="
+        with log.open(errors="replace") as lines:
+            if styled:
+                _show_styled(header, lines)
+                continue
+            say(header)
+            for line in lines:
+                say(line.rstrip("\n") if raw else render_log_line(line))
+    return 0
+
+
+def _show_styled(header: str, lines: Iterable[str]) -> None:
+    """On a terminal: the same lines, the time dimmed, errors and warnings coloured, and a
+    traceback in red."""
+    from rich.console import Console
+    from rich.text import Text
+
+    from torchrelay.client import render_log_line
+
+    console = Console(highlight=False, soft_wrap=True)
+    console.print(header, style="bold", markup=False)
+    for line in lines:
+        head, *traceback = render_log_line(line).split("\n")
+        words = head.split(maxsplit=2)
+        text = Text(head, style=_LEVEL_STYLES.get(words[1] if len(words) > 1 else "", ""))
+        if len(words) > 1 and words[1] in _LEVEL_STYLES:
+            text.stylize("dim", 0, len(words[0]))
+        console.print(text)
+        for row in traceback:
+            console.print(Text(row, style="red"))
+
+
+_LEVEL_STYLES = {
+    "debug": "dim",
+    "info": "",
+    "warning": "yellow",
+    "error": "red",
+    "critical": "bold red",
+}
+
+
+def tensorboard(
+    run_ids: Annotated[
+        list[str] | None,
+        typer.Argument(metavar="[RUN_ID]...", help="Default: every run.", show_default=False),
+    ] = None,
+    *,
+    port: Annotated[int, typer.Option("--port", help="0: any free port.")] = 6006,
+    state: StateDir = None,
+) -> int:
+    """TensorBoard over runs' history (loss, samples/s, lr, metrics), on 127.0.0.1."""
+    import importlib.util
+    import signal
+    import socket
+    import subprocess
+
+    from torchrelay.shared.errors import UnsafePath
+
+    root = storage_root(state_dir(state))
+    try:
+        folders = histories(root, run_ids or [])
+    except UnsafePath as exc:
+        raise Refusal(str(exc), EXIT_USAGE) from None
+    except LookupError as exc:
+        raise Refusal(str(exc.args[0])) from None
+    if any("," in str(folder) for folder in folders.values()):
+        raise Refusal(f"TensorBoard cannot read a path with a comma: {root}", EXIT_USAGE)
+    if importlib.util.find_spec("tensorboard") is None:
+        raise Refusal(
+            "TensorBoard is not installed in this environment: pip install 'torchrelay[train]'"
+        )
+    if port == 0:  # a free port, chosen here so that the URL can be printed before it starts
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            port = probe.getsockname()[1]
+    # --logdir_spec takes name:path pairs; its names cannot hold ":" (run ids may).
+    spec = ",".join(f"{name.replace(':', '_')}:{path.absolute()}" for name, path in folders.items())
+    argv = [sys.executable, "-m", "tensorboard.main", "--logdir_spec", spec]
+    argv += ["--host", "127.0.0.1", "--port", str(port)]
+    say(f"TensorBoard over {', '.join(folders)}: http://127.0.0.1:{port}/  (Ctrl-C stops it)")
+
+    def interrupt(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt
+
+    for stop in (signal.SIGINT, signal.SIGTERM):  # SIGINT too: a background start ignores it
+        signal.signal(stop, interrupt)
+    # Same process group: Ctrl-C in a terminal reaches TensorBoard too, and it stops quietly by
+    # itself. A signal to this process alone (kill, a supervisor) is passed on as SIGTERM.
+    board = subprocess.Popen(argv)
+    try:
+        return 0 if board.wait() == 0 else 1  # TensorBoard said why (a port in use, ...)
+    except KeyboardInterrupt:
+        for stop in (signal.SIGINT, signal.SIGTERM):  # a second Ctrl-C: no traceback either
+            signal.signal(stop, signal.SIG_IGN)
+        try:
+            board.wait(timeout=2)  # it had the terminal's Ctrl-C too
+        except subprocess.TimeoutExpired:
+            board.terminate()
+            try:
+                board.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                board.kill()
+                board.wait()
+        return 0
+
+
+def histories(root: Path, run_ids: Sequence[str]) -> dict[str, Path]:
+    """Run id -> its history folder, for the named runs or (none named) every run with one.
+    LookupError (one line) for an unknown run, a run without history, or no history at all;
+    UnsafePath for a run id that is not one path segment."""
+    from torchrelay.shared.storage.layout import RUNS, Layout
+
+    layout, runs = Layout(root), root / RUNS
+
+    def has_history(folder: Path) -> bool:
+        return folder.is_dir() and any(folder.glob("attempt-*/events.out.tfevents.*"))
+
+    if not run_ids:
+        found = {
+            run.name: layout.history(run.name)
+            for run in sorted(runs.iterdir() if runs.is_dir() else [])
+            if has_history(layout.history(run.name))
+        }
+        if not found:
+            raise LookupError(
+                f"no run history under {runs}: rank 0 of a run writes it as it trains"
+            )
+        return found
+    folders: dict[str, Path] = {}
+    for run_id in dict.fromkeys(run_ids):
+        folder = layout.history(run_id)
+        if not layout.run(run_id).is_dir():
+            raise LookupError(f"no run {run_id} under {runs}")
+        if not has_history(folder):
+            raise LookupError(f"run {run_id} has no history (TensorBoard event files) in {folder}")
+        folders[run_id] = folder
+    return folders
