@@ -9,6 +9,7 @@ import json
 import os
 import re
 import signal
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -21,8 +22,14 @@ from tests.e2e.conftest import ROOT, state_env
 from torchrelay.platform import running
 
 NOTEBOOK = ROOT / "examples" / "quickstart.ipynb"
-# Small enough for a 2-core machine: one rank, two epochs, one serving replica.
-SMALL = "epochs = 2\nworld_size = 1\nreplicas = 1\ntimeout_s = 600.0"
+# Small enough for a 2-core machine: one rank, two epochs, one serving replica; and which
+# Python the kernel runs.
+SMALL = """epochs = 2
+world_size = 1
+replicas = 1
+timeout_s = 600.0
+import sys
+print(f"kernel: {sys.executable}")"""
 
 
 def test_the_committed_notebook_is_valid_and_has_no_outputs() -> None:
@@ -55,17 +62,20 @@ def text(cell: Any) -> str:
 
 
 def stop_leftovers(state_dir: Path) -> list[int]:
-    """SIGTERM the processes a platform the notebook failed to stop still runs."""
+    """SIGTERM the processes still running of a platform the notebook did not stop (a cell
+    failed before the last one); their pids."""
     try:
         described = json.loads((state_dir / "platform.json").read_text())
     except FileNotFoundError:
         return []
     pids = [int(s["pid"]) for s in described["services"].values()]
     pids += [described["nats_pid"]] if described.get("nats_pid") else []
+    alive = []
     for pid in pids:
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGTERM)
-    return pids
+            alive.append(pid)
+    return alive
 
 
 @pytest.mark.slow
@@ -77,8 +87,8 @@ def test_the_quickstart_runs_top_to_bottom_on_a_platform_it_starts(tmp_path: Pat
     # shell, so the kernel's inline backend draws the plot as image/png.
     env = {**state_env(tmp_path), "PYTHONPATH": str(ROOT)}
     env.pop("MPLBACKEND", None)
-    # "python3" runs this interpreter (jupyter_client starts a "python" kernel with it), in the
-    # folder of the notebook, as Jupyter does.
+    # "python3": this environment's kernel spec (a venv's own come before the user's), whose
+    # "python" jupyter_client runs as this interpreter; in the notebook's folder, as Jupyter does.
     client = NotebookClient(
         notebook,
         kernel_name="python3",
@@ -91,9 +101,11 @@ def test_the_quickstart_runs_top_to_bottom_on_a_platform_it_starts(tmp_path: Pat
         leftovers = stop_leftovers(state_dir)
     assert not leftovers, "the notebook stops the platform it started"
     assert running(state_dir) is None
+    assert not (state_dir / "platform.json").exists()
 
     outputs = [text(cell) for cell in notebook.cells if cell.cell_type == "code"]
     everything = "\n".join(outputs)
+    assert f"kernel: {sys.executable}" in everything
     assert f"started: the platform in {state_dir}" in everything
     assert "succeeded" in everything
     pipeline = next(line for line in everything.splitlines() if line.startswith("pipeline "))
