@@ -1,5 +1,7 @@
-"""What the CLI does against a running platform: submit and follow pipelines, show status,
-send an inference."""
+"""The Python client API, what the CLI does against a running platform: submit and follow
+pipelines (:class:`Client`), show status, send an inference (:func:`predict`), read a run's
+history (:func:`run_history`). A notebook or script finds or starts the local platform with
+:func:`torchrelay.platform.find_or_start`; ``examples/quickstart.ipynb`` uses all of it."""
 
 from __future__ import annotations
 
@@ -49,6 +51,7 @@ from torchrelay.shared.pipelines import (
 from torchrelay.shared.runs import RunRecord
 from torchrelay.shared.state import KvState, State, key_part
 from torchrelay.shared.storage.files import InputPreprocessing
+from torchrelay.shared.storage.layout import Layout, attempt_folder
 
 DEMO = {
     "name": "digits-demo",
@@ -775,3 +778,85 @@ def _log_value(value: Any) -> str:
     if isinstance(value, str):
         return value if value and " " not in value else json.dumps(value)
     return json.dumps(value, separators=(",", ":"))
+
+
+Scalars = dict[str, list[tuple[int, float]]]
+"""A history's scalars: tag (``train/loss``, ...) -> ``[(step, value), ...]`` by step."""
+
+
+class HistoryNotFound(LookupError):
+    """A run that is not under the storage root, or that has no history (yet)."""
+
+
+def history_attempts(storage_root: Path, run_id: str) -> list[Path]:
+    """The run's history folders, one per attempt that wrote any, in attempt order.
+    :class:`HistoryNotFound` for an unknown run or one without history;
+    :class:`~torchrelay.shared.errors.UnsafePath` for a run id that is not one path segment."""
+    layout = Layout(storage_root)
+    folder = layout.history(run_id)
+    if not layout.run(run_id).is_dir():
+        raise HistoryNotFound(f"no run {run_id} under {layout.run(run_id).parent}")
+    attempts = {
+        number: path
+        for path in (folder.iterdir() if folder.is_dir() else [])
+        if (number := _attempt(path)) is not None and any(path.glob("events.out.tfevents.*"))
+    }
+    if not attempts:
+        raise HistoryNotFound(
+            f"run {run_id} has no history (TensorBoard event files) in {folder}: rank 0 writes "
+            "it as it reports progress"
+        )
+    return [attempts[number] for number in sorted(attempts)]
+
+
+def _attempt(folder: Path) -> int | None:
+    """The attempt whose history ``folder`` is (``attempt-<a>``), else None."""
+    number = folder.name.rpartition("-")[2]
+    if not number.isdigit() or attempt_folder(int(number)) != folder.name:
+        return None
+    return int(number)
+
+
+def read_scalars(folder: Path) -> Scalars:
+    """Every scalar of the TensorBoard event files in ``folder``, as TensorBoard reads them
+    (tensorboard is in the ``train`` extra)."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(folder), size_guidance={"scalars": 0})  # 0: keep them all
+    events.Reload()
+    return {
+        tag: [(int(event.step), float(event.value)) for event in events.Scalars(tag)]
+        for tag in events.Tags()["scalars"]
+    }
+
+
+def merge_attempts(attempts: Sequence[Scalars]) -> Scalars:
+    """One curve per tag from each attempt's scalars (oldest first): a resumed attempt starts
+    again at its checkpoint's step, so from its first step of a tag on, its values replace what
+    earlier attempts reported there (the work that was redone)."""
+    merged: Scalars = {}
+    for scalars in attempts:
+        for tag, series in scalars.items():
+            if not series:
+                continue
+            resumed_at = min(step for step, _ in series)
+            kept = [point for point in merged.get(tag, []) if point[0] < resumed_at]
+            merged[tag] = kept + sorted(series, key=lambda point: point[0])
+    return merged
+
+
+def run_history(storage_root: Path | str, run_id: str) -> Scalars:
+    """A run's history as rank 0 wrote it (``torchrelay tensorboard`` shows the same):
+    ``{tag: [(step, value), ...]}`` with tags ``train/loss``, ``train/samples_per_s``,
+    ``train/lr``, ``metrics/<name>`` and ``export/<name>``; a resumed run's attempts as one
+    curve (see :func:`merge_attempts`). ``storage_root`` is the platform's
+    (:attr:`torchrelay.platform.LocalPlatform.storage_root`), the run id a pipeline's
+    (:func:`train_run_id`). Raises :class:`HistoryNotFound` or
+    :class:`~torchrelay.shared.errors.UnsafePath` (see :func:`history_attempts`).
+
+    ::
+
+        losses = run_history(local.storage_root, train_run_id(pipeline_id))["train/loss"]
+    """
+    folders = history_attempts(Path(storage_root), run_id)
+    return merge_attempts([read_scalars(folder) for folder in folders])

@@ -11,6 +11,7 @@ in ``<state>/platform.json`` for the other commands; the state folder is found b
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import json
 import os
@@ -467,3 +468,80 @@ def _alive(pid: int) -> bool:
     except PermissionError:
         return True
     return True
+
+
+@dataclass
+class LocalPlatform:
+    """The local platform a notebook or script works with, from :func:`find_or_start`: one
+    that was running already (``started`` False: never stopped from here), or one started for
+    this process (stopped by :meth:`close`, at the latest when the process exits). Also a
+    context manager that closes it."""
+
+    state_dir: Path
+    described: dict[str, Any]
+    """``platform.json``'s description: the NATS URL, the services' URLs and pids, storage."""
+    platform: Platform | None = None
+    """The platform this process started, until :meth:`close` stops it."""
+
+    @property
+    def started(self) -> bool:
+        """Whether this process started the platform (and still runs it)."""
+        return self.platform is not None
+
+    @property
+    def nats_url(self) -> str:
+        """The URL a :class:`~torchrelay.client.Client` connects to, with the admin's
+        credentials when the platform runs with authorization."""
+        return client_url(self.state_dir, str(self.described["nats_url"]))
+
+    @property
+    def storage_root(self) -> Path:
+        """Where datasets, runs (their history too) and models lie."""
+        return Path(self.described["storage_root"])
+
+    def close(self) -> None:
+        """Stop the platform if this process started it; idempotent. A platform that was
+        found running is left running."""
+        started, self.platform = self.platform, None
+        if started is not None:
+            _started_here[:] = [other for other in _started_here if other is not started]
+            stop(started)
+
+    def __enter__(self) -> LocalPlatform:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+
+_started_here: list[Platform] = []
+"""Platforms :func:`find_or_start` started and nobody closed yet: stopped at exit."""
+
+
+def _stop_started_here() -> None:
+    """Stop what :func:`find_or_start` started and was not closed (an interpreter, or a
+    notebook's kernel, that ends first: its services must not outlive it)."""
+    while _started_here:
+        stop(_started_here.pop())
+
+
+def find_or_start(state_dir: Path | None = None, *, timeout_s: float = 90) -> LocalPlatform:
+    """The platform running from ``state_dir`` (found as every command finds it, see
+    :func:`resolve_state_dir`: ``$TORCHRELAY_STATE_DIR`` is honoured), else one started here
+    with its own NATS. Raises :class:`ConfigError` when a service does not get ready within
+    ``timeout_s``; what was started is stopped again first.
+
+    ::
+
+        with find_or_start() as local:
+            client = await Client.connect(local.nats_url)
+    """
+    state_dir = resolve_state_dir(state_dir)
+    described = running(state_dir)
+    if described is not None:
+        return LocalPlatform(state_dir, described)
+    started = start(state_dir, timeout_s=timeout_s)
+    _started_here.append(started)
+    atexit.unregister(_stop_started_here)  # registered once, however many were started
+    atexit.register(_stop_started_here)
+    return LocalPlatform(state_dir, started.describe(), started)
