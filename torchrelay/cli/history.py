@@ -142,30 +142,28 @@ def histories(root: Path, run_ids: Sequence[str]) -> dict[str, Path]:
     """Run id -> its history folder, for the named runs or (none named) every run with one.
     LookupError (one line) for an unknown run, a run without history, or no history at all;
     UnsafePath for a run id that is not one path segment."""
+    from torchrelay.client import HistoryNotFound, history_attempts
     from torchrelay.shared.storage.layout import RUNS, Layout
 
     layout, runs = Layout(root), root / RUNS
 
-    def has_history(folder: Path) -> bool:
-        return folder.is_dir() and any(folder.glob("attempt-*/events.out.tfevents.*"))
+    def has_history(run_id: str) -> bool:
+        try:
+            return bool(history_attempts(root, run_id))
+        except HistoryNotFound:
+            return False
 
     if not run_ids:
         found = {
             run.name: layout.history(run.name)
             for run in sorted(runs.iterdir() if runs.is_dir() else [])
-            if has_history(layout.history(run.name))
+            if has_history(run.name)
         }
         if not found:
             raise LookupError(
                 f"no run history under {runs}: rank 0 of a run writes it as it trains"
             )
         return found
-    folders: dict[str, Path] = {}
-    for run_id in dict.fromkeys(run_ids):
-        folder = layout.history(run_id)
-        if not layout.run(run_id).is_dir():
-            raise LookupError(f"no run {run_id} under {runs}")
-        if not has_history(folder):
-            raise LookupError(f"run {run_id} has no history (TensorBoard event files) in {folder}")
-        folders[run_id] = folder
-    return folders
+    for run_id in run_ids:
+        history_attempts(root, run_id)  # HistoryNotFound says which and why
+    return {run_id: layout.history(run_id) for run_id in dict.fromkeys(run_ids)}

@@ -177,15 +177,12 @@ def demo(*, state: StateDir = None, timeout: Timeout = 600) -> int:
     from torchrelay.shared.storage.layout import Layout
 
     folder = state_dir(state)
-    described = platform.running(folder)
-    started = None
-    if described is None:
+    if platform.running(folder) is None:
         say("starting the platform (NATS and four services)...")
-        started = platform.start(folder)
-        described = started.describe()
+    local = platform.find_or_start(folder)
 
     async def run() -> int:
-        client = await Client.connect(platform.client_url(folder, str(described["nats_url"])))
+        client = await Client.connect(local.nats_url)
         try:
             spec = PipelineSpec.model_validate(DEMO)
             pipeline_id = await client.submit(spec)
@@ -198,7 +195,7 @@ def demo(*, state: StateDir = None, timeout: Timeout = 600) -> int:
             endpoint = str(record.stages["deploy"].detail["endpoint"])
             dataset = record.stages["ingest"].detail
             data_file = (
-                Layout(Path(described["storage_root"])).dataset_data(
+                Layout(local.storage_root).dataset_data(
                     str(dataset["dataset"]), str(dataset["version"])
                 )
                 / "digits.npz"
@@ -221,6 +218,6 @@ def demo(*, state: StateDir = None, timeout: Timeout = 600) -> int:
     try:
         return asyncio.run(run())
     finally:
-        if started is not None:
+        if local.started:
             say("stopping the platform the demo started (`torchrelay up` keeps one running)")
-            platform.stop(started)
+            local.close()
