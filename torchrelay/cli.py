@@ -661,6 +661,66 @@ def _demo(args: argparse.Namespace) -> int:
             platform.stop(started)
 
 
+def _prune(args: argparse.Namespace) -> int:
+    """``prune --older-than AGE``: the monitor removes what is older (``--dry-run``: says what
+    it would); prints what went and what stayed, and why. Exit 1 when something could not be
+    removed, 2 for a bad AGE."""
+    import asyncio
+
+    from torchrelay.client import Client, table
+    from torchrelay.pruning import parse_age, prune_rows, prune_summary
+
+    try:
+        older_than_s = parse_age(args.older_than)
+    except ValueError as exc:
+        print(f"torchrelay: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+
+    async def run() -> Any:
+        client = await Client.connect(_nats_url(args))
+        try:
+            return await client.prune(
+                older_than_s, dry_run=args.dry_run, kinds=args.kind, timeout_s=args.timeout
+            )
+        finally:
+            await client.aclose()
+
+    try:
+        result = asyncio.run(run())
+    except TimeoutError as exc:
+        print(f"torchrelay: {exc}", file=sys.stderr)
+        return 1
+    if args.json:
+        print(json.dumps(result.model_dump(mode="json"), indent=2))
+    else:
+        print(table(prune_rows(result)))
+        print("\n".join(prune_summary(result)))
+    return 1 if result.problems else 0
+
+
+def _add_prune(commands: Any, state: argparse.ArgumentParser) -> None:
+    from torchrelay.shared.events.data import PRUNE_KINDS
+
+    prune = commands.add_parser(
+        "prune",
+        parents=[state],
+        help="remove old datasets, models, runs, pipelines and workspaces (never what "
+        "serves or what a live pipeline uses)",
+    )
+    prune.add_argument(
+        "--older-than", required=True, metavar="AGE", help="e.g. 90s, 15m, 12h, 30d, 2w"
+    )
+    prune.add_argument("--dry-run", action="store_true", help="only say what would go")
+    prune.add_argument(
+        "--kind",
+        action="append",
+        choices=PRUNE_KINDS,
+        help="only this kind (repeatable; default: every kind)",
+    )
+    prune.add_argument("--json", action="store_true", help="the monitor's answer as JSON")
+    prune.add_argument("--timeout", type=float, default=300, help="seconds to wait for it")
+
+
 def _deadletters(args: argparse.Namespace) -> int:
     """List the dead letters the stream holds, or replay the original at a stream sequence."""
     import asyncio
@@ -852,6 +912,7 @@ def _add_operations(commands: Any, state: argparse.ArgumentParser) -> None:
     events.add_argument("--last", type=int, default=20, help="how many to show first")
     events.add_argument("--follow", action="store_true", help="then each new one")
     events.add_argument("--json", action="store_true", help="each event as stored")
+    _add_prune(commands, state)
 
 
 def _add_deadletters(commands: Any, state: argparse.ArgumentParser) -> None:
@@ -946,6 +1007,7 @@ def handlers_of(args: argparse.Namespace) -> Any:
         "predict": _predict,
         "demo": _demo,
         "deadletters": _deadletters,
+        "prune": _prune,
         "env": _env,
     }
     return handlers[args.command]
