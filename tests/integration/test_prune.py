@@ -299,6 +299,21 @@ async def test_a_folder_that_leads_out_of_the_storage_is_reported_and_left_alone
     assert await world.has("runs", key_part("r-link"), RunRecord), "its record stays with it"
 
 
+async def test_an_unreadable_record_stops_the_prune_before_it_removes_anything(
+    world: World,
+) -> None:
+    """A deployment that does not parse might serve any version: nothing goes."""
+    await populate(world)
+    await world.record("deployments", "broken", a_version("v-x"))
+
+    answer = await world.client.prune(MONTH, timeout_s=30)
+
+    assert listed(answer) == ([], {})
+    assert answer.problems[0].startswith("deployments/broken does not parse")
+    assert answer.problems[-1].startswith("nothing was removed")
+    assert await old_pipeline_is_there(world) == [True] * 6
+
+
 async def test_a_redelivered_request_is_answered_once(world: World) -> None:
     """The answer's id derives from the request's: a request handled twice (a redelivery)
     puts one answer on the stream."""
