@@ -19,7 +19,7 @@ import pytest
 from pydantic import JsonValue
 
 from tests.integration.conftest import FAST_STREAM
-from tests.integration.processes import cli
+from tests.integration.processes import ServiceProcess, cli
 from torchrelay.client import Client
 from torchrelay.services.ingest.handlers import VersionRecord, version_key
 from torchrelay.services.monitor.pruner import Pruner
@@ -75,26 +75,39 @@ class World:
 
 
 @pytest.fixture
-async def world(nats_url: str, tmp_path: Path) -> AsyncIterator[World]:
+async def records(nats_url: str, tmp_path: Path) -> AsyncIterator[World]:
+    """A platform's state and storage, and a client; no pruner answers yet."""
     layout = Layout(tmp_path / "storage")
     layout.root.mkdir()
     nc = await nats.connect(nats_url)
-    bus = JetStreamBus(nc, FAST_STREAM, source="/torchrelay/monitor")
-    await bus.ensure_stream()
     state = await KvState.open(nc.jetstream())
-    pruner = Pruner(state=state, layout=layout, publish=bus.publish, source="/torchrelay/monitor")
+    client = Client(JetStreamBus(nc, FAST_STREAM, source="/torchrelay/cli"), state)
+    await client.bus.ensure_stream()
+    try:
+        yield World(nats_url, layout, state, client)
+    finally:
+        await client.aclose()
+
+
+@pytest.fixture
+async def world(records: World) -> AsyncIterator[World]:
+    """``records`` with the monitor's pruner answering prune requests (in this process)."""
+    bus = JetStreamBus(await nats.connect(records.nats_url), FAST_STREAM)
+    pruner = Pruner(
+        state=records.state,
+        layout=records.layout,
+        publish=bus.publish,
+        source="/torchrelay/monitor",
+    )
     subscription = Subscription(PRUNE_CONSUMER, [PruneRequested], pruner.on_request)
     await bus.provision([subscription])
     stop = asyncio.Event()
     consuming = asyncio.create_task(bus.consume(subscription, stop), name="test-pruner")
-    client_nc = await nats.connect(nats_url)
-    client = Client(JetStreamBus(client_nc, FAST_STREAM, source="/torchrelay/cli"), state)
     try:
-        yield World(nats_url, layout, state, client)
+        yield records
     finally:
         stop.set()
         await consuming
-        await client.aclose()
         await bus.aclose()
 
 
@@ -376,3 +389,29 @@ async def test_a_bad_age_exits_2_with_one_line_and_asks_nothing(world: World, ag
     assert refused.stderr.count("\n") == 1
     assert refused.stderr.startswith(f"torchrelay: AGE {age!r} is not a positive whole number")
     assert await old_pipeline_is_there(world) == [True] * 6
+
+
+async def test_the_monitor_service_answers_the_command(records: World, tmp_path: Path) -> None:
+    """The real monitor process, with the storage root from its settings, and the real CLI."""
+    await populate(records)
+    monitor = ServiceProcess(
+        ["-m", "torchrelay", "service", "monitor", "--nats-url", records.nats_url],
+        tmp_path / "monitor.log",
+        env={
+            "TORCHRELAY_HTTP_PORT": "0",
+            "TORCHRELAY_STORAGE_ROOT": str(records.layout.root),
+            "TORCHRELAY_SHUTDOWN_GRACE_S": "5",
+            "TORCHRELAY_SHUTDOWN_DEADLINE_S": "10",
+        },
+    )
+    try:
+        await monitor.wait_ready()
+
+        done = await torchrelay(records.nats_url, "prune", "--older-than", "30d", "--json")
+
+        assert done.returncode == 0, done.stderr
+        assert listed(PrunedData.model_validate_json(done.stdout)) == (OLD_PIPELINE, KEPT)
+        assert await old_pipeline_is_there(records) == [False] * 6
+        assert await the_rest_is_there(records) == [True] * 7
+    finally:
+        monitor.stop()
