@@ -27,16 +27,26 @@ from torchrelay.shared.bus.connection import NatsSettings, connect
 from torchrelay.shared.bus.jetstream import JetStreamBus
 from torchrelay.shared.errors import Refused
 from torchrelay.shared.events import (
+    InvalidEvent,
     ModelDeployRequested,
     ModelRollbackRequested,
     PipelineSubmitted,
+    Pruned,
+    PruneRequested,
     TrainCancelRequested,
 )
+from torchrelay.shared.events import (
+    decode as decode_event,
+)
 from torchrelay.shared.events.data import (
+    PRUNE_KINDS,
     ModelDeployRequestedData,
     ModelRollbackRequestedData,
     PipelineSpec,
     PipelineSubmittedData,
+    PrunedData,
+    PruneKind,
+    PruneRequestedData,
     TrainCancelRequestedData,
     TrainFailedData,
 )
@@ -329,6 +339,50 @@ class Client:
         finally:
             await progress.unsubscribe()
         raise ConnectionError(f"the watch of pipeline {pipeline_id} ended before it finished")
+
+    async def prune(
+        self,
+        older_than_s: float,
+        *,
+        dry_run: bool = False,
+        kinds: Sequence[PruneKind] | None = None,
+        timeout_s: float = 300.0,
+    ) -> PrunedData:
+        """Ask the monitor to remove what is older than ``older_than_s`` (only ``kinds``,
+        default all) and return its answer: what it removed (on a dry run: would remove), what
+        it kept and why, bytes freed. :class:`TimeoutError` when no answer comes in time."""
+        request = PruneRequested(
+            source=SOURCE,
+            data=PruneRequestedData(
+                older_than_s=older_than_s,
+                dry_run=dry_run,
+                kinds=list(dict.fromkeys(kinds)) if kinds else list(PRUNE_KINDS),
+            ),
+        )
+        answer: asyncio.Future[PrunedData] = asyncio.get_running_loop().create_future()
+
+        async def on_message(msg: Any) -> None:
+            try:
+                event = decode_event(msg.data, subject=msg.subject)
+            except InvalidEvent:
+                return
+            ours = isinstance(event, Pruned) and event.data.request_id == request.id
+            if ours and not answer.done():
+                answer.set_result(event.data)
+
+        # Subscribed before the request goes out: the answer cannot come before we listen.
+        answers = await self.bus.nc.subscribe(Pruned.nats_subject, cb=on_message)
+        try:
+            await self.bus.publish(request)
+            async with asyncio.timeout(timeout_s):
+                return await answer
+        except TimeoutError:
+            raise TimeoutError(
+                f"no answer to prune request {request.id} in {timeout_s:g}s: is the monitor "
+                "running? (a prune that started goes on; `torchrelay events` shows its answer)"
+            ) from None
+        finally:
+            await answers.unsubscribe()
 
 
 class Report:

@@ -26,10 +26,12 @@ SERVICE_FACTS: Mapping[str, tuple[type[AnyEvent], ...]] = {
     "serve": (catalog.ModelRolloutStarted, catalog.ModelDeployed, catalog.ModelRolloutFailed),
     # The monitor drives recovery: it asks for restarts and cancels, and it ends a run that
     # stalled with no restart left (train.failed, final), since no worker will ever say so.
+    # It is also the operation service: it carries out a prune and says what it removed.
     "monitor": (
         catalog.TrainRestartRequested,
         catalog.TrainCancelRequested,
         catalog.TrainFailed,
+        catalog.Pruned,
     ),
 }
 """The events each service publishes (besides dead letters)."""

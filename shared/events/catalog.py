@@ -133,6 +133,20 @@ class ModelRolloutFailed(CloudEvent[d.ModelRolloutFailedData]):
     type: Literal["io.torchrelay.model.rollout.failed.v1"] = "io.torchrelay.model.rollout.failed.v1"
 
 
+class PruneRequested(CloudEvent[d.PruneRequestedData]):
+    """An operator asks to reclaim old datasets, models, runs, pipelines and workspaces."""
+
+    type: Literal["io.torchrelay.platform.prune.requested.v1"] = (
+        "io.torchrelay.platform.prune.requested.v1"
+    )
+
+
+class Pruned(CloudEvent[d.PrunedData]):
+    """A prune ran: what it removed (or would remove), what it kept and why, bytes freed."""
+
+    type: Literal["io.torchrelay.platform.pruned.v1"] = "io.torchrelay.platform.pruned.v1"
+
+
 class DeadLettered(CloudEvent[d.DeadLetteredData]):
     """An event was given up on: malformed, permanently failing, or out of deliveries.
 

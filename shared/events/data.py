@@ -357,6 +357,50 @@ class ModelRolloutFailedData(Data):
     )
 
 
+# --- platform ---------------------------------------------------------------------------------
+
+PruneKind = Literal["datasets", "models", "runs", "pipelines", "workspaces"]
+PRUNE_KINDS: tuple[PruneKind, ...] = ("datasets", "models", "runs", "pipelines", "workspaces")
+
+
+class PruneRequestedData(Data):
+    """Reclaim what is older than ``older_than_s``: storage folders and their records."""
+
+    older_than_s: float = Field(
+        gt=0, description="Seconds: only what is at least this old is removed."
+    )
+    dry_run: bool = Field(default=False, description="Plan only: say what would go; remove none.")
+    kinds: list[PruneKind] = Field(
+        default_factory=lambda: list(PRUNE_KINDS),
+        min_length=1,
+        description="What may be removed (default: every kind). Keep rules apply to all kinds.",
+    )
+
+
+class PrunedItem(Data):
+    """One dataset version, model version, run, pipeline or workspace the prune looked at."""
+
+    kind: PruneKind
+    name: NonEmpty = Field(description="name@version, a run id, a pipeline id or a workspace id.")
+    age_s: float = Field(ge=0, description="Seconds since it was created or last changed.")
+    reason: NonEmpty | None = Field(default=None, description="Why it is kept (kept items only).")
+
+
+class PrunedData(Data):
+    """What a prune removed (or would remove, on a dry run) and what it kept, and why."""
+
+    request_id: Identifier = Field(description="The id of the prune.requested event.")
+    dry_run: bool
+    older_than_s: float = Field(gt=0)
+    removed: list[PrunedItem] = Field(description="Removed (dry run: would be removed).")
+    kept: list[PrunedItem] = Field(description="Old enough, but kept: each with its reason.")
+    bytes_freed: int = Field(ge=0, description="Bytes of the removed folders (dry run: would be).")
+    problems: list[NonEmpty] = Field(
+        default_factory=list,
+        description="What could not be removed (a folder, a record that changed meanwhile).",
+    )
+
+
 # --- dead letters -----------------------------------------------------------------------------
 
 

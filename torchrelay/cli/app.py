@@ -9,7 +9,7 @@ from typing import Annotated
 import typer
 
 from torchrelay import __version__
-from torchrelay.cli import admin, history, local, models, pipelines
+from torchrelay.cli import admin, history, local, models, pipelines, pruning
 from torchrelay.cli.base import command
 
 app = typer.Typer(
@@ -33,7 +33,13 @@ PANELS: dict[str, list[Callable[..., int]]] = {
         pipelines.retry,
         pipelines.events,
     ],
-    "Data and models": [models.datasets, models.models, models.deploy, models.rollback],
+    "Data and models": [
+        models.datasets,
+        models.models,
+        models.deploy,
+        models.rollback,
+        pruning.prune,
+    ],
     "Using a model": [models.predict],
     "Run history": [history.logs, history.tensorboard],
 }
