@@ -71,7 +71,7 @@ def test_bars_follow_the_stages_and_fill_training_by_epoch() -> None:
     record = with_stage(record, "ingest", "succeeded", NOW, detail={"version": "d1"})
     record = with_stage(record, "train", "running", NOW)
     report.record(record)
-    assert (staging.completed, staging.total) == (1, 1)
+    assert (staging.completed, staging.total) == (1, 1), "a stage of no length fills when done"
     assert staging.fields["note"] == "succeeded version=d1"
     assert training.total == 10
 

@@ -72,11 +72,13 @@ class BarReport(Report):
                 f"{k}={v}" for k, v in stage.detail.items() if not isinstance(v, dict | list)
             )
             style = _STYLES.get(stage.status, "")
+            shown = self._progress.tasks[task]
+            length = shown.total or 1
             done = stage.status == "succeeded"
             self._progress.update(
                 task,
-                total=1 if done else self._progress.tasks[task].total,
-                completed=1 if done else self._progress.tasks[task].completed,
+                total=length if done else shown.total,
+                completed=length if done else shown.completed,
                 description=f"[{style}]{_LABELS[name]}[/]" if style else _LABELS[name],
                 note=f"{stage.status} {note}".rstrip(),
             )
