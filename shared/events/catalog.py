@@ -133,6 +133,20 @@ class ModelRolloutFailed(CloudEvent[d.ModelRolloutFailedData]):
     type: Literal["io.torchrelay.model.rollout.failed.v1"] = "io.torchrelay.model.rollout.failed.v1"
 
 
+class ModelUndeployRequested(CloudEvent[d.ModelUndeployRequestedData]):
+    """Someone asks serve to take a model's endpoint down (every server of it)."""
+
+    type: Literal["io.torchrelay.model.undeploy.requested.v1"] = (
+        "io.torchrelay.model.undeploy.requested.v1"
+    )
+
+
+class ModelUndeployed(CloudEvent[d.ModelUndeployedData]):
+    """A model no longer serves: its servers and its endpoint are gone."""
+
+    type: Literal["io.torchrelay.model.undeployed.v1"] = "io.torchrelay.model.undeployed.v1"
+
+
 class DeadLettered(CloudEvent[d.DeadLetteredData]):
     """An event was given up on: malformed, permanently failing, or out of deliveries.
 
