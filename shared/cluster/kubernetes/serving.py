@@ -41,7 +41,7 @@ from torchrelay.shared.cluster.port import (
     Status,
 )
 from torchrelay.shared.cluster.registry import ServerOptions, ServingConfig
-from torchrelay.shared.errors import AlreadyExists, TransientError
+from torchrelay.shared.errors import AlreadyExists, PermanentError, TransientError
 
 log = structlog.get_logger("torchrelay.serve.kubernetes")
 Object = dict[str, Any]
@@ -194,6 +194,19 @@ class KubernetesServingBackend:
             await self._put_template(name, previous.template, previous.replicas)
         else:
             await self.api.delete("Deployment", name)
+
+    async def undeploy(self, model: str, handle: str | None) -> None:
+        """Delete the model's Deployment (its pods with it) and its Service, whatever version
+        they run; objects already gone are fine."""
+        name = model_object_name(model)
+        for pending in [h for h in self._pending if _parse(h)[0] == model]:
+            del self._pending[pending]  # nothing to go back to any more
+        try:
+            await self.api.delete("Deployment", name)
+            await self.api.delete("Service", name)
+        except Refused as exc:  # RBAC: the model stays up, and the request is dead-lettered
+            raise PermanentError(f"cannot take model {model} down: {exc}") from exc
+        log.info("model.deleted", model=model, deployment=name, service=name)
 
     async def aclose(self) -> None:
         await self.api.client.close()
