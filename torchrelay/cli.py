@@ -353,6 +353,12 @@ def _request(args: argparse.Namespace) -> int:
             elif args.command == "rollback":
                 await client.rollback(args.model, args.to)
                 print(f"rollback of {args.model} requested; `torchrelay status` shows it")
+            elif args.command == "undeploy":
+                version = await client.undeploy(args.model, args.reason)
+                print(
+                    f"undeploy of {args.model} ({version} serves) requested; "
+                    "`torchrelay status` shows it"
+                )
             else:
                 pipeline_id = await client.retry(args.id)
                 print(f"submitted {pipeline_id} (a retry of {args.id})")
@@ -838,6 +844,11 @@ def _add_operations(commands: Any, state: argparse.ArgumentParser) -> None:
     )
     rollback.add_argument("model")
     rollback.add_argument("--to", help="the version to go to (default: the previous one)")
+    undeploy = commands.add_parser(
+        "undeploy", parents=[state], help="take a deployed model's endpoint down"
+    )
+    undeploy.add_argument("model")
+    undeploy.add_argument("--reason", default="undeployed from the command line")
     retry = commands.add_parser(
         "retry", parents=[state], help="submit a failed pipeline again, as it was specified"
     )
@@ -933,6 +944,7 @@ def handlers_of(args: argparse.Namespace) -> Any:
         "cancel": _request,
         "deploy": _request,
         "rollback": _request,
+        "undeploy": _request,
         "retry": _request,
         "models": _listing,
         "datasets": _listing,
