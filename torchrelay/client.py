@@ -20,7 +20,7 @@ import numpy as np
 from nats.js.api import ConsumerConfig, DeliverPolicy
 
 from torchrelay.services.ingest.handlers import VERSIONS, VersionRecord
-from torchrelay.services.serve.domain import DeploymentRecord
+from torchrelay.services.serve.domain import UNDEPLOYED, DeploymentRecord, undeploy_target
 from torchrelay.services.serve.server.protocol import read_model_parameters
 from torchrelay.services.train.domain import ModelRecord, model_key
 from torchrelay.shared.bus.connection import NatsSettings, connect
@@ -30,6 +30,7 @@ from torchrelay.shared.events import (
     InvalidEvent,
     ModelDeployRequested,
     ModelRollbackRequested,
+    ModelUndeployRequested,
     PipelineSubmitted,
     Pruned,
     PruneRequested,
@@ -42,6 +43,7 @@ from torchrelay.shared.events.data import (
     PRUNE_KINDS,
     ModelDeployRequestedData,
     ModelRollbackRequestedData,
+    ModelUndeployRequestedData,
     PipelineSpec,
     PipelineSubmittedData,
     PrunedData,
@@ -192,6 +194,8 @@ class Client:
         """Ask serve to put an earlier version of a deployed model back; :class:`Refused` for
         a model that is not deployed."""
         deployment = await self.deployment(model)
+        if deployment is not None and deployment.status == UNDEPLOYED:
+            raise Refused(not_deployed(model, deployment, "nothing to roll back"))
         if deployment is None or deployment.active_version is None:
             raise Refused(f"model {model!r} is not deployed: nothing to roll back")
         if to_version is None and deployment.previous_version is None:
@@ -206,6 +210,24 @@ class Client:
                 data=ModelRollbackRequestedData(model_name=model, to_version=to_version),
             )
         )
+
+    async def undeploy(self, model: str, reason: str) -> str:
+        """Ask serve to take a model down (its servers and endpoint); the version that serves,
+        or :class:`Refused` for a model that is not deployed."""
+        if not 1 <= len(reason) <= 512:
+            raise Refused(f"the reason has {len(reason)} characters: say why in 1 to 512")
+        deployment = await self.deployment(model)
+        version = None if deployment is None else undeploy_target(deployment)
+        if version is None:
+            raise Refused(not_deployed(model, deployment, "nothing to undeploy"))
+        await self.bus.publish(
+            ModelUndeployRequested(
+                source=SOURCE,
+                subject=model,
+                data=ModelUndeployRequestedData(model_name=model, reason=reason),
+            )
+        )
+        return version
 
     async def retry(self, pipeline_id: str) -> str:
         """Submit a pipeline that failed again, as it was specified, under a new id (its data
@@ -454,6 +476,16 @@ def event_line(event: dict[str, Any]) -> str:
     )
     when = str(event.get("time", ""))[:19].replace("T", " ")
     return f"{when} {kind:24s} {event.get('pipelineid') or '-':24s} {fields}".rstrip()
+
+
+def not_deployed(model: str, deployment: DeploymentRecord | None, what: str) -> str:
+    """Why a request about a deployed model is refused: never deployed, or undeployed (and
+    how to bring it back)."""
+    if deployment is not None and deployment.status == UNDEPLOYED:
+        back = deployment.previous_version
+        hint = f"; `torchrelay deploy {model} {back}` brings it back" if back else ""
+        return f"model {model!r} was undeployed: {what}{hint}"
+    return f"model {model!r} is not deployed: {what}"
 
 
 def cancellable_run(ident: str, pipeline: PipelineRecord | None) -> str:

@@ -40,6 +40,7 @@ from torchrelay.shared.events import (
     ModelDeployed,
     ModelRolloutFailed,
     ModelRolloutStarted,
+    ModelUndeployed,
     PipelineSubmitted,
     TrainCancelRequested,
     TrainCompleted,
@@ -208,6 +209,7 @@ class Monitor:
             ModelRolloutStarted: self._rollout_started,
             ModelDeployed: self._rollout_ended,
             ModelRolloutFailed: self._rollout_ended,
+            ModelUndeployed: self._undeployed,
             DeadLettered: self._dead_lettered,
         }.get(type(event))
         if handler is not None:
@@ -278,6 +280,13 @@ class Monitor:
                 self.metrics.active_version.labels(model, previous).set(0)
             self._versions[model] = version
             self.metrics.active_version.labels(model, version).set(1)
+
+    async def _undeployed(self, event: AnyEvent) -> None:
+        """A model taken down serves no version: the one it served (and any this replica saw
+        serve last) drops to 0."""
+        model = event.data.model_name
+        for version in {event.data.version, self._versions.pop(model, event.data.version)}:
+            self.metrics.active_version.labels(model, version).set(0)
 
     async def _ingest_requested(self, event: AnyEvent) -> None:
         await self._put_stamp(f"ingest.{key_part(event.data.request_id)}", event.time)

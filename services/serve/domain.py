@@ -86,12 +86,46 @@ def rollback_target(record: DeploymentRecord | None, requested: str | None) -> s
 
 def previous_after(record: DeploymentRecord | None, version: str) -> str | None:
     """The version a rollback returns to once ``version`` is live: the one it replaced, or,
-    when the same version is deployed again, whatever it had replaced before."""
+    when the same version is deployed again, whatever it had replaced before. After an
+    undeploy nothing is replaced: the version that served last is the one to go back to
+    (unless it is the one deployed again)."""
     if record is None:
         return None
     if record.active_version == version:
         return record.previous_version
+    if record.active_version is None:
+        return None if record.previous_version == version else record.previous_version
     return record.active_version
+
+
+UNDEPLOYED = "undeployed"
+"""A deployment record's status once its model was taken down on request."""
+
+
+def undeploy_target(record: DeploymentRecord | None) -> str | None:
+    """The version an undeploy takes down: the one the record says is active (serving, or
+    failed to be served again), or None when there is nothing to take down (no record, or
+    undeployed already: a redelivered request changes nothing twice)."""
+    if record is None or record.status == UNDEPLOYED:
+        return None
+    return record.active_version
+
+
+def undeployed(record: DeploymentRecord, reason: str, now: datetime) -> DeploymentRecord:
+    """The record once its model is down: nothing active, no endpoint, no handle, and the
+    version that served kept as ``previous_version`` (what to deploy to bring it back)."""
+    return record.model_copy(
+        update={
+            "status": UNDEPLOYED,
+            "active_version": None,
+            "previous_version": record.active_version or record.previous_version,
+            "endpoint": None,
+            "handle": None,
+            "owner": None,
+            "reason": reason[:512],
+            "updated": now,
+        }
+    )
 
 
 def repeat_endpoint(record: DeploymentRecord | None, version: str, *, serving: bool) -> str | None:

@@ -1,11 +1,13 @@
-"""Glue: deploy and rollback requests -> gated rollouts -> deployment records and model.* events.
+"""Glue: deploy, rollback and undeploy requests -> gated rollouts (or a model taken down) ->
+deployment records and model.* events.
 
 A rollout starts the version on the serving backend, waits until its servers are ready, checks
 them with a smoke inference on the model's declared signature, and only then puts them on the
 model's stable endpoint; a version that fails any step is cancelled and the old one keeps
 serving. One rollout of a model at a time across replicas (a lease). A pipeline's deploy stage
 may carry a promotion gate: it is judged inside that lease, against what serves at that moment,
-and a model that fails it is not rolled out at all.
+and a model that fails it is not rolled out at all. An undeploy takes the same lease, so it never
+races a rollout of its model.
 """
 
 from __future__ import annotations
@@ -34,6 +36,8 @@ from torchrelay.services.serve.domain import (
     rollback_target,
     smoke_ok,
     smoke_request,
+    undeploy_target,
+    undeployed,
 )
 from torchrelay.shared.bus.port import Publish
 from torchrelay.shared.cluster import ModelVersion, NotReady, Phase, ServingBackend
@@ -43,12 +47,15 @@ from torchrelay.shared.events import (
     ModelRollbackRequested,
     ModelRolloutFailed,
     ModelRolloutStarted,
+    ModelUndeployed,
+    ModelUndeployRequested,
     TrainCompleted,
 )
 from torchrelay.shared.events.data import (
     ModelDeployedData,
     ModelRolloutFailedData,
     ModelRolloutStartedData,
+    ModelUndeployedData,
     PromotionGate,
 )
 from torchrelay.shared.pipelines import (
@@ -165,6 +172,37 @@ class Deployer:
             return
         replicas = current.value.replicas if current else self._replicas
         await self.deploy(event.data.model_name, target, replicas, event.id, event.pipelineid)
+
+    async def on_undeploy_requested(self, event: ModelUndeployRequested) -> None:
+        """Take a model down: every server of it and its endpoint, then the record says
+        ``undeployed`` and model.undeployed says which version and endpoint went away. A model
+        that is not deployed (never was, or is down already: a redelivery) changes nothing."""
+        model, reason = event.data.model_name, event.data.reason
+        async with self._exclusive(model):
+            current = await self.deployments.get(key_part(model))
+            record = current.value if current else None
+            version = undeploy_target(record)
+            if record is None or version is None:
+                log.info(
+                    "model.undeploy_ignored",
+                    model=model,
+                    reason="not deployed" if record is None else f"status {record.status}",
+                )
+                return
+            await self.backend.undeploy(model, record.handle)
+            await self.deployments.put(
+                key_part(model), undeployed(record, reason, datetime.now(UTC))
+            )
+            log.info("model.undeployed", model=model, version=version, endpoint=record.endpoint)
+            await self._publish(
+                ModelUndeployed(
+                    id=self._id("undeployed", event.id),
+                    data=ModelUndeployedData(
+                        model_name=model, version=version, endpoint=record.endpoint, reason=reason
+                    ),
+                    **self._envelope(model, event.id, event.pipelineid),
+                )
+            )
 
     async def on_train_completed(self, event: TrainCompleted) -> None:
         """A pipeline's model is trained: deploy it if the pipeline asks to, and if it passes

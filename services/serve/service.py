@@ -12,7 +12,12 @@ from torchrelay.services.serve.http import routes
 from torchrelay.services.serve.settings import ServeSettings
 from torchrelay.shared.bus import Subscription
 from torchrelay.shared.cluster.registry import ServerOptions, ServingConfig, open_serving_backend
-from torchrelay.shared.events import ModelDeployRequested, ModelRollbackRequested, TrainCompleted
+from torchrelay.shared.events import (
+    ModelDeployRequested,
+    ModelRollbackRequested,
+    ModelUndeployRequested,
+    TrainCompleted,
+)
 from torchrelay.shared.runtime import Platform, Service, service_main
 
 NAME = "serve"
@@ -66,7 +71,7 @@ async def build(platform: Platform[ServeSettings]) -> AsyncIterator[Service]:
                 # Rollouts take seconds and are serialised per model: one at a time here.
                 Subscription(
                     "serve-rollouts",
-                    [ModelDeployRequested, ModelRollbackRequested],
+                    [ModelDeployRequested, ModelRollbackRequested, ModelUndeployRequested],
                     _route(deployer),
                     max_in_flight=1,
                     prefetch=1,
@@ -87,14 +92,17 @@ async def build(platform: Platform[ServeSettings]) -> AsyncIterator[Service]:
         await deployer.aclose()
 
 
-def _route(
-    deployer: Deployer,
-) -> Callable[[ModelDeployRequested | ModelRollbackRequested], Awaitable[None]]:
-    async def handle(event: ModelDeployRequested | ModelRollbackRequested) -> None:
+Request = ModelDeployRequested | ModelRollbackRequested | ModelUndeployRequested
+
+
+def _route(deployer: Deployer) -> Callable[[Request], Awaitable[None]]:
+    async def handle(event: Request) -> None:
         if isinstance(event, ModelDeployRequested):
             await deployer.on_deploy_requested(event)
-        else:
+        elif isinstance(event, ModelRollbackRequested):
             await deployer.on_rollback_requested(event)
+        else:
+            await deployer.on_undeploy_requested(event)
 
     return handle
 

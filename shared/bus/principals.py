@@ -23,7 +23,12 @@ from torchrelay.shared.events import EVENT_TYPES, AnyEvent, catalog
 SERVICE_FACTS: Mapping[str, tuple[type[AnyEvent], ...]] = {
     "ingest": (catalog.DatasetStaged, catalog.DatasetRejected, catalog.PipelineRejected),
     "train": (catalog.TrainStarted, catalog.TrainCompleted, catalog.TrainFailed),
-    "serve": (catalog.ModelRolloutStarted, catalog.ModelDeployed, catalog.ModelRolloutFailed),
+    "serve": (
+        catalog.ModelRolloutStarted,
+        catalog.ModelDeployed,
+        catalog.ModelRolloutFailed,
+        catalog.ModelUndeployed,
+    ),
     # The monitor drives recovery: it asks for restarts and cancels, and it ends a run that
     # stalled with no restart left (train.failed, final), since no worker will ever say so.
     # It is also the operation service: it carries out a prune and says what it removed.

@@ -325,6 +325,20 @@ class LocalServingBackend:
                 # Most often the server is gone already (no socket, or nobody listening).
                 log.info("model_server.not_retired", server=str(path), reason=repr(exc))
 
+    async def undeploy(self, model: str, handle: str | None) -> None:
+        """This replica's servers of ``model`` retire (drain, then exit; stopped when not
+        promoted yet), another replica's, named by ``handle``, are asked to over their admin
+        sockets, and the model's port is let go. Returns once they have exited (or were
+        stopped after the drain bound)."""
+        mine = [v for v in list(self._versions.values()) if v.request.model == model]
+        await asyncio.gather(*(self._take_down(version) for version in mine))
+        if handle is not None and handle not in {str(v.handle) for v in mine}:
+            await self.cancel(handle)
+            await self._until_gone(handle)
+        reservation = self._reservations.pop(model, None)
+        if reservation is not None:
+            reservation.close()
+
     async def aclose(self) -> None:
         for version in list(self._versions.values()):
             await self._stop(version)
@@ -457,13 +471,36 @@ class LocalServingBackend:
 
     async def _retire(self, version: _Version) -> None:
         """Stop taking connections, drain, exit; bounded by drain_s, then stopped."""
+        await self._ask_to_retire(version)
+        self._supervise(self._reap(version), f"reap:{version.request.version}")
+
+    async def _ask_to_retire(self, version: _Version) -> None:
         version.stopping = True
         for server in version.servers:
             try:
                 await self._admin(server.admin, "retire")
             except (aiohttp.ClientError, OSError) as exc:
                 log.info("model_server.not_retired", server=str(server.admin), reason=repr(exc))
-        self._supervise(self._reap(version), f"reap:{version.request.version}")
+
+    async def _take_down(self, version: _Version) -> None:
+        """One of this replica's versions, for good: drained if it takes traffic."""
+        if version.promoted:
+            await self._ask_to_retire(version)
+            await self._reap(version)
+        else:
+            await self._stop(version)
+
+    async def _until_gone(self, handle: str) -> None:
+        """Until another replica's servers behind ``handle`` no longer answer on their admin
+        sockets (they drain within drain_s); past that bound, say so and go on."""
+        try:
+            async with asyncio.timeout(self.options.drain_s + 10):
+                while True:  # polled: their exit is seen only as sockets that stop answering
+                    if await self.describe(handle) is None:
+                        return
+                    await asyncio.sleep(0.1)
+        except TimeoutError:
+            log.warning("model_server.still_running", handle=handle)
 
     async def _reap(self, version: _Version) -> None:
         try:

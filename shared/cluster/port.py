@@ -11,6 +11,7 @@ of torchx's ``Scheduler``:
 - ``describe`` says what a handle's work is doing now (None: the backend knows nothing of it);
 - ``wait`` returns how it ended;
 - ``cancel`` stops it (idempotent);
+- ``undeploy`` (serving only) takes a model down altogether, endpoint and all (idempotent);
 - ``adopt`` takes over work another replica scheduled, when that work outlives its replica;
 - ``aclose`` lets go of the backend's resources.
 
@@ -174,4 +175,11 @@ class ServingBackend(Backend[ModelVersion, Request], Protocol):
     async def promote(self, handle: str) -> str:
         """Put the version on the model's stable endpoint and retire what it replaced;
         returns the endpoint. Idempotent."""
+        ...
+
+    async def undeploy(self, model: str, handle: str | None) -> None:
+        """Take ``model`` down: every server of it this backend started, the version behind
+        ``handle`` (the deployment record's, perhaps another replica's) and the model's stable
+        endpoint, which no longer answers once this returns. Idempotent: a model with nothing
+        left running is success."""
         ...

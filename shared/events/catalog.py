@@ -133,6 +133,20 @@ class ModelRolloutFailed(CloudEvent[d.ModelRolloutFailedData]):
     type: Literal["io.torchrelay.model.rollout.failed.v1"] = "io.torchrelay.model.rollout.failed.v1"
 
 
+class ModelUndeployRequested(CloudEvent[d.ModelUndeployRequestedData]):
+    """Someone asks serve to take a model's endpoint down (every server of it)."""
+
+    type: Literal["io.torchrelay.model.undeploy.requested.v1"] = (
+        "io.torchrelay.model.undeploy.requested.v1"
+    )
+
+
+class ModelUndeployed(CloudEvent[d.ModelUndeployedData]):
+    """A model no longer serves: its servers and its endpoint are gone."""
+
+    type: Literal["io.torchrelay.model.undeployed.v1"] = "io.torchrelay.model.undeployed.v1"
+
+
 class PruneRequested(CloudEvent[d.PruneRequestedData]):
     """An operator asks to reclaim old datasets, models, runs, pipelines and workspaces."""
 

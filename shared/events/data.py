@@ -357,6 +357,22 @@ class ModelRolloutFailedData(Data):
     )
 
 
+class ModelUndeployRequestedData(Data):
+    model_name: Name
+    reason: NonEmpty = Field(
+        default="undeployed by request", description="Why the model is taken down (logged)."
+    )
+
+
+class ModelUndeployedData(Data):
+    model_name: Name
+    version: Version = Field(description="The version that served until now.")
+    endpoint: NonEmpty | None = Field(
+        default=None, description="The endpoint that went away (None if none was recorded)."
+    )
+    reason: NonEmpty = Field(description="Why, as the request said.")
+
+
 # --- platform ---------------------------------------------------------------------------------
 
 PruneKind = Literal["datasets", "models", "runs", "pipelines", "workspaces"]

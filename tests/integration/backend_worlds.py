@@ -304,6 +304,10 @@ class ServingWorld(Protocol):
         """Until the servers of ``version`` (that answered at ``urls``) are gone."""
         ...
 
+    async def unserved(self, endpoint: str) -> None:
+        """Until nothing of the model is left at its stable ``endpoint`` (it was undeployed)."""
+        ...
+
     def footprint(self) -> object: ...
 
     async def aclose(self) -> None: ...
@@ -355,6 +359,11 @@ class LocalServing(_Replicas):
             return all([await refuses(url) for url in urls])
 
         await assert_eventually(all_refuse, timeout_s=30, interval_s=0.1)
+
+    async def unserved(self, endpoint: str) -> None:
+        """Nothing listens on the model's port any more."""
+        base = endpoint.split("/v2/", 1)[0]
+        await assert_eventually(lambda: refuses(base), timeout_s=30, interval_s=0.1)
 
     def footprint(self) -> object:
         return _files(self.root)
@@ -422,6 +431,21 @@ class KubeServing(_Replicas):
         gone = version_label(version)
         await assert_eventually(
             lambda: not [p for p in self.emulator.list("pods") if _pod_version(p) == gone],
+            timeout_s=10,
+        )
+
+    async def unserved(self, endpoint: str) -> None:
+        """The model's Deployment and Service are deleted, and its pods with them."""
+        assert endpoint == model_endpoint(MODEL, self.options)
+        name = model_object_name(MODEL)
+        await assert_eventually(
+            lambda: (
+                self.emulator.get("deployments", name) is None
+                and self.emulator.get("services", name) is None
+                and not [
+                    p for p in self.emulator.list("pods") if p["metadata"]["name"].startswith(name)
+                ]
+            ),
             timeout_s=10,
         )
 

@@ -339,6 +339,44 @@ async def test_contract_serving_backend_another_instance_describes_adopts_and_ca
     await gone(owner, handle)
 
 
+async def test_contract_serving_backend_undeploys_a_model_endpoint_and_all(
+    serving: ServingWorld,
+) -> None:
+    backend = await serving.backend()
+    old, _, endpoint = await serve(backend, "v1")
+    new, urls, _ = await serve(backend, "v2", replicas=2, replacing=old)
+    waiting = asyncio.create_task(backend.wait(new))
+    await asyncio.sleep(0.1)
+
+    await backend.undeploy(MODEL, new)
+    ended = await asyncio.wait_for(waiting, WAIT_S)
+    assert ended.status is Status.CANCELLED, ended
+    await serving.unserved(endpoint)
+    await serving.retired("v2", urls)
+    await gone(backend, new)
+    await gone(backend, old)
+    await backend.undeploy(MODEL, new)  # idempotent: nothing left is success
+    await backend.undeploy(MODEL, None)
+    await serving.unserved(endpoint)
+
+
+async def test_contract_serving_backend_another_instance_undeploys_a_model(
+    serving: ServingWorld,
+) -> None:
+    owner = await serving.backend()
+    handle, urls, endpoint = await serve(owner, "v1")
+    owner_waiting = asyncio.create_task(owner.wait(handle))
+
+    other = await serving.backend()  # another replica, with the deployment record's handle
+    await other.undeploy(MODEL, handle)
+    ended = await asyncio.wait_for(owner_waiting, WAIT_S)
+    assert ended.status is Status.CANCELLED, ended
+    await serving.unserved(endpoint)
+    await serving.retired("v1", urls)
+    await gone(other, handle)
+    await gone(owner, handle)
+
+
 async def test_contract_serving_backend_dryrun_is_pure(serving: ServingWorld) -> None:
     backend = await serving.backend()
     before = serving.footprint()

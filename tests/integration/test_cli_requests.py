@@ -1,6 +1,6 @@
-"""`cancel`, `deploy`, `rollback` and `status --follow` through the real CLI process against a
-real nats-server: each checks what the platform records before it publishes a request, and
-refuses with one line and exit 1 when there is nothing to do (issue 15, item 3)."""
+"""`cancel`, `deploy`, `rollback`, `undeploy` and `status --follow` through the real CLI
+process against a real nats-server: each checks what the platform records before it publishes
+a request, and refuses with one line and exit 1 when there is nothing to do (issue 15, item 3)."""
 
 from __future__ import annotations
 
@@ -24,6 +24,7 @@ from torchrelay.shared.bus.jetstream import JetStreamBus
 from torchrelay.shared.events import (
     ModelDeployRequested,
     ModelRollbackRequested,
+    ModelUndeployRequested,
     PipelineSubmitted,
     TrainCancelRequested,
 )
@@ -58,7 +59,13 @@ async def state(nats_url: str) -> AsyncIterator[State]:
 
 @pytest.fixture
 async def bus(nats_url: str) -> AsyncIterator[tuple[JetStreamBus, Watcher]]:
-    kinds = [TrainCancelRequested, ModelDeployRequested, ModelRollbackRequested, PipelineSubmitted]
+    kinds = [
+        TrainCancelRequested,
+        ModelDeployRequested,
+        ModelRollbackRequested,
+        ModelUndeployRequested,
+        PipelineSubmitted,
+    ]
     async with watching(nats_url, "test-cli-requests", kinds) as pair:
         yield pair
 
@@ -188,6 +195,49 @@ async def test_deploy_and_rollback_ask_serve_for_what_exists(
     event = await watcher.one(ModelRollbackRequested, model_name="blobs")
     assert event.data.to_version is None
     assert len(watcher.of(ModelDeployRequested)) == 1
+
+
+async def test_undeploy_asks_serve_to_take_down_only_a_model_that_is_deployed(
+    nats_url: str, state: State, bus: tuple[JetStreamBus, Watcher]
+) -> None:
+    _, watcher = bus
+    deployments = state.store("deployments", DeploymentRecord)
+    serving = DeploymentRecord(
+        model="served", active_version="v3", status="deployed", updated=datetime.now(UTC)
+    )
+    await deployments.put(key_part("served"), serving)
+    gone = serving.model_copy(
+        update={
+            "model": "gone",
+            "status": "undeployed",
+            "active_version": None,
+            "previous_version": "v2",
+        }
+    )
+    await deployments.put(key_part("gone"), gone)
+
+    asked = torchrelay(nats_url, "undeploy", "served", "--reason", "replaced")
+    assert asked.returncode == 0, asked.stderr
+    assert "undeploy of served (v3 serves) requested" in asked.stdout
+    event = await watcher.one(ModelUndeployRequested, model_name="served")
+    assert (event.data.reason, event.subject) == ("replaced", "served")
+
+    for model, says in [
+        ("nope", "model 'nope' is not deployed: nothing to undeploy"),
+        (
+            "gone",
+            "model 'gone' was undeployed: nothing to undeploy; "
+            "`torchrelay deploy gone v2` brings it back",
+        ),
+    ]:
+        refused = torchrelay(nats_url, "undeploy", model)
+        assert (refused.returncode, refused.stderr.strip()) == (1, f"torchrelay: {says}")
+    long = torchrelay(nats_url, "undeploy", "served", "--reason", "x" * 513)
+    assert (long.returncode, long.stderr.strip()) == (
+        1,
+        "torchrelay: the reason has 513 characters: say why in 1 to 512",
+    )
+    assert len(watcher.of(ModelUndeployRequested)) == 1, "nothing else was asked"
 
 
 async def test_status_follow_reattaches_to_a_pipeline_until_it_ends(

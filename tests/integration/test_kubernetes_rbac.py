@@ -1,6 +1,6 @@
 """The Roles in k8s/base grant exactly what the backends use: every verb each backend sends
 to the API (recorded by the emulator while it schedules, describes, waits, cancels, adopts,
-rolls out and rolls back) is granted, and nothing granted goes unused."""
+rolls out, rolls back and undeploys) is granted, and nothing granted goes unused."""
 
 from __future__ import annotations
 
@@ -79,6 +79,7 @@ async def test_serve_uses_exactly_the_verbs_its_role_grants(tmp_path: Path) -> N
             first = await backend.schedule(backend.dryrun(work("v1", replicas=1)))
             with contextlib.suppress(NotReady):  # a first version never ready: deleted
                 await backend.ready(first)
+            await backend.undeploy("digits", first)  # the Deployment and the Service go
         finally:
             await backend.aclose()
         assert emulator.verbs == granted("torchrelay-serve")

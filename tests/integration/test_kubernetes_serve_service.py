@@ -1,7 +1,7 @@
 """The serve service as a real process with the Kubernetes serving backend, against the API
 emulator over HTTP (with a Deployment controller in the test, and a real model server behind
-the pods' address): the same events as with local model servers come out, and the deployer's
-smoke inference runs on the new pods."""
+the pods' address): the same events as with local model servers come out, the deployer's
+smoke inference runs on the new pods, and an undeploy deletes what the rollout created."""
 
 from __future__ import annotations
 
@@ -13,13 +13,23 @@ import pytest
 from tests.integration.backend_worlds import BROKEN, MODEL, KubeServing
 from tests.integration.models import ModelServer
 from tests.integration.processes import ServiceProcess
+from tests.integration.test_undeploy import redeliver
 from tests.integration.tiny_models import export_broken, export_digits, model_folder
 from tests.integration.watching import Watcher, watching
 from tests.kube.emulator import KubeEmulator, running_emulator
+from torchrelay.services.serve.domain import DeploymentRecord
 from torchrelay.shared.bus.jetstream import JetStreamBus
 from torchrelay.shared.cluster.kubernetes.manifests import model_object_name
-from torchrelay.shared.events import ModelDeployed, ModelDeployRequested, ModelRolloutFailed
-from torchrelay.shared.events.data import ModelDeployRequestedData
+from torchrelay.shared.events import (
+    ModelDeployed,
+    ModelDeployRequested,
+    ModelRolloutFailed,
+    ModelUndeployed,
+    ModelUndeployRequested,
+)
+from torchrelay.shared.events.data import ModelDeployRequestedData, ModelUndeployRequestedData
+from torchrelay.shared.state import KvState, key_part
+from torchrelay.shared.testing import assert_eventually
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(120)]
 
@@ -51,7 +61,8 @@ async def cluster(storage: Path, pods_port: int) -> AsyncIterator[KubeEmulator]:
 
 @pytest.fixture
 async def bus(nats_url: str) -> AsyncIterator[tuple[JetStreamBus, Watcher]]:
-    async with watching(nats_url, "test-k8s-serve", [ModelDeployed, ModelRolloutFailed]) as pair:
+    kinds = [ModelDeployed, ModelRolloutFailed, ModelUndeployed]
+    async with watching(nats_url, "test-k8s-serve", kinds) as pair:
         yield pair
 
 
@@ -128,3 +139,41 @@ async def test_a_version_whose_pods_fail_the_smoke_inference_is_rolled_back(
     assert current is not None
     args = current["spec"]["template"]["spec"]["containers"][0]["args"]
     assert args[1].endswith("/models/digits/v1"), "rolled back"
+
+
+async def test_an_undeploy_deletes_the_models_deployment_and_service_once(
+    nats_url: str,
+    bus: tuple[JetStreamBus, Watcher],
+    serve: ServiceProcess,
+    cluster: KubeEmulator,
+    pods_port: int,
+) -> None:
+    publisher, watcher = bus
+    await serve.wait_ready()
+    await publisher.publish(deploy("v1"))
+    await watcher.one(ModelDeployed, version="v1", timeout_s=30)
+    name = model_object_name(MODEL)
+    assert cluster.get("services", name) is not None
+
+    request = ModelUndeployRequested(
+        source="/tests", subject=MODEL, data=ModelUndeployRequestedData(model_name=MODEL)
+    )
+    await publisher.publish(request)
+    fact = await watcher.one(ModelUndeployed, model_name=MODEL, timeout_s=30)
+    assert (fact.data.version, fact.data.reason) == ("v1", "undeployed by request")
+    assert fact.data.endpoint == f"http://{name}.torchrelay.svc:{pods_port}/v2/models/{MODEL}"
+    assert cluster.get("deployments", name) is None
+    assert cluster.get("services", name) is None
+    deployments = (await KvState.open(publisher.nc.jetstream())).store(
+        "deployments", DeploymentRecord
+    )
+    record = await deployments.get(key_part(MODEL))
+    assert record is not None
+    assert (record.value.status, record.value.previous_version) == ("undeployed", "v1")
+
+    await redeliver(nats_url, request)
+    await publisher.publish(deploy("v1"))  # handled after the redelivery: one at a time
+    await assert_eventually(lambda: len(watcher.of(ModelDeployed, version="v1")) == 2)
+    assert len(watcher.of(ModelUndeployed)) == 1, "the redelivery changed nothing"
+    assert cluster.get("deployments", name) is not None, "and a later deploy creates it anew"
+    assert cluster.get("services", name) is not None

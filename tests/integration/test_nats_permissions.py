@@ -28,6 +28,8 @@ from torchrelay.shared.bus.server import NatsServer
 from torchrelay.shared.events import (
     AnyEvent,
     ModelDeployed,
+    ModelUndeployed,
+    ModelUndeployRequested,
     PipelineSubmitted,
     TrainCompleted,
     TrainProgressed,
@@ -36,6 +38,8 @@ from torchrelay.shared.events import (
 from torchrelay.shared.events.data import (
     DatasetRef,
     ModelDeployedData,
+    ModelUndeployedData,
+    ModelUndeployRequestedData,
     PipelineSpec,
     PipelineSubmittedData,
     TrainCompletedData,
@@ -179,6 +183,26 @@ async def test_a_publisher_cannot_state_a_fact(login: Login, forge: Callable[[],
     event = forge()
     await refused(publisher, event)
     assert not await stored(admin, event)
+
+
+async def test_an_undeploy_is_asked_by_a_publisher_and_said_done_by_serve_alone(
+    login: Login,
+) -> None:
+    publisher, admin = await login(principals.PUBLISHER), await login(principals.ADMIN)
+    request = ModelUndeployRequested(
+        source="/another/system", data=ModelUndeployRequestedData(model_name="digits")
+    )
+    assert await publisher.bus.publish(request)
+    assert await stored(admin, request)
+    fact = ModelUndeployed(
+        source="/torchrelay/serve",
+        data=ModelUndeployedData(model_name="digits", version="v1", reason="retired"),
+    )
+    for other in (publisher, await login("train")):
+        await refused(other, fact)
+    assert not await stored(admin, fact)
+    assert await (await login("serve")).bus.publish(fact)
+    assert await stored(admin, fact)
 
 
 async def test_a_service_cannot_publish_another_services_facts(login: Login) -> None:

@@ -49,6 +49,8 @@ def test_every_design_event_type_is_defined_and_versioned() -> None:
         "model.rollout.started",
         "model.deployed",
         "model.rollout.failed",
+        "model.undeploy.requested",
+        "model.undeployed",
         "platform.prune.requested",
         "platform.pruned",
         "deadletter",

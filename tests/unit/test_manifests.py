@@ -205,7 +205,7 @@ def test_only_train_and_serve_use_the_api_and_only_with_the_verbs_they_need() ->
     }
     assert rules_of(roles["torchrelay-serve"]) == {
         ("apps", "deployments"): ["create", "delete", "get", "list", "update", "watch"],
-        ("", "services"): ["create"],
+        ("", "services"): ["create", "delete"],  # deleted when its model is undeployed
         ("", "pods"): ["list"],
     }
     for name, binding in of_kind(objects, "RoleBinding").items():

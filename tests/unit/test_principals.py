@@ -163,3 +163,12 @@ def test_urls_carry_credentials_for_shells_and_never_show_them_in_logs() -> None
         == "nats://publisher:***@127.0.0.1:4222,nats://other:4222"
     )
     assert "s3cr" not in redact(url)
+
+
+def test_an_undeploy_is_asked_by_outsiders_and_the_operator_and_said_done_by_serve_alone() -> None:
+    assert "torchrelay.model.undeploy.requested" in _allowed(principals.PUBLISHER)
+    assert principals.permissions(principals.ADMIN) is None, "the operator may say anything"
+    fact = "torchrelay.model.undeployed"
+    sayers = {user for user in principals.SERVICES if fact in _allowed(user)}
+    assert sayers == {"serve"}
+    assert "torchrelay.model.undeployed" not in _allowed(principals.PUBLISHER)

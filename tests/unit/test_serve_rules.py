@@ -6,7 +6,15 @@ from __future__ import annotations
 import json
 from datetime import UTC, datetime
 
-from torchrelay.services.serve.domain import DeploymentRecord, is_orphaned, repeat_endpoint
+from torchrelay.services.serve.domain import (
+    DeploymentRecord,
+    is_orphaned,
+    previous_after,
+    repeat_endpoint,
+    rollback_target,
+    undeploy_target,
+    undeployed,
+)
 
 ENDPOINT = "http://127.0.0.1:9000/v2/models/digits"
 
@@ -65,3 +73,42 @@ def test_a_record_from_before_handles_still_reads_without_its_local_details() ->
     }
     record = DeploymentRecord.model_validate_json(json.dumps(old))
     assert (record.active_version, record.handle, record.endpoint) == ("v1", None, ENDPOINT)
+
+
+# --- undeploy --------------------------------------------------------------------------------
+
+
+def test_an_undeploy_takes_down_the_active_version_of_a_deployed_or_failed_model() -> None:
+    assert undeploy_target(deployed("v2")) == "v2"
+    # A model whose servers could not be served again still holds its version: take it down.
+    assert undeploy_target(deployed("v2", status="failed")) == "v2"
+
+
+def test_an_undeploy_of_a_model_not_deployed_or_already_undeployed_has_no_target() -> None:
+    assert undeploy_target(None) is None
+    down = undeployed(deployed("v2"), "retired", datetime.now(UTC))
+    assert undeploy_target(down) is None, "a redelivered request changes nothing twice"
+
+
+def test_an_undeployed_record_serves_nothing_and_remembers_what_served() -> None:
+    now = datetime.now(UTC)
+    down = undeployed(deployed("v2", previous_version="v1"), "x" * 600, now)
+    assert (down.status, down.active_version, down.endpoint, down.handle, down.owner) == (
+        "undeployed",
+        None,
+        None,
+        None,
+        None,
+    )
+    assert down.previous_version == "v2", "what to deploy to bring it back"
+    assert down.reason == "x" * 512
+    assert down.updated == now
+    assert repeat_endpoint(down, "v2", serving=True) is None, "deploying it again is a rollout"
+    assert not is_orphaned(down, me="serve-b", owner_alive=False), "nobody serves it again"
+
+
+def test_a_deploy_after_an_undeploy_can_be_rolled_back_to_what_served_last() -> None:
+    down = undeployed(deployed("v2", previous_version="v1"), "retired", datetime.now(UTC))
+    assert previous_after(down, "v3") == "v2"
+    assert previous_after(down, "v2") is None, "the same version back replaces nothing"
+    assert rollback_target(down, None) == "v2"

@@ -38,6 +38,7 @@ PANELS: dict[str, list[Callable[..., int]]] = {
         models.models,
         models.deploy,
         models.rollback,
+        models.undeploy,
         pruning.prune,
     ],
     "Using a model": [models.predict],

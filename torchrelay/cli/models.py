@@ -1,5 +1,5 @@
-"""Models and what serves them: ``models``, ``deploy``, ``rollback``, ``predict``; and the
-staged ``datasets``."""
+"""Models and what serves them: ``models``, ``deploy``, ``rollback``, ``undeploy``,
+``predict``; and the staged ``datasets``."""
 
 from __future__ import annotations
 
@@ -97,6 +97,24 @@ def rollback(
 
     run(go())
     say(f"rollback of {model} requested; `torchrelay status` shows it")
+    return 0
+
+
+def undeploy(
+    model: Model,
+    *,
+    reason: Annotated[str, typer.Option("--reason")] = "undeployed from the command line",
+    state: StateDir = None,
+    nats_url: NatsUrl = None,
+) -> int:
+    """Take a deployed model's endpoint down (`deploy` brings a version back)."""
+
+    async def go() -> str:
+        async with connected(state_dir(state), nats_url) as client:
+            return await client.undeploy(model, reason)
+
+    version = run(go())
+    say(f"undeploy of {model} ({version} serves) requested; `torchrelay status` shows it")
     return 0
 
 

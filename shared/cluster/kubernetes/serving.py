@@ -41,7 +41,7 @@ from torchrelay.shared.cluster.port import (
     Status,
 )
 from torchrelay.shared.cluster.registry import ServerOptions, ServingConfig
-from torchrelay.shared.errors import AlreadyExists, TransientError
+from torchrelay.shared.errors import AlreadyExists, PermanentError, TransientError
 
 log = structlog.get_logger("torchrelay.serve.kubernetes")
 Object = dict[str, Any]
@@ -194,6 +194,34 @@ class KubernetesServingBackend:
             await self._put_template(name, previous.template, previous.replicas)
         else:
             await self.api.delete("Deployment", name)
+
+    async def undeploy(self, model: str, handle: str | None) -> None:
+        """Delete the model's Deployment (its pods with it) and its Service, whatever version
+        they run, and wait (up to ``ready_timeout_s``) until the Deployment is gone; objects
+        already gone are fine."""
+        name = model_object_name(model)
+        for pending in [h for h in self._pending if _parse(h)[0] == model]:
+            del self._pending[pending]  # nothing to go back to any more
+        try:
+            await self.api.delete("Deployment", name)
+            await self.api.delete("Service", name)
+        except Refused as exc:  # RBAC: the model stays up, and the request is dead-lettered
+            raise PermanentError(f"cannot take model {model} down: {exc}") from exc
+        await self._until_deleted(name)
+        log.info("model.deleted", model=model, deployment=name, service=name)
+
+    async def _until_deleted(self, name: str) -> None:
+        """A foreground delete keeps the Deployment until its pods are gone: wait for that,
+        so a deploy right after an undeploy creates a new one rather than updating one that
+        is being deleted."""
+        try:
+            async with asyncio.timeout(self.ready_timeout_s):
+                while True:  # polled: a watch would cost more than the few reads this takes
+                    if await self.api.get("Deployment", name) is None:
+                        return
+                    await asyncio.sleep(0.5)
+        except TimeoutError:
+            log.warning("model.still_deleting", deployment=name)
 
     async def aclose(self) -> None:
         await self.api.client.close()
