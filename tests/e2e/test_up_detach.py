@@ -166,9 +166,20 @@ def test_down_ignores_the_description_a_dead_platform_left(tmp_path: Path) -> No
     assert one_line_error(result) == f"torchrelay: no platform runs from {tmp_path}"
 
 
-def test_up_detach_that_fails_to_start_says_why_and_leaves_nothing(tmp_path: Path) -> None:
+def test_up_with_no_replicas_is_a_usage_error_and_starts_nothing(tmp_path: Path) -> None:
     env = user_env(tmp_path / "home", XDG_STATE_HOME=str(tmp_path / "xdg"))
     result = run("up", "--detach", "--replicas", "0", cwd=tmp_path, env=env)
+    assert result.returncode == 2
+    assert "Invalid value for '--replicas'" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert not (tmp_path / "xdg" / "torchrelay").exists()
+
+
+def test_up_detach_that_fails_to_start_says_why_and_leaves_nothing(tmp_path: Path) -> None:
+    env = user_env(
+        tmp_path / "home", XDG_STATE_HOME=str(tmp_path / "xdg"), TORCHRELAY_RETENTION_S="soon"
+    )
+    result = run("up", "--detach", cwd=tmp_path, env=env)
     assert result.returncode == 1
     assert result.stdout == ""
     state = tmp_path / "xdg" / "torchrelay"
@@ -176,7 +187,7 @@ def test_up_detach_that_fails_to_start_says_why_and_leaves_nothing(tmp_path: Pat
         "torchrelay: `torchrelay up` exited (1) before it was ready; "
         f"the end of {state / 'logs' / 'up.log'}:\n"
     ), result.stderr
-    assert "  torchrelay: replicas must be at least 1, not 0" in result.stderr.splitlines()
+    assert "TORCHRELAY_RETENTION_S: Input should be a valid number" in result.stderr
     assert not (state / "platform.json").exists()
 
 
