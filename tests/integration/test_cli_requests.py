@@ -139,6 +139,11 @@ async def test_cancel_stops_a_training_pipeline_and_refuses_what_has_nothing_to_
     ]:
         refused = torchrelay(nats_url, "cancel", ident)
         assert (refused.returncode, refused.stderr.strip()) == (1, f"torchrelay: {says}")
+    blank = torchrelay(nats_url, "cancel", "p-train", "--reason", "")
+    assert (blank.returncode, blank.stderr.strip()) == (
+        2,
+        "torchrelay: reason: String should have at least 1 character",
+    )
     assert len(watcher.of(TrainCancelRequested)) == 1, "nothing else was asked"
 
 

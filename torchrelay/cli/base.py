@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, ParamSpec, TypeVar
 
 import typer
+from pydantic import ValidationError
 
 from torchrelay.shared.errors import ConfigError, Refused
 
@@ -179,6 +180,11 @@ def command(function: Callable[P, int]) -> Callable[P, None]:
             code = refused.code if isinstance(refused, Refusal) else 1
         except ConfigError as exc:
             warn(str(exc))
+            code = EXIT_USAGE
+        except ValidationError as exc:  # a request built from what was typed: a usage mistake
+            for problem in exc.errors():
+                where = ".".join(str(part) for part in problem["loc"])
+                warn(f"{where}: {problem['msg']}" if where else problem["msg"])
             code = EXIT_USAGE
         except KeyboardInterrupt:
             code = EXIT_INTERRUPTED
