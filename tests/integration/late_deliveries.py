@@ -88,12 +88,19 @@ async def _frames(reader: asyncio.StreamReader) -> AsyncIterator[_Frame]:
 
 
 @dataclass
+class _Losses:
+    """How many more pushed values to lose, across the proxy's connections."""
+
+    left: int
+
+
+@dataclass
 class _Link:
     """One client connection and its connection to the server."""
 
     delay_s: float
     hold_s: float
-    lose: list[int]  # shared by the proxy's links: values still to lose
+    losses: _Losses
     released: asyncio.Event = field(default_factory=asyncio.Event)
     awaited: bytes | None = None  # the subscription whose consumer must send all it holds
 
@@ -120,8 +127,8 @@ class _Link:
                 if not frame.pushed:
                     client.write(frame.raw)
                     continue
-                if frame.reply.startswith(b"$JS.ACK.") and self.lose[0] > 0:
-                    self.lose[0] -= 1
+                if frame.reply.startswith(b"$JS.ACK.") and self.losses.left > 0:
+                    self.losses.left -= 1
                 else:
                     late.put_nowait((loop.time() + self.delay_s, frame.raw))
                 # (H)MSG <subject> <sid> ...: a consumer keeps the stored message's subject
@@ -150,7 +157,7 @@ async def late_deliveries(
     """A URL for a proxy to ``nats_url`` (see the module's doc); on exit its connections are
     closed."""
     upstream = urlparse(nats_url)
-    left_to_lose = [lose]
+    losses = _Losses(lose)
     pumps: set[asyncio.Task[None]] = set()
     handlers: set[asyncio.Task[object]] = set()
 
@@ -159,7 +166,7 @@ async def late_deliveries(
         if handler is not None:
             handlers.add(handler)
         up_reader, up_writer = await asyncio.open_connection(upstream.hostname, upstream.port)
-        link = _Link(delay_s, hold_s, left_to_lose)
+        link = _Link(delay_s, hold_s, losses)
         both = {
             asyncio.create_task(link.from_client(reader, up_writer)),
             asyncio.create_task(link.from_server(up_reader, writer)),
