@@ -16,8 +16,8 @@ import contextlib
 import json
 import math
 from collections.abc import AsyncIterator
-from typing import Any
 
+import nats.errors
 import nats.js.errors
 from nats.js import JetStreamContext, api
 from nats.js.kv import KV_DEL, KV_MARKER_REASON, KV_OP, KV_PURGE, KeyValue
@@ -33,6 +33,10 @@ from torchrelay.shared.state.views import Entry
 # them (live views also resync). A value written with a shorter TTL lives this long instead:
 # the server never removes a value before its marker could be placed.
 DEFAULT_MARKER_TTL_S = 300.0
+# A watch's consumer: the server's heartbeat while idle (the client restarts a consumer that
+# missed two), and how long the server keeps one whose subscriber went away without a word.
+_WATCH_HEARTBEAT_S = 5.0
+_WATCH_INACTIVE_S = 300.0
 # JSStreamWrongLastSequenceErrF and its constant variant: a compare-and-set lost.
 _WRONG_LAST = (10071, 10164)
 
@@ -88,20 +92,60 @@ def _live(msg: api.RawStreamMsg) -> bool:
 
 
 class _Changes:
-    """A KV watcher's entries as :class:`Entry` items (deletes and markers carry no data)."""
+    """An ordered consumer's messages as :class:`Entry` items, with None once every value that
+    was stored when the consumer was created has come (deletes and markers carry no data).
 
-    def __init__(self, watcher: Any) -> None:
-        self._watcher = watcher
+    ``initial`` is the consumer's pending count in the server's answer to its creation: the
+    consumer had no subscriber yet, so it had delivered nothing and the count is exactly the
+    number of last-per-key messages it delivers first (consumer sequences 1 to ``initial``).
+    nats-py's own KV watch reads that count with a later consumer-info request instead; the
+    server may have taken every value off the count while none had reached the client yet,
+    and the watch then reports the end of the stored values before the values themselves.
+    """
+
+    def __init__(
+        self,
+        sub: JetStreamContext.PushSubscription,
+        consumer: str,
+        initial: int,
+        prefix: str,
+        name: str,
+    ) -> None:
+        self._sub = sub
+        self._consumer = consumer
+        self._initial = initial
+        self._prefix = prefix  # of the subjects, before the key
+        self._name = name
+        self._told_end = False
 
     def __aiter__(self) -> _Changes:
         return self
 
     async def __anext__(self) -> Entry | None:
-        entry = await self._watcher.__anext__()
-        if entry is None:
+        if self._initial == 0 and not self._told_end:
+            self._told_end = True
             return None
-        gone = entry.operation in (KV_DEL, KV_PURGE) or not entry.value
-        return Entry(entry.key, None if gone else entry.value, entry.revision or 0)
+        try:
+            msg = await self._sub.next_msg(timeout=None)
+        except nats.errors.ConnectionClosedError:
+            raise StopAsyncIteration from None
+        meta = msg.metadata
+        if self._initial:
+            if meta.consumer != self._consumer:
+                # The client replaced the consumer (a gap, missed heartbeats) before the
+                # stored values were in: which of them came is no longer known.
+                raise ConnectionError(
+                    f"the watch of {self._name} restarted before the stored values came; "
+                    "open it again"
+                )
+            if meta.sequence.consumer >= self._initial:
+                self._initial = 0
+        headers = msg.headers or {}
+        gone = (
+            headers.get(KV_OP) in (KV_DEL, KV_PURGE) or KV_MARKER_REASON in headers or not msg.data
+        )
+        key = msg.subject[len(self._prefix) :]
+        return Entry(key, None if gone else msg.data, meta.sequence.stream)
 
 
 class KvBucket:
@@ -193,13 +237,44 @@ class KvBucket:
 
     @contextlib.asynccontextmanager
     async def feed(self, pattern: str) -> AsyncIterator[AsyncIterator[Entry | None]]:
-        watcher = await self.kv.watch(pattern)
+        """The last value (or delete) of each key matching ``pattern``, then each change: an
+        ordered push consumer (the client resumes it after a reconnect), created before
+        anything subscribes to it so that its creation says how many values it holds."""
+        config = api.ConsumerConfig(
+            deliver_subject=self._js._nc.new_inbox(),
+            filter_subject=self._subject(pattern),
+            deliver_policy=api.DeliverPolicy.LAST_PER_SUBJECT,
+            ack_policy=api.AckPolicy.NONE,
+            flow_control=True,
+            idle_heartbeat=_WATCH_HEARTBEAT_S,
+            inactive_threshold=_WATCH_INACTIVE_S,
+            mem_storage=True,
+            num_replicas=1,
+        )
+        info = await self._js.add_consumer(self._stream, config=config)
         try:
-            yield _Changes(watcher)
-        finally:
-            # The connection may be gone (closed, or down): nothing is left to stop then.
+            sub = await self._js.subscribe_bind(
+                self._stream, config, info.name, ordered_consumer=True
+            )
+        except BaseException:
             with contextlib.suppress(Exception):
-                await watcher.stop()  # type: ignore[no-untyped-call]
+                await self._js.delete_consumer(self._stream, info.name)
+            raise
+        try:
+            initial = info.num_pending or 0
+            name = f"{self.bucket}/{pattern}"
+            yield _Changes(sub, info.name, initial, self._subject(""), name)
+        finally:
+            # The connection may be gone (closed, or down): nothing is left to stop then, and
+            # the server drops the consumer once it has had no subscriber for a while.
+            with contextlib.suppress(Exception):
+                await sub.unsubscribe()
+            # The client replaces the consumer after a gap and names the new one on the
+            # subscription; the one it replaced is left to the server, so both go.
+            for name in sorted({info.name, sub._consumer}):
+                if self._js._nc.is_connected:
+                    with contextlib.suppress(Exception):
+                        await self._js.delete_consumer(self._stream, name)
 
 
 class KvStore(TypedStore[M]):

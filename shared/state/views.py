@@ -27,7 +27,9 @@ class Entry:
     revision: int
 
 
-# Opens a feed: the current entries, then None (once), then each change as it lands.
+# Opens a feed: the current entries, then None (once), then each change as it lands. None comes
+# only once every entry stored when the feed opened has come (never on a guess about what is
+# still on its way), so what precedes it is a complete snapshot.
 Feed = Callable[[], contextlib.AbstractAsyncContextManager[AsyncIterator[Entry | None]]]
 Decode = Callable[[str, bytes], M]
 
