@@ -97,3 +97,19 @@ def cli(
         cwd=cwd,
         env=None if env is None else dict(env),
     )
+
+
+def serve_service(nats_url: str, storage: Path, log: Path, *, drain_s: float) -> ServiceProcess:
+    """The serve service as a real process on ``storage``: two model servers per rollout, and
+    quick drains and shutdowns so that tests do not wait."""
+    return ServiceProcess(
+        ["-m", "torchrelay", "service", "serve", "--nats-url", nats_url, "--http-port", "0"],
+        log,
+        env={
+            "TORCHRELAY_STORAGE_ROOT": str(storage),
+            "TORCHRELAY_SERVE_REPLICAS": "2",
+            "TORCHRELAY_SERVE_DRAIN_S": f"{drain_s:g}",
+            "TORCHRELAY_SHUTDOWN_GRACE_S": "5",
+            "TORCHRELAY_SHUTDOWN_DEADLINE_S": "15",
+        },
+    )

@@ -16,6 +16,7 @@ import aiohttp
 import pytest
 from prometheus_client import CollectorRegistry
 
+from tests.integration.in_memory import Published, present
 from tests.integration.models import train_digits
 from torchrelay.services.ingest.handlers import IngestMetrics, Ingestor
 from torchrelay.services.ingest.settings import IngestOptions
@@ -28,7 +29,6 @@ from torchrelay.shared.cluster.local_serving import LocalServingBackend
 from torchrelay.shared.cluster.registry import ServerOptions
 from torchrelay.shared.errors import TransientError
 from torchrelay.shared.events import (
-    AnyEvent,
     DatasetRejected,
     ModelDeployed,
     ModelDeployRequested,
@@ -54,7 +54,6 @@ from torchrelay.shared.pipelines import PipelineRecord, pipeline_key
 from torchrelay.shared.runs import RunRecord, outcome_event_id
 from torchrelay.shared.runtime.metrics import reconciled_counter
 from torchrelay.shared.state import MemoryState, key_part
-from torchrelay.shared.state.presence import Presence
 from torchrelay.shared.testing import assert_eventually
 
 pytestmark = pytest.mark.timeout(120)
@@ -66,24 +65,6 @@ PIPELINE = PipelineSpec.model_validate(
         "training": {"entrypoint": ENTRYPOINT, "model_name": "digits"},
     }
 )
-
-
-class Published:
-    def __init__(self) -> None:
-        self.events: list[AnyEvent] = []
-
-    async def __call__(self, event: AnyEvent) -> bool:
-        self.events.append(event)
-        return True
-
-    def of(self, kind: type[AnyEvent]) -> list[AnyEvent]:
-        return [e for e in self.events if isinstance(e, kind)]
-
-
-async def present(state: MemoryState, service: str) -> Presence:
-    presence = Presence(state.leases, service, f"{service}-{uuid.uuid4().hex[:6]}")
-    await presence.announce()
-    return presence
 
 
 def spec(dataset_version: str = "v1", **changes: object) -> TrainJobSpec:

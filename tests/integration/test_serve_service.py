@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 from tests.integration.models import train_digits
-from tests.integration.processes import ServiceProcess
+from tests.integration.processes import ServiceProcess, serve_service
 from tests.integration.watching import Watcher, watching
 from torchrelay.shared.bus.jetstream import JetStreamBus
 from torchrelay.shared.events import (
@@ -76,17 +76,7 @@ async def bus(nats_url: str) -> AsyncIterator[tuple[JetStreamBus, Watcher]]:
 
 @pytest.fixture
 def serve(nats_url: str, storage: Path, tmp_path: Path) -> Iterator[ServiceProcess]:
-    process = ServiceProcess(
-        ["-m", "torchrelay", "service", "serve", "--nats-url", nats_url, "--http-port", "0"],
-        tmp_path / "serve.log",
-        env={
-            "TORCHRELAY_STORAGE_ROOT": str(storage),
-            "TORCHRELAY_SERVE_REPLICAS": "2",
-            "TORCHRELAY_SERVE_DRAIN_S": "3",
-            "TORCHRELAY_SHUTDOWN_GRACE_S": "5",
-            "TORCHRELAY_SHUTDOWN_DEADLINE_S": "15",
-        },
-    )
+    process = serve_service(nats_url, storage, tmp_path / "serve.log", drain_s=3)
     yield process
     process.stop()
     assert model_servers(storage) == [], "stopping serve stops its model servers"

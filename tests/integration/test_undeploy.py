@@ -13,8 +13,8 @@ import nats
 import pytest
 from structlog.testing import capture_logs
 
-from tests.integration.processes import ServiceProcess, cli
-from tests.integration.test_handlers_in_memory import Published, present
+from tests.integration.in_memory import Published, present
+from tests.integration.processes import ServiceProcess, cli, serve_service
 from tests.integration.tiny_models import export_digits
 from tests.integration.watching import Watcher, watching
 from torchrelay.services.serve.domain import DeploymentRecord
@@ -170,17 +170,7 @@ async def bus(nats_url: str) -> AsyncIterator[tuple[JetStreamBus, Watcher]]:
 
 @pytest.fixture
 def serve(nats_url: str, storage: Path, tmp_path: Path) -> Iterator[ServiceProcess]:
-    process = ServiceProcess(
-        ["-m", "torchrelay", "service", "serve", "--nats-url", nats_url, "--http-port", "0"],
-        tmp_path / "serve.log",
-        env={
-            "TORCHRELAY_STORAGE_ROOT": str(storage),
-            "TORCHRELAY_SERVE_REPLICAS": "2",
-            "TORCHRELAY_SERVE_DRAIN_S": "1",
-            "TORCHRELAY_SHUTDOWN_GRACE_S": "5",
-            "TORCHRELAY_SHUTDOWN_DEADLINE_S": "15",
-        },
-    )
+    process = serve_service(nats_url, storage, tmp_path / "serve.log", drain_s=1)
     yield process
     process.stop()
 
