@@ -34,6 +34,10 @@ LABEL_VALUE = re.compile(r"(([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9])?")
 OPTIONS = KubeOptions()
 ANY_TEXT = st.text(min_size=1, max_size=200)
 RUN_IDS = ANY_TEXT | st.from_regex(r"[A-Za-z0-9][A-Za-z0-9_.:-]{0,127}", fullmatch=True)
+# Models and versions are also folders on the storage: any text that is one path segment.
+SEGMENTS = st.text(
+    alphabet=st.characters(blacklist_characters="/\0"), min_size=1, max_size=200
+).filter(lambda text: text not in {".", ".."})
 
 
 def is_service_name(name: str) -> bool:
@@ -93,7 +97,7 @@ def test_a_training_attempt_has_valid_names_for_any_run_id(run_id: str, attempt:
     assert job["metadata"]["annotations"]["torchrelay.io/run-id"] == run_id, "the id itself"
 
 
-@given(model=ANY_TEXT, version=ANY_TEXT)
+@given(model=SEGMENTS, version=SEGMENTS)
 @example(model="digits", version="v1.")  # versions may end in a dot; label values may not
 @example(model="2024-digits", version="v" * 64)
 @example(model="Digits_V2", version="-")
