@@ -22,6 +22,7 @@ from pydantic import BaseModel
 
 from torchrelay import __version__
 from torchrelay.shared.bus import principals
+from torchrelay.shared.bus.connection import NatsSettings
 from torchrelay.shared.bus.jetstream import StreamSettings
 from torchrelay.shared.cluster.kubernetes.manifests import (
     DNS1035_LABEL,
@@ -561,6 +562,27 @@ def test_worker_pods_report_to_nats_with_credentials_from_a_secret() -> None:
         "key": "password",
     }
     assert "value" not in variables["TORCHRELAY_NATS_PASSWORD"], "never in the Job itself"
+    assert "TORCHRELAY_NATS_TLS_CA_FILE" not in variables, "no TLS unless asked for"
+
+
+def test_worker_pods_verify_a_tls_nats_with_the_ca_from_a_secret() -> None:
+    options = KubeOptions(worker_nats_secret="torchrelay-nats-worker", worker_nats_tls_secret="ca")
+    pod = training_job(worker_job(), options)["spec"]["template"]["spec"]
+    (worker,) = pod["containers"]
+    ca_file = Path(str(env_of(worker)["TORCHRELAY_NATS_TLS_CA_FILE"]))
+    mount = next(m for m in worker["volumeMounts"] if m["mountPath"] == str(ca_file.parent))
+    assert mount["readOnly"] is True
+    volume = next(v for v in pod["volumes"] if v["name"] == mount["name"])
+    assert volume["secret"]["secretName"] == "ca"
+    assert ca_file.name == "ca.crt", "cert-manager's key for the CA"
+    # The worker reads its NATS settings as a service does: these are real settings.
+    settings = NatsSettings.model_validate(
+        {"tls_ca_file": ca_file, "user": principals.WORKER, "password": "from-the-secret"}
+    )
+    assert settings.tls_ca_file == ca_file
+    for name in env_of(worker):
+        if name.startswith("TORCHRELAY_NATS_"):
+            assert name.removeprefix("TORCHRELAY_NATS_").lower() in NatsSettings.model_fields
 
 
 # --- scaling and disruptions -------------------------------------------------------------------

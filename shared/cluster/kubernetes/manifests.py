@@ -110,6 +110,7 @@ def _security(options: KubeOptions) -> tuple[Object, Object]:
 
 
 HOME = "/home/torchrelay"  # the images' user has no home folder on the read-only root
+NATS_TLS_DIR = "/etc/torchrelay/nats-tls"
 
 
 def _volumes(
@@ -175,6 +176,10 @@ def training_job(job: WorkerJob, options: KubeOptions) -> Object:
     volumes, mounts = _volumes(
         options, job.storage_root, shm_mb=shm_size_mb(spec.resources.memory_mb)
     )
+    if options.worker_nats_tls_secret is not None:
+        secret = {"secretName": options.worker_nats_tls_secret}
+        volumes.append({"name": "nats-tls", "secret": secret})
+        mounts.append({"name": "nats-tls", "mountPath": NATS_TLS_DIR, "readOnly": True})
     placement = spec.placement
     pod: Object = {
         "restartPolicy": "Never",
@@ -448,14 +453,21 @@ def model_endpoint(model: str, options: KubeOptions) -> str:
 
 def _worker_nats_env(options: KubeOptions) -> list[Object]:
     """Rank 0 reports as the NATS user ``worker``; the password stays in its Secret (the Job
-    names it, the kubelet reads it: the train service never sees it)."""
-    if options.worker_nats_secret is None:
-        return []
-    return [
-        {"name": "TORCHRELAY_NATS_USER", "value": WORKER},
-        {
-            "name": "TORCHRELAY_NATS_PASSWORD",
-            "valueFrom": {"secretKeyRef": {"name": options.worker_nats_secret, "key": "password"}},
-        },
-        {"name": "TORCHRELAY_NATS_INBOX_PREFIX", "value": inbox_prefix(WORKER)},
-    ]
+    names it, the kubelet reads it: the train service never sees it). With TLS, it verifies
+    the server with the CA mounted from ``worker_nats_tls_secret``. The worker reads these
+    as every service does (``TORCHRELAY_NATS_*``)."""
+    env: list[Object] = []
+    if options.worker_nats_secret is not None:
+        env += [
+            {"name": "TORCHRELAY_NATS_USER", "value": WORKER},
+            {
+                "name": "TORCHRELAY_NATS_PASSWORD",
+                "valueFrom": {
+                    "secretKeyRef": {"name": options.worker_nats_secret, "key": "password"}
+                },
+            },
+            {"name": "TORCHRELAY_NATS_INBOX_PREFIX", "value": inbox_prefix(WORKER)},
+        ]
+    if options.worker_nats_tls_secret is not None:
+        env.append({"name": "TORCHRELAY_NATS_TLS_CA_FILE", "value": f"{NATS_TLS_DIR}/ca.crt"})
+    return env

@@ -30,6 +30,12 @@ class KubeOptions(Group):
         "progress as that user, which may publish nothing but train.progress and "
         "train.checkpointed. Unset: workers connect without credentials.",
     )
+    worker_nats_tls_secret: str | None = Field(
+        default=None,
+        description="A Secret holding the CA that signed NATS's certificate (key 'ca.crt', "
+        "as cert-manager writes it), for a NATS with TLS: mounted in worker pods, which "
+        "verify the server with it. Unset: workers connect as the URL's scheme says.",
+    )
     storage_claim: str = Field(
         default="torchrelay-storage",
         description="The ReadWriteMany PersistentVolumeClaim mounted at the storage root.",
