@@ -792,5 +792,6 @@ def test_network_policies_allow_what_each_part_needs_and_nothing_else() -> None:
 
     assert allowed(policies, nats, nats, 6222), "cluster routes"
     assert allowed(policies, keda, nats, 8222), "KEDA reads consumer lag"
+    assert allowed(policies, client, nats, 4222), "other systems publish (the publisher user)"
     assert not allowed(policies, stranger, nats, 4222)
     assert not allowed(policies, model, nats, 8222)
