@@ -123,11 +123,15 @@ def test_a_served_model_has_valid_names_and_labels_for_any_model_and_version(
     )
 
 
-def test_valid_names_and_values_stay_as_they_were() -> None:
+def test_names_earlier_releases_gave_stay_the_same() -> None:
+    """Running Jobs and served models are found again by name after an upgrade."""
+    assert job_name("pipe-1.train", 0) == "pipe-1-train-b7694dcc65-a0"
+    assert job_name("Pipe_1.Train:retry" * 3, 2) == "pipe-1-train-retrypipe-1-train-a58d672a4d-a2"
     assert model_object_name("digits") == "model-digits"
+    assert model_object_name("m" * 63) == f"model-{'m' * 45}-6e80a1cca9"
     assert version_label("v1.2_rc-3") == "v1.2_rc-3"
+    assert version_label("v1." + "x" * 61) == f"v1.{'x' * 47}-6b8c80e23f10"
     assert label_value("A.b_c-9") == "A.b_c-9"
-    assert job_name("pipe-1.train", 0).startswith("pipe-1-train-")
 
 
 @given(first=ANY_TEXT, second=ANY_TEXT)

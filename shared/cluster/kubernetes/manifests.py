@@ -46,12 +46,13 @@ def _digest(text: str, length: int = 10) -> str:
 def dns_name(text: str, *, prefix: str, max_length: int = DNS_LABEL_MAX) -> str:
     """Any text as a DNS-1035 label (so also DNS-1123) of at most ``max_length``: ``prefix``
     when ``text`` does not start with a letter, then ``text`` lower-cased with every run of other
-    characters a ``-``, cut to fit, then a hash of the exact ``text``. Stable (same text, same
+    characters than letters, digits and ``-`` a ``-``, cut to fit, then a hash of the exact
+    ``text``. Stable (same text, same
     name) and collision-resistant (texts that sanitise alike differ in the hash)."""
     digest = f"-{_digest(text)}"
     if max_length < len(prefix) + len(digest) + 1:
         raise ValueError(f"no DNS label of {max_length} characters holds {prefix!r} and a hash")
-    readable = re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")
+    readable = re.sub(r"[^a-z0-9-]+", "-", text.lower()).strip("-")
     if not readable[:1].isalpha():
         readable = f"{prefix}-{readable}".rstrip("-")
     return f"{readable[: max_length - len(digest)].rstrip('-')}{digest}"
@@ -63,7 +64,7 @@ def label_value(text: str) -> str:
         return text
     digest = _digest(text, 12)
     readable = re.sub(r"[^A-Za-z0-9_.-]+", "-", text)[: DNS_LABEL_MAX - len(digest) - 1]
-    readable = re.sub(r"^[^A-Za-z0-9]+|[^A-Za-z0-9]+$", "", readable)
+    readable = re.sub(r"^[^A-Za-z0-9]+", "", readable)  # the hash ends it: alphanumeric
     return f"{readable}-{digest}" if readable else digest
 
 
@@ -304,8 +305,10 @@ def model_object_name(model: str) -> str:
     """The Deployment's and Service's name (a DNS-1035 label): ``model-<model>`` when that is
     one, else a sanitised, hashed form of the model's name."""
     name = f"model-{model}"
-    if len(name) <= DNS_LABEL_MAX and DNS1035_LABEL.fullmatch(name):
-        return name
+    if len(model) <= DNS_LABEL_MAX and DNS1123_LABEL.fullmatch(model):  # the names events allow
+        # Unchanged from earlier releases, so that their Deployments are found again.
+        short = f"model-{model[:45].rstrip('-')}-{_digest(model)}"
+        return name if len(name) <= DNS_LABEL_MAX else short
     return dns_name(name, prefix="model")
 
 
