@@ -18,7 +18,7 @@ from typing import Any
 import kubernetes_validate
 import pytest
 import yaml
-from pydantic import BaseModel
+from pydantic import BaseModel, ValidationError
 
 from torchrelay import __version__
 from torchrelay.shared.bus import principals
@@ -467,6 +467,14 @@ def test_model_servers_survive_a_slow_load_and_drain_before_they_stop() -> None:
     assert pod["terminationGracePeriodSeconds"] > 15, "the drain, then the server's shutdown"
     without = served_model(KubeOptions(server_drain_s=0))["spec"]["template"]["spec"]
     assert "lifecycle" not in without["containers"][0]
+
+
+@pytest.mark.parametrize(
+    "setting", [{"server_drain_s": -1}, {"server_drain_s": 301}, {"server_startup_timeout_s": 5}]
+)
+def test_a_drain_or_startup_time_out_of_range_is_refused_by_name(setting: dict[str, int]) -> None:
+    with pytest.raises(ValidationError, match=next(iter(setting))):
+        KubeOptions.model_validate(setting)
 
 
 # --- NATS --------------------------------------------------------------------------------------
