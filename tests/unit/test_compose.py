@@ -128,3 +128,43 @@ def test_promtool_accepts_the_prometheus_configuration(tmp_path: Path) -> None:
         [promtool, "check", "config", str(local)], capture_output=True, text=True, check=False
     )
     assert checked.returncode == 0, checked.stdout + checked.stderr
+
+
+def test_the_storage_volume_is_handed_to_the_services_user_before_they_start() -> None:
+    """Docker creates a named volume owned by root; the services run as 10001."""
+    init = COMPOSE["services"]["storage-init"]
+    assert init["user"] == "0:0"
+    assert init["command"] == ["chown", "10001:10001", "/storage"]
+    assert init["volumes"] == ["storage:/storage"]
+    for name, service in TORCHRELAY.items():
+        if any(v.startswith("storage:") for v in service["volumes"]):
+            assert "storage:/storage" in service["volumes"], name
+            condition = service["depends_on"]["storage-init"]["condition"]
+            assert condition == "service_completed_successfully", name
+        dockerfile = (ROOT / "services" / name / "Dockerfile").read_text()
+        assert "USER 10001:10001" in dockerfile, "the owner storage-init sets"
+
+
+def test_the_services_have_a_writable_home_on_their_read_only_root() -> None:
+    for name, service in TORCHRELAY.items():
+        assert service["read_only"] is True, name
+        home = service["environment"]["HOME"]
+        assert home in service["tmpfs"], f"{name}: HOME is not writable"
+        assert "/tmp" in service["tmpfs"], name  # noqa: S108 - a tmpfs
+
+
+def test_prometheus_scrapes_nats_through_the_exporter_not_its_json_endpoints() -> None:
+    config = yaml.safe_load((ROOT / "compose" / "prometheus.yml").read_text())
+    json_endpoints = ("/varz", "/jsz", "/connz", "/routez", "/healthz", "/subsz")
+    for job in config["scrape_configs"]:
+        assert job.get("metrics_path", "/metrics") not in json_endpoints, job["job_name"]
+        for target in job["static_configs"][0]["targets"]:
+            assert not target.endswith(":8222"), f"{job['job_name']} scrapes NATS monitoring"
+    (nats,) = [job for job in config["scrape_configs"] if job["job_name"] == "nats"]
+    (target,) = nats["static_configs"][0]["targets"]
+    host, _, port = target.partition(":")
+    exporter = COMPOSE["services"][host]
+    assert exporter["image"].startswith("natsio/prometheus-nats-exporter:")
+    assert port == "7777", "the exporter's default port"
+    assert exporter["command"][-1] == "http://nats:8222"
+    assert "-m" in COMPOSE["services"]["nats"]["command"], "NATS serves its monitoring port"

@@ -27,17 +27,54 @@ SERVER_MODULE = "torchrelay.services.serve.server"
 VERSION_ANNOTATION = f"{GROUP}/version"
 ALL_INTERFACES = "0.0.0.0"  # noqa: S104 - a pod's server answers its Service
 GPU = "nvidia.com/gpu"
+STARTUP_PERIOD_S = 5
+SERVER_SHUTDOWN_S = 30
+
+
+DNS_LABEL_MAX = 63
+# The API server's own rules (k8s.io/apimachinery validation).
+DNS1035_LABEL = re.compile(r"[a-z]([-a-z0-9]*[a-z0-9])?")  # Service names
+DNS1123_LABEL = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?")  # other names, host names
+LABEL_VALUE = re.compile(r"(([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9])?")
+MAX_INDEX_SUFFIX = len("-1023")  # a pod's host name is <job>-<completion index>
 
 
 def _digest(text: str, length: int = 10) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:length]
 
 
+def dns_name(text: str, *, prefix: str, max_length: int = DNS_LABEL_MAX) -> str:
+    """Any text as a DNS-1035 label (so also DNS-1123) of at most ``max_length``: ``prefix``
+    when ``text`` does not start with a letter, then ``text`` lower-cased with every run of other
+    characters than letters, digits and ``-`` a ``-``, cut to fit, then a hash of the exact
+    ``text``. Stable (same text, same
+    name) and collision-resistant (texts that sanitise alike differ in the hash)."""
+    digest = f"-{_digest(text)}"
+    if max_length < len(prefix) + len(digest) + 1:
+        raise ValueError(f"no DNS label of {max_length} characters holds {prefix!r} and a hash")
+    readable = re.sub(r"[^a-z0-9-]+", "-", text.lower()).strip("-")
+    if not readable[:1].isalpha():
+        readable = f"{prefix}-{readable}".rstrip("-")
+    return f"{readable[: max_length - len(digest)].rstrip('-')}{digest}"
+
+
+def label_value(text: str) -> str:
+    """``text`` itself when it is a valid label value, else a valid one with its hash."""
+    if len(text) <= DNS_LABEL_MAX and LABEL_VALUE.fullmatch(text):
+        return text
+    digest = _digest(text, 12)
+    readable = re.sub(r"[^A-Za-z0-9_.-]+", "-", text)[: DNS_LABEL_MAX - len(digest) - 1]
+    readable = re.sub(r"^[^A-Za-z0-9]+", "", readable)  # the hash ends it: alphanumeric
+    return f"{readable}-{digest}" if readable else digest
+
+
 def job_name(run_id: str, attempt: int) -> str:
-    """A DNS label for one attempt: readable prefix, a hash of the run id, the attempt.
-    Short enough that ``<name>-<index>`` (the pods' host names) stays a DNS label too."""
-    readable = re.sub(r"[^a-z0-9-]+", "-", run_id.lower()).strip("-")[:30].rstrip("-")
-    return f"{readable or 'run'}-{_digest(run_id)}-a{attempt}"
+    """A DNS-1035 label for one attempt (the Job, its headless Service and the pods'
+    subdomain): readable prefix, a hash of the run id, the attempt. Short enough that
+    ``<name>-<index>`` (the pods' host names) stays a DNS label too."""
+    suffix = f"-a{attempt}"
+    budget = min(30 + 11, DNS_LABEL_MAX - MAX_INDEX_SUFFIX - len(suffix))
+    return f"{dns_name(run_id, prefix='run', max_length=budget)}{suffix}"
 
 
 def run_label(run_id: str) -> str:
@@ -73,19 +110,36 @@ def _security(options: KubeOptions) -> tuple[Object, Object]:
     return pod, container
 
 
-def _volumes(options: KubeOptions, mount: str, *, shm: bool) -> tuple[list[Object], list[Object]]:
+HOME = "/home/torchrelay"  # the images' user has no home folder on the read-only root
+NATS_TLS_DIR = "/etc/torchrelay/nats-tls"
+
+
+def _volumes(
+    options: KubeOptions, mount: str, *, shm_mb: int | None
+) -> tuple[list[Object], list[Object]]:
+    """The shared storage, and pod-private writable folders on a read-only root: /tmp, the
+    user's home (``~/.cache``: torch hub, compile caches) and, with ``shm_mb``, /dev/shm."""
     volumes: list[Object] = [
         {"name": "storage", "persistentVolumeClaim": {"claimName": options.storage_claim}},
         {"name": "tmp", "emptyDir": {}},
+        {"name": "home", "emptyDir": {}},
     ]
     mounts: list[Object] = [
         {"name": "storage", "mountPath": mount},
         {"name": "tmp", "mountPath": "/tmp"},  # noqa: S108 - a pod-private emptyDir
+        {"name": "home", "mountPath": HOME},
     ]
-    if shm:  # NCCL and data loader workers share memory through /dev/shm
-        volumes.append({"name": "dshm", "emptyDir": {"medium": "Memory"}})
+    if shm_mb is not None:  # NCCL and data loader workers share memory through /dev/shm
+        # Memory-backed: it counts against the pod's memory limit, so it is capped below it.
+        shm = {"medium": "Memory", "sizeLimit": f"{shm_mb}Mi"}
+        volumes.append({"name": "dshm", "emptyDir": shm})
         mounts.append({"name": "dshm", "mountPath": "/dev/shm"})  # noqa: S108 - emptyDir
     return volumes, mounts
+
+
+def shm_size_mb(memory_mb: int) -> int:
+    """The cap of the shared-memory folder: half the pod's memory (at least 64 MiB, Docker's)."""
+    return max(64, memory_mb // 2)
 
 
 def training_job(job: WorkerJob, options: KubeOptions) -> Object:
@@ -120,7 +174,13 @@ def training_job(job: WorkerJob, options: KubeOptions) -> Object:
     if gpu:
         requests[GPU] = limits[GPU] = str(gpu)
     pod_security, container_security = _security(options)
-    volumes, mounts = _volumes(options, job.storage_root, shm=True)
+    volumes, mounts = _volumes(
+        options, job.storage_root, shm_mb=shm_size_mb(spec.resources.memory_mb)
+    )
+    if options.worker_nats_tls_secret is not None:
+        secret = {"secretName": options.worker_nats_tls_secret}
+        volumes.append({"name": "nats-tls", "secret": secret})
+        mounts.append({"name": "nats-tls", "mountPath": NATS_TLS_DIR, "readOnly": True})
     placement = spec.placement
     pod: Object = {
         "restartPolicy": "Never",
@@ -141,6 +201,7 @@ def training_job(job: WorkerJob, options: KubeOptions) -> Object:
                         "name": "OMP_NUM_THREADS",
                         "value": str(max(1, math.ceil(spec.resources.cpu))),
                     },
+                    {"name": "HOME", "value": HOME},
                     *_worker_nats_env(options),
                 ],
                 "ports": [{"name": "rendezvous", "containerPort": options.rendezvous_port}],
@@ -241,18 +302,28 @@ def rendezvous_service(job: Object, job_uid: str) -> Object:
 
 
 def model_object_name(model: str) -> str:
-    """The Deployment's and Service's name: the model's own (a DNS label already), prefixed."""
+    """The Deployment's and Service's name (a DNS-1035 label): ``model-<model>`` when that is
+    one, else a sanitised, hashed form of the model's name."""
     name = f"model-{model}"
-    return name if len(name) <= 63 else f"model-{model[:45].rstrip('-')}-{_digest(model)}"
+    if len(model) <= DNS_LABEL_MAX and DNS1123_LABEL.fullmatch(model):  # the names events allow
+        # Unchanged from earlier releases, so that their Deployments are found again.
+        short = f"model-{model[:45].rstrip('-')}-{_digest(model)}"
+        return name if len(name) <= DNS_LABEL_MAX else short
+    return dns_name(name, prefix="model")
 
 
 def version_label(version: str) -> str:
-    """Versions may be 64 characters; label values at most 63."""
-    return version if len(version) <= 63 else f"{version[:50]}-{_digest(version, 12)}"
+    """Versions may be 64 characters and end in ``.`` or ``-``; label values may not."""
+    return label_value(version)
+
+
+def model_labels(model: str) -> dict[str, str]:
+    """What selects a model's server pods, whatever the version."""
+    return {MODEL_LABEL: label_value(model), "app.kubernetes.io/component": "model-server"}
 
 
 def model_selector(model: str) -> str:
-    return f"{MODEL_LABEL}={model},app.kubernetes.io/component=model-server"
+    return ",".join(f"{key}={value}" for key, value in model_labels(model).items())
 
 
 def model_deployment(
@@ -268,11 +339,11 @@ def model_deployment(
     """A model's Deployment serving ``version``: rolling updates that never drop below the
     wanted replicas (maxUnavailable 0), gated on the server's readiness."""
     name = model_object_name(model)
-    selector = {MODEL_LABEL: model, "app.kubernetes.io/component": "model-server"}
+    selector = model_labels(model)
     labels = {**_common_labels("model-server"), **selector}
     pod_labels = {**labels, VERSION_LABEL: version_label(version)}
     pod_security, container_security = _security(options)
-    volumes, mounts = _volumes(options, storage_root, shm=False)
+    volumes, mounts = _volumes(options, storage_root, shm_mb=None)
     mounts[0]["readOnly"] = True  # servers only read the model
     model_dir = f"{storage_root.rstrip('/')}/{relative_model(model, version)}"
     port = options.server_port
@@ -291,8 +362,14 @@ def model_deployment(
             str(port),
             *server_args,
         ],
-        "env": [{"name": "OMP_NUM_THREADS", "value": threads}],
+        "env": [{"name": "OMP_NUM_THREADS", "value": threads}, {"name": "HOME", "value": HOME}],
         "ports": [{"name": "http", "containerPort": port}],
+        # Loading a large model takes minutes: liveness starts once the server has started.
+        "startupProbe": {
+            "httpGet": {"path": "/v2/health/live", "port": "http"},
+            "periodSeconds": STARTUP_PERIOD_S,
+            "failureThreshold": math.ceil(options.server_startup_timeout_s / STARTUP_PERIOD_S),
+        },
         "readinessProbe": {
             "httpGet": {"path": "/v2/health/ready", "port": "http"},
             "periodSeconds": 5,
@@ -300,7 +377,6 @@ def model_deployment(
         "livenessProbe": {
             "httpGet": {"path": "/v2/health/live", "port": "http"},
             "periodSeconds": 10,
-            "initialDelaySeconds": 10,
         },
         "resources": {
             "requests": {
@@ -312,6 +388,11 @@ def model_deployment(
         "securityContext": container_security,
         "volumeMounts": mounts,
     }
+    if options.server_drain_s:
+        # Endpoints are removed asynchronously: keep answering while callers stop sending.
+        container["lifecycle"] = {
+            "preStop": {"exec": {"command": ["sleep", str(options.server_drain_s)]}}
+        }
     return {
         "apiVersion": "apps/v1",
         "kind": "Deployment",
@@ -339,7 +420,8 @@ def model_deployment(
                     "serviceAccountName": options.workload_service_account,
                     "automountServiceAccountToken": False,
                     "securityContext": pod_security,
-                    "terminationGracePeriodSeconds": 30,
+                    # The drain, then the server's own shutdown.
+                    "terminationGracePeriodSeconds": options.server_drain_s + SERVER_SHUTDOWN_S,
                     "containers": [container],
                     "volumes": volumes,
                 },
@@ -351,7 +433,7 @@ def model_deployment(
 def model_service(model: str, options: KubeOptions) -> Object:
     """The model's stable endpoint: every version, every replica, behind one name."""
     name = model_object_name(model)
-    selector = {MODEL_LABEL: model, "app.kubernetes.io/component": "model-server"}
+    selector = model_labels(model)
     return {
         "apiVersion": "v1",
         "kind": "Service",
@@ -374,14 +456,21 @@ def model_endpoint(model: str, options: KubeOptions) -> str:
 
 def _worker_nats_env(options: KubeOptions) -> list[Object]:
     """Rank 0 reports as the NATS user ``worker``; the password stays in its Secret (the Job
-    names it, the kubelet reads it: the train service never sees it)."""
-    if options.worker_nats_secret is None:
-        return []
-    return [
-        {"name": "TORCHRELAY_NATS_USER", "value": WORKER},
-        {
-            "name": "TORCHRELAY_NATS_PASSWORD",
-            "valueFrom": {"secretKeyRef": {"name": options.worker_nats_secret, "key": "password"}},
-        },
-        {"name": "TORCHRELAY_NATS_INBOX_PREFIX", "value": inbox_prefix(WORKER)},
-    ]
+    names it, the kubelet reads it: the train service never sees it). With TLS, it verifies
+    the server with the CA mounted from ``worker_nats_tls_secret``. The worker reads these
+    as every service does (``TORCHRELAY_NATS_*``)."""
+    env: list[Object] = []
+    if options.worker_nats_secret is not None:
+        env += [
+            {"name": "TORCHRELAY_NATS_USER", "value": WORKER},
+            {
+                "name": "TORCHRELAY_NATS_PASSWORD",
+                "valueFrom": {
+                    "secretKeyRef": {"name": options.worker_nats_secret, "key": "password"}
+                },
+            },
+            {"name": "TORCHRELAY_NATS_INBOX_PREFIX", "value": inbox_prefix(WORKER)},
+        ]
+    if options.worker_nats_tls_secret is not None:
+        env.append({"name": "TORCHRELAY_NATS_TLS_CA_FILE", "value": f"{NATS_TLS_DIR}/ca.crt"})
+    return env

@@ -30,6 +30,12 @@ class KubeOptions(Group):
         "progress as that user, which may publish nothing but train.progress and "
         "train.checkpointed. Unset: workers connect without credentials.",
     )
+    worker_nats_tls_secret: str | None = Field(
+        default=None,
+        description="A Secret holding the CA that signed NATS's certificate (key 'ca.crt', "
+        "as cert-manager writes it), for a NATS with TLS: mounted in worker pods, which "
+        "verify the server with it. Unset: workers connect as the URL's scheme says.",
+    )
     storage_claim: str = Field(
         default="torchrelay-storage",
         description="The ReadWriteMany PersistentVolumeClaim mounted at the storage root.",
@@ -60,6 +66,19 @@ class KubeOptions(Group):
     server_cpu: float = Field(default=1.0, gt=0, description="CPU cores per model server pod.")
     server_memory_mb: int = Field(default=1024, gt=0, description="Memory per model server pod.")
     server_port: int = Field(default=8080, ge=1, le=65535, description="Model servers' port.")
+    server_startup_timeout_s: int = Field(
+        default=900,
+        ge=10,
+        description="How long a model server may take to load its model before the kubelet "
+        "restarts it (its startup probe); large models take minutes.",
+    )
+    server_drain_s: int = Field(
+        default=10,
+        ge=0,
+        le=300,
+        description="A stopping model server keeps serving this long (its preStop), so that "
+        "Service endpoints stop sending it requests before it shuts down.",
+    )
     rendezvous_port: int = Field(default=29500, ge=1, le=65535)
     unschedulable_timeout_s: float = Field(
         default=600.0,
