@@ -11,6 +11,7 @@ from __future__ import annotations
 from datetime import timedelta
 
 import torch.distributed as dist
+from torch.distributed.rendezvous import rendezvous
 
 from torchrelay.shared.cluster.worker_spec import WorkerSpec
 
@@ -29,7 +30,7 @@ def join(spec: WorkerSpec) -> None:
     waited = timedelta(seconds=spec.rendezvous_timeout_s)
     try:
         store, rank, world_size = next(
-            dist.rendezvous(spec.rendezvous, spec.rank, spec.world_size, timeout=waited)
+            rendezvous(spec.rendezvous, spec.rank, spec.world_size, timeout=waited)
         )
         store.set_timeout(waited)
         if store.add(JOINED_KEY, 1) == world_size:
