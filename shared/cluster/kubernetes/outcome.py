@@ -205,27 +205,28 @@ def _about(events: Sequence[Object], obj: Object, reasons: frozenset[str]) -> Ob
     return found
 
 
-def _why_pending(pod: Object, events: Sequence[Object]) -> str:
-    """Why one pod has not started, as the scheduler, the kubelet and the events say."""
+def _why_pending(pod: Object, events: Sequence[Object]) -> tuple[int, str]:
+    """Why one pod has not started, as the scheduler, the kubelet and the events say, and how
+    telling that is (0: a cause; 1: still creating; 2: nothing known)."""
     for condition in (pod.get("status") or {}).get("conditions") or []:
         if condition.get("type") == "PodScheduled" and condition.get("status") == "False":
             why = condition.get("reason") or "not scheduled"
-            return f"is {why}: {condition.get('message') or 'no node fits'}"
+            return 0, f"is {why}: {condition.get('message') or 'no node fits'}"
     pulling = _waiting(pod, IMAGE_PULL)
     if pulling is not None:
         text = f"cannot pull its image: {pulling['reason']}"
-        return text + (f": {pulling['message']}" if pulling.get("message") else "")
+        return 0, text + (f": {pulling['message']}" if pulling.get("message") else "")
     mount = _about(events, pod, MOUNT_EVENTS)
     if mount is not None:
-        return f"cannot mount its volumes: {mount['reason']}: {mount.get('message', '')}".strip()
+        return 0, f"cannot mount its volumes: {mount['reason']}: {mount.get('message', '')}"
     other = _waiting(pod, CANNOT_START)
     if other is not None:
         text = f"cannot start: {other['reason']}"
-        return text + (f": {other['message']}" if other.get("message") else "")
+        return 0, text + (f": {other['message']}" if other.get("message") else "")
     creating = _waiting(pod, frozenset({"ContainerCreating", "PodInitializing"}))
     if creating is not None:
-        return f"is still {creating['reason']}"
-    return "is Pending"
+        return 1, f"is still {creating['reason']}"
+    return 2, "is Pending"
 
 
 def pending_failure(
@@ -233,12 +234,14 @@ def pending_failure(
 ) -> Ended:
     """The failure of an attempt whose ranks did not all start within the pending timeout,
     saying why: each reason once, with the first pod that has it (and how many more do), and
-    the Job's own events when it could not create every pod (quota, admission webhooks)."""
+    the Job's own events when it could not create every pod (quota, admission webhooks). The
+    rank it names is the first pod's with a cause (not merely still creating or pending)."""
     completions = int((job.get("spec") or {}).get("completions", 1))
-    problems: dict[str, list[Object]] = {}
+    problems: dict[tuple[int, str], list[Object]] = {}
     for pod in sorted(pods, key=lambda p: (_rank(p) is None, _rank(p) or 0)):
         if not _started(pod):
             problems.setdefault(_why_pending(pod, events), []).append(pod)
+    problems = dict(sorted(problems.items(), key=lambda item: item[0][0]))  # causes first
     parts = []
     missing = completions - len({_rank(pod) for pod in pods} - {None})
     if missing > 0:
@@ -247,7 +250,7 @@ def pending_failure(
         if refused is not None:
             text += f": {refused['reason']}: {refused.get('message', '')}".rstrip(": ")
         parts.append(text)
-    for why, stuck in problems.items():
+    for (_, why), stuck in problems.items():
         more = f" and {len(stuck) - 1} more" if len(stuck) > 1 else ""
         parts.append(f"{_who(stuck[0])}{more} {why}")
     first = next(iter(problems.values()), [None])[0]
