@@ -326,6 +326,23 @@ async def test_pods_refused_by_a_quota_fail_the_attempt_with_the_jobs_event(
     assert emulator.get("jobs", handle) is None
 
 
+async def test_events_it_may_not_read_leave_the_pods_to_say_why_they_did_not_start(
+    backend: KubernetesBackend, emulator: KubeEmulator
+) -> None:
+    emulator.deny("list", "events")
+    handle = await backend.schedule(backend.dryrun(gpu_job(world_size=1)))
+    waiting = asyncio.create_task(backend.wait(handle))
+    (pod,) = emulator.start_job_pods(handle)
+    pulling = {"name": "worker", "state": {"waiting": {
+        "reason": "ImagePullBackOff", "message": "manifest unknown"}}}  # fmt: skip
+    emulator.set_status("pods", pod, {"phase": "Pending", "containerStatuses": [pulling]})
+    ended = await asyncio.wait_for(waiting, 15)
+    assert ended.reason.endswith(
+        f"pod {pod} (rank 0) cannot pull its image: ImagePullBackOff: manifest unknown"
+    )
+    assert emulator.list("jobs") == emulator.list("pods") == emulator.list("services") == []
+
+
 async def test_the_first_rank_to_fail_is_reported_with_its_log_tail_before_the_job_goes(
     patient: KubernetesBackend, emulator: KubeEmulator
 ) -> None:

@@ -192,7 +192,7 @@ class KubernetesBackend:
             return None
         try:
             events, _ = await self.api.list("Event", "")
-        except TransientError as exc:  # the pods' states still say most of why
+        except (TransientError, PermanentError) as exc:  # the pods still say most of why
             log.warning("job.events_unread", job=job["metadata"]["name"], error=str(exc))
             events = []
         return pending_failure(job, pods, events, waited_s=waited)
