@@ -554,7 +554,7 @@ class Relay:
     ) -> None:
         try:
             while data := await source.read(65536):
-                if asks and b"watch=true" in data:
+                if asks and b"watch=true" in data.lower():
                     self._watching.append(frozen)
                 if frozen.is_set():
                     await asyncio.Event().wait()  # swallowed, and the connection stays open
