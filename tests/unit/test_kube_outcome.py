@@ -65,14 +65,12 @@ def test_running_pods_are_no_outcome_yet() -> None:
 
 def test_the_first_rank_to_fail_is_named_not_the_lowest() -> None:
     # Rank 1 ran out of memory; rank 0 failed after, when its all-reduce lost its peer.
-    echo = pod(
-        "a", 0, phase="Failed", containerStatuses=terminated(1, "Error", "2026-11-28T11:50:09Z")
-    )
+    echo = pod("a", 0, phase="Failed", containerStatuses=terminated(1, "Error", "11:50:09"))
     cause = pod(
         "b",
         1,
         phase="Failed",
-        containerStatuses=terminated(137, "OOMKilled", "2026-11-28T11:50:02Z"),
+        containerStatuses=terminated(137, "OOMKilled", "11:50:02"),
     )
     ended = outcome(job(), [echo, cause])
     assert ended.status is Status.FAILED
@@ -84,9 +82,7 @@ def test_the_first_rank_to_fail_is_named_not_the_lowest() -> None:
 def test_a_failed_pod_with_no_time_comes_after_those_with_one_then_by_rank() -> None:
     evicted = pod("a", 0, phase="Failed", reason="Evicted", message="node low on memory")
     later = pod("c", 2, phase="Failed", reason="Evicted")
-    timed = pod(
-        "b", 1, phase="Failed", containerStatuses=terminated(2, "Error", "2026-11-28T11:59:00Z")
-    )
+    timed = pod("b", 1, phase="Failed", containerStatuses=terminated(2, "Error", "11:59:00"))
     assert first_failed([later, evicted, timed]) is timed
     ended = outcome(job(), [later, evicted])
     assert ended.reason == "pod a (rank 0) failed: Evicted: node low on memory"
