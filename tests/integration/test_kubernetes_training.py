@@ -6,6 +6,7 @@ start (and why), the first rank to fail and its log tail."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 from collections.abc import AsyncIterator
 
@@ -60,18 +61,17 @@ async def emulator() -> AsyncIterator[KubeEmulator]:
 
 @pytest.fixture
 async def backend(emulator: KubeEmulator) -> AsyncIterator[KubernetesBackend]:
-    options = KubeOptions(
-        api_url=emulator.url, namespace=NS, queue="gpu-queue", pending_timeout_s=0.5
-    )
+    """The production pending timeout: nothing here outlasts it."""
+    options = KubeOptions(api_url=emulator.url, namespace=NS, queue="gpu-queue", log_tail_lines=5)
     backend = KubernetesBackend(await connect(options), options)
     yield backend
     await backend.aclose()
 
 
 @pytest.fixture
-async def patient(emulator: KubeEmulator) -> AsyncIterator[KubernetesBackend]:
-    """A backend with the production pending timeout: nothing here outlasts it."""
-    options = KubeOptions(api_url=emulator.url, namespace=NS, log_tail_lines=5)
+async def hasty(emulator: KubeEmulator) -> AsyncIterator[KubernetesBackend]:
+    """Ranks that have not all started within half a second fail the attempt."""
+    options = KubeOptions(api_url=emulator.url, namespace=NS, pending_timeout_s=0.5)
     backend = KubernetesBackend(await connect(options), options)
     yield backend
     await backend.aclose()
@@ -247,10 +247,10 @@ async def test_all_pods_succeeded_and_the_job_complete_is_success(
     ],
 )  # fmt: skip
 async def test_a_pod_that_cannot_run_fails_the_attempt_with_the_reason(
-    backend: KubernetesBackend, emulator: KubeEmulator, status: dict[str, object], reason: str
+    hasty: KubernetesBackend, emulator: KubeEmulator, status: dict[str, object], reason: str
 ) -> None:
-    handle = await backend.schedule(backend.dryrun(gpu_job(world_size=2)))
-    waiting = asyncio.create_task(backend.wait(handle))
+    handle = await hasty.schedule(hasty.dryrun(gpu_job(world_size=2)))
+    waiting = asyncio.create_task(hasty.wait(handle))
     pods = emulator.start_job_pods(handle)
     emulator.set_status("pods", pods[1], status)
     ended = await asyncio.wait_for(waiting, 15)
@@ -261,10 +261,10 @@ async def test_a_pod_that_cannot_run_fails_the_attempt_with_the_reason(
 
 
 async def test_a_pull_that_fails_once_is_retried_not_fatal(
-    patient: KubernetesBackend, emulator: KubeEmulator
+    backend: KubernetesBackend, emulator: KubeEmulator
 ) -> None:
-    handle = await patient.schedule(patient.dryrun(gpu_job(world_size=2)))
-    waiting = asyncio.create_task(patient.wait(handle))
+    handle = await backend.schedule(backend.dryrun(gpu_job(world_size=2)))
+    waiting = asyncio.create_task(backend.wait(handle))
     pods = emulator.start_job_pods(handle)
     pull_failed = {"name": "worker", "state": {"waiting": {
         "reason": "ErrImagePull", "message": "registry.example: i/o timeout"}}}  # fmt: skip
@@ -280,10 +280,10 @@ async def test_a_pull_that_fails_once_is_retried_not_fatal(
 
 
 async def test_ranks_stuck_mounting_fail_the_attempt_after_the_pending_timeout_saying_why(
-    backend: KubernetesBackend, emulator: KubeEmulator
+    hasty: KubernetesBackend, emulator: KubeEmulator
 ) -> None:
-    handle = await backend.schedule(backend.dryrun(gpu_job(world_size=2)))
-    waiting = asyncio.create_task(backend.wait(handle))
+    handle = await hasty.schedule(hasty.dryrun(gpu_job(world_size=2)))
+    waiting = asyncio.create_task(hasty.wait(handle))
     pods = emulator.start_job_pods(handle)
     emulator.set_status("pods", pods[0], {"phase": "Running"})
     creating = {"name": "worker", "state": {"waiting": {"reason": "ContainerCreating"}}}
@@ -309,10 +309,10 @@ async def test_ranks_stuck_mounting_fail_the_attempt_after_the_pending_timeout_s
 
 
 async def test_pods_refused_by_a_quota_fail_the_attempt_with_the_jobs_event(
-    backend: KubernetesBackend, emulator: KubeEmulator
+    hasty: KubernetesBackend, emulator: KubeEmulator
 ) -> None:
-    handle = await backend.schedule(backend.dryrun(gpu_job(world_size=2)))
-    waiting = asyncio.create_task(backend.wait(handle))
+    handle = await hasty.schedule(hasty.dryrun(gpu_job(world_size=2)))
+    waiting = asyncio.create_task(hasty.wait(handle))
     job = emulator.get("jobs", handle)
     assert job is not None
     quota = (
@@ -327,11 +327,11 @@ async def test_pods_refused_by_a_quota_fail_the_attempt_with_the_jobs_event(
 
 
 async def test_events_it_may_not_read_leave_the_pods_to_say_why_they_did_not_start(
-    backend: KubernetesBackend, emulator: KubeEmulator
+    hasty: KubernetesBackend, emulator: KubeEmulator
 ) -> None:
     emulator.deny("list", "events")
-    handle = await backend.schedule(backend.dryrun(gpu_job(world_size=1)))
-    waiting = asyncio.create_task(backend.wait(handle))
+    handle = await hasty.schedule(hasty.dryrun(gpu_job(world_size=1)))
+    waiting = asyncio.create_task(hasty.wait(handle))
     (pod,) = emulator.start_job_pods(handle)
     pulling = {"name": "worker", "state": {"waiting": {
         "reason": "ImagePullBackOff", "message": "manifest unknown"}}}  # fmt: skip
@@ -344,9 +344,9 @@ async def test_events_it_may_not_read_leave_the_pods_to_say_why_they_did_not_sta
 
 
 async def test_the_first_rank_to_fail_is_reported_with_its_log_tail_before_the_job_goes(
-    patient: KubernetesBackend, emulator: KubeEmulator
+    backend: KubernetesBackend, emulator: KubeEmulator
 ) -> None:
-    handle = await patient.schedule(patient.dryrun(gpu_job(world_size=2)))
+    handle = await backend.schedule(backend.dryrun(gpu_job(world_size=2)))
     pods = emulator.start_job_pods(handle)
     # Rank 1 ran out of memory first; rank 0 failed after, when it lost its peer.
     emulator.set_log(pods[1], "".join(f"step {n}\n" for n in range(100)) + "CUDA out of memory\n")
@@ -359,7 +359,7 @@ async def test_the_first_rank_to_fail_is_reported_with_its_log_tail_before_the_j
         status = {"phase": "Failed", "containerStatuses": [
             {"name": "worker", "state": {"terminated": terminated}}]}  # fmt: skip
         emulator.set_status("pods", pod, status)
-    ended = await asyncio.wait_for(patient.wait(handle), 10)
+    ended = await asyncio.wait_for(backend.wait(handle), 10)
     assert ended.rank == 1
     assert ended.reason == f"pod {pods[1]} (rank 1) failed: OOMKilled (exit 137, SIGKILL)"
     assert ended.log_tail == ["step 96", "step 97", "step 98", "step 99", "CUDA out of memory"]
@@ -371,15 +371,15 @@ async def test_the_first_rank_to_fail_is_reported_with_its_log_tail_before_the_j
 
 
 async def test_a_log_that_cannot_be_read_still_fails_the_attempt_and_removes_the_job(
-    patient: KubernetesBackend, emulator: KubeEmulator
+    backend: KubernetesBackend, emulator: KubeEmulator
 ) -> None:
     emulator.deny("get", "pods/log")
-    handle = await patient.schedule(patient.dryrun(gpu_job(world_size=1)))
+    handle = await backend.schedule(backend.dryrun(gpu_job(world_size=1)))
     (pod,) = emulator.start_job_pods(handle)
     emulator.set_log(pod, "Traceback ...\n")
     failed = {"phase": "Failed", "containerStatuses": [container_terminated(1, "Error")]}
     emulator.set_status("pods", pod, failed)
-    ended = await asyncio.wait_for(patient.wait(handle), 10)
+    ended = await asyncio.wait_for(backend.wait(handle), 10)
     assert ended.status is Status.FAILED
     assert ended.reason == f"pod {pod} (rank 0) failed: Error (exit 1)"
     assert ended.log_tail == []
@@ -516,6 +516,7 @@ class Relay:
         self.url = ""
         self._watching: list[asyncio.Event] = []
         self._tasks: set[asyncio.Task[None]] = set()
+        self._writers: list[asyncio.StreamWriter] = []
         self._server: asyncio.Server | None = None
 
     async def __aenter__(self) -> Relay:
@@ -529,6 +530,11 @@ class Relay:
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
+        for writer in self._writers:  # frozen ones too: the test is over
+            writer.close()
+            with contextlib.suppress(OSError):
+                await writer.wait_closed()
+        await self._server.wait_closed()
 
     def freeze_watches(self) -> None:
         for frozen in self._watching:
@@ -536,6 +542,7 @@ class Relay:
 
     async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         upstream_reader, upstream_writer = await asyncio.open_connection("127.0.0.1", self.port)
+        self._writers += [writer, upstream_writer]
         frozen = asyncio.Event()
         for source, sink, asks in (
             (reader, upstream_writer, True),

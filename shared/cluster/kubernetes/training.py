@@ -169,7 +169,9 @@ class KubernetesBackend:
                         return Ended(Status.CANCELLED, "cancelled")
                     return Ended(Status.FAILED, f"job {handle} was deleted")
                 current = list(pods.objects.values())
-                ended = attempt_outcome(job, current) or await self._pending(job, current)
+                ended = attempt_outcome(job, current)
+                if ended is None and pods.relists:  # pending: judged once the pods are listed
+                    ended = await self._pending(job, current)
                 if ended is not None:
                     if handle in self._cancelled:
                         return Ended(Status.CANCELLED, "cancelled")
