@@ -113,13 +113,19 @@ class Recorder:
         stop = asyncio.Event()
         scan = asyncio.create_task(self.monitor.reconcile(stop), name="test-scan")
         try:
-            await assert_eventually(lambda: bool(self.of(TrainCancelRequested)), timeout_s=10)
+            await assert_eventually(lambda: bool(self.cancels(run_id)), timeout_s=10)
         finally:
             stop.set()
             await scan
-        (cancel,) = self.of(TrainCancelRequested)
-        assert isinstance(cancel, TrainCancelRequested)
+        (cancel,) = self.cancels(run_id)
         return cancel
+
+    def cancels(self, run_id: str) -> list[TrainCancelRequested]:
+        """The cancels of ``run_id`` (a scan over a shared bucket sees other tests' runs too)."""
+        return [
+            e for e in self.published
+            if isinstance(e, TrainCancelRequested) and e.data.run_id == run_id
+        ]  # fmt: skip
 
 
 def failed(run_id: str, *, final: bool) -> TrainFailed:
@@ -153,7 +159,7 @@ async def test_an_attempt_that_has_not_reported_yet_is_not_stalled_by_the_stall_
     recorder, run_id = Recorder(state), f"r-{uuid.uuid4().hex[:8]}"
     await recorder.start(run_id, max_restarts=1, report=False)
     await recorder.scan(rounds=3)  # each round 8x past stall_after_s
-    assert recorder.of(TrainCancelRequested) == []
+    assert recorder.cancels(run_id) == []
     watch = await recorder.monitor.watches.get(f"runs.{run_id}")
     assert watch is not None
     assert watch.value.state == "running"
