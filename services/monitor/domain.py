@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import enum
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict
@@ -42,6 +42,8 @@ def type_label(event_type: str | None, known: frozenset[str]) -> str:
 # --- recovery ---------------------------------------------------------------------------------
 
 RunState = Literal["running", "stalled", "ended"]
+PROGRESS_CLOCK_SKEW = timedelta(seconds=5)
+"""How far a rank's node's clock may lag the train service's."""
 
 
 class RunWatch(BaseModel):
@@ -84,12 +86,38 @@ def restart_wait_s(
     return max(0.0, due_in - (now - failed_at).total_seconds())
 
 
-def stalled(watch: RunWatch, now: datetime, *, after_s: float) -> bool:
-    """A running attempt that has reported nothing for ``after_s`` (start counts as a report)."""
+def stalled(watch: RunWatch, now: datetime, *, after_s: float, start_after_s: float) -> bool:
+    """A running attempt that has reported no progress for ``after_s`` since its last report,
+    or none at all within ``start_after_s`` of its start.
+
+    The stall clock starts at the first progress report, not at the start: a start takes as
+    long as the backend needs to place every rank (pods pending for nodes, images pulling, a
+    queue), which the backend bounds and explains itself, and rank 0 reports only once every
+    rank has joined its group. ``start_after_s`` only catches an attempt that never reports.
+    """
     if watch.state != "running":
         return False
-    last = max(watch.attempt_started_at, watch.last_progress_at or watch.attempt_started_at)
-    return (now - last).total_seconds() > after_s
+    if watch.last_progress_at is None:
+        return (now - watch.attempt_started_at).total_seconds() > start_after_s
+    return (now - watch.last_progress_at).total_seconds() > after_s
+
+
+def progress_counts(watch: RunWatch | None, at: datetime) -> bool:
+    """Whether a progress report made ``at`` is news of the watched attempt: not of an ended
+    or cancelled one, nor of an earlier attempt delivered late (made before this one began,
+    give or take the clocks of the nodes the ranks run on)."""
+    return (
+        watch is not None
+        and watch.state == "running"
+        and at >= watch.attempt_started_at - PROGRESS_CLOCK_SKEW
+    )
+
+
+def stall_reason(watch: RunWatch, *, after_s: float, start_after_s: float) -> str:
+    """Why an attempt was taken for stalled, as the restart or the final failure says it."""
+    if watch.last_progress_at is None:
+        return f"no progress within {start_after_s:g}s of its start"
+    return f"no progress for {after_s:g}s"
 
 
 def can_restart(watch: RunWatch) -> bool:

@@ -20,8 +20,10 @@ from torchrelay.services.monitor.domain import (
     cancelled_for_stall,
     dead_letter_category,
     pipeline_end,
+    progress_counts,
     restart_wait_s,
     source_label,
+    stall_reason,
     stalled,
     start_moves_watch,
     type_label,
@@ -337,7 +339,7 @@ class Monitor:
         self.metrics.last_progress.labels(data.run_id).set(event.time.timestamp())
 
         def change(current: RunWatch | None) -> RunWatch | None:
-            if current is None or current.state != "running":
+            if current is None or not progress_counts(current, event.time):
                 return None
             return current.model_copy(update={"last_progress_at": event.time})
 
@@ -368,12 +370,17 @@ class Monitor:
             self.metrics.given_up.inc()
             self.metrics.forget_run(data.run_id)
             return
+        silent = stall_reason(
+            watch,
+            after_s=self._options.stall_after_s,
+            start_after_s=self._options.start_timeout_s,
+        )
         if recovery is Recovery.GIVE_UP:
-            silent = f"stalled for {self._options.stall_after_s:g}s"
-            await self._give_up(watch, f"{silent}; its {watch.max_restarts} restarts are used")
+            await self._give_up(
+                watch, f"stalled: {silent}; its {watch.max_restarts} restarts are used"
+            )
             return
         if cancelled_for_stall(watch, data.attempt):
-            silent = f"no progress for {self._options.stall_after_s:g}s"
             await self._restart(watch, "stalled", silent, failed_at=event.time)
         else:
             await self._restart(watch, "failed", data.reason, failed_at=event.time)
@@ -522,13 +529,17 @@ class Monitor:
         if run is not None and (run.status != "running" or run.attempt != watch.attempt):
             return  # the run moved on: the events about it (or the train service) move it
         after_s = self._options.stall_after_s
+        start_after_s = self._options.start_timeout_s
         if watch.state == "running":
-            if stalled(watch, now, after_s=after_s):
+            if stalled(watch, now, after_s=after_s, start_after_s=start_after_s):
                 await self._cancel_stalled(item)
             return
         # Stalled and cancelled, and the attempt still runs: its cancel went missing.
         overdue = stalled(
-            watch.model_copy(update={"state": "running"}), now, after_s=2 * after_s + grace_s
+            watch.model_copy(update={"state": "running"}),
+            now,
+            after_s=2 * after_s + grace_s,
+            start_after_s=start_after_s + after_s + grace_s,
         )
         if overdue and await self._publish(self._stall_cancel(watch, again=True)):
             log.warning("run.reconciled", run_id=watch.run_id, kind="cancel")

@@ -11,7 +11,18 @@ DEFAULT_PORT = 8084
 
 class MonitorOptions(Group):
     stall_after_s: float = Field(
-        default=120.0, gt=0, description="A run silent this long (no progress) is stalled."
+        default=120.0,
+        gt=0,
+        description="A running attempt silent this long after a progress report is stalled "
+        "(the clock starts at its first report, sent once every rank has joined).",
+    )
+    start_timeout_s: float = Field(
+        default=3600.0,
+        gt=0,
+        description="An attempt with no progress report this long after its start is stalled "
+        "(ranks never starting, or hanging before their first step). Above the backends' own "
+        "bounds on a start (Kubernetes' pending timeout plus the rendezvous timeout), so that "
+        "a backend that can say why reports it first.",
     )
     stall_check_s: float = Field(default=5.0, gt=0, description="How often stalls are looked for.")
     backoff_base_s: float = Field(default=2.0, ge=0, description="First restart's delay.")

@@ -31,6 +31,7 @@ from torchrelay.services.train.domain import (
 from torchrelay.services.train.workspaces import workspace_refusal
 from torchrelay.shared.bus.port import Publish
 from torchrelay.shared.cluster import Ended, Status, TrainingBackend, Unplaceable, WorkerJob
+from torchrelay.shared.cluster.worker_spec import COLLECTIVE_TIMEOUT_S, RENDEZVOUS_TIMEOUT_S
 from torchrelay.shared.errors import (
     AlreadyExists,
     NotOwned,
@@ -88,6 +89,8 @@ class Trainer:
         reconciled: Counter,
         retain_s: float | None = None,
         reclaim_every_s: float = 2.0,
+        rendezvous_timeout_s: float = RENDEZVOUS_TIMEOUT_S,
+        collective_timeout_s: float = COLLECTIVE_TIMEOUT_S,
     ) -> None:
         self.backend = backend
         self.reconciled = reconciled
@@ -98,6 +101,8 @@ class Trainer:
         self._root = storage_root
         self._layout = Layout(storage_root)
         self._nats_url = nats_url
+        self._rendezvous_timeout_s = rendezvous_timeout_s
+        self._collective_timeout_s = collective_timeout_s
         self._presence = presence
         self._instance = presence.instance
         self._reclaim_every_s = reclaim_every_s
@@ -369,6 +374,8 @@ class Trainer:
             storage_root=str(self._root),
             nats_url=self._nats_url,
             pipeline_id=pipeline_id,
+            rendezvous_timeout_s=self._rendezvous_timeout_s,
+            collective_timeout_s=self._collective_timeout_s,
         )
 
     def _attempt_of(self, record: RunRecord) -> WorkerJob:

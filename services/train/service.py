@@ -66,6 +66,8 @@ async def build(platform: Platform[TrainSettings]) -> AsyncIterator[Service]:
         entrypoints=platform.settings.train.entrypoints,
         reconciled=reconciled_counter(platform.registry),
         retain_s=platform.settings.retention_s,
+        rendezvous_timeout_s=platform.settings.train.rendezvous_timeout_s,
+        collective_timeout_s=platform.settings.train.collective_timeout_s,
     )
     try:
         yield Service(

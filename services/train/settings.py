@@ -9,6 +9,7 @@ from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import NoDecode
 
 from torchrelay.shared.cluster.kubernetes.options import KubeOptions
+from torchrelay.shared.cluster.worker_spec import COLLECTIVE_TIMEOUT_S, RENDEZVOUS_TIMEOUT_S
 from torchrelay.shared.runtime.settings import Group, HttpSettings, ServiceSettings
 
 DEFAULT_PORT = 8082
@@ -37,6 +38,19 @@ class TrainOptions(Group):
     )
     worker_nats_password: SecretStr | None = Field(
         default=None, description="That user's password."
+    )
+    rendezvous_timeout_s: float = Field(
+        default=RENDEZVOUS_TIMEOUT_S,
+        gt=0,
+        description="How long each rank waits for every other rank of its attempt to join "
+        "(pods start with skew: image pulls, node scale-up); torchrun's static rendezvous "
+        "waits as long.",
+    )
+    collective_timeout_s: float = Field(
+        default=COLLECTIVE_TIMEOUT_S,
+        gt=0,
+        description="How long one collective (all-reduce, barrier) may take once the ranks "
+        "joined: a slow rank 0 checkpointing to shared storage holds the others that long.",
     )
     entrypoints: Annotated[tuple[str, ...], NoDecode] = Field(
         default=(EXAMPLES,),

@@ -110,6 +110,8 @@ class LocalBackend:
                 dataset_path=job.dataset_path,
                 nats_url=job.nats_url,
                 pipeline_id=job.pipeline_id,
+                rendezvous_timeout_s=job.rendezvous_timeout_s,
+                collective_timeout_s=job.collective_timeout_s,
             )
             env = {
                 WORKER_ENV: spec.model_dump_json(),

@@ -27,6 +27,7 @@ from typing import Any, Protocol, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from torchrelay.shared.cluster.worker_spec import COLLECTIVE_TIMEOUT_S, RENDEZVOUS_TIMEOUT_S
 from torchrelay.shared.errors import PermanentError
 from torchrelay.shared.events.data import TrainJobSpec
 
@@ -137,6 +138,10 @@ class WorkerJob(BaseModel):
     storage_root: str
     nats_url: str | None = None
     pipeline_id: str | None = None
+    rendezvous_timeout_s: float = Field(default=RENDEZVOUS_TIMEOUT_S, gt=0)
+    """Given to every rank: how long it waits for the others to join."""
+    collective_timeout_s: float = Field(default=COLLECTIVE_TIMEOUT_S, gt=0)
+    """Given to every rank: how long one collective may take."""
 
 
 TrainingBackend = Backend[WorkerJob, Any]

@@ -10,6 +10,13 @@ from pydantic import BaseModel, ConfigDict, Field
 from torchrelay.shared.events.data import TrainJobSpec
 
 WORKER_ENV = "TORCHRELAY_WORKER"
+RENDEZVOUS_TIMEOUT_S = 600.0
+"""How long a rank waits for every other rank to join (torchrun's static rendezvous: 600 s):
+pods start with skew (image pulls, node scale-up), and a rank that waited less fails the
+attempt for nothing."""
+COLLECTIVE_TIMEOUT_S = 1800.0
+"""How long one collective may take (a slow rank 0 checkpointing to NFS holds the others in
+the next all-reduce)."""
 
 
 class WorkerSpec(BaseModel):
@@ -29,7 +36,12 @@ class WorkerSpec(BaseModel):
     dataset_path: str = Field(description="The dataset version folder, relative to the root.")
     nats_url: str | None = Field(default=None, description="Where rank 0 reports progress.")
     pipeline_id: str | None = None
-    collective_timeout_s: float = Field(default=120.0, gt=0)
+    rendezvous_timeout_s: float = Field(
+        default=RENDEZVOUS_TIMEOUT_S, gt=0, description="Until every rank joined the group."
+    )
+    collective_timeout_s: float = Field(
+        default=COLLECTIVE_TIMEOUT_S, gt=0, description="Of each collective, once joined."
+    )
 
     @classmethod
     def from_env(cls) -> WorkerSpec:

@@ -37,21 +37,26 @@ def granted(role: str) -> set[tuple[str, str]]:
 
 async def test_train_uses_exactly_the_verbs_its_role_grants() -> None:
     async with running_emulator() as emulator:
-        options = KubeOptions(api_url=emulator.url, unschedulable_timeout_s=0.1)
+        options = KubeOptions(api_url=emulator.url)
         backend = KubernetesBackend(await connect(options), options)
+        hasty = KubeOptions(api_url=emulator.url, pending_timeout_s=0.1)
+        impatient = KubernetesBackend(await connect(hasty), hasty)
         try:
             failing = await backend.schedule(backend.dryrun(gpu_job(world_size=1)))
             waiting = asyncio.create_task(backend.wait(failing))
             (pod,) = emulator.start_job_pods(failing)
             await asyncio.sleep(0.3)  # the watches are open
             emulator.set_status("pods", pod, {"phase": "Failed"})
-            await asyncio.wait_for(waiting, 10)
+            await asyncio.wait_for(waiting, 10)  # its log tail read, then deleted
+            pending = await impatient.schedule(impatient.dryrun(gpu_job(attempt=2)))
+            await asyncio.wait_for(impatient.wait(pending), 15)  # no pod starts: events read
             cancelled = await backend.schedule(backend.dryrun(gpu_job(attempt=1)))
             assert await backend.describe(cancelled) is not None
             assert await backend.adopt(backend.dryrun(gpu_job(attempt=1))) == cancelled
             await backend.cancel(cancelled)
         finally:
             await backend.aclose()
+            await impatient.aclose()
         assert emulator.verbs == granted("torchrelay-train")
 
 

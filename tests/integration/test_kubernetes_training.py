@@ -1,10 +1,12 @@
 """The Kubernetes training backend over real HTTP against a stateful API emulator: the objects
 it creates, how it reads pods and Jobs (the test plays kubelet and the Job controller), watches
-that drop or expire, repeated creates, and RBAC refusals."""
+that drop, expire or go silent, repeated creates, RBAC refusals, attempts whose ranks do not
+start (and why), the first rank to fail and its log tail."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 from collections.abc import AsyncIterator
 
@@ -59,9 +61,17 @@ async def emulator() -> AsyncIterator[KubeEmulator]:
 
 @pytest.fixture
 async def backend(emulator: KubeEmulator) -> AsyncIterator[KubernetesBackend]:
-    options = KubeOptions(
-        api_url=emulator.url, namespace=NS, queue="gpu-queue", unschedulable_timeout_s=0.5
-    )
+    """The production pending timeout: nothing here outlasts it."""
+    options = KubeOptions(api_url=emulator.url, namespace=NS, queue="gpu-queue", log_tail_lines=5)
+    backend = KubernetesBackend(await connect(options), options)
+    yield backend
+    await backend.aclose()
+
+
+@pytest.fixture
+async def hasty(emulator: KubeEmulator) -> AsyncIterator[KubernetesBackend]:
+    """Ranks that have not all started within half a second fail the attempt."""
+    options = KubeOptions(api_url=emulator.url, namespace=NS, pending_timeout_s=0.5)
     backend = KubernetesBackend(await connect(options), options)
     yield backend
     await backend.aclose()
@@ -217,13 +227,18 @@ async def test_all_pods_succeeded_and_the_job_complete_is_success(
         (
             {"phase": "Pending", "containerStatuses": [{"name": "worker", "state": {"waiting": {
                 "reason": "ImagePullBackOff", "message": "pull access denied"}}}]},
-            "cannot start: ImagePullBackOff: pull access denied",
+            "cannot pull its image: ImagePullBackOff: pull access denied",
         ),
         (
             {"phase": "Pending", "conditions": [{"type": "PodScheduled", "status": "False",
              "reason": "Unschedulable", "lastTransitionTime": "2026-01-01T00:00:00Z",
              "message": "0/3 nodes are available: 3 Insufficient nvidia.com/gpu."}]},
-            "is Unschedulable for",
+            "is Unschedulable: 0/3 nodes are available: 3 Insufficient nvidia.com/gpu.",
+        ),
+        (
+            {"phase": "Pending", "containerStatuses": [{"name": "worker", "state": {"waiting": {
+                "reason": "InvalidImageName", "message": "couldn't parse image name"}}}]},
+            "cannot start: InvalidImageName: couldn't parse image name",
         ),
         (
             {"phase": "Failed", "containerStatuses": [container_terminated(1, "Error")]},
@@ -232,16 +247,143 @@ async def test_all_pods_succeeded_and_the_job_complete_is_success(
     ],
 )  # fmt: skip
 async def test_a_pod_that_cannot_run_fails_the_attempt_with_the_reason(
-    backend: KubernetesBackend, emulator: KubeEmulator, status: dict[str, object], reason: str
+    hasty: KubernetesBackend, emulator: KubeEmulator, status: dict[str, object], reason: str
 ) -> None:
-    handle = await backend.schedule(backend.dryrun(gpu_job(world_size=2)))
-    waiting = asyncio.create_task(backend.wait(handle))
+    handle = await hasty.schedule(hasty.dryrun(gpu_job(world_size=2)))
+    waiting = asyncio.create_task(hasty.wait(handle))
     pods = emulator.start_job_pods(handle)
     emulator.set_status("pods", pods[1], status)
     ended = await asyncio.wait_for(waiting, 15)
     assert ended.status is Status.FAILED
-    assert reason in ended.reason
-    assert ended.reason.startswith(f"pod {pods[1]} (rank 1)")
+    assert f"pod {pods[1]} (rank 1) {reason}" in ended.reason
+    assert ended.rank == 1
+    assert emulator.get("jobs", handle) is None, "nothing of the attempt is left"
+
+
+async def test_a_pull_that_fails_once_is_retried_not_fatal(
+    backend: KubernetesBackend, emulator: KubeEmulator
+) -> None:
+    handle = await backend.schedule(backend.dryrun(gpu_job(world_size=2)))
+    waiting = asyncio.create_task(backend.wait(handle))
+    pods = emulator.start_job_pods(handle)
+    pull_failed = {"name": "worker", "state": {"waiting": {
+        "reason": "ErrImagePull", "message": "registry.example: i/o timeout"}}}  # fmt: skip
+    emulator.set_status("pods", pods[0], {"phase": "Pending", "containerStatuses": [pull_failed]})
+    await asyncio.sleep(0.3)  # the backend sees the failed pull
+    assert not waiting.done()
+    for pod in pods:  # the kubelet's next pull works
+        emulator.set_status("pods", pod, {"phase": "Succeeded"})
+    emulator.set_status(
+        "jobs", handle, {"succeeded": 2, "conditions": [{"type": "Complete", "status": "True"}]}
+    )
+    assert await asyncio.wait_for(waiting, 10) == Ended(Status.SUCCEEDED, "every rank finished")
+
+
+async def test_ranks_stuck_mounting_fail_the_attempt_after_the_pending_timeout_saying_why(
+    hasty: KubernetesBackend, emulator: KubeEmulator
+) -> None:
+    handle = await hasty.schedule(hasty.dryrun(gpu_job(world_size=2)))
+    waiting = asyncio.create_task(hasty.wait(handle))
+    pods = emulator.start_job_pods(handle)
+    emulator.set_status("pods", pods[0], {"phase": "Running"})
+    creating = {"name": "worker", "state": {"waiting": {"reason": "ContainerCreating"}}}
+    emulator.set_status("pods", pods[1], {"phase": "Pending", "containerStatuses": [creating]})
+    stuck = emulator.get("pods", pods[1])
+    assert stuck is not None
+    emulator.add_event(
+        stuck,
+        "FailedMount",
+        'MountVolume.SetUp failed for volume "storage": mount.nfs: Connection timed out',
+        kind="Pod",
+    )
+    ended = await asyncio.wait_for(waiting, 15)
+    assert ended.status is Status.FAILED
+    assert ended.rank == 1
+    assert ended.reason.startswith("the ranks did not all start within ")
+    assert "(TORCHRELAY_KUBE_PENDING_TIMEOUT_S)" in ended.reason
+    assert ended.reason.endswith(
+        f"pod {pods[1]} (rank 1) cannot mount its volumes: FailedMount: MountVolume.SetUp "
+        'failed for volume "storage": mount.nfs: Connection timed out'
+    )
+    assert emulator.get("jobs", handle) is None
+
+
+async def test_pods_refused_by_a_quota_fail_the_attempt_with_the_jobs_event(
+    hasty: KubernetesBackend, emulator: KubeEmulator
+) -> None:
+    handle = await hasty.schedule(hasty.dryrun(gpu_job(world_size=2)))
+    waiting = asyncio.create_task(hasty.wait(handle))
+    job = emulator.get("jobs", handle)
+    assert job is not None
+    quota = (
+        f'pods "{handle}-0-x" is forbidden: exceeded quota: gpu, requested: nvidia.com/gpu=1, '
+        "used: nvidia.com/gpu=8, limited: nvidia.com/gpu=8"
+    )
+    emulator.add_event(job, "FailedCreate", quota, kind="Job")
+    ended = await asyncio.wait_for(waiting, 15)
+    assert ended.status is Status.FAILED
+    assert ended.reason.endswith(f"job {handle} has 2 of 2 pods not created: FailedCreate: {quota}")
+    assert emulator.get("jobs", handle) is None
+
+
+async def test_events_it_may_not_read_leave_the_pods_to_say_why_they_did_not_start(
+    hasty: KubernetesBackend, emulator: KubeEmulator
+) -> None:
+    emulator.deny("list", "events")
+    handle = await hasty.schedule(hasty.dryrun(gpu_job(world_size=1)))
+    waiting = asyncio.create_task(hasty.wait(handle))
+    (pod,) = emulator.start_job_pods(handle)
+    pulling = {"name": "worker", "state": {"waiting": {
+        "reason": "ImagePullBackOff", "message": "manifest unknown"}}}  # fmt: skip
+    emulator.set_status("pods", pod, {"phase": "Pending", "containerStatuses": [pulling]})
+    ended = await asyncio.wait_for(waiting, 15)
+    assert ended.reason.endswith(
+        f"pod {pod} (rank 0) cannot pull its image: ImagePullBackOff: manifest unknown"
+    )
+    assert emulator.list("jobs") == emulator.list("pods") == emulator.list("services") == []
+
+
+async def test_the_first_rank_to_fail_is_reported_with_its_log_tail_before_the_job_goes(
+    backend: KubernetesBackend, emulator: KubeEmulator
+) -> None:
+    handle = await backend.schedule(backend.dryrun(gpu_job(world_size=2)))
+    pods = emulator.start_job_pods(handle)
+    # Rank 1 ran out of memory first; rank 0 failed after, when it lost its peer.
+    emulator.set_log(pods[1], "".join(f"step {n}\n" for n in range(100)) + "CUDA out of memory\n")
+    emulator.set_log(pods[0], "RuntimeError: Connection closed by peer\n")
+    for pod, code, reason, finished in (
+        (pods[0], 1, "Error", "2026-11-28T12:00:09Z"),
+        (pods[1], 137, "OOMKilled", "2026-11-28T12:00:02Z"),
+    ):
+        terminated = {"exitCode": code, "reason": reason, "finishedAt": finished}
+        status = {"phase": "Failed", "containerStatuses": [
+            {"name": "worker", "state": {"terminated": terminated}}]}  # fmt: skip
+        emulator.set_status("pods", pod, status)
+    ended = await asyncio.wait_for(backend.wait(handle), 10)
+    assert ended.rank == 1
+    assert ended.reason == f"pod {pods[1]} (rank 1) failed: OOMKilled (exit 137, SIGKILL)"
+    assert ended.log_tail == ["step 96", "step 97", "step 98", "step 99", "CUDA out of memory"]
+    assert ("GET", f"/api/v1/namespaces/{NS}/pods/{pods[1]}/log") in [
+        (method, path) for method, path, _ in emulator.requests
+    ]
+    assert emulator.get("jobs", handle) is None
+    assert emulator.list("pods") == [], "deleted after its log was read"
+
+
+async def test_a_log_that_cannot_be_read_still_fails_the_attempt_and_removes_the_job(
+    backend: KubernetesBackend, emulator: KubeEmulator
+) -> None:
+    emulator.deny("get", "pods/log")
+    handle = await backend.schedule(backend.dryrun(gpu_job(world_size=1)))
+    (pod,) = emulator.start_job_pods(handle)
+    emulator.set_log(pod, "Traceback ...\n")
+    failed = {"phase": "Failed", "containerStatuses": [container_terminated(1, "Error")]}
+    emulator.set_status("pods", pod, failed)
+    ended = await asyncio.wait_for(backend.wait(handle), 10)
+    assert ended.status is Status.FAILED
+    assert ended.reason == f"pod {pod} (rank 0) failed: Error (exit 1)"
+    assert ended.log_tail == []
+    assert emulator.list("jobs") == emulator.list("pods") == emulator.list("services") == []
 
 
 async def test_a_dropped_watch_resumes_and_a_410_relists_without_missing_a_change(
@@ -346,3 +488,109 @@ async def test_a_watch_denied_by_rbac_ends_the_wait(
     emulator.deny("list", "pods")
     with pytest.raises(Refused, match="refused to list pods"):
         await asyncio.wait_for(backend.wait(handle), 10)
+
+
+async def test_every_rank_gets_the_rendezvous_and_collective_timeouts(
+    backend: KubernetesBackend,
+) -> None:
+    def worker_of(job: WorkerJob) -> dict[str, object]:
+        container = backend.dryrun(job).job["spec"]["template"]["spec"]["containers"][0]
+        env = {e["name"]: e["value"] for e in container["env"]}
+        parsed: dict[str, object] = json.loads(env["TORCHRELAY_WORKER"])
+        return parsed
+
+    default = worker_of(gpu_job())
+    assert (default["rendezvous_timeout_s"], default["collective_timeout_s"]) == (600.0, 1800.0)
+    slow = gpu_job().model_copy(update={"rendezvous_timeout_s": 900, "collective_timeout_s": 60})
+    chosen = worker_of(slow)
+    assert (chosen["rendezvous_timeout_s"], chosen["collective_timeout_s"]) == (900, 60)
+
+
+class Relay:
+    """A TCP relay between the backend and the API server whose open watch connections can be
+    frozen: nothing more crosses them and nothing closes them, as when a node or a proxy on
+    the way dies without a FIN (half-open). Other connections, and new ones, still go through."""
+
+    def __init__(self, port: int) -> None:
+        self.port = port
+        self.url = ""
+        self._watching: list[asyncio.Event] = []
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._writers: list[asyncio.StreamWriter] = []
+        self._server: asyncio.Server | None = None
+
+    async def __aenter__(self) -> Relay:
+        self._server = await asyncio.start_server(self._accept, "127.0.0.1", 0)
+        self.url = f"http://127.0.0.1:{self._server.sockets[0].getsockname()[1]}"
+        return self
+
+    async def __aexit__(self, *_: object) -> None:
+        assert self._server is not None
+        self._server.close()
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        for writer in self._writers:  # frozen ones too: the test is over
+            writer.close()
+            with contextlib.suppress(OSError):
+                await writer.wait_closed()
+        await self._server.wait_closed()
+
+    def freeze_watches(self) -> None:
+        for frozen in self._watching:
+            frozen.set()
+
+    async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        upstream_reader, upstream_writer = await asyncio.open_connection("127.0.0.1", self.port)
+        self._writers += [writer, upstream_writer]
+        frozen = asyncio.Event()
+        for source, sink, asks in (
+            (reader, upstream_writer, True),
+            (upstream_reader, writer, False),
+        ):
+            task = asyncio.create_task(self._pipe(source, sink, frozen, asks=asks))
+            self._tasks.add(task)
+
+    async def _pipe(
+        self,
+        source: asyncio.StreamReader,
+        sink: asyncio.StreamWriter,
+        frozen: asyncio.Event,
+        *,
+        asks: bool,
+    ) -> None:
+        try:
+            while data := await source.read(65536):
+                if asks and b"watch=true" in data.lower():
+                    self._watching.append(frozen)
+                if frozen.is_set():
+                    await asyncio.Event().wait()  # swallowed, and the connection stays open
+                sink.write(data)
+                await sink.drain()
+        finally:
+            if not frozen.is_set():
+                sink.close()
+
+
+async def test_a_half_open_watch_is_dropped_and_resumed(emulator: KubeEmulator) -> None:
+    port = int(emulator.url.rsplit(":", 1)[1])
+    async with Relay(port) as relay:
+        options = KubeOptions(
+            api_url=relay.url, namespace=NS, watch_timeout_s=1, watch_margin_s=0.5,
+            request_timeout_s=2,
+        )  # fmt: skip
+        backend = KubernetesBackend(await connect(options), options)
+        try:
+            handle = await backend.schedule(backend.dryrun(gpu_job(world_size=1)))
+            waiting = asyncio.create_task(backend.wait(handle))
+            (pod,) = emulator.start_job_pods(handle)
+            await asyncio.sleep(0.3)  # the watches are open
+            watches = sum(1 for _, _, query in emulator.requests if query.get("watch"))
+            relay.freeze_watches()  # and a change nobody would hear of on those connections
+            failed = {"phase": "Failed", "containerStatuses": [container_terminated(3, "Error")]}
+            emulator.set_status("pods", pod, failed)
+            ended = await asyncio.wait_for(waiting, 20)
+            assert ended.reason == f"pod {pod} (rank 0) failed: Error (exit 3)"
+            assert sum(1 for _, _, query in emulator.requests if query.get("watch")) > watches
+        finally:
+            await backend.aclose()

@@ -1,6 +1,7 @@
 """The monitor's recovery of a stalled run, in memory and over real JetStream KV: a restart
 cancel while restarts are left (nothing final on the way), and a run given up once, counted
-once."""
+once. The stall clock starts at the first progress: a start that takes long is no stall,
+unless it never reports within the start timeout."""
 
 from __future__ import annotations
 
@@ -20,10 +21,16 @@ from torchrelay.shared.events import (
     AnyEvent,
     TrainCancelRequested,
     TrainFailed,
+    TrainProgressed,
     TrainRestartRequested,
     TrainStarted,
 )
-from torchrelay.shared.events.data import DatasetRef, TrainFailedData, TrainStartedData
+from torchrelay.shared.events.data import (
+    DatasetRef,
+    TrainFailedData,
+    TrainProgressData,
+    TrainStartedData,
+)
 from torchrelay.shared.runtime.metrics import reconciled_counter
 from torchrelay.shared.state import State
 from torchrelay.shared.testing import assert_eventually
@@ -31,6 +38,9 @@ from torchrelay.shared.testing import assert_eventually
 pytestmark = pytest.mark.timeout(60)
 # The scan lease lives 3 checks, and a KV entry lives at least a second.
 FAST = MonitorOptions(stall_after_s=0.05, stall_check_s=0.4, backoff_base_s=0)
+NEVER_REPORTS = MonitorOptions(
+    stall_after_s=3600, start_timeout_s=0.05, stall_check_s=0.4, backoff_base_s=0
+)
 
 
 @pytest.fixture
@@ -43,6 +53,7 @@ class Recorder:
 
     def __init__(self, state: State, options: MonitorOptions = FAST) -> None:
         self.registry = CollectorRegistry()
+        self.options = options
         self.published: list[AnyEvent] = []
         self.monitor = Monitor(
             metrics=EventMetrics(self.registry),
@@ -64,8 +75,8 @@ class Recorder:
     def given_up(self) -> float:
         return self.registry.get_sample_value("torchrelay_train_given_up_total") or 0.0
 
-    async def stall(self, run_id: str, max_restarts: int) -> TrainCancelRequested:
-        """Start the run's first attempt and let it fall silent until the monitor cancels it."""
+    async def start(self, run_id: str, max_restarts: int, *, report: bool) -> None:
+        """Start the run's first attempt; ``report``: and let it report its first progress."""
         await self.monitor.on_event(
             TrainStarted(
                 source="/torchrelay/train",
@@ -76,16 +87,45 @@ class Recorder:
                 ),
             )
         )  # fmt: skip
+        if report:
+            await self.monitor.on_event(
+                TrainProgressed(
+                    source="/torchrelay/train/worker",
+                    data=TrainProgressData(
+                        run_id=run_id, step=1, epoch=0, loss=1.0, samples_per_s=10.0
+                    ),
+                )
+            )
+
+    async def scan(self, rounds: int) -> None:
+        """Let the stall scan run ``rounds`` times."""
+        stop = asyncio.Event()
+        scan = asyncio.create_task(self.monitor.reconcile(stop), name="test-scan")
+        await asyncio.sleep(rounds * self.options.stall_check_s)
+        stop.set()
+        await scan
+
+    async def stall(
+        self, run_id: str, max_restarts: int, *, report: bool = True
+    ) -> TrainCancelRequested:
+        """Start the run's first attempt and let it fall silent until the monitor cancels it."""
+        await self.start(run_id, max_restarts, report=report)
         stop = asyncio.Event()
         scan = asyncio.create_task(self.monitor.reconcile(stop), name="test-scan")
         try:
-            await assert_eventually(lambda: bool(self.of(TrainCancelRequested)), timeout_s=10)
+            await assert_eventually(lambda: bool(self.cancels(run_id)), timeout_s=10)
         finally:
             stop.set()
             await scan
-        (cancel,) = self.of(TrainCancelRequested)
-        assert isinstance(cancel, TrainCancelRequested)
+        (cancel,) = self.cancels(run_id)
         return cancel
+
+    def cancels(self, run_id: str) -> list[TrainCancelRequested]:
+        """The cancels of ``run_id`` (a scan over a shared bucket sees other tests' runs too)."""
+        return [
+            e for e in self.published
+            if isinstance(e, TrainCancelRequested) and e.data.run_id == run_id
+        ]  # fmt: skip
 
 
 def failed(run_id: str, *, final: bool) -> TrainFailed:
@@ -111,6 +151,32 @@ async def test_a_stalled_run_with_restarts_left_is_restarted_and_nothing_says_it
     assert recorder.given_up() == 0.0
 
 
+async def test_an_attempt_that_has_not_reported_yet_is_not_stalled_by_the_stall_time(
+    state: State,
+) -> None:
+    # Its pods may be pending, pulling images or joining the rendezvous: the backend bounds
+    # that and says why, not the stall clock (which once cancelled every slow start-up).
+    recorder, run_id = Recorder(state), f"r-{uuid.uuid4().hex[:8]}"
+    await recorder.start(run_id, max_restarts=1, report=False)
+    await recorder.scan(rounds=3)  # each round 8x past stall_after_s
+    assert recorder.cancels(run_id) == []
+    watch = await recorder.monitor.watches.get(f"runs.{run_id}")
+    assert watch is not None
+    assert watch.value.state == "running"
+
+
+async def test_an_attempt_that_never_reports_is_stalled_after_the_start_timeout(
+    state: State,
+) -> None:
+    recorder, run_id = Recorder(state, NEVER_REPORTS), f"r-{uuid.uuid4().hex[:8]}"
+    cancel = await recorder.stall(run_id, max_restarts=1, report=False)
+    assert cancel.data.restart
+    await recorder.monitor.on_event(failed(run_id, final=False))
+    (restart,) = recorder.of(TrainRestartRequested)
+    assert isinstance(restart, TrainRestartRequested)
+    assert restart.data.reason == "no progress within 0.05s of its start"
+
+
 async def test_a_stalled_run_with_no_restart_left_is_given_up_once(state: State) -> None:
     recorder, run_id = Recorder(state), f"r-{uuid.uuid4().hex[:8]}"
     cancel = await recorder.stall(run_id, max_restarts=0)
@@ -120,7 +186,7 @@ async def test_a_stalled_run_with_no_restart_left_is_given_up_once(state: State)
     (gave_up,) = recorder.of(TrainFailed)
     assert isinstance(gave_up, TrainFailed)
     assert gave_up.data.final
-    assert "restarts are used" in gave_up.data.reason
+    assert gave_up.data.reason == "stalled: no progress for 0.05s; its 0 restarts are used"
     # The monitor consumes its own report too, and events are redelivered: still one run.
     await recorder.monitor.on_event(gave_up)
     await recorder.monitor.on_event(train_failed)

@@ -30,6 +30,7 @@ KINDS = {
     "jobs": "Job",
     "deployments": "Deployment",
     "replicasets": "ReplicaSet",
+    "events": "Event",
 }
 GROUP_OF = {
     "pods": "",
@@ -37,6 +38,7 @@ GROUP_OF = {
     "jobs": "batch",
     "deployments": "apps",
     "replicasets": "apps",
+    "events": "",
 }
 
 
@@ -96,6 +98,8 @@ class KubeEmulator:
     _oldest: int = 0
     _watchers: set[asyncio.Queue[Change | None]] = field(default_factory=set)
     url: str = ""
+    logs: dict[tuple[str, str], str] = field(default_factory=dict)
+    """(namespace, pod) -> what its container printed."""
 
     # --- what tests do, as the controllers and the kubelet would -----------------------------
 
@@ -211,12 +215,13 @@ class KubeEmulator:
             app.router.add_get(base + "/{name}", self._read)
             app.router.add_put(base + "/{name}", self._replace)
             app.router.add_delete(base + "/{name}", self._delete)
+        self._add_subresources(app)
         return app
 
     @web.middleware
     async def _record(self, request: web.Request, handler: Any) -> web.StreamResponse:
         self.requests.append((request.method, request.path, dict(request.query)))
-        plural = request.match_info.get("plural", "")
+        plural = request.match_info.get("plural", "") + request.match_info.get("subresource", "")
         verb = {
             "POST": "create", "PUT": "update", "DELETE": "delete",
             "GET": "get" if "name" in request.match_info else (
@@ -356,6 +361,64 @@ class KubeEmulator:
             self._watchers.discard(queue)
         await response.write_eof()
         return response
+
+    # --- pod logs and events (the kubelet's and the controllers' reports) ------------------
+
+    def set_log(self, pod: str, text: str, namespace: str = "torchrelay") -> None:
+        """What the pod's container printed, served by ``GET pods/{name}/log`` while the pod
+        exists (deleting the pod takes its log with it, as on a cluster)."""
+        self.logs[(namespace, pod)] = text
+
+    def add_event(
+        self,
+        involved: Object,
+        reason: str,
+        message: str,
+        *,
+        kind: str,
+        event_type: str = "Warning",
+    ) -> Object:
+        """A core/v1 Event about ``involved`` (a Job or a Pod), as a controller or the
+        kubelet records one (FailedCreate, FailedMount, ...)."""
+        metadata = involved["metadata"]
+        namespace = metadata.get("namespace", "torchrelay")
+        return self.put(
+            "events",
+            {
+                "apiVersion": "v1",
+                "kind": "Event",
+                "metadata": {
+                    "name": f"{metadata['name']}.{uuid.uuid4().hex[:16]}",
+                    "namespace": namespace,
+                },
+                "involvedObject": {
+                    "kind": kind,
+                    "name": metadata["name"],
+                    "namespace": namespace,
+                    "uid": metadata.get("uid", ""),
+                },
+                "reason": reason,
+                "message": message,
+                "type": event_type,
+                "count": 1,
+                "lastTimestamp": now(),
+            },
+        )
+
+    def _add_subresources(self, app: web.Application) -> None:
+        app.router.add_get(
+            "/api/v1/namespaces/{namespace}/{plural:pods}/{name}{subresource:/log}", self._pod_log
+        )
+
+    async def _pod_log(self, request: web.Request) -> web.Response:
+        namespace, name = request.match_info["namespace"], request.match_info["name"]
+        if ("pods", namespace, name) not in self.objects:
+            return status(404, "NotFound", f'pods "{name}" not found')
+        lines = self.logs.get((namespace, name), "").splitlines(keepends=True)
+        tail = request.query.get("tailLines")
+        if tail is not None:
+            lines = lines[-int(tail) :] if int(tail) > 0 else []
+        return web.Response(text="".join(lines), content_type="text/plain")
 
 
 @contextlib.asynccontextmanager

@@ -279,6 +279,8 @@ def test_only_train_and_serve_use_the_api_and_only_with_the_verbs_they_need() ->
     assert rules_of(roles["torchrelay-train"]) == {
         ("batch", "jobs"): ["create", "delete", "get", "list", "watch"],
         ("", "pods"): ["list", "watch"],
+        ("", "pods/log"): ["get"],  # the failed rank's log tail, before its Job is deleted
+        ("", "events"): ["list"],  # why ranks did not start (FailedCreate, FailedMount)
         ("", "services"): ["create"],
     }
     assert rules_of(roles["torchrelay-serve"]) == {

@@ -18,8 +18,10 @@ from torchrelay.services.monitor.domain import (
     cancelled_for_stall,
     dead_letter_category,
     pipeline_end,
+    progress_counts,
     restart_wait_s,
     source_label,
+    stall_reason,
     stalled,
     start_moves_watch,
     type_label,
@@ -76,13 +78,36 @@ def watch(**fields: object) -> RunWatch:
     return RunWatch.model_validate({**base, **fields})
 
 
-def test_a_run_is_stalled_after_a_silence() -> None:
+def test_the_stall_clock_starts_at_the_first_progress_not_at_the_start() -> None:
     start = datetime(2026, 1, 1, tzinfo=UTC)
-    assert not stalled(watch(), start + timedelta(seconds=59), after_s=60)
-    assert stalled(watch(), start + timedelta(seconds=61), after_s=60)
-    fresh = watch(last_progress_at=start + timedelta(seconds=50))
-    assert not stalled(fresh, start + timedelta(seconds=100), after_s=60)
-    assert not stalled(watch(state="ended"), start + timedelta(hours=1), after_s=60)
+    limits = {"after_s": 60, "start_after_s": 3600}
+    # Pods pending, images pulling, ranks joining: no progress yet, and no stall for an hour.
+    assert not stalled(watch(), start + timedelta(minutes=10), **limits)
+    assert not stalled(watch(), start + timedelta(seconds=3599), **limits)
+    assert stalled(watch(), start + timedelta(seconds=3601), **limits)
+    # Once it reports, a silence of after_s is a stall.
+    reporting = watch(last_progress_at=start + timedelta(minutes=20))
+    assert not stalled(reporting, start + timedelta(minutes=20, seconds=59), **limits)
+    assert stalled(reporting, start + timedelta(minutes=21, seconds=1), **limits)
+    assert not stalled(watch(state="ended"), start + timedelta(hours=2), **limits)
+
+
+def test_a_stall_says_whether_the_attempt_ever_reported() -> None:
+    limits = {"after_s": 60, "start_after_s": 3600}
+    assert stall_reason(watch(), **limits) == "no progress within 3600s of its start"
+    reported = watch(last_progress_at=datetime(2026, 1, 1, 0, 5, tzinfo=UTC))
+    assert stall_reason(reported, **limits) == "no progress for 60s"
+
+
+def test_only_progress_of_the_watched_attempt_moves_its_stall_clock() -> None:
+    started = datetime(2026, 1, 1, 1, 0, tzinfo=UTC)
+    current = watch(attempt=1, attempt_started_at=started)
+    assert progress_counts(current, started + timedelta(seconds=30))
+    assert progress_counts(current, started - timedelta(seconds=2)), "a node's clock may lag"
+    late = started - timedelta(minutes=3)  # the attempt before, delivered after this start
+    assert not progress_counts(current, late)
+    assert not progress_counts(watch(state="stalled"), started)
+    assert not progress_counts(None, started)
 
 
 def test_restarts_are_bounded() -> None:

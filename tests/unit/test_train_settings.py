@@ -44,3 +44,25 @@ def test_a_prefix_that_is_not_a_module_name_is_a_settings_error_naming_the_varia
     assert "TORCHRELAY_TRAIN_ENTRYPOINTS" in message
     assert repr(value) in message
     assert "without ':function'" in message
+
+
+def test_ranks_wait_for_each_other_and_for_collectives_as_long_as_production_needs(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    for name in ("RENDEZVOUS_TIMEOUT_S", "COLLECTIVE_TIMEOUT_S"):
+        monkeypatch.delenv(f"TORCHRELAY_TRAIN_{name}", raising=False)
+    defaults = TrainSettings().train
+    assert (defaults.rendezvous_timeout_s, defaults.collective_timeout_s) == (600.0, 1800.0)
+    monkeypatch.setenv("TORCHRELAY_TRAIN_RENDEZVOUS_TIMEOUT_S", "900")
+    monkeypatch.setenv("TORCHRELAY_TRAIN_COLLECTIVE_TIMEOUT_S", "3600")
+    chosen = TrainSettings().train
+    assert (chosen.rendezvous_timeout_s, chosen.collective_timeout_s) == (900.0, 3600.0)
+
+
+def test_a_timeout_that_is_not_positive_is_a_settings_error_naming_the_variable(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("TORCHRELAY_TRAIN_RENDEZVOUS_TIMEOUT_S", "0")
+    with pytest.raises(ValidationError) as caught:
+        TrainSettings()
+    assert "TORCHRELAY_TRAIN_RENDEZVOUS_TIMEOUT_S" in describe_settings_error(caught.value)

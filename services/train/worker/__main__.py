@@ -15,7 +15,6 @@ import inspect
 import sys
 import traceback
 from collections.abc import Callable
-from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +23,7 @@ import torch
 import torch.distributed as dist
 
 from torchrelay.services.train.worker.context import TrainingContext
+from torchrelay.services.train.worker.group import RendezvousTimeout, join
 from torchrelay.services.train.worker.report import Reporter
 from torchrelay.shared.cluster.lifeline import die_with_parent
 from torchrelay.shared.cluster.worker_spec import WorkerSpec
@@ -59,13 +59,11 @@ def main() -> int:
         torch.cuda.set_device(spec.rank % torch.cuda.device_count())
     # The same seed on every rank: identical initial weights (DDP also broadcasts rank 0's).
     torch.manual_seed(spec.job.seed)
-    dist.init_process_group(
-        spec.backend,
-        init_method=spec.rendezvous,
-        rank=spec.rank,
-        world_size=spec.world_size,
-        timeout=timedelta(seconds=spec.collective_timeout_s),
-    )
+    try:
+        join(spec)  # every rank, within the rendezvous timeout
+    except RendezvousTimeout as exc:
+        log.error("worker.rendezvous_failed", reason=str(exc))  # noqa: TRY400 - says it all
+        return EXIT_FAILED
     reporter = Reporter(spec)
     context: TrainingContext | None = None
     first_step = 0

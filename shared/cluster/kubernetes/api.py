@@ -1,7 +1,10 @@
 """The one module that talks to the Kubernetes API server (kubernetes-asyncio).
 
 Objects travel as plain dicts (``_preload_content=False``; the JSON is read here), so the pure
-modules never see client model classes. Errors become torchrelay's: 403 and 422
+modules never see client model classes. Every request has a connect and a total timeout, and
+a watch one of silence (its server-side length plus a margin): a half-open connection (a node
+or proxy gone without a FIN) fails the call, or drops the watch to be resumed, instead of
+hanging it for good. Errors become torchrelay's: 403 and 422
 :class:`Refused` (permanent: a role or a manifest to fix), 404 ``None`` or a no-op, 409
 :class:`AlreadyExists`, 410 :class:`Gone` (a watch must relist), anything else transient.
 """
@@ -9,6 +12,7 @@ modules never see client model classes. Errors become torchrelay's: 403 and 422
 from __future__ import annotations
 
 import asyncio
+import builtins
 import contextlib
 import json
 import os
@@ -49,6 +53,8 @@ KINDS = {
     "Service": Kind("core", "services", "namespaced_service"),
     "Deployment": Kind("apps", "deployments", "namespaced_deployment"),
     "ReplicaSet": Kind("apps", "replicasets", "namespaced_replica_set"),
+    "Event": Kind("core", "events", "namespaced_event"),
+    "PodLog": Kind("core", "pods/log", "namespaced_pod_log"),
 }
 
 
@@ -65,15 +71,32 @@ async def connect(options: KubeOptions) -> KubeApi:
             config_file=str(options.kubeconfig) if options.kubeconfig else None,
             client_configuration=configuration,
         )
-    return KubeApi(client.ApiClient(configuration), options.namespace)
+    return KubeApi(
+        client.ApiClient(configuration),
+        options.namespace,
+        connect_timeout_s=options.connect_timeout_s,
+        request_timeout_s=options.request_timeout_s,
+        watch_margin_s=options.watch_margin_s,
+    )
 
 
 class KubeApi:
     """Create, read, delete, list and watch namespaced objects as dicts."""
 
-    def __init__(self, api_client: client.ApiClient, namespace: str) -> None:
+    def __init__(
+        self,
+        api_client: client.ApiClient,
+        namespace: str,
+        *,
+        connect_timeout_s: float = 10.0,
+        request_timeout_s: float = 30.0,
+        watch_margin_s: float = 30.0,
+    ) -> None:
         self.client = api_client
         self.namespace = namespace
+        self.connect_timeout_s = connect_timeout_s
+        self.request_timeout_s = request_timeout_s
+        self.watch_margin_s = watch_margin_s
         self._apis = {
             "core": client.CoreV1Api(api_client),
             "batch": client.BatchV1Api(api_client),
@@ -87,35 +110,60 @@ class KubeApi:
         )
         return method
 
-    async def _request(self, verb: str, kind: str, *args: Any, **kwargs: Any) -> Object:
+    def _timeout(self, read_s: float | None = None) -> aiohttp.ClientTimeout:
+        """A request's: connecting, and the whole call. A watch's (``read_s``): connecting,
+        and the longest silence, since a watch lasts as long as the server keeps it."""
+        connect = self.connect_timeout_s
+        if read_s is not None:
+            return aiohttp.ClientTimeout(connect=connect, sock_connect=connect, sock_read=read_s)
+        total = self.request_timeout_s
+        return aiohttp.ClientTimeout(
+            total=total, connect=connect, sock_connect=connect, sock_read=total
+        )
+
+    async def _text(self, verb: str, kind: str, *args: Any, **kwargs: Any) -> tuple[int, str]:
+        """The status and body of one call, within the request timeout."""
         what = f"{verb} {KINDS[kind].plural}"
         try:
-            response = await self._call(verb, kind)(*args, _preload_content=False, **kwargs)
+            response = await self._call(verb, kind)(
+                *args, _preload_content=False, _request_timeout=self._timeout(), **kwargs
+            )
+            async with response:
+                return response.status, await response.text()
         except ApiException as exc:  # raised before a response exists (a connection error)
             raise TransientError(f"cannot {what}: {exc.reason}") from exc
         except (aiohttp.ClientError, OSError, TimeoutError) as exc:
-            raise TransientError(f"cannot reach the Kubernetes API to {what}: {exc!r}") from exc
-        async with response:
-            text = await response.text()
-            status = response.status
+            raise TransientError(
+                f"cannot reach the Kubernetes API to {what} "
+                f"(within {self.request_timeout_s:g}s): {exc!r}"
+            ) from exc
+
+    def _refusal(self, kind: str, verb: str, status: int, text: str) -> Exception:
+        """The error of an answer that is not a success."""
+        what = f"{verb} {KINDS[kind].plural}"
         body: Object = json.loads(text) if text.strip().startswith("{") else {"message": text}
-        if status < 300:
-            return body
         message = body.get("message") or text[:300]
         if status in (401, 403):
-            raise Refused(
+            return Refused(
                 f"the Kubernetes API refused to {what} in namespace {self.namespace} "
                 f"(HTTP {status}): {message}"
             )
         if status == 409:
-            raise AlreadyExists(f"{KINDS[kind].plural} in {self.namespace}", message)
+            return AlreadyExists(f"{KINDS[kind].plural} in {self.namespace}", message)
         if status == 410:
-            raise Gone(message)
+            return Gone(message)
         if status == 422:
-            raise Refused(f"the Kubernetes API found the object invalid ({what}): {message}")
+            return Refused(f"the Kubernetes API found the object invalid ({what}): {message}")
         if status == 404:
-            raise LookupError(message)
-        raise TransientError(f"cannot {what}: HTTP {status}: {message}")
+            return LookupError(message)
+        return TransientError(f"cannot {what}: HTTP {status}: {message}")
+
+    async def _request(self, verb: str, kind: str, *args: Any, **kwargs: Any) -> Object:
+        status, text = await self._text(verb, kind, *args, **kwargs)
+        if status >= 300:
+            raise self._refusal(kind, verb, status, text)
+        body: Object = json.loads(text) if text.strip().startswith("{") else {"message": text}
+        return body
 
     async def create(self, kind: str, body: Object) -> Object:
         return await self._request("create", kind, self.namespace, body)
@@ -140,11 +188,26 @@ class KubeApi:
         listed = await self._request("list", kind, self.namespace, label_selector=selector)
         return list(listed.get("items") or []), str(listed["metadata"]["resourceVersion"])
 
+    async def log_tail(
+        self, pod: str, lines: int, container: str | None = None
+    ) -> builtins.list[str]:
+        """The last ``lines`` lines of a pod's log (its container's); [] when the pod is gone."""
+        extra = {"container": container} if container else {}
+        status, text = await self._text(
+            "read", "PodLog", pod, self.namespace, tail_lines=lines, **extra
+        )
+        if status == 404:
+            return []
+        if status >= 300:
+            raise self._refusal("PodLog", "read", status, text)
+        return text.splitlines()[-lines:]
+
     async def watch(
         self, kind: str, selector: str, resource_version: str, timeout_s: int
     ) -> AsyncIterator[Object]:
         """Events after ``resource_version`` until the server ends the watch (its timeout, or
-        the connection drops); :class:`Gone` when that version is too old."""
+        the connection drops, or nothing arrives for ``timeout_s`` plus the margin: the
+        connection is half-open); :class:`Gone` when that version is too old."""
         what = f"watch {KINDS[kind].plural}"
         try:
             response = await self._call("list", kind)(
@@ -155,6 +218,7 @@ class KubeApi:
                 allow_watch_bookmarks=True,
                 timeout_seconds=timeout_s,
                 _preload_content=False,
+                _request_timeout=self._timeout(read_s=timeout_s + self.watch_margin_s),
             )
         except (ApiException, aiohttp.ClientError, OSError, TimeoutError) as exc:
             raise TransientError(f"cannot {what}: {exc!r}") from exc
@@ -177,14 +241,16 @@ class KubeApi:
                             raise Gone(status.get("message", "resourceVersion too old"))
                         raise TransientError(f"{what}: {status.get('message', status)}")
                     yield event
-            except (aiohttp.ClientError, asyncio.IncompleteReadError) as exc:
+            except (aiohttp.ClientError, asyncio.IncompleteReadError, TimeoutError) as exc:
+                # Cut, or silent past the server's own end (half-open): resumed by the caller.
                 log.info("watch.dropped", kind=kind, error=repr(exc))
 
 
 class Mirror:
     """A local copy of the objects matching a selector, kept current by list + watch: it
     resumes from the last resourceVersion when a watch ends or drops, and lists again from
-    scratch when the server answers 410 Gone."""
+    scratch when the server answers 410 Gone. A list or watch that fails for now (a timeout,
+    an unreachable server) is tried again; one refused for good (403) ends it."""
 
     def __init__(self, api: KubeApi, kind: str, selector: str, *, timeout_s: int) -> None:
         self.api = api
@@ -198,12 +264,12 @@ class Mirror:
         """Yield after every change (and after each list); runs until cancelled."""
         version: str | None = None
         while True:
-            if version is None:
-                items, version = await self.api.list(self.kind, self.selector)
-                self.objects = {item["metadata"]["name"]: item for item in items}
-                self.relists += 1
-                yield
             try:
+                if version is None:
+                    items, version = await self.api.list(self.kind, self.selector)
+                    self.objects = {item["metadata"]["name"]: item for item in items}
+                    self.relists += 1
+                    yield
                 async for event in self.api.watch(
                     self.kind, self.selector, version, self.timeout_s
                 ):

@@ -160,6 +160,8 @@ def training_job(job: WorkerJob, options: KubeOptions) -> Object:
         dataset_path=job.dataset_path,
         nats_url=job.nats_url,
         pipeline_id=job.pipeline_id,
+        rendezvous_timeout_s=job.rendezvous_timeout_s,
+        collective_timeout_s=job.collective_timeout_s,
     )
     labels = {
         **_common_labels("training"),

@@ -80,15 +80,36 @@ class KubeOptions(Group):
         "Service endpoints stop sending it requests before it shuts down.",
     )
     rendezvous_port: int = Field(default=29500, ge=1, le=65535)
-    unschedulable_timeout_s: float = Field(
-        default=600.0,
+    pending_timeout_s: float = Field(
+        default=1800.0,
         gt=0,
-        description="A worker pod unschedulable this long fails the attempt.",
+        description="An attempt whose ranks have not all started this long after its Job "
+        "started (scheduling, node scale-up, image pulls, volume mounts, pod creation refused "
+        "by a quota or webhook) fails, saying why; a Job suspended by its queue is not timed.",
+    )
+    log_tail_lines: int = Field(
+        default=50,
+        ge=1,
+        le=200,
+        description="Lines of the failed rank's log that go into train.failed before its Job "
+        "(and the pod with its log) is deleted.",
     )
     ttl_after_finished_s: int = Field(
         default=3600, ge=0, description="Finished jobs (and their pods) are deleted after this."
     )
     watch_timeout_s: int = Field(
         default=240, ge=1, description="Server-side length of one watch; it resumes after."
+    )
+    watch_margin_s: float = Field(
+        default=30.0,
+        gt=0,
+        description="A watch silent this much longer than its server-side length is taken "
+        "for a half-open connection: dropped and resumed.",
+    )
+    connect_timeout_s: float = Field(
+        default=10.0, gt=0, description="Connecting to the API server."
+    )
+    request_timeout_s: float = Field(
+        default=30.0, gt=0, description="One API call (not a watch), answer included."
     )
     run_as_user: int = Field(default=10001, ge=1, description="The images' non-root user.")

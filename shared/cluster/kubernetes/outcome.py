@@ -1,9 +1,19 @@
-"""How a training attempt stands, read from its Job and pods (pure; the backend feeds it what
-it watches). The first failure wins and names the pod, its rank, the reason and exit code."""
+"""How a training attempt stands, read from its Job, pods and events (pure; the backend feeds
+it what it watches).
+
+An attempt fails when a rank fails, naming the FIRST rank to fail (by the time its container
+terminated: the others usually only lost their peer), its reason and exit code, or at once
+when an image name is invalid. Until every rank has started it is *pending*: pulling images,
+waiting for a node, mounting volumes, or not even created (quota, an admission webhook). A
+pending attempt is failed only after the pending timeout, and then says why, from the pods'
+states and the events about them and the Job. A pull that fails once is retried by the kubelet
+and is no failure; one still failing at the timeout is.
+"""
 
 from __future__ import annotations
 
 import signal
+from collections.abc import Sequence
 from datetime import datetime
 from typing import Any
 
@@ -20,6 +30,13 @@ CANNOT_START = frozenset(
         "CreateContainerError",
     }
 )
+"""Waiting reasons of a container that is not starting (what ``pod_problems`` reports)."""
+NEVER_STARTS = frozenset({"InvalidImageName"})
+"""Waiting reasons that no retry can fix: the attempt fails at once."""
+IMAGE_PULL = frozenset({"ErrImagePull", "ImagePullBackOff"})
+MOUNT_EVENTS = frozenset({"FailedMount", "FailedAttachVolume"})
+CREATE_EVENTS = frozenset({"FailedCreate"})
+PENDING_SETTING = "TORCHRELAY_KUBE_PENDING_TIMEOUT_S"
 
 
 def _rank(pod: Object) -> int | None:
@@ -30,16 +47,53 @@ def _rank(pod: Object) -> int | None:
     return None
 
 
+def _name(obj: Object) -> str:
+    return str(obj.get("metadata", {}).get("name", "?"))
+
+
 def _who(pod: Object) -> str:
     rank = _rank(pod)
-    name = pod.get("metadata", {}).get("name", "?")
-    return f"pod {name}" + ("" if rank is None else f" (rank {rank})")
+    return f"pod {_name(pod)}" + ("" if rank is None else f" (rank {rank})")
 
 
 def _states(pod: Object) -> list[Object]:
     status = pod.get("status") or {}
     containers = list(status.get("initContainerStatuses") or [])
     return containers + list(status.get("containerStatuses") or [])
+
+
+def _time(value: object) -> datetime | None:
+    if not isinstance(value, str) or not value:
+        return None
+    try:
+        return datetime.fromisoformat(value)
+    except ValueError:
+        return None
+
+
+def _failed_at(pod: Object) -> datetime | None:
+    """When the pod's first container terminated with an error (None: unknown, e.g. evicted)."""
+    times = [
+        when
+        for container in _states(pod)
+        if (terminated := (container.get("state") or {}).get("terminated"))
+        and terminated.get("exitCode", 0) != 0
+        and (when := _time(terminated.get("finishedAt"))) is not None
+    ]
+    return min(times, default=None)
+
+
+def first_failed(pods: Sequence[Object]) -> Object | None:
+    """The pod that failed first: by the time its container terminated, then by rank (a pod
+    with no time, e.g. an evicted one, after those with one)."""
+    failed = [p for p in pods if (p.get("status") or {}).get("phase") == "Failed"]
+
+    def order(pod: Object) -> tuple[bool, str, bool, int]:
+        when = _failed_at(pod)
+        rank = _rank(pod)
+        return when is None, when.isoformat() if when else "", rank is None, rank or 0
+
+    return min(failed, key=order, default=None)
 
 
 def _failed(pod: Object) -> Ended:
@@ -59,49 +113,32 @@ def _failed(pod: Object) -> Ended:
     return Ended(Status.FAILED, text, _rank(pod))
 
 
-def _cannot_start(pod: Object) -> Ended | None:
+def _waiting(pod: Object, reasons: frozenset[str]) -> Object | None:
     for container in _states(pod):
         waiting = (container.get("state") or {}).get("waiting") or {}
-        if waiting.get("reason") in CANNOT_START:
-            message = waiting.get("message")
-            text = f"{_who(pod)} cannot start: {waiting['reason']}" + (
-                f": {message}" if message else ""
-            )
-            return Ended(Status.FAILED, text, _rank(pod))
+        if waiting.get("reason") in reasons:
+            return dict(waiting)
     return None
 
 
-def _unschedulable(pod: Object, now: datetime, after_s: float) -> Ended | None:
-    for condition in (pod.get("status") or {}).get("conditions") or []:
-        if (
-            condition.get("type") == "PodScheduled"
-            and condition.get("status") == "False"
-            and condition.get("reason") == "Unschedulable"
-        ):
-            since = condition.get("lastTransitionTime")
-            waited = (now - datetime.fromisoformat(since)).total_seconds() if since else 0.0
-            if waited >= after_s:
-                message = condition.get("message") or "no node fits"
-                text = f"{_who(pod)} is Unschedulable for {waited:.0f}s: {message}"
-                return Ended(Status.FAILED, text, _rank(pod))
-    return None
+def _cannot_start(pod: Object, reasons: frozenset[str] = CANNOT_START) -> Ended | None:
+    waiting = _waiting(pod, reasons)
+    if waiting is None:
+        return None
+    message = waiting.get("message")
+    text = f"{_who(pod)} cannot start: {waiting['reason']}" + (f": {message}" if message else "")
+    return Ended(Status.FAILED, text, _rank(pod))
 
 
-def attempt_outcome(
-    job: Object | None,
-    pods: list[Object],
-    *,
-    now: datetime,
-    unschedulable_after_s: float,
-) -> Ended | None:
-    """The attempt's end, or None while it is still on its way."""
+def attempt_outcome(job: Object | None, pods: Sequence[Object]) -> Ended | None:
+    """The attempt's end, or None while it is still on its way (pending or running)."""
+    failed = first_failed(pods)
+    if failed is not None:
+        return _failed(failed)
     for pod in sorted(pods, key=lambda p: (_rank(p) is None, _rank(p) or 0)):
-        if (pod.get("status") or {}).get("phase") == "Failed":
-            return _failed(pod)
-    for pod in pods:
-        problem = _cannot_start(pod) or _unschedulable(pod, now, unschedulable_after_s)
-        if problem is not None:
-            return problem
+        never = _cannot_start(pod, NEVER_STARTS)
+        if never is not None:
+            return never
     if job is None:
         return None
     conditions = {
@@ -119,6 +156,108 @@ def attempt_outcome(
     if "Complete" in conditions or succeeded >= completions:
         return Ended(Status.SUCCEEDED, "every rank finished")
     return None
+
+
+# --- pending ---------------------------------------------------------------------------------
+
+
+def _started(pod: Object) -> bool:
+    """Whether the pod's containers run (or ran): the rank is past scheduling, pulling and
+    mounting."""
+    if (pod.get("status") or {}).get("phase") in ("Running", "Succeeded", "Failed"):
+        return True
+    states = _states(pod)
+    return bool(states) and all(
+        (c.get("state") or {}).get("running") or (c.get("state") or {}).get("terminated")
+        for c in states
+    )
+
+
+def pending_s(job: Object | None, pods: Sequence[Object], now: datetime) -> float | None:
+    """How long the attempt has waited for its ranks to start: from the Job's start (its
+    ``startTime``, set when a queue admits it) or creation, until a pod of every completion
+    index runs. None once every rank has started, and while the Job is suspended (a queue
+    such as Kueue holds it: waiting there is the queue's policy, not a stuck start)."""
+    if job is None or (job.get("spec") or {}).get("suspend"):
+        return None
+    completions = int((job.get("spec") or {}).get("completions", 1))
+    started = {_rank(pod) for pod in pods if _started(pod)}
+    if len(started - {None}) >= completions:
+        return None
+    since = _time((job.get("status") or {}).get("startTime")) or _time(
+        job.get("metadata", {}).get("creationTimestamp")
+    )
+    return max(0.0, (now - since).total_seconds()) if since else 0.0
+
+
+def _about(events: Sequence[Object], obj: Object, reasons: frozenset[str]) -> Object | None:
+    """The newest event about ``obj`` (by uid where both have one, else by name) with one of
+    ``reasons``."""
+    metadata = obj.get("metadata", {})
+    found = None
+    for event in events:
+        involved = event.get("involvedObject") or {}
+        if event.get("reason") not in reasons or involved.get("name") != metadata.get("name"):
+            continue
+        if involved.get("uid") and metadata.get("uid") and involved["uid"] != metadata["uid"]:
+            continue
+        found = event  # listed oldest first
+    return found
+
+
+def _why_pending(pod: Object, events: Sequence[Object]) -> tuple[int, str]:
+    """Why one pod has not started, as the scheduler, the kubelet and the events say, and how
+    telling that is (0: a cause; 1: still creating; 2: nothing known)."""
+    for condition in (pod.get("status") or {}).get("conditions") or []:
+        if condition.get("type") == "PodScheduled" and condition.get("status") == "False":
+            why = condition.get("reason") or "not scheduled"
+            return 0, f"is {why}: {condition.get('message') or 'no node fits'}"
+    pulling = _waiting(pod, IMAGE_PULL)
+    if pulling is not None:
+        text = f"cannot pull its image: {pulling['reason']}"
+        return 0, text + (f": {pulling['message']}" if pulling.get("message") else "")
+    mount = _about(events, pod, MOUNT_EVENTS)
+    if mount is not None:
+        return 0, f"cannot mount its volumes: {mount['reason']}: {mount.get('message', '')}"
+    other = _waiting(pod, CANNOT_START)
+    if other is not None:
+        text = f"cannot start: {other['reason']}"
+        return 0, text + (f": {other['message']}" if other.get("message") else "")
+    creating = _waiting(pod, frozenset({"ContainerCreating", "PodInitializing"}))
+    if creating is not None:
+        return 1, f"is still {creating['reason']}"
+    return 2, "is Pending"
+
+
+def pending_failure(
+    job: Object, pods: Sequence[Object], events: Sequence[Object], *, waited_s: float
+) -> Ended:
+    """The failure of an attempt whose ranks did not all start within the pending timeout,
+    saying why: each reason once, with the first pod that has it (and how many more do), and
+    the Job's own events when it could not create every pod (quota, admission webhooks). The
+    rank it names is the first pod's with a cause (not merely still creating or pending)."""
+    completions = int((job.get("spec") or {}).get("completions", 1))
+    problems: dict[tuple[int, str], list[Object]] = {}
+    for pod in sorted(pods, key=lambda p: (_rank(p) is None, _rank(p) or 0)):
+        if not _started(pod):
+            problems.setdefault(_why_pending(pod, events), []).append(pod)
+    problems = dict(sorted(problems.items(), key=lambda item: item[0][0]))  # causes first
+    parts = []
+    missing = completions - len({_rank(pod) for pod in pods} - {None})
+    if missing > 0:
+        refused = _about(events, job, CREATE_EVENTS)
+        text = f"job {_name(job)} has {missing} of {completions} pods not created"
+        if refused is not None:
+            text += f": {refused['reason']}: {refused.get('message', '')}".rstrip(": ")
+        parts.append(text)
+    for (_, why), stuck in problems.items():
+        more = f" and {len(stuck) - 1} more" if len(stuck) > 1 else ""
+        parts.append(f"{_who(stuck[0])}{more} {why}")
+    first = next(iter(problems.values()), [None])[0]
+    reason = f"the ranks did not all start within {waited_s:.0f}s ({PENDING_SETTING}): " + (
+        "; ".join(parts) or "no pod is running"
+    )
+    return Ended(Status.FAILED, reason, _rank(first) if first is not None else None)
 
 
 def rollout_state(deployment: Object) -> tuple[str, str]:

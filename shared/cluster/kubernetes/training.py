@@ -2,15 +2,19 @@
 
 ``schedule`` creates both (a second create of the same attempt is success); ``wait`` mirrors
 the attempt's Job and pods (list + watch, resuming and relisting as needed) until
-:func:`attempt_outcome` says how it ended; ``cancel`` deletes the Job, and with it its pods
-and Service (owner references). Any failed rank fails the attempt: the Job has no retries of
-its own, restarts are the monitor's, from the run's last checkpoint.
+:func:`attempt_outcome` says how it ended, or its ranks have not all started within
+``pending_timeout_s`` (:func:`pending_failure` says why, from the pods and the namespace's
+events); ``cancel`` deletes the Job, and with it its pods and Service (owner references). Any
+failed rank fails the attempt: the Job has no retries of its own, restarts are the monitor's,
+from the run's last checkpoint. Before a failed attempt's Job is deleted, the log tail of the
+rank that failed first is read: it goes into the failure, since the deletion takes it along.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -25,15 +29,21 @@ from torchrelay.shared.cluster.kubernetes.manifests import (
     training_job,
 )
 from torchrelay.shared.cluster.kubernetes.options import KubeOptions
-from torchrelay.shared.cluster.kubernetes.outcome import attempt_outcome
+from torchrelay.shared.cluster.kubernetes.outcome import (
+    attempt_outcome,
+    first_failed,
+    pending_failure,
+    pending_s,
+)
 from torchrelay.shared.cluster.port import Description, Ended, Phase, Status, WorkerJob
 from torchrelay.shared.cluster.registry import TrainingConfig
-from torchrelay.shared.errors import AlreadyExists, PermanentError
+from torchrelay.shared.errors import AlreadyExists, PermanentError, TransientError
 
 log = structlog.get_logger("torchrelay.cluster.kubernetes")
 Object = dict[str, Any]
 TICK_S = 5.0
-"""How often a quiet attempt is looked at again (an unschedulable pod's time runs out)."""
+"""How often a quiet attempt is looked at again (a pending attempt's time runs out)."""
+WORKER_CONTAINER = "worker"
 
 
 @dataclass(frozen=True)
@@ -60,9 +70,9 @@ class KubernetesBackend:
         self._cancelled: set[str] = set()
 
     def check(self, job: WorkerJob) -> None:
-        """Nothing to check up front: the cluster decides. A pod that no node can take fails
-        the attempt after ``unschedulable_timeout_s``, naming the pod and the scheduler's
-        message."""
+        """Nothing to check up front: the cluster decides. Ranks that do not all start (no node
+        takes a pod, its image does not pull, ...) fail the attempt after
+        ``pending_timeout_s``, naming the pods and why."""
 
     def dryrun(self, job: WorkerJob) -> KubeRequest:
         manifest = training_job(job, self.options)
@@ -158,16 +168,15 @@ class KubernetesBackend:
                     if handle in self._cancelled:
                         return Ended(Status.CANCELLED, "cancelled")
                     return Ended(Status.FAILED, f"job {handle} was deleted")
-                ended = attempt_outcome(
-                    job,
-                    list(pods.objects.values()),
-                    now=datetime.now(UTC),
-                    unschedulable_after_s=self.options.unschedulable_timeout_s,
-                )
+                current = list(pods.objects.values())
+                ended = attempt_outcome(job, current)
+                if ended is None and pods.relists:  # pending: judged once the pods are listed
+                    ended = await self._pending(job, current)
                 if ended is not None:
                     if handle in self._cancelled:
                         return Ended(Status.CANCELLED, "cancelled")
                     if ended.status is Status.FAILED:
+                        ended = await self._with_log_tail(ended, current)
                         await self.api.delete("Job", handle)  # stop the other ranks now
                     return ended
         finally:
@@ -176,6 +185,35 @@ class KubernetesBackend:
             await asyncio.gather(*pumps, return_exceptions=True)
             self._requests.pop(handle, None)
             self._cancelled.discard(handle)
+
+    async def _pending(self, job: Object | None, pods: list[Object]) -> Ended | None:
+        """The failure of an attempt whose ranks did not all start in time, with why (the
+        namespace's events are read only then)."""
+        waited = pending_s(job, pods, datetime.now(UTC))
+        if job is None or waited is None or waited < self.options.pending_timeout_s:
+            return None
+        try:
+            events, _ = await self.api.list("Event", "")
+        except (TransientError, PermanentError) as exc:  # the pods still say most of why
+            log.warning("job.events_unread", job=job["metadata"]["name"], error=str(exc))
+            events = []
+        return pending_failure(job, pods, events, waited_s=waited)
+
+    async def _with_log_tail(self, ended: Ended, pods: list[Object]) -> Ended:
+        """``ended`` with the last lines of the first failed pod's log, read before its Job is
+        deleted (the pod and its log go with it); as it was when there is none to read."""
+        failed = first_failed(pods)
+        if failed is None:
+            return ended
+        name = failed["metadata"]["name"]
+        try:
+            lines = await self.api.log_tail(
+                name, self.options.log_tail_lines, container=WORKER_CONTAINER
+            )
+        except (TransientError, PermanentError) as exc:  # the failure matters more than its log
+            log.warning("pod.log_unread", pod=name, error=str(exc))
+            return ended
+        return dataclasses.replace(ended, log_tail=lines) if lines else ended
 
     async def cancel(self, handle: str) -> None:
         """Delete the Job (any replica may: it belongs to the cluster, not to the replica that
