@@ -262,6 +262,24 @@ class KubeEmulator:
     def deny(self, verb: str, plural: str) -> None:
         self.denied.add((verb, plural))
 
+    def delete(
+        self, plural: str, name: str, namespace: str = "torchrelay", *, foreground: bool = False
+    ) -> None:
+        """Delete as a client would (a controller scaling down, a test): pods stop first when
+        a kubelet is attached; a foreground delete waits for the dependents."""
+        key = (plural, namespace, name)
+        if key in self.objects:
+            self._delete_one(key, foreground=foreground)
+
+    def subscribe(self) -> asyncio.Queue[Queued]:
+        """Every change from now on, for an in-process controller (the kubelet)."""
+        queue: asyncio.Queue[Queued] = asyncio.Queue()
+        self._watchers.add(queue)
+        return queue
+
+    def unsubscribe(self, queue: asyncio.Queue[Queued]) -> None:
+        self._watchers.discard(queue)
+
     def bookmark(self) -> None:
         """Send a BOOKMARK on every open watch that allows them."""
         for queue in list(self._watchers):
