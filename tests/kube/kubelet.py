@@ -252,6 +252,11 @@ class Kubelet:
         if process is not None and process.returncode is None:
             os.killpg(process.pid, sig)
 
+    def forget_images(self) -> None:
+        """Clear the node's image cache (pods landing on a fresh node): the next pod of each
+        image pulls it again, as :attr:`images` says that goes."""
+        self._pulled.clear()
+
     def processes(self) -> list[int]:
         """The process ids of the containers running now."""
         return [
@@ -654,12 +659,15 @@ class Kubelet:
         self._status(
             running, pod, "Pending", {**base, "state": {"waiting": {"reason": "ContainerCreating"}}}
         )
-        try:
-            mounts = self._volumes(running, pod)
-        except ConfigError as exc:
-            waiting = {"reason": "ContainerCreating", "message": f"MountVolume.SetUp failed: {exc}"}
-            self._status(running, pod, "Pending", {**base, "state": {"waiting": waiting}})
-            return
+        while True:  # a volume's source may appear later: the kubelet keeps trying
+            try:
+                mounts = self._volumes(running, pod)
+                break
+            except ConfigError as exc:
+                message = f"MountVolume.SetUp failed: {exc}"
+                waiting = {"reason": "ContainerCreating", "message": message}
+                self._status(running, pod, "Pending", {**base, "state": {"waiting": waiting}})
+                await asyncio.sleep(self.backoff_s)
         await self._pull(running, pod, container, base)
         policy = spec.get("restartPolicy", "Always")
         last: Object = {}

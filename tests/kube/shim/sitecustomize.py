@@ -16,6 +16,7 @@ import json
 import os
 import socket
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -78,11 +79,25 @@ def connect_ex(self: socket.socket, address: Any) -> int:
     return _connect_ex(self, _address(address) if self.family == socket.AF_INET else address)
 
 
+def _wait_for(host: str, timeout_s: float) -> str | None:
+    """A cluster name's address, waited for: a headless Service's records appear a moment
+    after its pods (the C++ resolver retries, but never asks this file)."""
+    deadline = time.monotonic() + timeout_s
+    while (address := lookup(host)) is None and host.endswith(CLUSTER_DOMAINS):
+        if time.monotonic() > deadline:
+            return None
+        time.sleep(0.1)
+    return address
+
+
+CLUSTER_DOMAINS = (".svc", ".svc.cluster.local")
+
+
 def _patch_rendezvous(module: Any) -> None:
     create = module._create_c10d_store
 
     def create_store(hostname: str, port: int, rank: int, *args: Any, **kwargs: Any) -> Any:
-        address = lookup(hostname) or hostname
+        address = _wait_for(hostname, args[1].total_seconds()) or hostname
         if rank != 0 or not _POD_IP or module._torchelastic_use_agent_store():
             return create(address, port, rank, *args, **kwargs)
         world_size, timeout = args[0], args[1]
