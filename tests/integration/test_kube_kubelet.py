@@ -302,42 +302,40 @@ async def test_an_image_that_cannot_be_pulled_never_starts(
     assert kubelet.processes() == []
 
 
-async def test_secrets_reach_env_and_files_and_a_missing_one_holds_the_container(
-    cluster: tuple[KubeEmulator, Kubelet], claim: Path
-) -> None:
-    emulator, kubelet = cluster
+def reading_secret(name: str, secret: str) -> dict[str, Any]:
+    """A Job whose container reads the Secret's password from its env and from its file."""
     code = """
         import os
         secret = open("/etc/nats/password").read()
         open(os.environ["OUT"], "w").write(os.environ["PASSWORD"] + " " + secret)
     """
-    spec = job("secret", python(code))
+    spec = job(name, python(code))
     pod_spec = spec["spec"]["template"]["spec"]
     pod_spec["volumes"].append({"name": "nats", "secret": {"secretName": "nats-worker"}})
     worker = pod_spec["containers"][0]
     worker["volumeMounts"].append({"name": "nats", "mountPath": "/etc/nats"})
-    worker["env"].append(
-        {
-            "name": "PASSWORD",
-            "valueFrom": {"secretKeyRef": {"name": "nats-worker", "key": "password"}},
-        }
-    )
-    emulator.put("jobs", spec)
+    reference = {"secretKeyRef": {"name": secret, "key": "password"}}
+    worker["env"].append({"name": "PASSWORD", "valueFrom": reference})
+    return spec
+
+
+async def test_secrets_reach_env_and_files_and_a_missing_one_holds_the_container(
+    cluster: tuple[KubeEmulator, Kubelet], claim: Path
+) -> None:
+    emulator, kubelet = cluster
+    emulator.put("jobs", reading_secret("secret", "nats-worker"))
     await until(lambda: "Complete" in conditions(emulator.get("jobs", "secret")))
     (pod,) = pods_of(emulator, "job=secret")
     assert (claim / f"out-{pod['metadata']['name']}").read_text() == "s3cret s3cret"
 
-    worker["env"][-1]["valueFrom"]["secretKeyRef"]["name"] = "not-there"
-    spec["metadata"]["name"] = "no-secret"
-    spec["metadata"]["labels"] = spec["spec"]["template"]["metadata"]["labels"] = {"job": "n"}
-    emulator.put("jobs", spec)
+    emulator.put("jobs", reading_secret("no-secret", "not-there"))
     await until(
         lambda: (
-            [waiting_reason(p) for p in pods_of(emulator, "job=n")]
+            [waiting_reason(p) for p in pods_of(emulator, "job=no-secret")]
             == ["CreateContainerConfigError"]
         )
     )
-    (held,) = pods_of(emulator, "job=n")
+    (held,) = pods_of(emulator, "job=no-secret")
     assert container(held)["state"]["waiting"]["message"] == 'secret "not-there" not found'
 
     kubelet.secrets["not-there"] = {"password": "late"}  # created afterwards: it starts
