@@ -491,10 +491,13 @@ class KubeEmulator:
                 return response
         except TimeoutError:
             pass
+        except ConnectionResetError:  # the client went away (a cancelled watch)
+            return response
         finally:
             self._watchers.discard(queue)
-        await bookmark()  # as the API server does before it ends a watch
-        await response.write_eof()
+        with contextlib.suppress(ConnectionResetError):
+            await bookmark()  # as the API server does before it ends a watch
+            await response.write_eof()
         return response
 
 

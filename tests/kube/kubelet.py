@@ -826,7 +826,8 @@ class Kubelet:
         if "/tmp" in mounts:  # noqa: S108 - the pod's /tmp is its emptyDir
             process_env["TMPDIR"] = mounts["/tmp"]  # noqa: S108
         (running.folder / "home").mkdir(parents=True, exist_ok=True)
-        cwd = translate(container.get("workingDir") or str(running.folder))
+        working = container.get("workingDir")
+        cwd = translate(working) if working else str(running.folder)
         return argv, process_env, cwd
 
     async def _run_container(
