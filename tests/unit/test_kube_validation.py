@@ -122,6 +122,6 @@ def test_the_422_body_names_each_field_as_the_api_server_does() -> None:
     assert str(body["message"]).startswith(
         'Service "9abc" is invalid: metadata.name: Invalid value: "9abc": a DNS-1035 label'
     )
-    assert body["details"]["causes"] == [  # type: ignore[index]
+    assert body["details"]["causes"] == [
         {"reason": "FieldValueInvalid", "message": str(errors[0]), "field": "metadata.name"}
     ]
