@@ -21,6 +21,7 @@ from torchrelay.shared.cluster.kubernetes.training import KubernetesBackend
 from torchrelay.shared.cluster.port import Ended, Status, WorkerJob
 from torchrelay.shared.errors import PermanentError
 from torchrelay.shared.events.data import TrainJobSpec
+from torchrelay.shared.testing import assert_eventually
 
 K8S_VERSION = "1.32"
 NS = "torchrelay"
@@ -463,7 +464,12 @@ async def test_any_replica_cancels_a_job_and_a_job_already_gone_is_fine(
     other = KubernetesBackend(await connect(options), options)  # a replica that never saw it
     try:
         await other.cancel(handle)
-        assert emulator.list("jobs") == emulator.list("pods") == emulator.list("services") == []
+        # A foreground delete: the pods and the Service go first, then the Job.
+        await assert_eventually(
+            lambda: (
+                emulator.list("jobs") == emulator.list("pods") == emulator.list("services") == []
+            )
+        )
         await other.cancel(handle)  # idempotent: the 404 is success
         await backend.cancel(job_name("never-scheduled", 0))
     finally:

@@ -1,11 +1,20 @@
 """A stateful Kubernetes API emulator over real HTTP, for the backends' tests.
 
-It serves what the backends use, as an API server does: create (409 on a second), read,
-replace, delete (with foreground cascade to owned objects), list with label selectors, and
-watch streams that replay history after a resourceVersion and then follow live changes, end at
-``timeoutSeconds``, and answer 410 Gone for a version older than what is kept. Tests play the
-controllers and the kubelet through its Python methods (pods for a Job, status changes), drop
-the open watches, compact the history, and deny verbs (403) the way RBAC would.
+It serves what the backends use, as an API server does: create (409 on a second, 422 for a
+name or label that apimachinery's rules refuse: :mod:`tests.kube.validation`), read, replace,
+delete, list with label selectors, and watch streams that replay history after a
+resourceVersion and then follow live changes, end at ``timeoutSeconds``, answer 410 Gone for a
+version older than what is kept, and send BOOKMARK events (the current resourceVersion) to
+clients that allow them: when the watch ends, and whenever a test calls :meth:`bookmark`.
+
+A foreground delete (``propagationPolicy: Foreground``) is asynchronous, as the garbage
+collector makes it: the object gets a ``deletionTimestamp`` and the ``foregroundDeletion``
+finalizer and stays readable while its dependents (by ownerReferences, recursively) are
+deleted, then it goes. With a kubelet attached (:attr:`graceful_pods`), a deleted pod only gets
+its ``deletionTimestamp``: the kubelet stops its containers and removes it. Tests play the
+controllers and the kubelet through Python methods (pods for a Job, status changes), or attach
+:class:`tests.kube.kubelet.Kubelet`; they drop the open watches, compact the history, and deny
+verbs (403) the way RBAC would.
 """
 
 from __future__ import annotations
@@ -22,7 +31,12 @@ from typing import Any
 
 from aiohttp import web
 
+from tests.kube.validation import invalid_status, validate
+
 Object = dict[str, Any]
+Key = tuple[str, str, str]
+Keys = list[Key]
+Names = list[str]
 GROUPS = {"": "v1", "batch": "v1", "apps": "v1"}
 KINDS = {
     "pods": "Pod",
@@ -32,6 +46,7 @@ KINDS = {
     "replicasets": "ReplicaSet",
     "events": "Event",
 }
+FOREGROUND = "foregroundDeletion"
 GROUP_OF = {
     "pods": "",
     "services": "",
@@ -85,6 +100,14 @@ class Change:
     object: Object
 
 
+class Bookmark:
+    """Tells a watch to send a BOOKMARK now."""
+
+
+BOOKMARK = Bookmark()
+Queued = Change | Bookmark | None
+
+
 @dataclass
 class KubeEmulator:
     objects: dict[tuple[str, str, str], Object] = field(default_factory=dict)
@@ -96,7 +119,12 @@ class KubeEmulator:
     _versions: itertools.count[int] = field(default_factory=lambda: itertools.count(1000))
     _version: int = 999
     _oldest: int = 0
-    _watchers: set[asyncio.Queue[Change | None]] = field(default_factory=set)
+    _watchers: set[asyncio.Queue[Queued]] = field(default_factory=set)
+    _waiters: list[asyncio.Future[None]] = field(default_factory=list)
+    _collectors: set[asyncio.Task[None]] = field(default_factory=set)
+    graceful_pods: bool = False
+    """A kubelet is attached: deleting a pod marks it, and the kubelet removes it once its
+    containers have stopped. Off: pods go at once."""
     url: str = ""
     logs: dict[tuple[str, str], str] = field(default_factory=dict)
     """(namespace, pod) -> what its container printed."""
@@ -134,17 +162,76 @@ class KubeEmulator:
         self.put(plural, obj)
 
     def remove(self, plural: str, name: str, namespace: str = "torchrelay") -> None:
+        """The object goes now; its dependents after it (background propagation)."""
         obj = self.objects.pop((plural, namespace, name))
         self._version = next(self._versions)
         obj = {**obj, "metadata": {**obj["metadata"], "resourceVersion": str(self._version)}}
         self._emit(Change(self._version, plural, namespace, "DELETED", obj))
-        uid = obj["metadata"]["uid"]
-        for (p, ns, n), other in list(self.objects.items()):  # the garbage collector
-            owners = other["metadata"].get("ownerReferences") or []
-            if ns == namespace and any(ref.get("uid") == uid for ref in owners):
-                self.remove(p, n, ns)
+        for key in self.dependents(obj["metadata"]["uid"], namespace):  # the garbage collector
+            if key in self.objects:
+                self._delete_one(key, foreground=False)
 
-    def start_job_pods(self, job_name: str, namespace: str = "torchrelay") -> list[str]:
+    def dependents(self, uid: str, namespace: str) -> Keys:
+        """The keys of the objects that ``uid`` owns."""
+        return [
+            (p, ns, n)
+            for (p, ns, n), other in list(self.objects.items())
+            if ns == namespace
+            and any(ref.get("uid") == uid for ref in other["metadata"].get("ownerReferences") or [])
+        ]
+
+    def deleting(self, plural: str, name: str, namespace: str = "torchrelay") -> bool:
+        """Whether the object is there with a deletionTimestamp."""
+        obj = self.get(plural, name, namespace)
+        return obj is not None and "deletionTimestamp" in obj["metadata"]
+
+    def _mark_deleted(self, key: tuple[str, str, str], *, finalizer: str | None) -> None:
+        obj = json.loads(json.dumps(self.objects[key]))
+        metadata = obj["metadata"]
+        metadata.setdefault("deletionTimestamp", now())
+        if key[0] == "pods":
+            grace = obj.get("spec", {}).get("terminationGracePeriodSeconds", 30)
+            metadata.setdefault("deletionGracePeriodSeconds", grace)
+        if finalizer and finalizer not in metadata.setdefault("finalizers", []):
+            metadata["finalizers"].append(finalizer)
+        self.put(key[0], obj)
+
+    def _delete_one(self, key: tuple[str, str, str], *, foreground: bool) -> None:
+        """Delete one object as the API server and garbage collector would."""
+        plural, namespace, name = key
+        if "deletionTimestamp" in self.objects[key]["metadata"] and not foreground:
+            return  # already on its way
+        if plural == "pods" and self.graceful_pods:
+            self._mark_deleted(key, finalizer=None)  # the kubelet stops it, then removes it
+        elif foreground:
+            if FOREGROUND in (self.objects[key]["metadata"].get("finalizers") or []):
+                return
+            self._mark_deleted(key, finalizer=FOREGROUND)
+            task = asyncio.get_running_loop().create_task(self._collect(key))
+            self._collectors.add(task)
+            task.add_done_callback(self._collectors.discard)
+        else:
+            self.remove(plural, name, namespace)
+
+    async def _collect(self, key: tuple[str, str, str]) -> None:
+        """The garbage collector's foreground deletion: the dependents first (each in the
+        foreground too), the owner once none is left."""
+        uid = self.objects[key]["metadata"]["uid"]
+        for dependent in self.dependents(uid, key[1]):
+            if dependent in self.objects:
+                self._delete_one(dependent, foreground=True)
+        await self.until(lambda: not self.dependents(uid, key[1]))
+        if key in self.objects:
+            self.remove(key[0], key[2], key[1])
+
+    async def until(self, condition: Any) -> None:
+        """Return once ``condition()`` holds, looked at after every change."""
+        while not condition():
+            waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+            self._waiters.append(waiter)
+            await waiter
+
+    def start_job_pods(self, job_name: str, namespace: str = "torchrelay") -> Names:
         """The Job controller: one pod per completion index, owned by the Job."""
         job = self.objects[("jobs", namespace, job_name)]
         template = job["spec"]["template"]
@@ -179,6 +266,29 @@ class KubeEmulator:
     def deny(self, verb: str, plural: str) -> None:
         self.denied.add((verb, plural))
 
+    def delete(
+        self, plural: str, name: str, namespace: str = "torchrelay", *, foreground: bool = False
+    ) -> None:
+        """Delete as a client would (a controller scaling down, a test): pods stop first when
+        a kubelet is attached; a foreground delete waits for the dependents."""
+        key = (plural, namespace, name)
+        if key in self.objects:
+            self._delete_one(key, foreground=foreground)
+
+    def subscribe(self) -> asyncio.Queue[Queued]:
+        """Every change from now on, for an in-process controller (the kubelet)."""
+        queue: asyncio.Queue[Queued] = asyncio.Queue()
+        self._watchers.add(queue)
+        return queue
+
+    def unsubscribe(self, queue: asyncio.Queue[Queued]) -> None:
+        self._watchers.discard(queue)
+
+    def bookmark(self) -> None:
+        """Send a BOOKMARK on every open watch that allows them."""
+        for queue in list(self._watchers):
+            queue.put_nowait(BOOKMARK)
+
     def drop_watches(self) -> None:
         """Cut every open watch connection, as a restarting API server or a proxy would."""
         for queue in list(self._watchers):
@@ -203,6 +313,10 @@ class KubeEmulator:
         self.history.append(change)
         for queue in self._watchers:
             queue.put_nowait(change)
+        waiters, self._waiters = self._waiters, []
+        for waiter in waiters:
+            if not waiter.done():
+                waiter.set_result(None)
 
     # --- HTTP ---------------------------------------------------------------------------------
 
@@ -248,7 +362,9 @@ class KubeEmulator:
 
     async def _create(self, request: web.Request) -> web.Response:
         body: Object = await request.json()
-        key = self._key(request, body["metadata"]["name"])
+        key = self._key(request, body["metadata"].get("name", ""))
+        if errors := validate(key[0], body):
+            return web.json_response(invalid_status(KINDS[key[0]], key[2], errors), status=422)
         if key in self.objects:
             return status(409, "AlreadyExists", f'{key[0]} "{key[2]}" already exists')
         body["metadata"]["namespace"] = key[1]
@@ -271,6 +387,8 @@ class KubeEmulator:
         if current is None:
             return status(404, "NotFound", f'{key[0]} "{key[2]}" not found')
         body: Object = await request.json()
+        if errors := validate(key[0], {**body, "metadata": {**body["metadata"], "name": key[2]}}):
+            return web.json_response(invalid_status(KINDS[key[0]], key[2], errors), status=422)
         wanted = body["metadata"].get("resourceVersion")
         if wanted and wanted != current["metadata"]["resourceVersion"]:
             return status(
@@ -292,7 +410,14 @@ class KubeEmulator:
         key = self._key(request)
         if key not in self.objects:
             return status(404, "NotFound", f'{key[0]} "{key[2]}" not found')
-        self.remove(key[0], key[2], key[1])
+        options: Object = {}
+        if request.can_read_body:
+            with contextlib.suppress(ValueError):
+                options = await request.json() or {}
+        policy = request.query.get("propagationPolicy") or options.get("propagationPolicy")
+        self._delete_one(key, foreground=policy == "Foreground")
+        if key in self.objects:  # on its way: the API server answers with the object
+            return web.json_response(self.objects[key], status=202)
         return web.json_response({"kind": "Status", "apiVersion": "v1", "status": "Success"})
 
     async def _list_or_watch(self, request: web.Request) -> web.StreamResponse:
@@ -334,6 +459,18 @@ class KubeEmulator:
             await response.write_eof()
             return response  # fmt: skip
 
+        bookmarks = request.query.get("allowWatchBookmarks", "").lower() in ("true", "1")
+
+        async def bookmark() -> None:
+            if bookmarks:
+                mark = {
+                    "kind": KINDS[plural],
+                    "apiVersion": f"{GROUP_OF[plural]}/v1".lstrip("/"),
+                    "metadata": {"resourceVersion": str(self._version)},
+                }
+                line = json.dumps({"type": "BOOKMARK", "object": mark})
+                await response.write(line.encode() + b"\n")
+
         def wanted(change: Change) -> bool:
             labels = change.object["metadata"].get("labels") or {}
             return (
@@ -341,14 +478,16 @@ class KubeEmulator:
                 and change.version > since and matches(labels, selector)
             )  # fmt: skip
 
-        queue: asyncio.Queue[Change | None] = asyncio.Queue()
-        for change in self.history:
-            queue.put_nowait(change)
+        queue: asyncio.Queue[Queued] = asyncio.Queue()
+        for past in self.history:
+            queue.put_nowait(past)
         self._watchers.add(queue)
         try:
             async with asyncio.timeout(timeout):
                 while (change := await queue.get()) is not None:
-                    if wanted(change):
+                    if isinstance(change, Bookmark):
+                        await bookmark()
+                    elif wanted(change):
                         line = json.dumps({"type": change.type, "object": change.object})
                         await response.write(line.encode() + b"\n")
                 # Dropped: cut the connection without ending the chunked body.
@@ -357,9 +496,13 @@ class KubeEmulator:
                 return response
         except TimeoutError:
             pass
+        except ConnectionResetError:  # the client went away (a cancelled watch)
+            return response
         finally:
             self._watchers.discard(queue)
-        await response.write_eof()
+        with contextlib.suppress(ConnectionResetError):
+            await bookmark()  # as the API server does before it ends a watch
+            await response.write_eof()
         return response
 
     # --- pod logs and events (the kubelet's and the controllers' reports) ------------------
@@ -434,4 +577,6 @@ async def running_emulator() -> AsyncIterator[KubeEmulator]:
         yield emulator
     finally:
         emulator.drop_watches()
+        for task in list(emulator._collectors):
+            task.cancel()
         await runner.cleanup()
