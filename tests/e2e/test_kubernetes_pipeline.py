@@ -25,7 +25,6 @@ from tests.integration.backend_worlds import infer_body
 from tests.kube.emulator import KubeEmulator
 from tests.kube.kubelet import INDEX, Image, Kubelet, running_cluster
 from torchrelay.platform import nats_passwords
-from torchrelay.services.monitor.settings import MonitorOptions
 from torchrelay.shared.bus import principals
 from torchrelay.shared.cluster.kubernetes.manifests import version_label
 from torchrelay.shared.cluster.kubernetes.options import KubeOptions
@@ -233,10 +232,6 @@ def test_a_rollout_whose_pods_never_get_ready_is_rolled_back_and_the_old_version
     assert infer(kubelet, endpoint)["outputs"][0]["shape"] == [1, 10]  # v1 still answers
 
 
-@pytest.mark.skipif(
-    "start_timeout_s" not in MonitorOptions.model_fields,
-    reason="the monitor still counts stall time from train.started (issue 16, part A)",
-)
 def test_a_60_s_image_pull_is_not_a_stall(tmp_path: Path) -> None:
     image = KubeOptions().worker_image
     with on_cluster(
