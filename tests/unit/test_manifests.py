@@ -230,6 +230,9 @@ def test_the_services_agree_with_the_code(folder: Path, monkeypatch: pytest.Monk
         assert services[f"torchrelay-{service}"]["spec"]["ports"][0]["port"] == port
         dockerfile = (ROOT / "services" / service / "Dockerfile").read_text()
         assert f"EXPOSE {port}\n" in dockerfile
+        if service == "train":  # it runs the workers: torch.compile on CPU needs a compiler
+            runtime = dockerfile.rsplit("\nFROM ", 1)[1]
+            assert "apt-get install -y --no-install-recommends g++" in runtime
         assert f'CMD ["service", "{service}"]' in dockerfile
         # The pod's stop window is longer than the service's own shutdown deadline.
         assert pod["terminationGracePeriodSeconds"] > settings.shutdown.deadline_s
