@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import uuid
+from typing import TypeVar
 
 from torchrelay.shared.events import AnyEvent
 from torchrelay.shared.state.memory import MemoryState
 from torchrelay.shared.state.presence import Presence
+
+E = TypeVar("E", bound=AnyEvent)
 
 
 class Published:
@@ -19,7 +22,7 @@ class Published:
         self.events.append(event)
         return True
 
-    def of(self, kind: type[AnyEvent]) -> list[AnyEvent]:
+    def of(self, kind: type[E]) -> list[E]:
         return [e for e in self.events if isinstance(e, kind)]
 
 

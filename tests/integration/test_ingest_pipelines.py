@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 from prometheus_client import CollectorRegistry
 
+from tests.integration.in_memory import Published
 from torchrelay.services.ingest.handlers import IngestMetrics, Ingestor
 from torchrelay.services.ingest.settings import IngestOptions
 from torchrelay.services.ingest.staging import Stager, StageRequest
@@ -26,21 +27,6 @@ from torchrelay.shared.pipelines import PipelineRecord, pipeline_key
 from torchrelay.shared.state import MemoryState
 
 pytestmark = pytest.mark.timeout(60)
-
-
-class Published:
-    def __init__(self) -> None:
-        self.events: list[AnyEvent] = []
-
-    async def __call__(self, event: AnyEvent) -> bool:
-        self.events.append(event)
-        return True
-
-    def staged(self) -> list[DatasetStaged]:
-        return [e for e in self.events if isinstance(e, DatasetStaged)]
-
-    def rejected(self) -> list[DatasetRejected]:
-        return [e for e in self.events if isinstance(e, DatasetRejected)]
 
 
 @dataclass
@@ -123,7 +109,7 @@ async def test_a_named_version_is_published_as_staged_and_the_ingest_stage_succe
     assert record.stages["ingest"].detail == {"dataset": "blobs", "version": older.data.version}
     assert record.status == "running", "train and deploy come next"
     assert sorted(p.name for p in (ingest.storage / "datasets" / "blobs").iterdir()) == sorted(
-        e.data.version for e in ingest.published.staged()[:2]
+        e.data.version for e in ingest.published.of(DatasetStaged)[:2]
     ), "nothing new was staged"
 
 
