@@ -15,6 +15,8 @@ import pytest
 from tests.integration.backend_worlds import unique
 from tests.integration.gated_trainers import GATE, run_folder, started_file
 from tests.integration.pool_trainers import ran_file
+from torchrelay.services.train.service import _backend
+from torchrelay.services.train.settings import TrainSettings
 from torchrelay.shared.cluster import Status, WorkerJob
 from torchrelay.shared.cluster.local import LocalBackend
 from torchrelay.shared.events.data import DatasetRef, TrainJobSpec
@@ -140,3 +142,15 @@ async def test_cancel_stops_a_warm_job_and_aclose_stops_the_idle_standbys(
     idle = await full(backend, without=set(ranks))
     await backend.aclose()
     await assert_eventually(lambda: not [pid for pid in idle if alive(pid)], timeout_s=10)
+
+
+async def test_the_train_service_setting_sizes_the_pool(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("TORCHRELAY_TRAIN_WARM_RANKS", "1")
+    monkeypatch.setenv("TORCHRELAY_TRAIN_GPUS", "0")
+    local = await _backend(TrainSettings())
+    try:
+        assert isinstance(local, LocalBackend)
+        assert len(local.pool.idle) == 1
+    finally:
+        await local.aclose()
+    assert local.pool.idle == []
