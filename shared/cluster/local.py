@@ -248,11 +248,12 @@ class LocalBackend:
         await _stop_all(processes)
 
     async def aclose(self) -> None:
+        # The pool first: the standbys of the jobs stopped below are not to be replaced.
+        await self.pool.aclose()
         for handle in list(self._jobs):
             # A job whose wait ended while an earlier one was being stopped is already gone.
             with contextlib.suppress(NotOwned):
                 await self.cancel(handle)
-        await self.pool.aclose()
 
 
 async def open_training(config: TrainingConfig) -> LocalBackend:
