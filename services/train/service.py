@@ -36,6 +36,7 @@ async def _backend(settings: TrainSettings) -> TrainingBackend:
         max_world_size=options.max_world_size,
         gpus=(options.gpus if options.gpus is not None else _detect_gpus()) if local else 0,
         worker_env=_worker_nats_env(options),
+        warm_ranks=options.warm_ranks if local else 0,
         kube=settings.kube,
     )
     return await open_training_backend(options.backend, config)

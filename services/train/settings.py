@@ -29,6 +29,15 @@ class TrainOptions(Group):
     gpus: int | None = Field(
         default=None, ge=0, description="GPUs the local backend may use; detected if unset."
     )
+    warm_ranks: int = Field(
+        default=0,
+        ge=0,
+        description="Local backend: standby rank processes kept waiting with torch already "
+        "imported, so a CPU job's ranks start without paying the import (about half of its "
+        "time to the first step here). Each serves one job, then a fresh one takes its slot; "
+        "each idle one holds a Python process's memory (about 300 MB). GPU jobs start cold "
+        "ranks. 0: none, every rank is a fresh process.",
+    )
     worker_nats_user: str | None = Field(
         default=None,
         description="NATS user the local backend's workers report progress with (a user that "

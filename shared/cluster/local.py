@@ -4,17 +4,27 @@ Every attempt gets a fresh file rendezvous (a restarted job never reads the dead
 addresses). Each rank runs in its own process group, so tearing a job down reaches anything it
 started. If any rank exits non-zero, the others are stopped at once: no orphans, no rank left
 waiting in a collective.
+
+With ``warm_ranks`` > 0 a pool keeps that many standby ranks (torch already imported, see
+:mod:`torchrelay.services.train.worker.standby`) waiting; a CPU job's rank takes one instead of
+starting a process, and the pool starts a fresh standby when that one exits. A standby serves
+one job only, and a warm rank is stopped, waited for and reported exactly like a cold one (its
+own session, the same environment, log and exit code). GPU jobs always start cold ranks:
+``CUDA_VISIBLE_DEVICES`` has to be in place before anything in the process touches CUDA, and a
+standby cannot promise that about its imports.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import os
 import signal
 import sys
+import time
 from collections import deque
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
@@ -37,6 +47,7 @@ from torchrelay.shared.storage.layout import Layout
 
 log = structlog.get_logger("torchrelay.cluster.local")
 WORKER_MODULE = "torchrelay.services.train.worker"
+STANDBY_MODULE = "torchrelay.services.train.worker.standby"
 STOP_GRACE_S = 5.0
 ENDED_KEPT = 1024
 """Handles of jobs that ended here, remembered so that cancelling one again is success."""
@@ -67,6 +78,7 @@ class LocalBackend:
         gpus: int = 0,
         python: str = sys.executable,
         worker_env: Mapping[str, str] | None = None,
+        warm_ranks: int = 0,
     ) -> None:
         self.max_world_size = max_world_size
         self.gpus = gpus
@@ -77,6 +89,15 @@ class LocalBackend:
         self._requests: dict[str, LocalRequest] = {}
         self._cancelled: set[str] = set()
         self._ended: dict[str, None] = {}  # insertion-ordered: the oldest is forgotten first
+        self.pool = WarmPool(
+            warm_ranks,
+            [python, "-m", STANDBY_MODULE],
+            lambda: {**_inheritable(os.environ), **_standby_env(self.worker_env)},
+        )
+
+    async def start(self) -> None:
+        """Fill the warm pool (nothing to do without one); :func:`open_training` calls it."""
+        await self.pool.start()
 
     def check(self, job: WorkerJob) -> None:
         spec = job.job
@@ -113,12 +134,7 @@ class LocalBackend:
                 rendezvous_timeout_s=job.rendezvous_timeout_s,
                 collective_timeout_s=job.collective_timeout_s,
             )
-            env = {
-                WORKER_ENV: spec.model_dump_json(),
-                "OMP_NUM_THREADS": "1",
-                **parent_env(),
-                **self.worker_env,
-            }
+            env = {WORKER_ENV: spec.model_dump_json(), **_standby_env(self.worker_env)}
             if backend == "nccl":
                 env["CUDA_VISIBLE_DEVICES"] = str(rank)
             ranks.append(
@@ -133,13 +149,18 @@ class LocalBackend:
 
     async def schedule(self, request: LocalRequest) -> str:
         log_files = await asyncio.to_thread(_prepare, request)
-        processes = []
+        processes: list[asyncio.subprocess.Process] = []
         try:
             for rank, log_file in zip(request.ranks, log_files, strict=True):
+                env = {**_inheritable(os.environ), **rank.env}
+                warm = None
+                if "CUDA_VISIBLE_DEVICES" not in rank.env:  # GPU ranks start cold (see above)
+                    warm = await self.pool.hand_over(env, rank.log_path)
                 processes.append(
-                    await asyncio.create_subprocess_exec(
+                    warm
+                    or await asyncio.create_subprocess_exec(
                         *rank.argv,
-                        env={**_inheritable(os.environ), **rank.env},
+                        env=env,
                         stdin=asyncio.subprocess.DEVNULL,
                         stdout=log_file,
                         stderr=asyncio.subprocess.STDOUT,
@@ -154,7 +175,12 @@ class LocalBackend:
                 log_file.close()
         self._jobs[request.handle] = processes
         self._requests[request.handle] = request
-        log.info("job.launched", handle=request.handle, pids=[p.pid for p in processes])
+        log.info(
+            "job.launched",
+            handle=request.handle,
+            pids=[p.pid for p in processes],
+            warm=sum(self.pool.served(p) for p in processes),
+        )
         return request.handle
 
     async def describe(self, handle: str) -> Description | None:
@@ -222,6 +248,8 @@ class LocalBackend:
         await _stop_all(processes)
 
     async def aclose(self) -> None:
+        # The pool first: the standbys of the jobs stopped below are not to be replaced.
+        await self.pool.aclose()
         for handle in list(self._jobs):
             # A job whose wait ended while an earlier one was being stopped is already gone.
             with contextlib.suppress(NotOwned):
@@ -229,9 +257,132 @@ class LocalBackend:
 
 
 async def open_training(config: TrainingConfig) -> LocalBackend:
-    return LocalBackend(
-        max_world_size=config.max_world_size, gpus=config.gpus, worker_env=config.worker_env
+    backend = LocalBackend(
+        max_world_size=config.max_world_size,
+        gpus=config.gpus,
+        worker_env=config.worker_env,
+        warm_ranks=config.warm_ranks,
     )
+    await backend.start()
+    return backend
+
+
+REFILL_BACKOFF_S = (0.0, 1.0, 5.0, 30.0)
+"""Waits before replacing a standby that died idle, by how many died in a row: a standby that
+cannot even import (a broken environment) must not become a fork loop."""
+EARLY_DEATH_S = 60.0
+"""A standby that dies idle sooner than this after its start counts as dying in a row."""
+
+
+class WarmPool:
+    """``size`` standby ranks, one per slot: idle until a job's rank takes one, and replaced
+    by a fresh standby whenever one exits (after its job, or idle)."""
+
+    def __init__(self, size: int, argv: list[str], env: Callable[[], dict[str, str]]) -> None:
+        self.size = size
+        self._argv = argv
+        self._env = env
+        self._idle: deque[asyncio.subprocess.Process] = deque()
+        self._served: set[int] = set()
+        """Pids of standbys handed to a job (until they exit)."""
+        self._watchers: set[asyncio.Task[None]] = set()
+        self._early_deaths = 0
+        self._closed = False
+
+    @property
+    def idle(self) -> list[int]:
+        """Pids of the standbys waiting for work."""
+        return [p.pid for p in self._idle if p.returncode is None]
+
+    def served(self, process: asyncio.subprocess.Process) -> bool:
+        """Whether ``process`` is a standby this pool handed to a job."""
+        return process.pid in self._served
+
+    async def start(self) -> None:
+        for _ in range(self.size):
+            await self._spawn()
+
+    async def hand_over(
+        self, env: Mapping[str, str], log_path: str
+    ) -> asyncio.subprocess.Process | None:
+        """An idle standby, now running the rank ``env`` describes with its output on
+        ``log_path``; None when no standby is idle (the caller starts a cold rank)."""
+        order = json.dumps({"env": dict(env), "log": log_path}).encode() + b"\n"
+        while self._idle:
+            process = self._idle.popleft()
+            if process.returncode is not None or process.stdin is None:
+                continue
+            try:
+                process.stdin.write(order)
+                await process.stdin.drain()
+                process.stdin.close()
+            except (BrokenPipeError, ConnectionResetError):
+                continue  # it died idle: its watcher replaces it
+            self._served.add(process.pid)
+            return process
+        return None
+
+    async def aclose(self) -> None:
+        """Stop the idle standbys and start no more (idempotent). Standbys serving a job are
+        the job's: the backend stops them with it."""
+        self._closed = True
+        idle, self._idle = list(self._idle), deque()
+        for process in idle:
+            if process.stdin is not None:
+                process.stdin.close()
+        await _stop_all(idle)
+        watchers, self._watchers = list(self._watchers), set()
+        for task in watchers:
+            task.cancel()
+        await asyncio.gather(*watchers, return_exceptions=True)
+
+    async def _spawn(self) -> None:
+        if self._closed:
+            return
+        try:
+            process = await asyncio.create_subprocess_exec(
+                *self._argv,
+                env=self._env(),
+                stdin=asyncio.subprocess.PIPE,
+                stdout=asyncio.subprocess.DEVNULL,
+                # Until its hand-over a standby's errors (say, an import that fails) belong in
+                # the service's own log; afterwards it writes to the rank's log.
+                stderr=None,
+                start_new_session=True,
+            )
+        except OSError:
+            log.exception("pool.spawn_failed")
+            return
+        self._idle.append(process)
+        task = asyncio.create_task(self._watch(process), name=f"standby-{process.pid}")
+        self._watchers.add(task)
+        task.add_done_callback(self._watchers.discard)
+
+    async def _watch(self, process: asyncio.subprocess.Process) -> None:
+        """Put a fresh standby in the slot of ``process`` once it exits."""
+        started = time.monotonic()
+        code = await process.wait()
+        served = process.pid in self._served
+        self._served.discard(process.pid)
+        if self._closed:
+            return
+        if not served:
+            with contextlib.suppress(ValueError):
+                self._idle.remove(process)
+            early = time.monotonic() - started < EARLY_DEATH_S
+            self._early_deaths = self._early_deaths + 1 if early else 0
+            delay = REFILL_BACKOFF_S[min(self._early_deaths, len(REFILL_BACKOFF_S) - 1)]
+            log.warning("pool.standby_died", pid=process.pid, code=code, refill_in_s=delay)
+            await asyncio.sleep(delay)
+        else:
+            self._early_deaths = 0
+        await self._spawn()
+
+
+def _standby_env(worker_env: Mapping[str, str]) -> dict[str, str]:
+    """What every rank's environment holds besides its spec: a standby starts with it, so
+    whatever torch reads at import time is what a cold rank's import reads."""
+    return {"OMP_NUM_THREADS": "1", **parent_env(), **worker_env}
 
 
 def _prepare(request: LocalRequest) -> list[BinaryIO]:

@@ -36,6 +36,8 @@ class TrainingConfig:
     """Local: the GPUs this machine has."""
     worker_env: Mapping[str, str] = field(default_factory=dict)
     """Local: added to every rank's environment (the workers' own NATS credentials)."""
+    warm_ranks: int = 0
+    """Local: standby ranks kept with torch imported, for CPU jobs to start on (0: none)."""
     kube: KubeOptions = field(default_factory=KubeOptions)
 
 

@@ -4,18 +4,21 @@ from __future__ import annotations
 
 import logging
 import sys
+from typing import TYPE_CHECKING
 
 import structlog
 
-from torchrelay.shared.runtime.settings import LogSettings
+if TYPE_CHECKING:  # the settings module imports the bus: a training rank needs neither
+    from torchrelay.shared.runtime.settings import LogSettings
 
 
-def configure_logging(settings: LogSettings) -> None:
-    """Configure structlog (and the stdlib root logger, for libraries) once per process."""
-    level = logging.getLevelNamesMapping()[settings.level.upper()]
+def configure_logging(settings: LogSettings | None = None) -> None:
+    """Configure structlog (and the stdlib root logger, for libraries) once per process;
+    without settings, the defaults: info, JSON lines."""
+    level = logging.getLevelNamesMapping()[(settings.level if settings else "info").upper()]
     renderer: structlog.types.Processor = (
         structlog.processors.JSONRenderer()
-        if settings.format == "json"
+        if settings is None or settings.format == "json"
         else structlog.dev.ConsoleRenderer(colors=False)
     )
     shared: list[structlog.types.Processor] = [

@@ -28,7 +28,6 @@ from torchrelay.services.train.worker.report import Reporter
 from torchrelay.shared.cluster.lifeline import die_with_parent
 from torchrelay.shared.cluster.worker_spec import WorkerSpec
 from torchrelay.shared.runtime.logging import configure_logging
-from torchrelay.shared.runtime.settings import LogSettings
 from torchrelay.shared.storage import Layout, RunResult
 from torchrelay.shared.storage.failures import FailurePhase, RankFailure
 
@@ -39,7 +38,7 @@ EXIT_BAD_ENTRYPOINT = 3
 def main() -> int:
     die_with_parent()
     spec = WorkerSpec.from_env()
-    configure_logging(LogSettings())
+    configure_logging()  # info, JSON lines: what the backend's log tails and people read
     structlog.contextvars.bind_contextvars(run_id=spec.run_id, rank=spec.rank, attempt=spec.attempt)
     log = structlog.get_logger("torchrelay.train.worker")
     layout = Layout(Path(spec.storage_root))

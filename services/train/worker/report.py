@@ -1,7 +1,9 @@
 """Rank 0's progress reports: train.progress and train.checkpointed events on NATS.
 
 Training code is synchronous; a background thread runs an event loop with the bus and
-publishes what the training loop queues, so a slow NATS never stalls a step.
+publishes what the training loop queues, so a slow NATS never stalls a step. The NATS client
+is imported in that thread, by rank 0 only: the other ranks never load it, and rank 0 loads it
+while its peers join, not before its first step.
 """
 
 from __future__ import annotations
@@ -9,34 +11,39 @@ from __future__ import annotations
 import asyncio
 import queue
 import threading
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import structlog
-from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from torchrelay.shared.bus.connection import NatsSettings, connect
-from torchrelay.shared.bus.jetstream import JetStreamBus
 from torchrelay.shared.cluster.worker_spec import WorkerSpec
 from torchrelay.shared.events import AnyEvent, TrainCheckpointed, TrainProgressed
 from torchrelay.shared.events.data import TrainCheckpointedData, TrainProgressData
+
+if TYPE_CHECKING:
+    from torchrelay.shared.bus.connection import NatsSettings
 
 log = structlog.get_logger("torchrelay.train.worker")
 _DONE = object()
 
 
-class _FromEnvironment(BaseSettings):
-    """TORCHRELAY_NATS_* as the backend set them: the worker's own user, TLS."""
-
-    model_config = SettingsConfigDict(
-        env_prefix="TORCHRELAY_", env_nested_delimiter="_", env_nested_max_split=1, extra="ignore"
-    )
-
-    nats: NatsSettings = NatsSettings()
-
-
 def worker_nats_settings(url: str) -> NatsSettings:
-    """How rank 0 reaches NATS: the URL from its spec, the identity from its environment."""
-    return _FromEnvironment().nats.model_copy(update={"url": url, "startup_wait_s": 10.0})
+    """How rank 0 reaches NATS: the URL from its spec, the identity from its environment
+    (TORCHRELAY_NATS_* as the backend set them: the worker's own user, TLS)."""
+    from pydantic_settings import BaseSettings, SettingsConfigDict
+
+    from torchrelay.shared.bus.connection import NatsSettings
+
+    class FromEnvironment(BaseSettings):
+        model_config = SettingsConfigDict(
+            env_prefix="TORCHRELAY_",
+            env_nested_delimiter="_",
+            env_nested_max_split=1,
+            extra="ignore",
+        )
+
+        nats: NatsSettings = NatsSettings()
+
+    return FromEnvironment().nats.model_copy(update={"url": url, "startup_wait_s": 10.0})
 
 
 class Reporter:
@@ -79,6 +86,9 @@ class Reporter:
 
     async def _publish_loop(self) -> None:
         assert self._spec.nats_url is not None  # noqa: S101 - checked before the thread starts
+        from torchrelay.shared.bus.connection import connect  # the top says why
+        from torchrelay.shared.bus.jetstream import JetStreamBus
+
         bus = JetStreamBus(await connect(worker_nats_settings(self._spec.nats_url)))
         try:
             while True:
