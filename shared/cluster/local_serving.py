@@ -34,7 +34,7 @@ import socket
 import sys
 import uuid
 from collections import deque
-from collections.abc import Coroutine, Iterator
+from collections.abc import Coroutine
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -52,40 +52,17 @@ from torchrelay.shared.cluster.port import (
     Status,
 )
 from torchrelay.shared.cluster.registry import ServerOptions, ServingConfig
+from torchrelay.shared.cluster.unix_sockets import SUN_PATH_MAX, socket_address
 from torchrelay.shared.errors import NotOwned
 from torchrelay.shared.storage.layout import Layout
 
+__all__ = ["SUN_PATH_MAX", "LocalServingBackend", "open_serving", "socket_address"]
 log = structlog.get_logger("torchrelay.cluster.serving")
 SERVER_MODULE = "torchrelay.services.serve.server"
-SUN_PATH_MAX = 107
-"""Bytes a unix socket's path may have (``sun_path`` is 108 on Linux, with its NUL)."""
 ADMIN_TIMEOUT = aiohttp.ClientTimeout(total=10)
 ADMIN_BASE = "http://model-server/admin"
 """The host part is never resolved: the admin connector dials the server's unix socket."""
 _HANDLE = re.compile(r"^local:([0-9a-f]{12}):(\d{1,5}):(\d{1,2})$")
-
-
-@contextlib.contextmanager
-def socket_address(path: Path) -> Iterator[str]:
-    """An address that reaches the unix socket at ``path``, to bind or connect while open.
-
-    A path longer than :data:`SUN_PATH_MAX` (a deep storage root) cannot be a socket's address;
-    then the same file is named through an open descriptor of its folder,
-    ``/proc/self/fd/<n>/<name>``, which Linux resolves like the long path.
-    """
-    if len(os.fsencode(path)) <= SUN_PATH_MAX:
-        yield str(path)
-        return
-    if not sys.platform.startswith("linux"):
-        raise OSError(
-            f"the unix socket path {path} is longer than {SUN_PATH_MAX} bytes; "
-            "use a shorter storage root"
-        )
-    folder = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        yield f"/proc/self/fd/{folder}/{path.name}"
-    finally:
-        os.close(folder)
 
 
 @dataclass(frozen=True)
