@@ -22,7 +22,8 @@ both sides alike:
 - ``rollout``: the real event path (a nats-server, the serve service as a process, a pipeline
   whose deploy stage is on): ``train.completed`` published -> the new version answering at the
   model's stable endpoint. ``rollout_s`` for a new version of a served model (the default
-  in-place swap), ``rollout_first_s`` for the model's first deployment (servers started).
+  in-place swap), ``rollout_first_s`` for the model's first deployment (servers started),
+  ``rollout_full_s`` for a version with another architecture (new servers replace the old).
 """
 
 from __future__ import annotations
@@ -120,6 +121,10 @@ class Bench:
         shutil.copytree(self.model_dir("v1"), second)
         description = json.loads((second / "model.json").read_text())
         (second / "model.json").write_text(json.dumps({**description, "version": "v2"}))
+        other = self.model_dir("v3")  # the same signature, another architecture: no swap
+        other.mkdir()
+        (other / "model.json").write_text(json.dumps({**description, "version": "v3"}))
+        await asyncio.to_thread(_script_linear, other / "model.pt")
 
     # --- latency ---------------------------------------------------------------------------
 
@@ -328,6 +333,9 @@ class Bench:
                     current = target
                     await asyncio.sleep(0.3)
                 self.figures["rollout_s"] = median(took)
+                published = await _train_completed(bus, pipelines, "v3", 10_000)
+                await self.until_answers(endpoint, "v3")
+                self.figures["rollout_full_s"] = time.perf_counter() - published
         finally:
             service.stop()
             nats_server.stop()
@@ -344,6 +352,17 @@ class Bench:
                     return
                 await asyncio.sleep(0.002)
         raise SystemExit(f"{version} never answered at {endpoint}")
+
+
+def _script_linear(path: Path) -> None:
+    import warnings
+
+    import torch
+
+    module = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(64, 10)).eval()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        torch.jit.script(module).save(str(path))  # type: ignore[no-untyped-call]
 
 
 async def _pipelines(bus: Any) -> Any:
