@@ -1,6 +1,7 @@
 """Serving benchmark: torchrelay's model servers against a floor, where users wait.
 
-    python bench/serve.py [--rounds 3] [--duration 3] [--parts latency,cold,swap,rollout] [--json]
+    python bench/serve.py [--rounds 3] [--cold-rounds 6] [--duration 3]
+                          [--parts latency,cold,swap,rollout] [--json]
 
 The floor is a minimal aiohttp handler running the same TorchScript model inline per request
 (bench/serve_floor.py). Every part alternates the two sides (or repeats the measured action)
@@ -194,7 +195,7 @@ class Bench:
     async def cold(self) -> None:
         ratios: list[float] = []
         times: dict[str, list[float]] = {"floor": [], "torchrelay": []}
-        for round_ in range(self.args.rounds):
+        for round_ in range(self.args.cold_rounds):
             sides = ["floor", "torchrelay"] if round_ % 2 == 0 else ["torchrelay", "floor"]
             took = {side: await self.first_prediction(side) for side in sides}
             for side, seconds in took.items():
@@ -484,6 +485,9 @@ async def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--duration", type=float, default=3.0, help="seconds per wrk run")
+    parser.add_argument(
+        "--cold-rounds", type=int, default=6, help="cold starts per side (each a few seconds)"
+    )
     parser.add_argument("--connections", type=int, default=16, help="swap load clients")
     parser.add_argument("--parts", default=",".join(PARTS))
     parser.add_argument("--json", action="store_true", help="one JSON object on stdout")
