@@ -80,6 +80,27 @@ def smoke_ok(description: ModelDescription, answer: Any) -> str | None:
     return None
 
 
+def swap_refusal(serving: ModelDescription, candidate: ModelDescription) -> str | None:
+    """Why ``candidate`` cannot replace ``serving`` inside the running servers, judged from
+    what their exports record, or None when it may try (the servers then compare the weights'
+    names and shapes themselves). Clients see the same model: name, format, class, training
+    function (the architecture's identity as the export records it), signature, labels and
+    preprocessing; any difference is a full rollout."""
+    for field_name, ours, theirs in (
+        ("name", serving.name, candidate.name),
+        ("format", serving.format, candidate.format),
+        ("model_class", serving.model_class, candidate.model_class),
+        ("entrypoint", serving.lineage.entrypoint, candidate.lineage.entrypoint),
+        ("inputs", serving.inputs, candidate.inputs),
+        ("outputs", serving.outputs, candidate.outputs),
+        ("labels", serving.labels, candidate.labels),
+        ("preprocessing", serving.preprocessing, candidate.preprocessing),
+    ):
+        if ours != theirs:
+            return f"its {field_name} differs from the serving version's"
+    return None
+
+
 def rollback_target(record: DeploymentRecord | None, requested: str | None) -> str | None:
     return requested or (record.previous_version if record else None)
 

@@ -4,7 +4,10 @@ deployment records and model.* events.
 A rollout starts the version on the serving backend, waits until its servers are ready, checks
 them with a smoke inference on the model's declared signature, and only then puts them on the
 model's stable endpoint; a version that fails any step is cancelled and the old one keeps
-serving. One rollout of a model at a time across replicas (a lease). A pipeline's deploy stage
+serving. A version with the serving one's signature and architecture is swapped in place
+instead: the running servers load it, pass the same smoke inference on it, and switch to it
+between two batches (no process start; any refusal falls back to a full rollout). One rollout
+of a model at a time across replicas (a lease). A pipeline's deploy stage
 may carry a promotion gate: it is judged inside that lease, against what serves at that moment,
 and a model that fails it is not rolled out at all. An undeploy takes the same lease, so it never
 races a rollout of its model.
@@ -19,7 +22,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, Protocol, runtime_checkable
 
 import aiohttp
 import structlog
@@ -36,6 +39,7 @@ from torchrelay.services.serve.domain import (
     rollback_target,
     smoke_ok,
     smoke_request,
+    swap_refusal,
     undeploy_target,
     undeployed,
 )
@@ -78,6 +82,16 @@ _EVENT_IDS = uuid.UUID("3e8f1a2b-6c4d-4f9e-8a7b-2c1d0e9f8a7b")
 class RolloutFailed(Exception):
     """The version did not become ready or failed its smoke inference; the old one, if any,
     keeps serving."""
+
+
+@runtime_checkable
+class SwapsInPlace(Protocol):
+    """A serving backend whose running servers can take a new version in place (the local
+    one; Kubernetes rolls its Deployment instead)."""
+
+    async def stage(self, handle: str, version: str) -> list[str]: ...
+    async def switch(self, handle: str, version: str) -> str: ...
+    async def unstage(self, handle: str) -> None: ...
 
 
 class ServeMetrics:
@@ -134,8 +148,10 @@ class Deployer:
         retain_s: float | None = None,
         reclaim_every_s: float = 2.0,
         metrics: ServeMetrics | None = None,
+        swap_in_place: bool = True,
     ) -> None:
         self.backend = backend
+        self._swap_in_place = swap_in_place
         self._layout = Layout(storage_root)
         self._smoke_timeout_s = smoke_timeout_s
         self.deployments: Store[DeploymentRecord] = state.store("deployments", DeploymentRecord)
@@ -297,7 +313,8 @@ class Deployer:
                 replacing=record.handle if record else None,
             )
             try:
-                handle, endpoint = await self._roll_out(work)
+                swapped = await self._swap(work, record)
+                handle, endpoint = swapped or await self._roll_out(work)
             except RolloutFailed as exc:
                 await self._failed(
                     model,
@@ -360,6 +377,55 @@ class Deployer:
             with contextlib.suppress(Exception):
                 await self.backend.cancel(handle)
             raise
+        return handle, endpoint
+
+    async def _swap(
+        self, work: ModelVersion, record: DeploymentRecord | None
+    ) -> tuple[str, str] | None:
+        """Replace the serving version in place: stage ``work``'s version on its servers,
+        smoke-check it there, switch. (handle, endpoint), the handle unchanged; None when it
+        cannot be swapped (a full rollout follows); :class:`RolloutFailed` when it fails its
+        smoke inference, with the old version still serving and nothing left staged."""
+        backend = self.backend
+        if (
+            not self._swap_in_place
+            or not isinstance(backend, SwapsInPlace)
+            or record is None
+            or record.status != "deployed"
+            or record.handle is None
+            or record.active_version is None
+            or record.replicas != work.replicas
+        ):
+            return None
+        description = await asyncio.to_thread(self._description, work.model, work.version)
+        try:
+            serving = await asyncio.to_thread(
+                self._description_of, work.model, record.active_version
+            )
+        except (OSError, ValueError):
+            return None
+        handle = record.handle
+        why_not = swap_refusal(serving, description)
+        if why_not is None:
+            try:
+                urls = await backend.stage(handle, work.version)
+            except NotReady as exc:
+                why_not = str(exc)
+        if why_not is not None:
+            log.info("model.full_rollout", model=work.model, version=work.version, reason=why_not)
+            return None
+        try:
+            await self._smoke(work, urls, description)
+        except BaseException:
+            with contextlib.suppress(Exception):
+                await backend.unstage(handle)
+            raise
+        try:
+            endpoint = await backend.switch(handle, work.version)
+        except NotReady as exc:  # some servers may have switched: a full rollout replaces all
+            log.warning("model.swap_failed", model=work.model, version=work.version, error=str(exc))
+            return None
+        log.info("model.swapped", model=work.model, version=work.version, previous=serving.version)
         return handle, endpoint
 
     def _description_of(self, model: str, version: str) -> ModelDescription:

@@ -54,6 +54,7 @@ async def build(platform: Platform[ServeSettings]) -> AsyncIterator[Service]:
         replicas=platform.settings.serve.replicas,
         retain_s=platform.settings.retention_s,
         metrics=ServeMetrics(platform.registry),
+        swap_in_place=platform.settings.serve.swap_in_place,
     )
     session: aiohttp.ClientSession | None = None
 

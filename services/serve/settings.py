@@ -26,6 +26,11 @@ class ServeOptions(Group):
     max_queue: int = Field(default=512, ge=1, description="Requests queued per process, then 503.")
     ready_timeout_s: float = Field(default=60.0, gt=0, description="Load + smoke inference limit.")
     drain_s: float = Field(default=10.0, gt=0, description="How long a retired version drains.")
+    swap_in_place: bool = Field(
+        default=True,
+        description="A new version with the serving one's signature and architecture replaces "
+        "it inside the running servers (no new processes); off: every version rolls out anew.",
+    )
 
 
 class ServeSettings(ServiceSettings):

@@ -14,12 +14,18 @@ whose sockets they are, and the model's port).
 
 The servers are children of the replica that started them and die with it (``parent_env``):
 another replica serves the model again (``adopt`` says None), on the same port.
+
+A new version of the same model (same signature and architecture) can also replace the
+serving one in place (``stage``, then ``switch``): the running servers load its weights beside
+the old ones, answer it on their private ports for the deployer's checks, and switch between
+two batches. No process starts, no port changes, no connection drops.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import json
 import os
 import re
@@ -28,7 +34,7 @@ import socket
 import sys
 import uuid
 from collections import deque
-from collections.abc import Coroutine, Iterator
+from collections.abc import Coroutine
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -46,40 +52,17 @@ from torchrelay.shared.cluster.port import (
     Status,
 )
 from torchrelay.shared.cluster.registry import ServerOptions, ServingConfig
+from torchrelay.shared.cluster.unix_sockets import SUN_PATH_MAX, socket_address
 from torchrelay.shared.errors import NotOwned
 from torchrelay.shared.storage.layout import Layout
 
+__all__ = ["SUN_PATH_MAX", "LocalServingBackend", "open_serving", "socket_address"]
 log = structlog.get_logger("torchrelay.cluster.serving")
 SERVER_MODULE = "torchrelay.services.serve.server"
-SUN_PATH_MAX = 107
-"""Bytes a unix socket's path may have (``sun_path`` is 108 on Linux, with its NUL)."""
 ADMIN_TIMEOUT = aiohttp.ClientTimeout(total=10)
 ADMIN_BASE = "http://model-server/admin"
 """The host part is never resolved: the admin connector dials the server's unix socket."""
 _HANDLE = re.compile(r"^local:([0-9a-f]{12}):(\d{1,5}):(\d{1,2})$")
-
-
-@contextlib.contextmanager
-def socket_address(path: Path) -> Iterator[str]:
-    """An address that reaches the unix socket at ``path``, to bind or connect while open.
-
-    A path longer than :data:`SUN_PATH_MAX` (a deep storage root) cannot be a socket's address;
-    then the same file is named through an open descriptor of its folder,
-    ``/proc/self/fd/<n>/<name>``, which Linux resolves like the long path.
-    """
-    if len(os.fsencode(path)) <= SUN_PATH_MAX:
-        yield str(path)
-        return
-    if not sys.platform.startswith("linux"):
-        raise OSError(
-            f"the unix socket path {path} is longer than {SUN_PATH_MAX} bytes; "
-            "use a shorter storage root"
-        )
-    folder = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        yield f"/proc/self/fd/{folder}/{path.name}"
-    finally:
-        os.close(folder)
 
 
 @dataclass(frozen=True)
@@ -264,6 +247,45 @@ class LocalServingBackend:
             if replaced is not None and replaced != handle:
                 await self.cancel(replaced)
         return self.endpoint(model, version.handle.port)
+
+    async def stage(self, handle: str, version: str) -> list[str]:
+        """Have the servers behind ``handle`` (this replica's, promoted) load ``version`` of
+        their model beside the serving one; returns their private URLs, where it answers
+        requests that name it. :class:`NotReady` says why not (not this replica's servers,
+        not the same model: another signature or architecture, a model that does not load),
+        with nothing left staged."""
+        running = self._versions.get(handle)
+        if running is None or not running.promoted or running.stopping:
+            raise NotReady(f"{handle} is not served by this replica's running servers")
+        folder = self.layout.model(running.request.model, version)
+        params = {"model-dir": str(folder)}
+        try:
+            await asyncio.gather(*(self._admin(s.admin, "stage", params) for s in running.servers))
+        except (OSError, aiohttp.ClientError) as exc:
+            await self.unstage(handle)
+            problem = f"version {version} cannot replace the serving one in place: {exc}"
+            raise NotReady(problem) from exc
+        return [f"http://127.0.0.1:{server.port}" for server in running.servers]
+
+    async def switch(self, handle: str, version: str) -> str:
+        """Make the staged ``version`` the serving one on every server behind ``handle``, all
+        at once (each between two of its batches); returns the model's endpoint. The handle
+        stays: the same servers now serve ``version``."""
+        running = self._own(handle)
+        params = {"version": version}
+        try:
+            await asyncio.gather(*(self._admin(s.admin, "switch", params) for s in running.servers))
+        except (OSError, aiohttp.ClientError) as exc:
+            raise NotReady(f"version {version} did not switch in place: {exc}") from exc
+        running.request = dataclasses.replace(running.request, version=version)
+        return self.endpoint(running.request.model, running.handle.port)
+
+    async def unstage(self, handle: str) -> None:
+        """Drop whatever is staged on the servers behind ``handle`` (best effort)."""
+        running = self._versions.get(handle)
+        for server in running.servers if running is not None else []:
+            with contextlib.suppress(OSError, aiohttp.ClientError):
+                await self._admin(server.admin, "unstage")
 
     async def describe(self, handle: str) -> Description | None:
         """This replica's servers from their processes; another replica's from whether their
@@ -467,7 +489,13 @@ class LocalServingBackend:
                 aiohttp.ClientSession(connector=connector, timeout=ADMIN_TIMEOUT) as http,
                 http.post(f"{ADMIN_BASE}/{action}", params=params) as response,
             ):
-                response.raise_for_status()
+                if response.status >= 400:  # the server's reason, not just the status's
+                    raise aiohttp.ClientResponseError(
+                        response.request_info,
+                        response.history,
+                        status=response.status,
+                        message=(await response.text())[:300],
+                    )
 
     async def _retire(self, version: _Version) -> None:
         """Stop taking connections, drain, exit; bounded by drain_s, then stopped."""

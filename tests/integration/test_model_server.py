@@ -10,6 +10,7 @@ import re
 import shutil
 import socket
 import stat
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -387,3 +388,43 @@ async def test_another_replica_retires_the_servers_through_their_admin_sockets(
     finally:
         await owner.aclose()
         await other.aclose()
+
+
+async def test_a_staged_version_answers_by_its_version_only_until_the_switch(
+    model_dir: Path, tmp_path: Path
+) -> None:
+    retrained = tmp_path / "retrained"
+    shutil.copytree(model_dir, retrained)
+    described = json.loads((retrained / "model.json").read_text())
+    (retrained / "model.json").write_text(json.dumps({**described, "version": "retrained"}))
+    other = tmp_path / "other"  # the same signature, another architecture
+    shutil.copytree(retrained, other)
+    linear = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(64, 10)).eval()
+    with warnings.catch_warnings():  # torch 2.13 deprecates TorchScript; exports still use it
+        warnings.simplefilter("ignore", DeprecationWarning)
+        torch.jit.script(linear).save(str(other / "model.pt"))  # type: ignore[no-untyped-call]
+    admin = tmp_path / "admin.sock"
+    server = ModelServer(model_dir, tmp_path / "swap.log", "--admin-socket", str(admin))
+    try:
+        await asyncio.to_thread(server.wait_ready)
+        base = f"http://127.0.0.1:{server.port}/v2/models/digits"
+
+        async def answered_by(path: str = "") -> str:
+            async with (
+                aiohttp.ClientSession() as http,
+                http.post(f"{base}{path}/infer", json=body(digits(1))) as r,
+            ):
+                assert r.status == 200, await r.text()
+                return str((await r.json())["model_version"])
+
+        assert await admin_post(admin, "stage", **{"model-dir": str(other)}) == 409
+        assert await admin_post(admin, "switch", version="retrained") == 409, "nothing staged"
+        assert await admin_post(admin, "stage", **{"model-dir": str(retrained)}) == 200
+        assert await answered_by() == "served", "traffic stays on the serving version"
+        assert await answered_by("/versions/retrained") == "retrained", "the check reaches it"
+        assert await admin_post(admin, "switch", version="retrained") == 200
+        assert [await answered_by() for _ in range(3)] == ["retrained"] * 3
+        async with aiohttp.ClientSession() as http, http.get(base) as r:
+            assert (await r.json())["versions"] == ["retrained"]
+    finally:
+        server.stop()

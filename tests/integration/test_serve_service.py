@@ -251,10 +251,13 @@ async def test_control_goes_through_admin_sockets_and_never_through_the_endpoint
 
     await publisher.publish(deploy("second", replicas=2))
     await deployed(watcher, "second")
-    # The first version's servers were retired over their sockets: they drained and left.
-    await assert_eventually(lambda: not admin_sockets(storage) & first, timeout_s=15)
-    assert len(admin_sockets(storage)) == 2
+    # The same model retrained: swapped in place over the same sockets, by the same servers.
+    assert admin_sockets(storage) == first
     assert await served_version(endpoint) == "second"
+
+    await publisher.publish(deploy("liar", replicas=2))  # another signature: a full rollout
+    await assert_eventually(lambda: watcher.of(ModelRolloutFailed, version="liar"), timeout_s=90)
+    assert admin_sockets(storage) == first, "its servers were stopped, the serving ones stay"
 
 
 async def test_a_pipeline_model_worse_than_the_serving_one_is_refused_by_its_gate(

@@ -1,5 +1,5 @@
-"""Serve's pure rules: when a deploy is a repeat, when a model is orphaned, and records written
-before serving backends had handles."""
+"""Serve's pure rules: when a deploy is a repeat, when a model is orphaned, records written
+before serving backends had handles, and when a new version may be swapped in place."""
 
 from __future__ import annotations
 
@@ -12,9 +12,12 @@ from torchrelay.services.serve.domain import (
     previous_after,
     repeat_endpoint,
     rollback_target,
+    swap_refusal,
     undeploy_target,
     undeployed,
 )
+from torchrelay.shared.events.data import DatasetRef
+from torchrelay.shared.storage import ModelDescription, ModelLineage, TensorSignature
 
 ENDPOINT = "http://127.0.0.1:9000/v2/models/digits"
 
@@ -112,3 +115,42 @@ def test_a_deploy_after_an_undeploy_can_be_rolled_back_to_what_served_last() -> 
     assert previous_after(down, "v3") == "v2"
     assert previous_after(down, "v2") is None, "the same version back replaces nothing"
     assert rollback_target(down, None) == "v2"
+
+
+def described(version: str, **changes: object) -> ModelDescription:
+    description = ModelDescription(
+        name="digits",
+        version=version,
+        format="torchscript",
+        inputs=(TensorSignature(name="input", datatype="FP32", shape=(-1, 1, 8, 8)),),
+        outputs=(TensorSignature(name="output", datatype="FP32", shape=(-1, 10)),),
+        metrics={"accuracy": 0.9},
+        lineage=ModelLineage(
+            dataset=DatasetRef(name="digits", version="d1"),
+            run_id=f"run-{version}",
+            attempt=0,
+            entrypoint="examples.digits:train",
+            steps=10,
+        ),
+        created=datetime.now(UTC),
+    )
+    return description.model_copy(update=changes)
+
+
+def test_a_retrained_version_of_the_same_model_may_swap_in_place() -> None:
+    assert swap_refusal(described("v1"), described("v2", metrics={"accuracy": 0.95})) is None
+
+
+def test_a_changed_signature_class_or_training_function_is_a_full_rollout() -> None:
+    five = (TensorSignature(name="output", datatype="FP32", shape=(-1, 5)),)
+    lineage = described("v1").lineage.model_copy(update={"entrypoint": "other:train"})
+    cases = {
+        "outputs": described("v2", outputs=five),
+        "entrypoint": described("v2", lineage=lineage),
+        "format": described("v2", format="state_dict", model_class="examples.digits:Net"),
+        "labels": described("v2", labels=tuple(str(i) for i in range(10))),
+    }
+    for field_name, candidate in cases.items():
+        assert swap_refusal(described("v1"), candidate) == (
+            f"its {field_name} differs from the serving version's"
+        )

@@ -72,18 +72,22 @@ def error(status: int, message: str, **headers: str) -> web.Response:
 
 
 class ModelApi:
-    """The v2 routes of one loaded model."""
+    """The v2 routes of one loaded model (the batcher's: swapping it swaps what they serve).
+
+    A version staged for an in-place swap (:attr:`staged`) answers only when asked by its
+    version (``/v2/models/{name}/versions/{staged}/infer``): that is how the deployer smoke-checks
+    it before the switch, while every unversioned request keeps going to the serving model.
+    """
 
     def __init__(
         self,
-        model: LoadedModel,
-        batcher: DynamicBatcher,
+        batcher: DynamicBatcher[LoadedModel],
         metrics: ServerMetrics,
         registry: CollectorRegistry,
         max_body_bytes: int,
     ) -> None:
-        self.model = model
         self.batcher = batcher
+        self.staged: LoadedModel | None = None
         self.metrics = metrics
         self.registry = registry
         self.max_body_bytes = max_body_bytes
@@ -99,16 +103,27 @@ class ModelApi:
             app.router.add_post(f"{prefix}/infer", self.infer)
         app.router.add_get("/metrics", self.prometheus)
 
-    def _unknown(self, request: web.Request) -> web.Response | None:
+    @property
+    def model(self) -> LoadedModel:
+        """The serving model."""
+        return self.batcher.model
+
+    def _addressed(self, request: web.Request) -> LoadedModel | web.Response:
+        """The model a request names (the serving one, or the staged one by its version), or
+        the 404 that says what this server has."""
         name = request.match_info["name"]
         version = request.match_info.get("version")
-        if name != self.model.name or (version is not None and version != self.model.version):
-            return error(
-                404,
-                f"unknown model {name!r} version {version!r}; this server has "
-                f"{self.model.name!r} version {self.model.version!r}",
-            )
-        return None
+        model, staged = self.model, self.staged
+        if name == model.name:
+            if version is None or version == model.version:
+                return model
+            if staged is not None and version == staged.version:
+                return staged
+        return error(
+            404,
+            f"unknown model {name!r} version {version!r}; this server has "
+            f"{model.name!r} version {model.version!r}",
+        )
 
     async def server_metadata(self, _: web.Request) -> web.Response:
         return web.json_response({"name": "torchrelay", "version": __version__, "extensions": []})
@@ -120,9 +135,9 @@ class ModelApi:
         return web.json_response({"ready": True})
 
     async def model_metadata(self, request: web.Request) -> web.Response:
-        if (missing := self._unknown(request)) is not None:
-            return missing
-        model = self.model
+        model = self._addressed(request)
+        if isinstance(model, web.Response):
+            return model
         metadata: dict[str, Any] = {
             "name": model.name,
             "versions": [model.version],
@@ -135,9 +150,10 @@ class ModelApi:
         return web.json_response(metadata)
 
     async def model_ready(self, request: web.Request) -> web.Response:
-        if (missing := self._unknown(request)) is not None:
-            return missing
-        return web.json_response({"name": self.model.name, "ready": True})
+        model = self._addressed(request)
+        if isinstance(model, web.Response):
+            return model
+        return web.json_response({"name": model.name, "ready": True})
 
     async def infer(self, request: web.Request) -> web.Response:
         started = time.perf_counter()
@@ -151,21 +167,28 @@ class ModelApi:
         return response
 
     async def _infer(self, request: web.Request) -> web.Response:
-        if (missing := self._unknown(request)) is not None:
-            return missing
+        addressed = self._addressed(request)
+        if isinstance(addressed, web.Response):
+            return addressed
         try:
             header, binary = await self._body(request)
-            parsed = parse_infer(header, self.model.inputs, binary)
+            parsed = parse_infer(header, addressed.inputs, binary)
         except BadRequest as exc:
             return error(400, str(exc))
-        # One loop turn lets requests that are already here reach this point too: if none did,
-        # this one is alone and runs at once; if some did, they batch.
-        await asyncio.sleep(0)
-        try:
-            output = await self.batcher.infer(parsed.array, alone=self.in_flight == 1)
-        except Overloaded as exc:
-            return error(503, f"overloaded: {exc}; retry shortly", **{"Retry-After": RETRY_AFTER_S})
-        model = self.model
+        model: LoadedModel
+        if addressed is self.staged:  # a check before the switch: never batched with traffic
+            output = await asyncio.to_thread(addressed.predict, parsed.array)
+            model = addressed
+        else:
+            # One loop turn lets requests that are already here reach this point too: if none
+            # did, this one is alone and runs at once; if some did, they batch.
+            await asyncio.sleep(0)
+            try:
+                output, model = await self.batcher.infer(parsed.array, alone=self.in_flight == 1)
+            except Overloaded as exc:
+                retry = {"Retry-After": RETRY_AFTER_S}
+                return error(503, f"overloaded: {exc}; retry shortly", **retry)
+        # The version that computed the output, even if a swap happened meanwhile.
         body, header_length = infer_response(
             model.name,
             model.version,
@@ -204,14 +227,14 @@ class ModelApi:
 
 
 def build_app(
-    model: LoadedModel,
-    batcher: DynamicBatcher,
+    batcher: DynamicBatcher[LoadedModel],
     metrics: ServerMetrics,
     registry: CollectorRegistry,
     *,
     max_body_bytes: int,
-) -> web.Application:
+) -> tuple[web.Application, ModelApi]:
     metrics.queue_depth.set_function(lambda: batcher.depth)
     app = web.Application(client_max_size=max_body_bytes)
-    ModelApi(model, batcher, metrics, registry, max_body_bytes).routes(app)
-    return app
+    api = ModelApi(batcher, metrics, registry, max_body_bytes)
+    api.routes(app)
+    return app, api

@@ -91,3 +91,30 @@ def load_model(folder: Path) -> LoadedModel:
         module=module,
         parameters=model_parameters(description.labels, description.preprocessing),
     )
+
+
+def swap_problem(serving: LoadedModel, candidate: LoadedModel) -> str | None:
+    """Why ``candidate`` cannot replace ``serving`` in place, or None when it can.
+
+    In place means the same model name, format, declared signature and parameters (labels,
+    preprocessing), and the same architecture as far as the weights tell: the same parameter
+    and buffer names with the same shapes and dtypes. Anything else is a new model for clients
+    or for memory, and goes through a full rollout instead.
+    """
+    if candidate.name != serving.name:
+        return f"model {candidate.name!r} is not {serving.name!r}"
+    if candidate.platform != serving.platform:
+        return f"format {candidate.platform} is not {serving.platform}"
+    if (candidate.inputs, candidate.outputs) != (serving.inputs, serving.outputs):
+        return "the signature (inputs, outputs) changed"
+    if candidate.parameters != serving.parameters:
+        return "the declared parameters (labels, preprocessing) changed"
+    if _architecture(candidate.module) != _architecture(serving.module):
+        return "the architecture changed (parameter names, shapes or dtypes)"
+    return None
+
+
+def _architecture(module: torch.nn.Module) -> list[tuple[str, tuple[int, ...], torch.dtype]]:
+    return [
+        (name, tuple(tensor.shape), tensor.dtype) for name, tensor in module.state_dict().items()
+    ]
