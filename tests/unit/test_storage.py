@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 
 from torchrelay.shared.errors import PermanentError, UnsafePath
-from torchrelay.shared.storage import atomic
 from torchrelay.shared.storage import (
+    atomic,
     atomic_write_bytes,
     atomic_writer,
     clean_temporaries,
@@ -177,7 +177,7 @@ def test_a_local_file_copy_over_its_cap_leaves_nothing(tmp_path: Path) -> None:
 def test_a_local_file_copy_refuses_a_link_and_an_existing_target(tmp_path: Path) -> None:
     (tmp_path / "real").write_bytes(b"x")
     (tmp_path / "link").symlink_to(tmp_path / "real")
-    with pytest.raises(OSError):  # ELOOP: a file swapped for a link is not followed
+    with pytest.raises(OSError, match="symbolic links"):  # ELOOP: a swapped-in link
         copy_file_and_hash(tmp_path / "link", tmp_path / "copy")
     (tmp_path / "taken").write_bytes(b"keep me")
     with pytest.raises(FileExistsError):
