@@ -47,6 +47,18 @@ def validate(
     return combine(files, parts)
 
 
+def check_file(fmt: DatasetFormat, root: Path, relative: PurePosixPath) -> JsonValue:
+    """Check one file of a ``fmt`` dataset: its part of the summary (see :func:`summarise`)."""
+    return _FORMATS[fmt][0](root, relative)
+
+
+def summarise(
+    fmt: DatasetFormat, files: Sequence[PurePosixPath], parts: list[JsonValue]
+) -> Summary:
+    """The summary of a ``fmt`` dataset from each file's :func:`check_file` part, in order."""
+    return _FORMATS[fmt][1](files, parts)
+
+
 def _by_file(key: str) -> Combine:
     def combine(files: Sequence[PurePosixPath], parts: list[JsonValue]) -> Summary:
         return {key: {str(relative): part for relative, part in zip(files, parts, strict=True)}}

@@ -11,10 +11,12 @@ import stat
 import tarfile
 import zipfile
 import zlib
-from collections.abc import AsyncIterator, Iterator, Sequence
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import IO
+
+from pydantic import JsonValue
 
 from torchrelay.services.ingest.domain import (
     Budget,
@@ -28,6 +30,9 @@ from torchrelay.services.ingest.parallel import Mapper, serial_map
 from torchrelay.shared.errors import PermanentError
 from torchrelay.shared.storage import CopiedFile, copy_and_hash, copy_file_and_hash
 
+FileCheck = Callable[[PurePosixPath], JsonValue]
+PlanChecks = Callable[[Sequence[PurePosixPath]], FileCheck | None]
+
 
 @dataclass
 class Collected:
@@ -37,6 +42,11 @@ class Collected:
     files: dict[PurePosixPath, CopiedFile] = field(default_factory=dict)
     map: Mapper = serial_map
     """Runs the per-file work of this staging (the staging's thread pool)."""
+    plan_checks: PlanChecks | None = None
+    """Given every file a local source is about to bring, the check to run on each right
+    after its copy (None: validate later, once all files are in)."""
+    checked: dict[PurePosixPath, JsonValue] = field(default_factory=dict)
+    """What those early checks returned, by file."""
 
     def write(
         self, relative: PurePosixPath, source: IO[bytes], budget: Budget, declared: int
@@ -166,21 +176,29 @@ def _copy_files(plan: list[LocalFile], collected: Collected, budget: Budget) -> 
             )
     room = budget.limits.max_bytes - budget.bytes
     file_cap = budget.limits.max_file_bytes
+    # The whole content is known now: validation can run right behind each copy, on the same
+    # worker, while the kernel creates the next files for the others.
+    check = None
+    if collected.plan_checks is not None and not collected.files:
+        check = collected.plan_checks([item.relative for item in plan])
 
-    def copy(item: LocalFile) -> CopiedFile:
+    def copy(item: LocalFile) -> tuple[CopiedFile, JsonValue]:
         cap = min(file_cap, item.declared + room)
         try:
-            return copy_file_and_hash(item.path, collected.root / item.relative, max_bytes=cap)
+            copied = copy_file_and_hash(item.path, collected.root / item.relative, max_bytes=cap)
         except PermanentError as exc:
             raise Rejected(
                 RejectCode.TOO_LARGE,
                 f"{item.relative} goes over the size caps ({cap} bytes left)",
             ) from exc
+        return copied, None if check is None else check(item.relative)
 
-    copied = collected.map(copy, plan)
-    for item, result in zip(plan, copied, strict=True):
-        budget.add_bytes(str(item.relative), result.size_bytes - item.declared)
-        collected.files[item.relative] = result
+    results = collected.map(copy, plan)
+    for item, (copied, part) in zip(plan, results, strict=True):
+        budget.add_bytes(str(item.relative), copied.size_bytes - item.declared)
+        collected.files[item.relative] = copied
+        if check is not None:
+            collected.checked[item.relative] = part
 
 
 # --- archives ---------------------------------------------------------------------------------

@@ -9,9 +9,10 @@ written per file to the bus or the KV store."""
 from __future__ import annotations
 
 import asyncio
+import functools
 import shutil
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -33,9 +34,9 @@ from torchrelay.services.ingest.domain import (
     expected_format,
     version_id,
 )
-from torchrelay.services.ingest.formats import validate
+from torchrelay.services.ingest.formats import check_file, summarise, validate
 from torchrelay.services.ingest.parallel import PoolMap
-from torchrelay.services.ingest.sources import Collected
+from torchrelay.services.ingest.sources import Collected, FileCheck
 from torchrelay.shared.storage import (
     Layout,
     publish_dir,
@@ -44,7 +45,7 @@ from torchrelay.shared.storage import (
 )
 from torchrelay.shared.storage.layout import relative_dataset
 
-DEFAULT_WORKERS = 8
+DEFAULT_WORKERS = 4
 """Threads per staging: enough to overlap file creation in the kernel with hashing and
 validation in Python (and NFS round trips with each other); see ``TORCHRELAY_INGEST_WORKERS``."""
 
@@ -132,11 +133,24 @@ class Stager:
         pool = ThreadPoolExecutor(self.workers, thread_name_prefix=f"stage-{request.name}")
         try:
             run = PoolMap(pool, self.workers)
-            collected = Collected(data, map=run)
+            early: list[DatasetFormat] = []
+
+            def plan_checks(names: Sequence[PurePosixPath]) -> FileCheck | None:
+                try:
+                    fmt = expected_format(request.format, detect_format(names))
+                except Rejected:
+                    return None  # reported below, once every file is in
+                early.append(fmt)
+                return functools.partial(check_file, fmt, data)
+
+            collected = Collected(data, map=run, plan_checks=plan_checks)
             await fill(collected, Budget(self.limits))
             paths = sorted(collected.files)
             fmt = expected_format(request.format, detect_format(paths))
-            summary = await asyncio.to_thread(validate, fmt, data, paths, run)
+            if early == [fmt] and collected.checked.keys() == collected.files.keys():
+                summary = summarise(fmt, paths, [collected.checked[p] for p in paths])
+            else:
+                summary = await asyncio.to_thread(validate, fmt, data, paths, run)
             manifest = self._manifest(request, collected, paths, fmt, summary)
             # No fsync of its own: publish_dir makes the whole folder durable before the rename.
             (staging / MANIFEST_NAME).write_bytes(manifest.model_dump_json(indent=2).encode())
