@@ -184,6 +184,11 @@ async def run_case(
             else:
                 stagings.append(await timed_stage(http, port, f"bench-{case}", source, storage))
                 copies.append(durable_copy(source, work))
+            print(
+                f"{case} round {round_}: cp+sync {copies[-1]:.2f} s, torchrelay "
+                f"{stagings[-1]:.2f} s = {copies[-1] / stagings[-1]:.2f}x",
+                file=sys.stderr,
+            )
     hashing = statistics.median(hash_seconds(source) for _ in range(rounds))
     copy_s, stage_s = statistics.median(copies), statistics.median(stagings)
     return {
