@@ -1,7 +1,7 @@
 """Ingest benchmark: staging through the ingest service against a durable plain copy.
 
     python bench/ingest.py [--large-mib 1024] [--small-files 10000] [--small-kib 10]
-                           [--rounds 3] [--json]
+                           [--rounds 4] [--json]
 
 In one run, on one file system, a large .npz (one array) and a folder of small .npz files are
 (1) copied with ``cp`` / ``cp -r`` followed by ``sync -f`` of the destination (the durable copy
@@ -213,7 +213,7 @@ async def main() -> None:
     parser.add_argument("--large-mib", type=int, default=1024)
     parser.add_argument("--small-files", type=int, default=10_000)
     parser.add_argument("--small-kib", type=int, default=10)
-    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--rounds", type=int, default=4, help="even: each side goes first as often")
     parser.add_argument("--json", action="store_true", help="print one JSON object only")
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="bench-ingest-", dir=os.environ.get("BENCH_DIR")))
