@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import csv
 import functools
+import io
+import math
 import pickle
 import re
 import zipfile
@@ -27,8 +29,9 @@ if TYPE_CHECKING:
     import numpy as np
 
 Summary = dict[str, JsonValue]
-Check = Callable[[Path, PurePosixPath], JsonValue]
-"""Validates one file (``root / relative``) and returns what the summary says of it."""
+Check = Callable[[Path, PurePosixPath, bytes | None], JsonValue]
+"""Validates one file (``root / relative``, or its bytes when the caller holds them whole) and
+returns what the summary says of it."""
 Combine = Callable[[Sequence[PurePosixPath], list[JsonValue]], Summary]
 """The schema summary from every file's part, in file order."""
 
@@ -43,13 +46,16 @@ def validate(
     summarise them. The first bad file in ``files``' order is the one reported, whatever the
     pool's size, so the outcome is the same on every run."""
     check, combine = _FORMATS[fmt]
-    parts = run(lambda relative: check(root, relative), files)
+    parts = run(lambda relative: check(root, relative, None), files)
     return combine(files, parts)
 
 
-def check_file(fmt: DatasetFormat, root: Path, relative: PurePosixPath) -> JsonValue:
-    """Check one file of a ``fmt`` dataset: its part of the summary (see :func:`summarise`)."""
-    return _FORMATS[fmt][0](root, relative)
+def check_file(
+    fmt: DatasetFormat, root: Path, relative: PurePosixPath, data: bytes | None = None
+) -> JsonValue:
+    """Check one file of a ``fmt`` dataset (``data``: its bytes, when already in memory): its
+    part of the summary (see :func:`summarise`)."""
+    return _FORMATS[fmt][0](root, relative, data)
 
 
 def summarise(
@@ -66,9 +72,9 @@ def _by_file(key: str) -> Combine:
     return combine
 
 
-def _npz(root: Path, relative: PurePosixPath) -> JsonValue:
+def _npz(root: Path, relative: PurePosixPath, data: bytes | None) -> JsonValue:
     try:
-        arrays = _npz_arrays(root / relative, relative)
+        arrays = _npz_arrays(root / relative if data is None else io.BytesIO(data), relative)
     except (zipfile.BadZipFile, OSError, EOFError, ValueError) as exc:
         raise Rejected(RejectCode.CORRUPT, f"{relative}: not a readable .npz ({exc})") from exc
     if not arrays:
@@ -82,12 +88,12 @@ def _npz(root: Path, relative: PurePosixPath) -> JsonValue:
     return {key: {"shape": list(shape), "dtype": dtype} for key, (shape, dtype) in arrays.items()}
 
 
-def _npz_arrays(path: Path, relative: PurePosixPath) -> dict[str, tuple[tuple[int, ...], str]]:
+def _npz_arrays(
+    path: Path | IO[bytes], relative: PurePosixPath
+) -> dict[str, tuple[tuple[int, ...], str]]:
     """Shape and dtype of every array from its .npy header, without reading the data (a
     multi-GB array costs no memory), checking that no array needs pickle and that each
     member holds exactly the bytes its header promises."""
-    import numpy as np
-
     arrays: dict[str, tuple[tuple[int, ...], str]] = {}
     with zipfile.ZipFile(path) as bundle:
         for info in bundle.infolist():
@@ -104,7 +110,7 @@ def _npz_arrays(path: Path, relative: PurePosixPath) -> dict[str, tuple[tuple[in
                     f"{relative}: array {key!r} holds Python objects and needs pickle to load; "
                     "store plain numeric arrays",
                 )
-            expected = header_bytes + int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+            expected = header_bytes + math.prod(shape) * dtype.itemsize
             if info.file_size != expected:
                 raise Rejected(
                     RejectCode.CORRUPT,
@@ -156,7 +162,7 @@ def _dtype_name(dtype: np.dtype[Any]) -> str:
     return str(dtype)
 
 
-def _csv(root: Path, relative: PurePosixPath) -> JsonValue:
+def _csv(root: Path, relative: PurePosixPath, _data: bytes | None) -> JsonValue:
     try:
         with (root / relative).open(newline="", encoding="utf-8") as handle:
             reader = csv.reader(handle)
@@ -178,7 +184,7 @@ def _csv(root: Path, relative: PurePosixPath) -> JsonValue:
     return {"columns": list(header), "rows": rows}
 
 
-def _image(root: Path, relative: PurePosixPath) -> JsonValue:
+def _image(root: Path, relative: PurePosixPath, _data: bytes | None) -> JsonValue:
     """The image's size as ``WxH``, once it decodes whole."""
     from PIL import Image, UnidentifiedImageError
 
@@ -200,7 +206,7 @@ def _images(files: Sequence[PurePosixPath], parts: list[JsonValue]) -> Summary:
     return {"classes": dict(sorted(counts.items())), "image_sizes": dict(sizes.most_common(5))}
 
 
-def _pt(root: Path, relative: PurePosixPath) -> JsonValue:
+def _pt(root: Path, relative: PurePosixPath, _data: bytes | None) -> JsonValue:
     try:
         import torch
     except ImportError as exc:  # the ingest image carries no torch unless asked to

@@ -28,9 +28,10 @@ from torchrelay.services.ingest.domain import (
 )
 from torchrelay.services.ingest.parallel import Mapper, serial_map
 from torchrelay.shared.errors import PermanentError
-from torchrelay.shared.storage import CopiedFile, copy_and_hash, copy_file_and_hash
+from torchrelay.shared.storage import CopiedFile, copy_and_hash, copy_file_keeping_small
 
-FileCheck = Callable[[PurePosixPath], JsonValue]
+FileCheck = Callable[[PurePosixPath, bytes | None], JsonValue]
+"""Checks one staged file (its bytes when the copy holds them whole): its summary part."""
 PlanChecks = Callable[[Sequence[PurePosixPath]], FileCheck | None]
 
 
@@ -185,13 +186,15 @@ def _copy_files(plan: list[LocalFile], collected: Collected, budget: Budget) -> 
     def copy(item: LocalFile) -> tuple[CopiedFile, JsonValue]:
         cap = min(file_cap, item.declared + room)
         try:
-            copied = copy_file_and_hash(item.path, collected.root / item.relative, max_bytes=cap)
+            copied, data = copy_file_keeping_small(
+                item.path, collected.root / item.relative, max_bytes=cap
+            )
         except PermanentError as exc:
             raise Rejected(
                 RejectCode.TOO_LARGE,
                 f"{item.relative} goes over the size caps ({cap} bytes left)",
             ) from exc
-        return copied, None if check is None else check(item.relative)
+        return copied, None if check is None else check(item.relative, data)
 
     results = collected.map(copy, plan)
     for item, (copied, part) in zip(plan, results, strict=True):

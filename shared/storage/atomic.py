@@ -150,6 +150,13 @@ LARGE_CHUNK_BYTES = 8 << 20
 def copy_file_and_hash(
     source: Path, destination: Path, *, max_bytes: int | None = None
 ) -> CopiedFile:
+    """:func:`copy_file_keeping_small` without the bytes."""
+    return copy_file_keeping_small(source, destination, max_bytes=max_bytes)[0]
+
+
+def copy_file_keeping_small(
+    source: Path, destination: Path, *, max_bytes: int | None = None
+) -> tuple[CopiedFile, bytes | None]:
     """Copy a local file into ``destination`` (which must not exist yet) and hash the bytes
     written, in one pass; for files inside a staging folder that is synced and published
     whole (no fsync, no rename here).
@@ -160,6 +167,9 @@ def copy_file_and_hash(
     read into two reused buffers in turn: the helper thread hashes one while this thread
     writes it and reads the next, so memory stays at two chunks whatever the file's size.
     Over ``max_bytes``: PermanentError, and nothing is left behind.
+
+    Also returns a small file's bytes (under ``OVERLAP_FROM_BYTES``, read whole anyway), so a
+    check right behind the copy needs no second read; None for a large one.
     """
     src = os.open(source, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
     try:
@@ -176,7 +186,9 @@ def copy_file_and_hash(
     return copied
 
 
-def _copy_fd(src: int, dst: int, name: str, max_bytes: int | None) -> CopiedFile:
+def _copy_fd(
+    src: int, dst: int, name: str, max_bytes: int | None
+) -> tuple[CopiedFile, bytes | None]:
     digest = hashlib.sha256()
     size = 0
     hint = os.fstat(src).st_size
@@ -189,7 +201,7 @@ def _copy_fd(src: int, dst: int, name: str, max_bytes: int | None) -> CopiedFile
         digest.update(data)
         _write_all(dst, data)
         if size <= hint:
-            return CopiedFile(size, digest.hexdigest())
+            return CopiedFile(size, digest.hexdigest()), data
     buffers = (bytearray(LARGE_CHUNK_BYTES), bytearray(LARGE_CHUNK_BYTES))
     pending: Future[None] | None = None
     turn = 0
@@ -207,7 +219,7 @@ def _copy_fd(src: int, dst: int, name: str, max_bytes: int | None) -> CopiedFile
     finally:
         if pending is not None:
             pending.result()
-    return CopiedFile(size, digest.hexdigest())
+    return CopiedFile(size, digest.hexdigest()), None
 
 
 def _start_writeback(fd: int, offset: int, length: int) -> None:
