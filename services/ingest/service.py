@@ -26,7 +26,7 @@ log = structlog.get_logger("torchrelay.ingest")
 @asynccontextmanager
 async def build(platform: Platform[IngestSettings]) -> AsyncIterator[Service]:
     options = platform.settings.ingest
-    stager = Stager(platform.settings.storage_root, options.limits())
+    stager = Stager(platform.settings.storage_root, options.limits(), workers=options.workers)
     stager.datasets.mkdir(parents=True, exist_ok=True)
     workspaces = Workspaces(platform.settings.storage_root, options.workspace_limits())
     workspaces.root.mkdir(parents=True, exist_ok=True)

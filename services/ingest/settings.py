@@ -9,6 +9,7 @@ from pydantic import Field, IPvAnyNetwork, field_validator
 from pydantic_settings import NoDecode
 
 from torchrelay.services.ingest.domain import Limits
+from torchrelay.services.ingest.staging import DEFAULT_WORKERS
 from torchrelay.shared.runtime.settings import Group, HttpSettings, ServiceSettings
 
 DEFAULT_PORT = 8081
@@ -43,6 +44,13 @@ class IngestOptions(Group):
         description="Per workspace (a user's training code folder), bytes unpacked.",
     )
     max_workspace_files: int = Field(default=10_000, gt=0, description="Per workspace.")
+    workers: int = Field(
+        default=DEFAULT_WORKERS,
+        ge=1,
+        le=256,
+        description="Threads one staging copies, hashes and validates files with: they overlap "
+        "file creation in the kernel (and NFS round trips) with hashing and checks.",
+    )
     temp_stale_s: float = Field(
         default=900.0,
         gt=0,

@@ -11,10 +11,12 @@ import stat
 import tarfile
 import zipfile
 import zlib
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import IO
+
+from pydantic import JsonValue
 
 from torchrelay.services.ingest.domain import (
     Budget,
@@ -24,8 +26,13 @@ from torchrelay.services.ingest.domain import (
     archive_kind,
     member_path,
 )
+from torchrelay.services.ingest.parallel import Mapper, serial_map
 from torchrelay.shared.errors import PermanentError
-from torchrelay.shared.storage import CopiedFile, copy_and_hash
+from torchrelay.shared.storage import CopiedFile, copy_and_hash, copy_file_keeping_small
+
+FileCheck = Callable[[PurePosixPath, bytes | None], JsonValue]
+"""Checks one staged file (its bytes when the copy holds them whole): its summary part."""
+PlanChecks = Callable[[Sequence[PurePosixPath]], FileCheck | None]
 
 
 @dataclass
@@ -34,6 +41,13 @@ class Collected:
 
     root: Path
     files: dict[PurePosixPath, CopiedFile] = field(default_factory=dict)
+    map: Mapper = serial_map
+    """Runs the per-file work of this staging (the staging's thread pool)."""
+    plan_checks: PlanChecks | None = None
+    """Given every file a local source is about to bring, the check to run on each right
+    after its copy (None: validate later, once all files are in)."""
+    checked: dict[PurePosixPath, JsonValue] = field(default_factory=dict)
+    """What those early checks returned, by file."""
 
     def write(
         self, relative: PurePosixPath, source: IO[bytes], budget: Budget, declared: int
@@ -86,30 +100,59 @@ def resolve_source_path(raw: str, allowed_roots: Sequence[Path]) -> Path:
     return real
 
 
+@dataclass(frozen=True, slots=True)
+class LocalFile:
+    """A regular file of a local source, admitted by the budget, waiting to be copied."""
+
+    relative: PurePosixPath
+    path: Path
+    declared: int
+
+
 def copy_local(source: Path, collected: Collected, budget: Budget) -> None:
-    """Copy a file (unpacking it if it is an archive) or a folder tree into ``collected``."""
+    """Copy a file (unpacking it if it is an archive) or a folder tree into ``collected``.
+
+    A folder is walked and every file admitted by the budget first (too many files or bytes
+    are refused before anything is copied), then the files are copied and hashed on the
+    staging's pool, and their actual sizes accounted in order."""
     if source.is_file():
         if archive_kind(source.name):
             extract_archive(source, collected, Budget(budget.limits, source.stat().st_size))
             return
-        _copy_file(source, PurePosixPath(source.name), collected, budget)
+        relative = PurePosixPath(source.name)
+        size = source.stat().st_size
+        budget.admit(str(relative), "file", size)
+        _copy_files([LocalFile(relative, source, size)], collected, budget)
         return
     if not source.is_dir():
         raise Rejected(RejectCode.UNSAFE_PATH, f"{source} is neither a file nor a folder")
-    for folder, dirs, files in os.walk(source, followlinks=False):
-        base = Path(folder)
-        for name in sorted(dirs):
-            if (base / name).is_symlink():
-                _refuse_link(base / name, source)
-        for name in sorted(files):
-            path = base / name
-            relative = PurePosixPath(path.relative_to(source).as_posix())
-            if path.is_symlink():
+    _copy_files(list(_walk(source, budget)), collected, budget)
+
+
+def _walk(source: Path, budget: Budget) -> Iterator[LocalFile]:
+    """Every regular file under ``source``, by name within each folder, admitted by the
+    budget; links and special files are refused. One ``lstat`` per file (``scandir`` tells
+    links and folders apart without one)."""
+    stack: list[tuple[Path, str]] = [(source, "")]
+    while stack:
+        folder, prefix = stack.pop()
+        with os.scandir(folder) as listing:
+            entries = sorted(listing, key=lambda entry: entry.name)
+        folders: list[tuple[Path, str]] = []
+        for entry in entries:
+            path = Path(entry.path)
+            if entry.is_symlink():
                 _refuse_link(path, source)
-            mode = path.lstat().st_mode
-            if not stat.S_ISREG(mode):
+            if entry.is_dir(follow_symlinks=False):
+                folders.append((path, f"{prefix}{entry.name}/"))
+                continue
+            if not entry.is_file(follow_symlinks=False):
                 raise Rejected(RejectCode.UNSAFE_PATH, f"{path} is not a regular file")
-            _copy_file(path, relative, collected, budget)
+            relative = PurePosixPath(prefix + entry.name)
+            size = entry.stat(follow_symlinks=False).st_size
+            budget.admit(str(relative), "file", size)
+            yield LocalFile(relative, path, size)
+        stack.extend(reversed(folders))
 
 
 def _refuse_link(path: Path, source: Path) -> None:
@@ -121,13 +164,44 @@ def _refuse_link(path: Path, source: Path) -> None:
     )
 
 
-def _copy_file(path: Path, relative: PurePosixPath, collected: Collected, budget: Budget) -> None:
-    size = path.stat().st_size
-    budget.admit(str(relative), "file", size)
-    # O_NOFOLLOW: a file swapped for a link after the checks above is refused, not followed.
-    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
-    with os.fdopen(fd, "rb") as handle:
-        collected.write(relative, handle, budget, size)
+def _copy_files(plan: list[LocalFile], collected: Collected, budget: Budget) -> None:
+    """Copy and hash admitted files on the staging's pool. Folders are made once, here, before
+    the pool starts. A file that grew since it was admitted may take the room the budget has
+    left, no more; actual sizes are then accounted in order, as if copied one by one."""
+    for folder in sorted({(collected.root / f.relative).parent for f in plan}):
+        folder.mkdir(parents=True, exist_ok=True)
+    for item in plan:
+        if item.relative in collected.files:
+            raise Rejected(
+                RejectCode.UNSAFE_ARCHIVE, f"{item.relative} appears twice in the source"
+            )
+    room = budget.limits.max_bytes - budget.bytes
+    file_cap = budget.limits.max_file_bytes
+    # The whole content is known now: validation can run right behind each copy, on the same
+    # worker, while the kernel creates the next files for the others.
+    check = None
+    if collected.plan_checks is not None and not collected.files:
+        check = collected.plan_checks([item.relative for item in plan])
+
+    def copy(item: LocalFile) -> tuple[CopiedFile, JsonValue]:
+        cap = min(file_cap, item.declared + room)
+        try:
+            copied, data = copy_file_keeping_small(
+                item.path, collected.root / item.relative, max_bytes=cap
+            )
+        except PermanentError as exc:
+            raise Rejected(
+                RejectCode.TOO_LARGE,
+                f"{item.relative} goes over the size caps ({cap} bytes left)",
+            ) from exc
+        return copied, None if check is None else check(item.relative, data)
+
+    results = collected.map(copy, plan)
+    for item, (copied, part) in zip(plan, results, strict=True):
+        budget.add_bytes(str(item.relative), copied.size_bytes - item.declared)
+        collected.files[item.relative] = copied
+        if check is not None:
+            collected.checked[item.relative] = part
 
 
 # --- archives ---------------------------------------------------------------------------------

@@ -6,6 +6,7 @@ After each refusal, nothing is left under ``datasets/``: no version, no temporar
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import io
 import ipaddress
 import os
@@ -22,9 +23,10 @@ from aiohttp import web
 from aiohttp.test_utils import TestServer
 from PIL import Image
 
-from torchrelay.services.ingest.domain import Limits, RejectCode, Rejected
+from torchrelay.services.ingest.domain import Budget, Limits, RejectCode, Rejected
 from torchrelay.services.ingest.fill import fill_for
 from torchrelay.services.ingest.settings import IngestOptions
+from torchrelay.services.ingest.sources import Collected
 from torchrelay.services.ingest.staging import StagedVersion, Stager, StageRequest
 
 pytestmark = pytest.mark.timeout(120)
@@ -47,9 +49,15 @@ def options(sources: Path, **overrides: object) -> IngestOptions:
 
 
 async def stage(
-    storage: Path, source: str, opts: IngestOptions, *, name: str = "ds", fmt: str = "auto"
+    storage: Path,
+    source: str,
+    opts: IngestOptions,
+    *,
+    name: str = "ds",
+    fmt: str = "auto",
+    workers: int = 4,
 ) -> StagedVersion:
-    stager = Stager(storage, opts.limits())
+    stager = Stager(storage, opts.limits(), workers=workers)
     return await stager.stage(StageRequest("req-1", name, source, fmt), fill_for(source, opts))
 
 
@@ -490,3 +498,71 @@ async def test_an_npz_array_shorter_than_its_header(storage: Path, sources: Path
         storage, str(sources / "short.npz"), options(sources), RejectCode.CORRUPT
     )
     assert "header promises 8000" in reason
+
+
+# --- many files at once: the pool -------------------------------------------------------------
+
+
+def many_npz(folder: Path, count: int) -> None:
+    """``count`` small .npz files over two sub-folders, plus one past the size where hashing
+    runs beside the copy, so both copy paths are staged together."""
+    rng = np.random.default_rng(7)
+    for index in range(count):
+        sub = folder / ("a" if index % 2 else "b")
+        sub.mkdir(parents=True, exist_ok=True)
+        np.savez(sub / f"part-{index:04d}.npz", x=rng.random(64 + index))
+    np.savez(folder / "large.npz", x=rng.random(9 * 1024 * 1024 // 8 + 3))
+
+
+async def test_the_manifest_hashes_are_the_bytes_staged(storage: Path, sources: Path) -> None:
+    many_npz(sources / "many", 300)
+    staged = await stage(storage, str(sources / "many"), options(sources), workers=8)
+    folder = storage / staged.path
+    listed = sorted(
+        p.relative_to(folder).as_posix() for p in (folder / "data").rglob("*") if p.is_file()
+    )
+    assert [f.path for f in staged.manifest.files] == listed, "every file, in sorted order"
+    for entry in staged.manifest.files:
+        data = (folder / entry.path).read_bytes()
+        assert entry.sha256 == hashlib.sha256(data).hexdigest(), entry.path
+        assert entry.size_bytes == len(data)
+        assert data == (sources / "many" / entry.path.removeprefix("data/")).read_bytes()
+    assert staged.manifest.size_bytes == sum(f.size_bytes for f in staged.manifest.files)
+
+
+async def test_the_pool_size_does_not_change_the_version(tmp_path: Path, sources: Path) -> None:
+    many_npz(sources / "many", 120)
+    source = str(sources / "many")
+    one = await stage(tmp_path / "one", source, options(sources), workers=1)
+    eight = await stage(tmp_path / "eight", source, options(sources), workers=8)
+    assert one.manifest.version == eight.manifest.version
+    assert one.manifest.files == eight.manifest.files
+    assert one.manifest.schema_summary == eight.manifest.schema_summary
+
+
+async def test_one_corrupt_file_among_many_leaves_no_version_and_no_leftovers(
+    storage: Path, sources: Path
+) -> None:
+    many_npz(sources / "many", 200)
+    (sources / "many" / "a" / "part-0101.npz").write_bytes(b"PK\x03\x04 cut short")
+    reason = await refused(storage, str(sources / "many"), options(sources), RejectCode.CORRUPT)
+    assert reason.startswith("a/part-0101.npz: not a readable .npz")
+    assert list((storage / "datasets" / "ds").iterdir()) == [], "no staging folder is left"
+
+
+async def test_a_version_is_visible_only_once_whole(storage: Path, sources: Path) -> None:
+    many_npz(sources / "many", 50)
+    opts = options(sources)
+    seen_while_filling: list[str] = []
+    real_fill = fill_for(str(sources / "many"), opts)
+
+    async def watched_fill(collected: Collected, budget: Budget) -> None:
+        await real_fill(collected, budget)
+        seen_while_filling.extend(p.name for p in (storage / "datasets" / "ds").iterdir())
+
+    staged = await Stager(storage, opts.limits()).stage(
+        StageRequest("req-1", "ds", str(sources / "many")), watched_fill
+    )
+    assert all(name.startswith(".tmp-") for name in seen_while_filling), seen_while_filling
+    assert [p.name for p in (storage / "datasets" / "ds").iterdir()] == [staged.manifest.version]
+    assert len(staged.manifest.files) == 51

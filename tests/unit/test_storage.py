@@ -12,10 +12,12 @@ import pytest
 
 from torchrelay.shared.errors import PermanentError, UnsafePath
 from torchrelay.shared.storage import (
+    atomic,
     atomic_write_bytes,
     atomic_writer,
     clean_temporaries,
     copy_and_hash,
+    copy_file_and_hash,
     publish_dir,
     resolve_within,
     sha256_file,
@@ -149,3 +151,62 @@ def test_a_direct_copy_never_touches_an_existing_file(tmp_path: Path) -> None:
     with pytest.raises(PermanentError):
         copy_and_hash(io.BytesIO(b"x" * 100), tmp_path / "capped", atomic=False, max_bytes=10)
     assert not (tmp_path / "capped").exists()
+
+
+@pytest.mark.parametrize(
+    "size",
+    [0, 10 * 1024, 4 * 1024 * 1024 - 1, 4 * 1024 * 1024, 19 * 1024 * 1024 + 5],
+    ids=["empty", "small", "just-under-overlap", "at-overlap", "several-large-chunks"],
+)
+def test_a_local_file_copy_hashes_exactly_the_bytes_written(tmp_path: Path, size: int) -> None:
+    data = os.urandom(size)
+    (tmp_path / "source").write_bytes(data)
+    copied = copy_file_and_hash(tmp_path / "source", tmp_path / "copy")
+    assert (tmp_path / "copy").read_bytes() == data
+    assert copied.size_bytes == size
+    assert copied.sha256 == hashlib.sha256(data).hexdigest()
+
+
+def test_a_local_file_copy_over_its_cap_leaves_nothing(tmp_path: Path) -> None:
+    (tmp_path / "source").write_bytes(os.urandom(9 * 1024 * 1024))
+    with pytest.raises(PermanentError, match="more than"):
+        copy_file_and_hash(tmp_path / "source", tmp_path / "copy", max_bytes=5 * 1024 * 1024)
+    assert names(tmp_path) == ["source"]
+
+
+def test_a_local_file_copy_refuses_a_link_and_an_existing_target(tmp_path: Path) -> None:
+    (tmp_path / "real").write_bytes(b"x")
+    (tmp_path / "link").symlink_to(tmp_path / "real")
+    with pytest.raises(OSError, match="symbolic links"):  # ELOOP: a swapped-in link
+        copy_file_and_hash(tmp_path / "link", tmp_path / "copy")
+    (tmp_path / "taken").write_bytes(b"keep me")
+    with pytest.raises(FileExistsError):
+        copy_file_and_hash(tmp_path / "real", tmp_path / "taken")
+    assert (tmp_path / "taken").read_bytes() == b"keep me"
+    assert not (tmp_path / "copy").exists()
+
+
+def test_a_folder_is_synced_before_it_is_renamed_into_place(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    final = tmp_path / "datasets" / "abc"
+    staging = temp_sibling(final)
+    staging.mkdir(parents=True)
+    (staging / "f").write_bytes(b"x")
+    seen: list[bool] = []
+    monkeypatch.setattr(atomic, "sync_tree", lambda path: seen.append(final.exists()))
+    assert publish_dir(staging, final)
+    assert seen == [False], "synced once, while the version was not visible yet"
+
+
+def test_without_syncfs_every_file_is_fsynced(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    (tmp_path / "a" / "b").mkdir(parents=True)
+    for path in (tmp_path / "a" / "f", tmp_path / "a" / "b" / "g"):
+        path.write_bytes(b"x")
+    fsynced: list[str] = []
+    monkeypatch.setattr(atomic, "_libc_syncfs", None)
+    monkeypatch.setattr(atomic, "_fsync_file", lambda path: fsynced.append(path.name))
+    sync_tree(tmp_path / "a")
+    assert sorted(fsynced) == ["f", "g"]
