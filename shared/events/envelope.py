@@ -55,7 +55,8 @@ def utc_now() -> datetime:
 class Data(BaseModel):
     """Base of every event's ``data``: frozen, unknown fields refused, finite numbers only."""
 
-    model_config = ConfigDict(frozen=True, extra="forbid", allow_inf_nan=False)
+    # Validators are built on first use: a process pays only for the events it handles.
+    model_config = ConfigDict(frozen=True, extra="forbid", allow_inf_nan=False, defer_build=True)
 
     _integer_fields: ClassVar[frozenset[str]] = frozenset()
 
@@ -135,7 +136,11 @@ class CloudEvent(BaseModel, Generic[DataT]):
     """
 
     model_config = ConfigDict(
-        frozen=True, extra="forbid", allow_inf_nan=False, json_schema_extra=_wire_schema
+        frozen=True,
+        extra="forbid",
+        allow_inf_nan=False,
+        json_schema_extra=_wire_schema,
+        defer_build=True,
     )
 
     event_type: ClassVar[str]

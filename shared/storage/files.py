@@ -76,6 +76,9 @@ class StoredFile(BaseModel):
         # json.dumps wrote NaN/Infinity as bare constants; keep reading and writing them so old
         # files load. Events refuse them (allow_inf_nan=False) when a value travels on.
         ser_json_inf_nan="constants",
+        # Validators are built on first use: a process that reads one kind of file (a model
+        # server reads model.json) does not pay at import for every contract defined here.
+        defer_build=True,
     )
 
     describes: ClassVar[str] = "file"
@@ -121,7 +124,7 @@ def _problems(exc: ValidationError, describes: str) -> str:
 class TensorSignature(BaseModel):
     """A declared input or output, Open Inference Protocol style."""
 
-    model_config = ConfigDict(frozen=True, extra="forbid")
+    model_config = ConfigDict(frozen=True, extra="forbid", defer_build=True)
 
     name: NonEmpty
     datatype: NonEmpty = Field(
@@ -136,7 +139,7 @@ class TensorSignature(BaseModel):
 class ModelLineage(BaseModel):
     """Where a model came from: dataset version -> run -> this model."""
 
-    model_config = ConfigDict(frozen=True, extra="forbid")
+    model_config = ConfigDict(frozen=True, extra="forbid", defer_build=True)
 
     dataset: DatasetRef
     run_id: NonEmpty
@@ -154,7 +157,7 @@ class InputPreprocessing(BaseModel):
     Declared at export (``ctx.export(..., preprocessing=...)``) so a client can send raw data
     (pixel values 0..255, counts, ...) and scale it the way training did."""
 
-    model_config = ConfigDict(frozen=True, extra="forbid", allow_inf_nan=False)
+    model_config = ConfigDict(frozen=True, extra="forbid", allow_inf_nan=False, defer_build=True)
 
     scale: float = Field(default=1.0, description="Multiplies the raw input (never 0).")
     offset: float = Field(default=0.0, description="Added after scaling.")
@@ -263,7 +266,7 @@ _DECLARATIONS = ("labels", "preprocessing")
 class Throughput(BaseModel):
     """Samples/s of the whole job from its first step to its last, and checkpoint stalls."""
 
-    model_config = ConfigDict(frozen=True, extra="forbid")
+    model_config = ConfigDict(frozen=True, extra="forbid", defer_build=True)
 
     samples_per_s: float = Field(ge=0)
     checkpoints: int = Field(ge=0, description="Checkpoints this attempt wrote.")
