@@ -424,6 +424,13 @@ async def test_a_staged_version_answers_by_its_version_only_until_the_switch(
         assert await answered_by("/versions/retrained") == "retrained", "the check reaches it"
         assert await admin_post(admin, "switch", version="retrained") == 200
         assert [await answered_by() for _ in range(3)] == ["retrained"] * 3
+        async with (
+            aiohttp.ClientSession() as http,
+            http.post(f"{base}/versions/served/infer", json=body(digits(1))) as r,
+        ):
+            assert r.status == 404, (
+                "a request pinned to the old version is never answered by another"
+            )
         async with aiohttp.ClientSession() as http, http.get(base) as r:
             assert (await r.json())["versions"] == ["retrained"]
     finally:

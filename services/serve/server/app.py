@@ -188,6 +188,15 @@ class ModelApi:
             except Overloaded as exc:
                 retry = {"Retry-After": RETRY_AFTER_S}
                 return error(503, f"overloaded: {exc}; retry shortly", **retry)
+        asked = request.match_info.get("version")
+        if asked is not None and model.version != asked:
+            # The version it named was swapped out while it waited: answering with another
+            # would be a wrong answer to a request that pinned its version.
+            return error(
+                404,
+                f"model {model.name!r} version {asked!r} was replaced by version "
+                f"{model.version!r} while this request waited; ask for that version or none",
+            )
         # The version that computed the output, even if a swap happened meanwhile.
         body, header_length = infer_response(
             model.name,
