@@ -5,7 +5,7 @@
 
 Both sides train the same loop (bench/recovery_trainer.py: the digits CNN, 2 ranks, CPU/gloo,
 a checkpoint every ``--checkpoint-every`` steps) and one of their ranks (rank 1) is killed with
-SIGKILL a while after the first step (the same delays on both sides, drawn per round):
+SIGKILL a while after the first checkpoint (the same delays on both sides, drawn per round):
 
 - torchrelay: a local platform (``torchrelay up``'s services, default settings) runs the
   training stage of a pipeline; the kill is followed through the whole event path (the train
@@ -88,18 +88,29 @@ def appeared(path: Path, timeout_s: float = TIMEOUT_S) -> dict[str, Any]:
     return value
 
 
+def steps_in(checkpoints: Path) -> list[int]:
+    if not checkpoints.is_dir():
+        return []
+    return sorted(int(m[1]) for p in checkpoints.iterdir() if (m := _STEP.match(p.name)))
+
+
 def kill_and_time(out: Path, checkpoints: Path, delay_s: float) -> Round:
-    """Kill rank 1 of attempt 0 ``delay_s`` after its first step; time attempt 1's first
-    step and check what it resumed from (blocking: run it in a thread)."""
+    """Kill rank 1 of attempt 0 ``delay_s`` after its first checkpoint; time attempt 1's
+    first step and check what it resumed from (blocking: run it in a thread)."""
     appeared(out / "attempt-0-first-step.json")
     victim = appeared(out / "attempt-0-rank-1.json")
+    deadline = time.monotonic() + TIMEOUT_S
+    while not steps_in(checkpoints):
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"no checkpoint in {checkpoints} within {TIMEOUT_S:g}s")
+        time.sleep(POLL_S)
     time.sleep(delay_s)
     killed_at = time.time()
     os.kill(int(victim["pid"]), signal.SIGKILL)
     first = appeared(out / "attempt-1-first-step.json")
     # The new attempt writes its first checkpoint only steps later: what is there now is what
     # the killed attempt left.
-    steps = sorted(int(m[1]) for p in checkpoints.iterdir() if (m := _STEP.match(p.name)))
+    steps = steps_in(checkpoints)
     newest = steps[-1] if steps else None
     ranks = [appeared(out / f"attempt-1-rank-{rank}.json") for rank in (0, 1)]
     resumed = {rank["resumed_from"] for rank in ranks}
@@ -234,7 +245,7 @@ def stretches(rounds: list[Round], names: list[str]) -> str:
 async def run(args: argparse.Namespace, work: Path, started: platform.Platform) -> dict[str, Any]:
     client = await Client.connect(platform.client_url(work / "platform", started.nats_url))
     draw = random.Random(17)
-    delays = [draw.uniform(0.4, 1.2) for _ in range(args.rounds)]
+    delays = [draw.uniform(0.0, 0.6) for _ in range(args.rounds)]
     ours: list[Round] = []
     theirs: list[Round] = []
     data: Path | None = None
@@ -258,7 +269,7 @@ async def run(args: argparse.Namespace, work: Path, started: platform.Platform) 
                         )
                     )
             print(
-                f"round {index + 1}: kill after {delay_s:.2f}s: torchrelay "
+                f"round {index + 1}: kill {delay_s:.2f}s after a checkpoint: torchrelay "
                 f"{ours[-1].seconds:.2f}s (resumed {ours[-1].resumed_from}, newest "
                 f"{ours[-1].newest}, identical {ours[-1].identical}), torchrun "
                 f"{theirs[-1].seconds:.2f}s (resumed {theirs[-1].resumed_from}, newest "
