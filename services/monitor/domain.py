@@ -77,11 +77,24 @@ def backoff_s(next_attempt: int, *, base_s: float, cap_s: float) -> float:
 
 
 def restart_wait_s(
-    failed_at: datetime, now: datetime, next_attempt: int, *, base_s: float, cap_s: float
+    failed_at: datetime,
+    now: datetime,
+    next_attempt: int,
+    *,
+    base_s: float,
+    cap_s: float,
+    progressed: bool = False,
 ) -> float:
     """Seconds until restart ``next_attempt`` of a run whose attempt failed at ``failed_at``
     is due (0 once it is). Counted from the failure event's own time, so every replica and
-    every redelivery of that event agrees on when."""
+    every redelivery of that event agrees on when.
+
+    An attempt that ``progressed`` (reported training progress before it failed) is restarted
+    at once: the backoff is there for crash loops, attempts that fail before they train, and
+    one that trained and then lost a rank is not one. Waiting would only add to the time its
+    job stands still; its restarts stay bounded by ``max_restarts``."""
+    if progressed:
+        return 0.0
     due_in = backoff_s(next_attempt, base_s=base_s, cap_s=cap_s)
     return max(0.0, due_in - (now - failed_at).total_seconds())
 
@@ -148,8 +161,17 @@ def watch_at_failure(current: RunWatch | None, attempt: int) -> RunWatch | None:
     """The watch as of a failure of ``attempt``: a failure handled before its attempt's start
     moves the watch to that attempt, so the restart it leads to is the next one."""
     if current is not None and current.state != "ended" and current.attempt < attempt:
-        return current.model_copy(update={"attempt": attempt, "state": "running"})
+        # The progress it holds was an earlier attempt's: of this one nothing is known.
+        return current.model_copy(
+            update={"attempt": attempt, "state": "running", "last_progress_at": None}
+        )
     return current
+
+
+def progressed(watch: RunWatch) -> bool:
+    """Whether the watched attempt reported progress (the watch of each attempt starts
+    without any: see :func:`start_moves_watch`)."""
+    return watch.last_progress_at is not None
 
 
 def cancelled_for_stall(watch: RunWatch | None, attempt: int) -> bool:

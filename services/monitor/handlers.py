@@ -21,6 +21,7 @@ from torchrelay.services.monitor.domain import (
     dead_letter_category,
     pipeline_end,
     progress_counts,
+    progressed,
     restart_wait_s,
     source_label,
     stall_reason,
@@ -398,6 +399,7 @@ class Monitor:
             attempt,
             base_s=self._options.backoff_base_s,
             cap_s=self._options.backoff_cap_s,
+            progressed=progressed(watch),
         )
         if wait > RESTART_DUE_SLACK_S:
             log.info("run.restart_due", run_id=watch.run_id, attempt=attempt, in_s=wait)

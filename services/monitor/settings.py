@@ -25,7 +25,12 @@ class MonitorOptions(Group):
         "a backend that can say why reports it first.",
     )
     stall_check_s: float = Field(default=5.0, gt=0, description="How often stalls are looked for.")
-    backoff_base_s: float = Field(default=2.0, ge=0, description="First restart's delay.")
+    backoff_base_s: float = Field(
+        default=2.0,
+        ge=0,
+        description="First restart's delay, doubling for each later one; an attempt that "
+        "reported progress before it failed is restarted at once.",
+    )
     backoff_cap_s: float = Field(default=60.0, ge=0, description="Longest restart delay.")
     reconcile_grace_s: float = Field(
         default=30.0,

@@ -224,6 +224,16 @@ async def test_a_restart_waits_out_its_backoff_on_the_bus_not_in_a_handler(state
     assert counted == 1.0, "an event that came back counts once"
 
 
+async def test_an_attempt_that_trained_before_it_failed_is_restarted_without_backoff(
+    state: State,
+) -> None:
+    recorder = Recorder(state, MonitorOptions(stall_after_s=60, backoff_base_s=30))
+    run_id = f"r-{uuid.uuid4().hex[:8]}"
+    await recorder.start(run_id, max_restarts=2, report=True)
+    await recorder.monitor.on_event(failed(run_id, final=False))  # no TransientError: no wait
+    assert [e.data.attempt for e in recorder.of(TrainRestartRequested)] == [1]
+
+
 async def test_a_dataset_staged_without_a_request_is_counted_not_retried(state: State) -> None:
     # Staged with no ingest request behind it (nothing was timed): it once raised, so the
     # monitor retried it until it was dead-lettered.

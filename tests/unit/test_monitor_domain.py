@@ -19,6 +19,7 @@ from torchrelay.services.monitor.domain import (
     dead_letter_category,
     pipeline_end,
     progress_counts,
+    progressed,
     restart_wait_s,
     source_label,
     stall_reason,
@@ -236,3 +237,27 @@ def test_a_restart_is_due_its_backoff_after_the_failure_whoever_looks() -> None:
     assert wait(30) == 0.0, "late is due, never negative"
     assert wait(0, attempt=3) == 8.0
     assert wait(0, attempt=10) == 60.0, "capped"
+
+
+def test_an_attempt_that_trained_before_it_failed_is_restarted_at_once() -> None:
+    failed_at = datetime(2026, 12, 2, 10, 0, 0, tzinfo=UTC)
+    trained = watch(last_progress_at=failed_at - timedelta(seconds=1))
+    crashed = watch()
+    assert progressed(trained)
+    assert not progressed(crashed)
+
+    def wait(of: RunWatch, attempt: int) -> float:
+        return restart_wait_s(
+            failed_at, failed_at, attempt, base_s=2.0, cap_s=60.0, progressed=progressed(of)
+        )
+
+    assert wait(trained, 1) == 0.0
+    assert wait(trained, 3) == 0.0, "every attempt that trained: restarts stay bounded"
+    assert wait(crashed, 1) == 2.0, "a crash loop still backs off"
+
+
+def test_progress_of_an_earlier_attempt_does_not_hurry_a_later_ones_restart() -> None:
+    behind = watch(attempt=1, last_progress_at=datetime(2026, 1, 1, 0, 5, tzinfo=UTC))
+    moved = watch_at_failure(behind, 2)
+    assert moved is not None
+    assert not progressed(moved)
