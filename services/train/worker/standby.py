@@ -14,6 +14,7 @@ code ran. End of input before a hand-over (the pool closing) is a clean exit 0.
 
 from __future__ import annotations
 
+import importlib
 import json
 import os
 import sys
@@ -42,6 +43,12 @@ def main() -> int:
     die_with_parent()
     # What a cold rank imports before it runs anything of a job's: paid while idle.
     from torchrelay.services.train.worker.__main__ import main as rank_main
+
+    # DistributedDataParallel imports TorchDynamo on construction (over a second here); every
+    # multi-rank job pays it before its first step, so a standby pays it while idle. (Dynamo's
+    # settings are read from the environment now: a job that sets TORCHDYNAMO_* variables
+    # gets them through ``torch._dynamo.config`` in its code, not through its environment.)
+    importlib.import_module("torch._dynamo")
 
     line = sys.stdin.buffer.readline()
     if not line.strip():
