@@ -2,8 +2,9 @@
 
 Training code is synchronous; a background thread runs an event loop with the bus and
 publishes what the training loop queues, so a slow NATS never stalls a step. The NATS client
-is imported in that thread, by rank 0 only: the other ranks never load it, and rank 0 loads it
-while its peers join, not before its first step.
+is imported in that thread, by rank 0 only, and the thread starts with the first report: the
+other ranks never load it, and rank 0 does not spend the CPU its peers need to start (the
+import, the connection) before it has anything to say.
 """
 
 from __future__ import annotations
@@ -50,15 +51,16 @@ class Reporter:
     def __init__(self, spec: WorkerSpec) -> None:
         self._spec = spec
         self._queue: queue.Queue[Any] = queue.Queue(maxsize=10_000)
+        self._publishes = spec.rank == 0 and bool(spec.nats_url)
         self._thread: threading.Thread | None = None
-        if spec.rank == 0 and spec.nats_url:
-            self._thread = threading.Thread(target=self._run, name="reporter", daemon=True)
-            self._thread.start()
 
     def __call__(self, kind: str, fields: dict[str, Any]) -> None:
         log.info(f"train.{kind}", **fields)
-        if self._thread is None:
+        if not self._publishes:
             return
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._run, name="reporter", daemon=True)
+            self._thread.start()
         run_id = self._spec.run_id
         envelope = {
             "source": "/torchrelay/train/worker",
