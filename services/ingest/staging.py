@@ -159,8 +159,9 @@ class Stager:
         except BaseException:
             # Every copy the pool started has ended before the folder goes: none writes into
             # it afterwards (a cancelled fill may still be walking; see clean_temporaries).
-            pool.shutdown(wait=True, cancel_futures=True)
-            shutil.rmtree(staging, ignore_errors=True)
+            # Waited for off the event loop (copies of large files take a while), and to the
+            # end even when this task is cancelled again meanwhile.
+            await asyncio.shield(asyncio.to_thread(_discard, pool, staging))
             raise
         finally:
             pool.shutdown(wait=False)
@@ -179,3 +180,9 @@ class Stager:
             created,
             time.perf_counter() - started,
         )
+
+
+def _discard(pool: ThreadPoolExecutor, staging: Path) -> None:
+    """Stop ``pool`` (what has not started never will; what has, ends) and remove ``staging``."""
+    pool.shutdown(wait=True, cancel_futures=True)
+    shutil.rmtree(staging, ignore_errors=True)

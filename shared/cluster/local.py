@@ -290,6 +290,10 @@ class WarmPool:
         self._closed = False
 
     @property
+    def closed(self) -> bool:
+        return self._closed
+
+    @property
     def idle(self) -> list[int]:
         """Pids of the standbys waiting for work."""
         return [p.pid for p in self._idle if p.returncode is None]
@@ -352,6 +356,11 @@ class WarmPool:
             )
         except OSError:
             log.exception("pool.spawn_failed")
+            return
+        if self.closed:  # closed while this one was being started: it is no one's
+            if process.stdin is not None:
+                process.stdin.close()
+            await _stop_all([process])
             return
         self._idle.append(process)
         task = asyncio.create_task(self._watch(process), name=f"standby-{process.pid}")

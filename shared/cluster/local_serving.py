@@ -259,8 +259,12 @@ class LocalServingBackend:
             raise NotReady(f"{handle} is not served by this replica's running servers")
         folder = self.layout.model(running.request.model, version)
         params = {"model-dir": str(folder)}
+        # Loading the weights may take as long as a new server's start.
+        loading = aiohttp.ClientTimeout(total=self.ready_timeout_s)
         try:
-            await asyncio.gather(*(self._admin(s.admin, "stage", params) for s in running.servers))
+            await asyncio.gather(
+                *(self._admin(s.admin, "stage", params, limit=loading) for s in running.servers)
+            )
         except (OSError, aiohttp.ClientError) as exc:
             await self.unstage(handle)
             problem = f"version {version} cannot replace the serving one in place: {exc}"
@@ -270,13 +274,28 @@ class LocalServingBackend:
     async def switch(self, handle: str, version: str) -> str:
         """Make the staged ``version`` the serving one on every server behind ``handle``, all
         at once (each between two of its batches); returns the model's endpoint. The handle
-        stays: the same servers now serve ``version``."""
-        running = self._own(handle)
-        params = {"version": version}
-        try:
-            await asyncio.gather(*(self._admin(s.admin, "switch", params) for s in running.servers))
-        except (OSError, aiohttp.ClientError) as exc:
-            raise NotReady(f"version {version} did not switch in place: {exc}") from exc
+        stays: the same servers now serve ``version``.
+
+        All or nothing: when a server does not switch, the ones that did switch back to the
+        version they served (each keeps it staged until the unstage), so every server serves
+        one version, the old one, when :class:`NotReady` is raised."""
+        running = self._versions.get(handle)
+        if running is None or not running.promoted or running.stopping:
+            raise NotReady(f"{handle} is not served by this replica's running servers")
+        previous = running.request.version
+        results = await asyncio.gather(
+            *(self._admin(s.admin, "switch", {"version": version}) for s in running.servers),
+            return_exceptions=True,
+        )
+        failed = [r for r in results if isinstance(r, BaseException)]
+        if failed:
+            switched = [s for s, r in zip(running.servers, results, strict=True) if r is None]
+            for server in switched:
+                with contextlib.suppress(OSError, aiohttp.ClientError):
+                    await self._admin(server.admin, "switch", {"version": previous})
+            await self.unstage(handle)
+            raise NotReady(f"version {version} did not switch in place: {failed[0]}")
+        await self.unstage(handle)  # the old weights, kept for a switch back, are freed
         running.request = dataclasses.replace(running.request, version=version)
         return self.endpoint(running.request.model, running.handle.port)
 
@@ -482,11 +501,18 @@ class LocalServingBackend:
                 raise NotReady(f"the model server exited ({server.process.returncode}): {tail}")
             await asyncio.sleep(0.05)
 
-    async def _admin(self, path: Path, action: str, params: dict[str, str] | None = None) -> None:
+    async def _admin(
+        self,
+        path: Path,
+        action: str,
+        params: dict[str, str] | None = None,
+        *,
+        limit: aiohttp.ClientTimeout = ADMIN_TIMEOUT,
+    ) -> None:
         with socket_address(path) as address:
             connector = aiohttp.UnixConnector(path=address)
             async with (
-                aiohttp.ClientSession(connector=connector, timeout=ADMIN_TIMEOUT) as http,
+                aiohttp.ClientSession(connector=connector, timeout=limit) as http,
                 http.post(f"{ADMIN_BASE}/{action}", params=params) as response,
             ):
                 if response.status >= 400:  # the server's reason, not just the status's

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import ctypes.util
+import errno
 import hashlib
 import os
 import shutil
@@ -93,14 +94,11 @@ class CopiedFile:
 # Above this size, hashing runs in a helper thread while the main thread writes (both release
 # the GIL): copy and hash overlap instead of adding up.
 OVERLAP_FROM_BYTES = 4 << 20
-_hash_pool: ThreadPoolExecutor | None = None
-
-
-def _hasher() -> ThreadPoolExecutor:
-    global _hash_pool  # noqa: PLW0603 - one lazily created helper thread per process
-    if _hash_pool is None:
-        _hash_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sha256")
-    return _hash_pool
+_HASH_POOL = ThreadPoolExecutor(
+    max_workers=min(8, os.cpu_count() or 1), thread_name_prefix="sha256"
+)
+"""Shared by every copy in the process (threads start on first use, none before): large files
+copied side by side are hashed side by side."""
 
 
 def copy_and_hash(
@@ -133,7 +131,7 @@ def copy_and_hash(
                     pending.result()
                     pending = None
                 if size > OVERLAP_FROM_BYTES:
-                    pending = _hasher().submit(digest.update, chunk)
+                    pending = _HASH_POOL.submit(digest.update, chunk)
                 else:
                     digest.update(chunk)
                 out.write(chunk)
@@ -193,14 +191,15 @@ def _copy_fd(
     size = 0
     hint = os.fstat(src).st_size
     if hint < OVERLAP_FROM_BYTES:
-        # One read sized to the file (+1 shows a file that grew since): a short read of a
-        # regular file is its end. The bytes hashed are the bytes written either way.
+        # One read sized to the file (+1 shows a file that grew since). Anything but exactly
+        # its size (a short read, as network and FUSE file systems may give, or a file that
+        # grew) goes on reading to the end below. The bytes hashed are the bytes written.
         data = os.read(src, hint + 1)
         size = len(data)
         _check_cap(size, name, max_bytes)
         digest.update(data)
         _write_all(dst, data)
-        if size <= hint:
+        if size == hint:
             return CopiedFile(size, digest.hexdigest()), data
     buffers = (bytearray(LARGE_CHUNK_BYTES), bytearray(LARGE_CHUNK_BYTES))
     pending: Future[None] | None = None
@@ -212,7 +211,7 @@ def _copy_fd(
             chunk = memoryview(buffers[turn])[:read]
             if pending is not None:
                 pending.result()  # the other buffer is hashed: the next read may fill it
-            pending = _hasher().submit(digest.update, chunk)
+            pending = _HASH_POOL.submit(digest.update, chunk)
             _write_all(dst, chunk)
             _start_writeback(dst, size - read, read)
             turn ^= 1
@@ -274,11 +273,17 @@ def publish_dir(staging: Path, final: Path) -> bool:
 def sync_tree(path: Path) -> None:
     """Make everything written under ``path`` durable: one syncfs(2) of its filesystem (on
     Linux: one call for a million files, where an fsync each would cost a round trip each),
-    or an fsync of every file where syncfs is missing or fails; then an fsync of every folder
-    so new names are durable too."""
+    or an fsync of every file where syncfs is missing (no libc symbol, or ENOSYS); then an
+    fsync of every folder so new names are durable too. A syncfs that fails otherwise (EIO)
+    raises: the data may not be on the disk."""
     fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
     try:
-        synced = _libc_syncfs is not None and _libc_syncfs(fd) == 0
+        synced = False
+        if _libc_syncfs is not None:
+            if _libc_syncfs(fd) == 0:
+                synced = True
+            elif (code := ctypes.get_errno()) != errno.ENOSYS:
+                raise OSError(code, f"syncfs failed: {os.strerror(code)}", str(path))
     finally:
         os.close(fd)
     for folder, _, files in os.walk(path):

@@ -21,6 +21,7 @@ from tests.integration.in_memory import Published, present
 from tests.integration.tiny_models import DIGITS_INPUT, export_digits, model_folder
 from torchrelay.services.serve.handlers import Deployer
 from torchrelay.shared.cluster.local_serving import LocalServingBackend
+from torchrelay.shared.cluster.port import NotReady
 from torchrelay.shared.cluster.registry import ServerOptions
 from torchrelay.shared.events import (
     ModelDeployed,
@@ -194,3 +195,42 @@ async def test_a_changed_signature_or_architecture_is_a_full_rollout(
     assert record is not None
     assert (record.value.active_version, record.value.previous_version) == (version, "v1")
     assert record.value.handle != first.value.handle, "new servers serve it"
+
+
+async def test_a_switch_that_fails_on_one_server_leaves_every_server_on_the_old_version(
+    deployer: tuple[Deployer, Published],
+) -> None:
+    handler, published = deployer
+    await handler.on_deploy_requested(deploy("v1"))
+    endpoint = published.of(ModelDeployed)[-1].data.endpoint
+    backend = handler.backend
+    assert isinstance(backend, LocalServingBackend)
+    record = await handler.deployments.get(key_part(MODEL))
+    assert record is not None
+    assert record.value.handle is not None
+    handle = record.value.handle
+    private = await backend.stage(handle, "v2")
+    load = Load(endpoint)
+    async with aiohttp.ClientSession() as http:
+        for url in private:  # staged: reachable by its version on each server's own port
+            async with http.post(f"{url}/v2/models/{MODEL}/versions/v2/infer", json=load.body) as r:
+                assert (await r.json())["model_version"] == "v2"
+        pinned = f"{endpoint}/versions/v2/infer"
+        async with http.post(pinned, json=load.body) as r:
+            assert r.status == 404, "not on the shared port before it serves"
+    # One server loses what was staged (as if it restarted): its switch is refused.
+    (running,) = backend._versions.values()
+    await backend._admin(running.servers[1].admin, "unstage")
+
+    with pytest.raises(NotReady, match="did not switch in place"):
+        await backend.switch(handle, "v2")
+    await load.until_stopped()
+
+    assert set(load.outcomes) == {"200"}, load.outcomes
+    assert all(in_order(seen, "v1", "v2") for seen in load.versions)
+    async with aiohttp.ClientSession() as http:
+        for url in private:  # each server on its own port: the switch was undone everywhere
+            async with http.post(f"{url}/v2/models/{MODEL}/infer", json=load.body) as r:
+                assert (await r.json())["model_version"] == "v1"
+            async with http.post(f"{url}/v2/models/{MODEL}/versions/v2/infer", json=load.body) as r:
+                assert r.status == 404, "nothing is left staged"

@@ -70,7 +70,8 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
         "--admin-socket",
         type=Path,
         default=None,
-        help="unix socket (created with mode 0600) for rollout control: serve-on, retire",
+        help="unix socket (created with mode 0600) for rollout control: serve-on, retire, "
+        "stage, switch, unstage",
     )
     return parser.parse_args(argv)
 
@@ -117,6 +118,7 @@ async def _serve(args: argparse.Namespace, model: LoadedModel, admin: socket.soc
     site = web.TCPSite(runner, args.host, args.port, reuse_port=args.reuse_port)
     await site.start()
     port = runner.addresses[0][1]
+    api.private_port = port
     control_runner: web.AppRunner | None = None
     if admin is not None:
         # A short shutdown: a control request is answered at once, nothing waits on it.
@@ -177,7 +179,10 @@ class Control:
     takes traffic: ``stage`` loads it beside the serving one (refused with 409 when it is not
     the same model: another signature or architecture, see
     :func:`~torchrelay.services.serve.server.model.swap_problem`), after which it answers
-    requests that name its version; ``switch`` makes it the serving one between two batches.
+    requests that name its version on this server's private port; ``switch`` makes it the
+    serving one between two batches and keeps the old one staged, so that a deployer whose
+    switch failed on another server can switch this one back; ``unstage`` drops what is
+    staged (and a stage still loading).
 
     Retiring stops listening everywhere, answers every later request on an open connection
     with ``Connection: close`` (so clients move to the new servers without a failed request),
@@ -190,6 +195,8 @@ class Control:
         self.draining = False
         self.runner = runner
         self.shared: list[web.TCPSite] = []
+        self.stages = 0
+        """Bumped by each stage and unstage: a load that ends after a newer one is dropped."""
         app.middlewares.append(self._close_when_draining)
 
     def admin_app(self) -> web.Application:
@@ -207,14 +214,19 @@ class Control:
         folder = request.query.get("model-dir")
         if not folder:
             return web.json_response({"error": "stage needs ?model-dir=<folder>"}, status=400)
+        self.stages += 1
+        stage = self.stages
         try:
             candidate = await asyncio.to_thread(load_model, Path(folder))
         except ModelLoadError as exc:
             return web.json_response({"error": str(exc)}, status=422)
+        if stage != self.stages:  # unstaged (or staged again) while this one loaded
+            return web.json_response({"error": "unstaged while loading"}, status=409)
         if (problem := swap_problem(self.api.model, candidate)) is not None:
             return web.json_response({"error": problem}, status=409)
+        # Not frozen (gc.freeze): a model is a few Python objects, and one frozen now would
+        # never be collected once a later swap replaces it.
         self.api.staged = candidate
-        freeze_heap()  # the new weights are long-lived too
         return web.json_response({"staged": candidate.version})
 
     async def _switch(self, request: web.Request) -> web.Response:
@@ -223,13 +235,17 @@ class Control:
         if staged is None or staged.version != version:
             problem = f"version {version!r} is not staged here"
             return web.json_response({"error": problem}, status=409)
-        previous = self.api.model.version
+        previous = self.api.model
         self.api.batcher.swap(staged)  # the next batch runs on it
-        self.api.staged = None
-        print(json.dumps({"event": "model.swapped", "from": previous, "to": version}), flush=True)  # noqa: T201
-        return web.json_response({"serving": version, "previous": previous})
+        # The old version stays staged until the deployer unstages it: if another server failed
+        # to switch, a switch back to it puts every server on one version again.
+        self.api.staged = previous
+        event = {"event": "model.swapped", "from": previous.version, "to": version}
+        print(json.dumps(event), flush=True)  # noqa: T201
+        return web.json_response({"serving": version, "previous": previous.version})
 
     async def _unstage(self, _: web.Request) -> web.Response:
+        self.stages += 1  # a stage still loading is dropped when it ends
         self.api.staged = None
         return web.json_response({"staged": None})
 

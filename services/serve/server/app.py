@@ -75,8 +75,10 @@ class ModelApi:
     """The v2 routes of one loaded model (the batcher's: swapping it swaps what they serve).
 
     A version staged for an in-place swap (:attr:`staged`) answers only when asked by its
-    version (``/v2/models/{name}/versions/{staged}/infer``): that is how the deployer smoke-checks
-    it before the switch, while every unversioned request keeps going to the serving model.
+    version (``/v2/models/{name}/versions/{staged}/infer``) on this server's own (private)
+    port: that is how the deployer smoke-checks it before the switch. On the shared port,
+    where clients are, it does not exist until it serves, and every unversioned request keeps
+    going to the serving model.
     """
 
     def __init__(
@@ -88,6 +90,8 @@ class ModelApi:
     ) -> None:
         self.batcher = batcher
         self.staged: LoadedModel | None = None
+        self.private_port: int | None = None
+        """This server's own port (the only one where :attr:`staged` answers)."""
         self.metrics = metrics
         self.registry = registry
         self.max_body_bytes = max_body_bytes
@@ -117,13 +121,19 @@ class ModelApi:
         if name == model.name:
             if version is None or version == model.version:
                 return model
-            if staged is not None and version == staged.version:
+            if staged is not None and version == staged.version and self._private(request):
                 return staged
         return error(
             404,
             f"unknown model {name!r} version {version!r}; this server has "
             f"{model.name!r} version {model.version!r}",
         )
+
+    def _private(self, request: web.Request) -> bool:
+        sockname = (
+            None if request.transport is None else request.transport.get_extra_info("sockname")
+        )
+        return sockname is not None and sockname[1] == self.private_port
 
     async def server_metadata(self, _: web.Request) -> web.Response:
         return web.json_response({"name": "torchrelay", "version": __version__, "extensions": []})
