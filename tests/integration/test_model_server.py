@@ -424,6 +424,9 @@ async def test_a_staged_version_answers_by_its_version_only_until_the_switch(
         assert await answered_by("/versions/retrained") == "retrained", "the check reaches it"
         assert await admin_post(admin, "switch", version="retrained") == 200
         assert [await answered_by() for _ in range(3)] == ["retrained"] * 3
+        # The old version stays staged (for a switch back) until the deployer unstages it.
+        assert await answered_by("/versions/served") == "served"
+        assert await admin_post(admin, "unstage") == 200
         async with (
             aiohttp.ClientSession() as http,
             http.post(f"{base}/versions/served/infer", json=body(digits(1))) as r,
