@@ -165,13 +165,15 @@ def platform(tmp_path: Path) -> Iterator[Up]:
     stop_up(up)
 
 
-def digits_pipeline(name: str, *, epochs: int = 20, world_size: int = 2) -> dict[str, Any]:
+def digits_pipeline(
+    name: str, *, epochs: int = 20, world_size: int = 2, model_name: str = "digits"
+) -> dict[str, Any]:
     return {
         "name": name,
         "dataset": {"name": "digits", "source": "sklearn:digits"},
         "training": {
             "entrypoint": "torchrelay.services.train.examples.digits:train",
-            "model_name": "digits",
+            "model_name": model_name,
             "world_size": world_size,
             "checkpoint_every_steps": 20,
             "hyperparameters": {"epochs": epochs},

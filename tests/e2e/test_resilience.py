@@ -84,7 +84,10 @@ def test_train_killed_while_its_workers_train(up: Up) -> None:
 
 
 def test_serve_killed_during_a_rollout(up: Up) -> None:
-    pipeline_id = up.submit(digits_pipeline("after-serve-died", epochs=10))
+    # A model of its own: its first version is a full rollout (new servers, seconds), where a
+    # retrained "digits" would swap into the running servers in milliseconds.
+    spec = digits_pipeline("after-serve-died", epochs=10, model_name="digits-serve-killed")
+    pipeline_id = up.submit(spec)
     up.wait_for(pipeline_id, "deploy", "running")
     old = kill(up, "serve-0")
     wait_restarted(up, "serve-0", old)
