@@ -227,7 +227,9 @@ async def test_a_switch_that_fails_on_one_server_leaves_every_server_on_the_old_
     await load.until_stopped()
 
     assert set(load.outcomes) == {"200"}, load.outcomes
-    assert all(in_order(seen, "v1", "v2") for seen in load.versions)
+    # (A server that did switch answered v2, which passed its smoke check, until it switched
+    # back: in this failure the versions do not only move forward.)
+    assert all(seen[-1] == "v1" for seen in load.versions), "every connection ends on v1"
     async with aiohttp.ClientSession() as http:
         for url in private:  # each server on its own port: the switch was undone everywhere
             async with http.post(f"{url}/v2/models/{MODEL}/infer", json=load.body) as r:
