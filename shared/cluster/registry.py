@@ -26,6 +26,7 @@ TRAINING: Mapping[str, str] = {
 SERVING: Mapping[str, str] = {
     "local": "torchrelay.shared.cluster.local_serving",
     "kubernetes": "torchrelay.shared.cluster.kubernetes.serving",
+    "simulated": "torchrelay.shared.cluster.simulated_serving",
 }
 
 
@@ -82,6 +83,8 @@ class ServingConfig:
     host: str = "127.0.0.1"
     """Local: the address model servers listen on."""
     kube: KubeOptions = field(default_factory=KubeOptions)
+    simulated_ready_delay_s: float = 1.0
+    """Simulated (benchmarks and tests only): how long a version takes to get ready."""
 
 
 def _module(kind: str, table: Mapping[str, str], name: str) -> Any:

@@ -192,7 +192,7 @@ class SimulatedBackend:
                 signal="SIGKILL",
             )
         try:
-            await asyncio.to_thread(_export, job, step)
+            await asyncio.to_thread(write_success, job, step)
         except OSError as exc:  # the storage failed rank 0, as it would a real one
             return Ended(Status.FAILED, f"rank 0 failed: {exc} (exit 1)", rank=0, exit_code=1)
         return Ended(Status.SUCCEEDED, "every rank finished")
@@ -233,7 +233,7 @@ class SimulatedBackend:
         return self._bus.publish  # type: ignore[attr-defined, no-any-return]
 
 
-def _export(job: WorkerJob, steps: int) -> None:
+def write_success(job: WorkerJob, steps: int) -> None:
     """What a successful rank 0 leaves: the model folder, then result.json (written last)."""
     layout = Layout(Path(job.storage_root))
     name, version = job.job.model_name, job.run_id
