@@ -34,6 +34,8 @@ from pathlib import Path
 
 import structlog
 
+from torchrelay.shared.bus.connection import NatsSettings, connect
+from torchrelay.shared.bus.jetstream import JetStreamBus
 from torchrelay.shared.cluster.port import Description, Ended, Phase, Status, WorkerJob
 from torchrelay.shared.cluster.registry import SimulatedTraining, TrainingConfig
 from torchrelay.shared.errors import ConfigError, NotOwned
@@ -102,7 +104,7 @@ class SimulatedBackend:
         self._publish = publish
         """Where progress goes; None: a NATS connection of the workers' user, opened on the
         first report (per backend, not per attempt: a thousand attempts share it)."""
-        self._bus: object | None = None
+        self._bus: JetStreamBus | None = None
         self._connecting = asyncio.Lock()
         self._tasks: dict[str, asyncio.Task[Ended]] = {}
         self._cancelled: set[str] = set()
@@ -165,7 +167,7 @@ class SimulatedBackend:
                 await self.cancel(handle)
         bus, self._bus = self._bus, None
         if bus is not None:
-            await bus.aclose()  # type: ignore[attr-defined]
+            await bus.aclose()
 
     def _forget(self, handle: str) -> None:
         self._tasks.pop(handle, None)
@@ -219,18 +221,21 @@ class SimulatedBackend:
             return None
         async with self._connecting:
             if self._bus is None:
-                from torchrelay.shared.bus.connection import NatsSettings, connect
-                from torchrelay.shared.bus.jetstream import JetStreamBus
-
-                env = self.sim.worker_env
+                # As a local rank: the workers' own user, the service's TLS settings.
+                env = {**os.environ, **self.sim.worker_env}
                 settings = NatsSettings(
                     url=job.nats_url,
-                    user=env.get("TORCHRELAY_NATS_USER"),
-                    password=env.get("TORCHRELAY_NATS_PASSWORD"),
-                    inbox_prefix=env.get("TORCHRELAY_NATS_INBOX_PREFIX"),
+                    user=self.sim.worker_env.get("TORCHRELAY_NATS_USER"),
+                    password=self.sim.worker_env.get("TORCHRELAY_NATS_PASSWORD"),
+                    inbox_prefix=self.sim.worker_env.get("TORCHRELAY_NATS_INBOX_PREFIX"),
+                    tls_ca_file=env.get("TORCHRELAY_NATS_TLS_CA_FILE"),
+                    tls_cert_file=env.get("TORCHRELAY_NATS_TLS_CERT_FILE"),
+                    tls_key_file=env.get("TORCHRELAY_NATS_TLS_KEY_FILE"),
+                    tls_hostname=env.get("TORCHRELAY_NATS_TLS_HOSTNAME"),
+                    startup_wait_s=10.0,
                 )
                 self._bus = JetStreamBus(await connect(settings))
-        return self._bus.publish  # type: ignore[attr-defined, no-any-return]
+        return self._bus.publish
 
 
 def write_success(job: WorkerJob, steps: int) -> None:

@@ -14,20 +14,27 @@ small aiohttp server per backend answers every version it runs, at a URL per rep
 
 The answer is zeros shaped as the first output ``model.json`` declares (batch 1 for -1), so
 any exported model passes, the simulated trainer's included. A version stops answering once
-cancelled, replaced or undeployed. Versions are tasks of this replica (``adopt`` says None,
-as locally) and the endpoint's port is this replica's: another replica that serves the model
-again gives it a new endpoint. No swap in place: every new version rolls out anew.
+cancelled, replaced or undeployed. Versions live in the replica that started them (``adopt``
+says None, as locally); the handle names that replica's port, and other replicas describe and
+cancel its versions over ``GET``/``DELETE <base>/sim/<id>`` there, as local replicas do over
+their servers' admin sockets (unauthenticated: a simulation on loopback, never production).
+The endpoint's port is the serving replica's: a version rolled out by another replica, or a
+model served again after its replica died, gets a new endpoint (ModelDeployed says which),
+where the local backend keeps the model's port. No swap in place: every version rolls out anew.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
+import re
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import structlog
 from aiohttp import web
 
@@ -39,6 +46,7 @@ from torchrelay.shared.storage.files import ModelDescription
 from torchrelay.shared.storage.layout import Layout
 
 log = structlog.get_logger("torchrelay.cluster.simulated_serving")
+_HANDLE = re.compile(r"simulated/[0-9]+/[0-9a-f]+")
 STOPPED_KEPT = 4096
 """Handles of versions stopped here, remembered so that a late ``wait`` on one still ends."""
 
@@ -99,6 +107,8 @@ class SimulatedServingBackend:
     async def start(self) -> None:
         """Listen on a free port of ``host``; :func:`open_serving` calls it."""
         app = web.Application()
+        app.router.add_get("/sim/{id}", self._status)
+        app.router.add_delete("/sim/{id}", self._cancel)
         app.router.add_post(
             "/sim/{id}/{replica}/v2/models/{model}/versions/{version}/infer", self._private
         )
@@ -121,7 +131,7 @@ class SimulatedServingBackend:
         return SimulatedServingRequest(work.model, work.version, work.replicas, work.replacing)
 
     async def schedule(self, request: SimulatedServingRequest) -> str:
-        handle = f"simulated/{request.model}/{request.version}/{uuid.uuid4().hex[:8]}"
+        handle = f"simulated/{self._port}/{uuid.uuid4().hex[:12]}"
         ready_at = asyncio.get_running_loop().time() + self.ready_delay_s
         self._versions[handle] = _Version(request, ready_at)
         log.info("model_server.scheduled", handle=handle, simulated=True)
@@ -130,8 +140,7 @@ class SimulatedServingBackend:
     async def ready(self, handle: str) -> list[str]:
         version = self._versions[handle]
         await asyncio.sleep(max(0.0, version.ready_at - asyncio.get_running_loop().time()))
-        token = handle.rsplit("/", 1)[-1]
-        return [f"{self.base}/sim/{token}/{i}" for i in range(version.request.replicas)]
+        return [f"{self._admin(handle)}/{i}" for i in range(version.request.replicas)]
 
     async def promote(self, handle: str) -> str:
         version = self._versions[handle]
@@ -148,9 +157,10 @@ class SimulatedServingBackend:
         return f"{self.base}/v2/models/{model}"
 
     async def describe(self, handle: str) -> Description | None:
+        """This replica's versions as they are; another replica's as its server says."""
         version = self._versions.get(handle)
         if version is None:
-            return None
+            return await self._elsewhere(handle, "GET")
         ready = asyncio.get_running_loop().time() >= version.ready_at
         replicas = version.request.replicas
         return Description(
@@ -173,9 +183,11 @@ class SimulatedServingBackend:
         return None
 
     async def cancel(self, handle: str) -> None:
-        """Stop answering for the version (anything unknown here: nothing to do)."""
+        """Stop answering for the version: this replica's here, another's by asking its
+        server (a version or server gone: nothing to do)."""
         version = self._versions.pop(handle, None)
         if version is None:
+            await self._elsewhere(handle, "DELETE")
             return
         if self._serving.get(version.request.model) == handle:
             del self._serving[version.request.model]
@@ -199,13 +211,51 @@ class SimulatedServingBackend:
         if runner is not None:
             await runner.cleanup()
 
+    def _admin(self, handle: str) -> str:
+        """Where the server that runs ``handle``'s version answers for it."""
+        _, port, token = handle.split("/")
+        return f"http://{self.host}:{port}/sim/{token}"
+
+    async def _elsewhere(self, handle: str, method: str) -> Description | None:
+        """Describe (GET) or cancel (DELETE) a version another replica's server runs."""
+        if not _HANDLE.fullmatch(handle):
+            return None
+        timeout = aiohttp.ClientTimeout(total=5)
+        try:
+            async with (
+                aiohttp.ClientSession(timeout=timeout) as http,
+                http.request(method, self._admin(handle)) as answer,
+            ):
+                if answer.status != 200:
+                    return None
+                said = await answer.json()
+        except (aiohttp.ClientError, TimeoutError, ValueError):
+            return None  # its replica is gone, and the version with it
+        return Description(handle, Phase(said["phase"]), str(said["detail"]))
+
+    def _mine(self, request: web.Request) -> tuple[str, _Version]:
+        handle = f"simulated/{self._port}/{request.match_info['id']}"
+        version = self._versions.get(handle)
+        if version is None:
+            raise web.HTTPNotFound(text="no such simulated version here")
+        return handle, version
+
+    async def _status(self, request: web.Request) -> web.Response:
+        described = await self.describe(self._mine(request)[0])
+        assert described is not None  # noqa: S101 - it is this replica's
+        return web.json_response({"phase": described.phase.value, "detail": described.detail})
+
+    async def _cancel(self, request: web.Request) -> web.Response:
+        with contextlib.suppress(web.HTTPNotFound):  # cancelling twice is success
+            await self.cancel(self._mine(request)[0])
+        return web.json_response({"phase": Phase.SUCCEEDED.value, "detail": "stopped"})
+
     async def _private(self, request: web.Request) -> web.Response:
-        token, model = request.match_info["id"], request.match_info["model"]
-        version = request.match_info["version"]
-        handle = f"simulated/{model}/{version}/{token}"
-        if handle not in self._versions:
-            raise web.HTTPNotFound(text=f"no version {version} of {model} here")
-        return await self._answer(model, version)
+        _, version = self._mine(request)
+        model, asked = request.match_info["model"], request.match_info["version"]
+        if (model, asked) != (version.request.model, version.request.version):
+            raise web.HTTPNotFound(text=f"version {asked} of {model} is not served here")
+        return await self._answer(model, asked)
 
     async def _stable(self, request: web.Request) -> web.Response:
         model = request.match_info["model"]

@@ -128,3 +128,27 @@ async def test_the_deployer_serves_replaces_and_takes_down_simulated_versions(
         assert await infer(endpoint) == 404
     finally:
         await deployer.aclose()
+
+
+async def test_another_replica_describes_and_cancels_a_version_it_did_not_start(
+    backend: SimulatedServingBackend, tmp_path: Path
+) -> None:
+    await asyncio.to_thread(exported, tmp_path, "r1")
+    other = SimulatedServingBackend(tmp_path, ready_delay_s=0, host="127.0.0.1")
+    await other.start()
+    try:
+        work = ModelVersion(model="digits", version="r1", replicas=1)
+        handle = await backend.schedule(backend.dryrun(work))
+        await backend.ready(handle)
+        endpoint = await backend.promote(handle)
+        described = await other.describe(handle)
+        assert described is not None
+        assert described.phase is Phase.RUNNING
+        await other.cancel(handle)
+        await other.cancel(handle)
+        assert await other.describe(handle) is None
+        assert await backend.describe(handle) is None
+        assert await infer(endpoint) == 404
+        assert await other.describe("simulated/1/abc") is None, "a replica that is gone"
+    finally:
+        await other.aclose()
