@@ -14,7 +14,7 @@ import pytest
 from nats.aio.msg import Msg
 from prometheus_client import CollectorRegistry
 
-from tests.integration.in_memory import Published, present
+from tests.integration.in_memory import Published
 from torchrelay.services.monitor.handlers import EventMetrics, Monitor
 from torchrelay.services.monitor.settings import MonitorOptions
 from torchrelay.services.train.handlers import Trainer
@@ -37,7 +37,8 @@ from torchrelay.shared.events import (
 )
 from torchrelay.shared.events.data import DatasetRef, TrainJobSpec, TrainRequestedData
 from torchrelay.shared.runtime.metrics import reconciled_counter
-from torchrelay.shared.state import MemoryState
+from torchrelay.shared.state import State
+from torchrelay.shared.state.presence import Presence
 from torchrelay.shared.storage import Layout, RunResult
 from torchrelay.shared.storage.files import ModelDescription
 from torchrelay.shared.testing import assert_eventually
@@ -193,13 +194,16 @@ async def test_progress_reaches_the_bus_as_rank_0_reports_it(nats_url: str, tmp_
 
 
 async def test_a_run_whose_first_attempt_fails_is_restarted_once_by_the_monitor_and_succeeds(
-    tmp_path: Path,
+    any_state: State, tmp_path: Path
 ) -> None:
-    """The real train handlers and monitor, in memory, with the events routed between them."""
+    """The real train handlers and monitor (state in memory and over JetStream KV), with the
+    events routed between them."""
     manifest = Layout(tmp_path).manifest("digits", "v1")
     manifest.parent.mkdir(parents=True)
     manifest.write_text("{}")
-    state, published = MemoryState(), Published()
+    state, published = any_state, Published()
+    presence = Presence(state.leases, "train", f"train-{uuid.uuid4().hex[:6]}")
+    await presence.announce()
     sim = SimulatedTraining(min_duration_s=0.2, max_duration_s=0.2, fail_rate=1.0)
     backend = SimulatedBackend(sim, publish=published)
     trainer = Trainer(
@@ -208,7 +212,7 @@ async def test_a_run_whose_first_attempt_fails_is_restarted_once_by_the_monitor_
         publish=published,
         storage_root=tmp_path,
         nats_url="nats://127.0.0.1:1",
-        presence=await present(state, "train"),
+        presence=presence,
         source="/torchrelay/train",
         entrypoints=["torchrelay.services.train.examples"],
         reconciled=reconciled_counter(CollectorRegistry()),
@@ -239,6 +243,9 @@ async def test_a_run_whose_first_attempt_fails_is_restarted_once_by_the_monitor_
         request = TrainRequestedData(run_id=f"r{uuid.uuid4().hex[:6]}", spec=spec())
         await trainer.on_requested(TrainRequested(source="/tests", data=request))
         await assert_eventually(route, timeout_s=20)
+        record = await trainer.runs.get(str(request.run_id))
+        assert record is not None
+        assert (record.value.status, record.value.attempt) == ("succeeded", 1)
     finally:
         await trainer.aclose()
     (failed,) = published.of(TrainFailed)
