@@ -158,8 +158,7 @@ class SimulatedBackend:
             raise NotOwned(f"no simulated attempt {handle!r} runs in this replica")
         self._cancelled.add(handle)
         task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
+        await asyncio.wait([task])  # ended, without taking on its cancellation
 
     async def aclose(self) -> None:
         for handle in list(self._tasks):
