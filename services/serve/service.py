@@ -36,6 +36,7 @@ def serving_config(settings: ServeSettings) -> ServingConfig:
         ),
         host=options.endpoint_host,
         kube=settings.kube,
+        simulated_ready_delay_s=options.simulated_ready_delay_s,
     )
 
 

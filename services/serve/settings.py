@@ -13,9 +13,11 @@ DEFAULT_PORT = 8083
 
 
 class ServeOptions(Group):
-    backend: Literal["local", "kubernetes"] = Field(
+    backend: Literal["local", "kubernetes", "simulated"] = Field(
         default="local",
-        description="Where model servers run: processes here, or a Deployment per model.",
+        description="Where model servers run: processes here, or a Deployment per model. "
+        "simulated: no model servers, for benchmarks and tests of the control plane only "
+        "(needs TORCHRELAY_ALLOW_SIMULATED_BACKEND=true).",
     )
     endpoint_host: str = Field(
         default="127.0.0.1", description="Where models' stable endpoints listen."
@@ -26,6 +28,9 @@ class ServeOptions(Group):
     max_queue: int = Field(default=512, ge=1, description="Requests queued per process, then 503.")
     ready_timeout_s: float = Field(default=60.0, gt=0, description="Load + smoke inference limit.")
     drain_s: float = Field(default=10.0, gt=0, description="How long a retired version drains.")
+    simulated_ready_delay_s: float = Field(
+        default=1.0, ge=0, description="Simulated backend: how long a version takes to get ready."
+    )
     swap_in_place: bool = Field(
         default=True,
         description="A new version with the serving one's signature and architecture replaces "

@@ -10,7 +10,11 @@ from torchrelay.services.train.settings import TrainOptions, TrainSettings
 from torchrelay.shared.bus import Subscription
 from torchrelay.shared.bus.principals import inbox_prefix
 from torchrelay.shared.cluster import TrainingBackend
-from torchrelay.shared.cluster.registry import TrainingConfig, open_training_backend
+from torchrelay.shared.cluster.registry import (
+    SimulatedTraining,
+    TrainingConfig,
+    open_training_backend,
+)
 from torchrelay.shared.events import (
     DatasetStaged,
     TrainCancelRequested,
@@ -38,6 +42,13 @@ async def _backend(settings: TrainSettings) -> TrainingBackend:
         worker_env=_worker_nats_env(options),
         warm_ranks=options.warm_ranks if local else 0,
         kube=settings.kube,
+        simulated=SimulatedTraining(
+            min_duration_s=options.simulated_min_duration_s,
+            max_duration_s=options.simulated_max_duration_s,
+            progress_interval_s=options.simulated_progress_interval_s,
+            fail_rate=options.simulated_fail_rate,
+            worker_env=_worker_nats_env(options),
+        ),
     )
     return await open_training_backend(options.backend, config)
 

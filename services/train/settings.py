@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import os
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, Self
 
-from pydantic import Field, SecretStr, field_validator
+from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import NoDecode
 
 from torchrelay.shared.cluster.kubernetes.options import KubeOptions
@@ -17,9 +17,11 @@ EXAMPLES = "torchrelay.services.train.examples"
 
 
 class TrainOptions(Group):
-    backend: Literal["local", "kubernetes"] = Field(
+    backend: Literal["local", "kubernetes", "simulated"] = Field(
         default="local",
-        description="Where workers run: processes here, or pods (TORCHRELAY_KUBE_* settings).",
+        description="Where workers run: processes here, or pods (TORCHRELAY_KUBE_* settings). "
+        "simulated: no workers at all, for benchmarks and tests of the control plane only "
+        "(needs TORCHRELAY_ALLOW_SIMULATED_BACKEND=true).",
     )
     max_world_size: int = Field(
         default_factory=lambda: max(2, 2 * (os.cpu_count() or 1)),
@@ -61,6 +63,22 @@ class TrainOptions(Group):
         description="How long one collective (all-reduce, barrier) may take once the ranks "
         "joined: a slow rank 0 checkpointing to shared storage holds the others that long.",
     )
+    simulated_min_duration_s: float = Field(
+        default=5.0, gt=0, description="Simulated backend: the shortest an attempt runs."
+    )
+    simulated_max_duration_s: float = Field(
+        default=15.0, gt=0, description="Simulated backend: the longest an attempt runs."
+    )
+    simulated_progress_interval_s: float = Field(
+        default=1.0, gt=0, description="Simulated backend: seconds between progress events."
+    )
+    simulated_fail_rate: float = Field(
+        default=0.0,
+        ge=0,
+        le=1,
+        description="Simulated backend: the chance that a run's first attempt fails like a "
+        "killed rank (and is restarted); later attempts always succeed.",
+    )
     entrypoints: Annotated[tuple[str, ...], NoDecode] = Field(
         default=(EXAMPLES,),
         description="Module prefixes (comma-separated, whole dotted components) a request's "
@@ -86,6 +104,12 @@ class TrainOptions(Group):
                 "(give packages or modules, e.g. mycompany.trainers, without ':function')"
             )
         return value
+
+    @model_validator(mode="after")
+    def _simulated_durations_ordered(self) -> Self:
+        if self.simulated_min_duration_s > self.simulated_max_duration_s:
+            raise ValueError("simulated_min_duration_s is more than simulated_max_duration_s")
+        return self
 
 
 class TrainSettings(ServiceSettings):

@@ -21,11 +21,26 @@ from torchrelay.shared.errors import ConfigError
 TRAINING: Mapping[str, str] = {
     "local": "torchrelay.shared.cluster.local",
     "kubernetes": "torchrelay.shared.cluster.kubernetes.training",
+    "simulated": "torchrelay.shared.cluster.simulated",
 }
 SERVING: Mapping[str, str] = {
     "local": "torchrelay.shared.cluster.local_serving",
     "kubernetes": "torchrelay.shared.cluster.kubernetes.serving",
+    "simulated": "torchrelay.shared.cluster.simulated_serving",
 }
+
+
+@dataclass(frozen=True)
+class SimulatedTraining:
+    """Simulated backend (benchmarks and tests only): how its attempts behave."""
+
+    min_duration_s: float = 5.0
+    max_duration_s: float = 15.0
+    progress_interval_s: float = 1.0
+    fail_rate: float = 0.0
+    """The chance that an attempt 0 fails (killed, restartable); later attempts never fail."""
+    worker_env: Mapping[str, str] = field(default_factory=dict)
+    """The workers' NATS user (TORCHRELAY_NATS_USER, _PASSWORD, _INBOX_PREFIX), as locally."""
 
 
 @dataclass(frozen=True)
@@ -39,6 +54,7 @@ class TrainingConfig:
     warm_ranks: int = 0
     """Local: standby ranks kept with torch imported, for CPU jobs to start on (0: none)."""
     kube: KubeOptions = field(default_factory=KubeOptions)
+    simulated: SimulatedTraining = field(default_factory=SimulatedTraining)
 
 
 @dataclass(frozen=True)
@@ -67,6 +83,8 @@ class ServingConfig:
     host: str = "127.0.0.1"
     """Local: the address model servers listen on."""
     kube: KubeOptions = field(default_factory=KubeOptions)
+    simulated_ready_delay_s: float = 1.0
+    """Simulated (benchmarks and tests only): how long a version takes to get ready."""
 
 
 def _module(kind: str, table: Mapping[str, str], name: str) -> Any:

@@ -66,3 +66,12 @@ def test_a_timeout_that_is_not_positive_is_a_settings_error_naming_the_variable(
     with pytest.raises(ValidationError) as caught:
         TrainSettings()
     assert "TORCHRELAY_TRAIN_RENDEZVOUS_TIMEOUT_S" in describe_settings_error(caught.value)
+
+
+def test_a_simulated_duration_range_that_is_upside_down_is_a_settings_error(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("TORCHRELAY_TRAIN_SIMULATED_MIN_DURATION_S", "20")
+    monkeypatch.setenv("TORCHRELAY_TRAIN_SIMULATED_MAX_DURATION_S", "10")
+    with pytest.raises(ValidationError, match="simulated_min_duration_s is more than"):
+        TrainSettings()
