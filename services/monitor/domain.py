@@ -126,6 +126,17 @@ def progress_counts(watch: RunWatch | None, at: datetime) -> bool:
     )
 
 
+def progress_due(watch: RunWatch | None, at: datetime, every_s: float) -> bool:
+    """Whether a progress report made ``at`` is to be written to the watch: news of the
+    watched attempt (:func:`progress_counts`) and ``every_s`` or more after the last one
+    written (never earlier: a late report does not move the clock back). The reports between
+    change nothing a stall check reads, by more than ``every_s``."""
+    if watch is None or not progress_counts(watch, at):
+        return False
+    last = watch.last_progress_at
+    return last is None or (at - last).total_seconds() >= every_s
+
+
 def stall_reason(watch: RunWatch, *, after_s: float, start_after_s: float) -> str:
     """Why an attempt was taken for stalled, as the restart or the final failure says it."""
     if watch.last_progress_at is None:
@@ -201,6 +212,10 @@ def dead_letter_category(reason: str) -> str:
     if reason.startswith(("gave up after", "exhausted")):
         return "exhausted"
     return "refused"
+
+
+PIPELINE_ENDINGS = (ModelDeployed, TrainCompleted, DatasetRejected, ModelRolloutFailed, TrainFailed)
+"""The only event types :func:`pipeline_end` can take for an end: no other needs the clock."""
 
 
 def pipeline_end(event: AnyEvent, last_stage: str | None) -> str | None:

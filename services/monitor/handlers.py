@@ -11,6 +11,7 @@ import structlog
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from torchrelay.services.monitor.domain import (
+    PIPELINE_ENDINGS,
     Recovery,
     RunWatch,
     Stamp,
@@ -21,6 +22,7 @@ from torchrelay.services.monitor.domain import (
     dead_letter_category,
     pipeline_end,
     progress_counts,
+    progress_due,
     progressed,
     restart_wait_s,
     source_label,
@@ -251,6 +253,8 @@ class Monitor:
             with contextlib.suppress(AlreadyExists):  # a redelivery: the clock runs already
                 await self.stamps.create(key, Stamp(at=event.time, last_stage=last))
             return
+        if not isinstance(event, PIPELINE_ENDINGS):
+            return  # the clock stops only on an ending: no read for the many events between
         stamp = await self.stamps.get(key)
         if stamp is None:
             return
@@ -339,12 +343,27 @@ class Monitor:
         self.metrics.samples.labels(data.run_id).set(data.samples_per_s)
         self.metrics.last_progress.labels(data.run_id).set(event.time.timestamp())
 
+        every_s = self._options.progress_every_s
+        key = _run_key(data.run_id)
+        # Most reports change nothing a stall check reads: tell from the live view, without a
+        # request. The view trails the bucket by a moment, so a report it skips is at most
+        # ``every_s`` from the last one written; anything else (a report due, of another
+        # attempt, of a run the view does not hold or a view not started) is judged again on
+        # the stored value.
+        seen = self._watched.get(key)
+        if (
+            seen is not None
+            and progress_counts(seen.value, event.time)
+            and not progress_due(seen.value, event.time, every_s)
+        ):
+            return
+
         def change(current: RunWatch | None) -> RunWatch | None:
-            if current is None or not progress_counts(current, event.time):
+            if current is None or not progress_due(current, event.time, every_s):
                 return None
             return current.model_copy(update={"last_progress_at": event.time})
 
-        await self.watches.mutate(_run_key(data.run_id), change)
+        await self.watches.mutate(key, change)
 
     async def _completed(self, event: AnyEvent) -> None:
         watch = await self.watches.get(_run_key(event.data.run_id))

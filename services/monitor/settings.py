@@ -25,6 +25,13 @@ class MonitorOptions(Group):
         "a backend that can say why reports it first.",
     )
     stall_check_s: float = Field(default=5.0, gt=0, description="How often stalls are looked for.")
+    progress_record_s: float = Field(
+        default=5.0,
+        gt=0,
+        description="A run's last progress is written to the monitor's state at most this "
+        "often (the reports between are metrics only), so a stall is seen at most this much "
+        "late (at most a quarter of stall_after_s is used).",
+    )
     backoff_base_s: float = Field(
         default=2.0,
         ge=0,
@@ -38,6 +45,12 @@ class MonitorOptions(Group):
         description="How long a run may sit in a state that an event on its way should move "
         "before reconciliation moves it on itself (a missed start, an overdue restart).",
     )
+
+    @property
+    def progress_every_s(self) -> float:
+        """How often progress is written: ``progress_record_s``, at most a quarter of
+        ``stall_after_s`` so that a run that reports never looks stalled."""
+        return min(self.progress_record_s, self.stall_after_s / 4)
 
 
 class MonitorSettings(ServiceSettings):

@@ -177,6 +177,46 @@ async def test_an_attempt_that_never_reports_is_stalled_after_the_start_timeout(
     assert restart.data.reason == "no progress within 0.05s of its start"
 
 
+async def test_a_run_that_reports_often_is_written_once_per_progress_interval(
+    state: State,
+) -> None:
+    # 50 reports over 10 s with progress_record_s=5: the stall clock moves at the first and
+    # at the one 5 s later, and a report delivered late never moves it back. The reports go
+    # while the stall scan runs, so the monitor may judge them on its live view of the runs.
+    options = MonitorOptions(stall_after_s=60, stall_check_s=0.4, progress_record_s=5)
+    recorder, run_id = Recorder(state, options), f"r-{uuid.uuid4().hex[:8]}"
+    await recorder.start(run_id, max_restarts=1, report=False)
+    stop = asyncio.Event()
+    scan = asyncio.create_task(recorder.monitor.reconcile(stop), name="test-scan")
+    stored = await recorder.monitor.watches.get(f"runs.{run_id}")
+    assert stored is not None
+    began = stored.value.attempt_started_at
+    try:
+        await asyncio.sleep(0.5)  # the scan's view takes its first snapshot
+        for index in [*range(50), 3]:
+            await recorder.monitor.on_event(
+                TrainProgressed(
+                    source="/torchrelay/train/worker",
+                    time=began + timedelta(seconds=index / 5),
+                    data=TrainProgressData(
+                        run_id=run_id, step=index, epoch=0, loss=1.0, samples_per_s=10.0
+                    ),
+                )
+            )
+    finally:
+        stop.set()
+        await scan
+    stored = await recorder.monitor.watches.get(f"runs.{run_id}")
+    assert stored is not None
+    assert stored.value.last_progress_at == began + timedelta(seconds=5)
+    assert recorder.cancels(run_id) == []
+
+
+def test_progress_is_written_at_most_a_quarter_of_the_stall_time_apart() -> None:
+    assert MonitorOptions(stall_after_s=120, progress_record_s=5).progress_every_s == 5
+    assert MonitorOptions(stall_after_s=8, progress_record_s=5).progress_every_s == 2
+
+
 async def test_a_stalled_run_with_no_restart_left_is_given_up_once(state: State) -> None:
     recorder, run_id = Recorder(state), f"r-{uuid.uuid4().hex[:8]}"
     cancel = await recorder.stall(run_id, max_restarts=0)

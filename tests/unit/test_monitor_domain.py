@@ -9,6 +9,7 @@ import pytest
 
 from torchrelay.services.monitor.domain import (
     EXTERNAL,
+    PIPELINE_ENDINGS,
     UNKNOWN,
     Recovery,
     RunWatch,
@@ -19,6 +20,7 @@ from torchrelay.services.monitor.domain import (
     dead_letter_category,
     pipeline_end,
     progress_counts,
+    progress_due,
     progressed,
     restart_wait_s,
     source_label,
@@ -111,6 +113,17 @@ def test_only_progress_of_the_watched_attempt_moves_its_stall_clock() -> None:
     assert not progress_counts(None, started)
 
 
+def test_progress_is_written_once_per_interval_and_never_back_in_time() -> None:
+    started = datetime(2026, 1, 1, 1, 0, tzinfo=UTC)
+    assert progress_due(watch(attempt_started_at=started), started, every_s=5), "the first"
+    reported = watch(attempt_started_at=started, last_progress_at=started)
+    assert not progress_due(reported, started + timedelta(seconds=4.9), every_s=5)
+    assert progress_due(reported, started + timedelta(seconds=5), every_s=5)
+    assert not progress_due(reported, started - timedelta(seconds=1), every_s=5), "a late one"
+    assert not progress_due(watch(state="stalled"), started, every_s=5)
+    assert not progress_due(None, started, every_s=5)
+
+
 def test_restarts_are_bounded() -> None:
     assert can_restart(watch(attempt=1, max_restarts=2))
     assert not can_restart(watch(attempt=2, max_restarts=2))
@@ -160,6 +173,8 @@ def test_a_pipeline_ends_with_its_last_stage_or_its_first_final_failure(
     event: Any, last_stage: str, ended: str | None
 ) -> None:
     assert pipeline_end(event, last_stage) == ended
+    # The monitor reads the pipeline's clock only for these types: an ending is among them.
+    assert ended is None or isinstance(event, PIPELINE_ENDINGS)
 
 
 # --- what a train.failed leads to ---------------------------------------------------------------
