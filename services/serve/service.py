@@ -65,25 +65,28 @@ async def build(platform: Platform[ServeSettings]) -> AsyncIterator[Service]:
             session = aiohttp.ClientSession()
         return session
 
+    in_flight = settings.serve.rollouts_in_flight
     try:
         yield Service(
             NAME,
             routes=routes(deployer.endpoint_of, client),
             subscriptions=[
-                # Rollouts take seconds and are serialised per model: one at a time here.
+                # Rollouts wait seconds for servers to get ready: many at once (a lease keeps
+                # one model's in turn), and no more fetched than run, so that an idle replica
+                # takes the next one.
                 Subscription(
                     "serve-rollouts",
                     [ModelDeployRequested, ModelRollbackRequested, ModelUndeployRequested],
                     _route(deployer),
-                    max_in_flight=1,
-                    prefetch=1,
+                    max_in_flight=in_flight,
+                    prefetch=in_flight,
                 ),
                 Subscription(
                     "serve-pipelines",
                     [TrainCompleted],
                     deployer.on_train_completed,
-                    max_in_flight=1,
-                    prefetch=1,
+                    max_in_flight=in_flight,
+                    prefetch=in_flight,
                 ),
             ],
             background=[deployer.reclaim],

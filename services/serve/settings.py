@@ -31,6 +31,14 @@ class ServeOptions(Group):
     simulated_ready_delay_s: float = Field(
         default=1.0, ge=0, description="Simulated backend: how long a version takes to get ready."
     )
+    rollouts_in_flight: int = Field(
+        default=16,
+        ge=1,
+        le=256,
+        description="Rollouts one replica runs at once. Each waits for a model server to get "
+        "ready, seconds to minutes on a cluster; two of one model wait for each other across "
+        "replicas (a lease), so only rollouts of different models overlap.",
+    )
     swap_in_place: bool = Field(
         default=True,
         description="A new version with the serving one's signature and architecture replaces "
