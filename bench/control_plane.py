@@ -235,6 +235,10 @@ class Follower:
         self.seen = Seen()
         self.kv_ops: Counter[str] = Counter()
         self.windows: list[int] = []
+        self.runs: dict[str, str] = {}
+        """Each run's newest status."""
+        self.running: list[int] = []
+        """How many runs were running, every second."""
         self._subscriptions: list[Any] = []
         self._sampler: asyncio.Task[None] | None = None
 
@@ -289,6 +293,7 @@ class Follower:
             await asyncio.sleep(1.0)
             now = await self.last_seq()
             self.windows.append(now - before)
+            self.running.append(sum(1 for status in self.runs.values() if status == "running"))
             before = now
 
     async def _on_event(self, msg: Msg) -> None:
@@ -300,7 +305,10 @@ class Follower:
             if msg.headers and msg.headers.get("KV-Operation"):
                 return  # a delete or purge: no record
             with contextlib.suppress(ValueError):
-                self.seen.states.append((time.monotonic(), bucket, json.loads(msg.data)))
+                record = json.loads(msg.data)
+                self.seen.states.append((time.monotonic(), bucket, record))
+                if bucket == "runs":
+                    self.runs[record["run_id"]] = record["status"]
 
         return on_state
 
@@ -501,6 +509,7 @@ async def measure(started: platform.Platform, args: argparse.Namespace) -> dict[
             "pipeline_phase_s": elapsed,
             "events": events,
             "peak_events_per_s": max(follower.windows, default=0),
+            "peak_running_runs": max(follower.running, default=0),
             "p50_event_to_state_s": percentile(every, 0.5),
             "p99_event_to_state_s": percentile(every, 0.99),
             "event_to_state_by_pair": {
@@ -521,11 +530,14 @@ async def measure(started: platform.Platform, args: argparse.Namespace) -> dict[
             figures |= await burst(nc, runs, args.burst, args.publishers, args.deadline_s)
         else:
             figures |= {"burst_events": 0, "burst_events_per_s": None, "burst_pending": None}
-        idle_before = sum(cpu_by_service(pids).values())
+        idle_before = cpu_by_service(pids)
         await asyncio.sleep(args.idle_s)
-        figures["idle_cores"] = (sum(cpu_by_service(pids).values()) - idle_before) / max(
-            args.idle_s, 1e-9
-        )
+        idle_after = cpu_by_service(pids)
+        figures["idle_cores_by_service"] = {
+            service: (idle_after[service] - idle_before[service]) / max(args.idle_s, 1e-9)
+            for service in pids
+        }
+        figures["idle_cores"] = sum(figures["idle_cores_by_service"].values())
         return figures
     finally:
         await follower.stop()
@@ -543,7 +555,8 @@ def report(figures: Mapping[str, Any]) -> list[str]:
         f"first attempts failed {figures['first_attempt_failures']}, each restarted exactly "
         f"once: {figures['restarted_once']} {figures['wrong_restarts'] or ''}",
         f"pipeline phase {figures['pipeline_phase_s']:.1f}s, {figures['events']} events, "
-        f"peak {figures['peak_events_per_s']} events/s",
+        f"peak {figures['peak_events_per_s']} events/s, "
+        f"peak {figures['peak_running_runs']} runs running at once",
         f"event to state: p50 {s(figures['p50_event_to_state_s'])}, "
         f"p99 {s(figures['p99_event_to_state_s'])}",
     ]
@@ -566,7 +579,11 @@ def report(figures: Mapping[str, Any]) -> list[str]:
                 else f"? ({figures['burst_pending']} still pending at the deadline)"
             )
         )
-    lines.append(f"idle: {figures['idle_cores']:.3f} cores (every replica and nats-server)")
+    lines.append(
+        f"idle: {figures['idle_cores']:.3f} cores ("
+        + ", ".join(f"{k} {v:.3f}" for k, v in figures["idle_cores_by_service"].items())
+        + ")"
+    )
     return lines
 
 
