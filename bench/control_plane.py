@@ -24,7 +24,8 @@ Measured by following the bus and the KV buckets read-only with the admin user:
   every request as it is published (nats-server runs without a monitoring port): ``puts``
   (publishes to ``$KV.<bucket>.>``, compare-and-set attempts that lost included),
   ``deletes`` (those with a ``KV-Operation`` header), ``gets`` (``$JS.API.DIRECT.GET`` and
-  ``STREAM.MSG.GET`` on ``KV_*`` streams) and ``watches`` (consumer creations on ``KV_*``);
+  ``STREAM.MSG.GET`` on ``KV_*`` streams), ``watches`` (consumer creations on ``KV_*``) and
+  ``listings`` (stream info on ``KV_*``: how ``keys()`` lists a bucket, then gets each key);
 - the end state (:func:`end_state`): every pipeline succeeded, ``lost`` (not finished by the
   deadline), ``duplicated`` (a stage event seen with two distinct ids for the same
   pipeline/run/attempt) and ``restarted_once`` (every failed first attempt restarted exactly
@@ -69,6 +70,7 @@ MONITOR_CONSUMER = "monitor-events"
 BUCKETS = ("pipelines", "runs")
 """The buckets followed for event-to-state pairs."""
 PREFIX = "io.torchrelay."
+KV_KINDS = ("puts", "deletes", "gets", "watches", "listings")
 PENDING_BYTES = 512 * 1024 * 1024
 """A follower falls behind at peaks: it buffers rather than drop (a slow consumer)."""
 STAGE_EVENTS = ("dataset.staged.v1", "train.started.v1", "train.completed.v1", "model.deployed.v1")
@@ -264,6 +266,11 @@ class Follower:
                     pending_bytes_limit=PENDING_BYTES,
                 )
             )
+        await self.count_kv_ops()
+        self._sampler = asyncio.create_task(self._sample(), name="stream-sampler")
+
+    async def count_kv_ops(self) -> None:
+        """Count KV operations by kind (:attr:`kv_ops`) from now on."""
         self._subscriptions.append(
             await self.nc.subscribe(
                 "$KV.>", cb=self._on_kv_write, pending_bytes_limit=PENDING_BYTES
@@ -272,7 +279,6 @@ class Follower:
         self._subscriptions.append(
             await self.nc.subscribe("$JS.API.>", cb=self._on_api, pending_bytes_limit=PENDING_BYTES)
         )
-        self._sampler = asyncio.create_task(self._sample(), name="stream-sampler")
 
     async def stop(self) -> None:
         if self._sampler is not None:
@@ -323,7 +329,9 @@ class Follower:
         elif subject.startswith(
             ("$JS.API.CONSUMER.CREATE.KV_", "$JS.API.CONSUMER.DURABLE.CREATE.KV_")
         ):
-            self.kv_ops["watches"] += 1  # a watch, or a scan of keys (an ordered consumer too)
+            self.kv_ops["watches"] += 1
+        elif subject.startswith("$JS.API.STREAM.INFO.KV_"):
+            self.kv_ops["listings"] += 1  # keys() lists subjects, then gets each one's last
 
 
 # --- CPU ----------------------------------------------------------------------------------------
@@ -520,19 +528,22 @@ async def measure(started: platform.Platform, args: argparse.Namespace) -> dict[
                 service: (cpu_after[service] - cpu_before[service]) * 1000 / max(1, events)
                 for service in pids
             },
-            "kv_ops_per_s": {
-                kind: follower.kv_ops[kind] / elapsed
-                for kind in ("puts", "deletes", "gets", "watches")
-            },
+            "kv_ops_per_s": {kind: follower.kv_ops[kind] / elapsed for kind in KV_KINDS},
         }
         runs = [f"{pid}.train" for pid in ids]
         if args.burst and runs:
             figures |= await burst(nc, runs, args.burst, args.publishers, args.deadline_s)
         else:
             figures |= {"burst_events": 0, "burst_events_per_s": None, "burst_pending": None}
+        idle = Follower(nc)
+        await idle.count_kv_ops()
         idle_before = cpu_by_service(pids)
         await asyncio.sleep(args.idle_s)
         idle_after = cpu_by_service(pids)
+        await idle.stop()
+        figures["idle_kv_ops_per_s"] = {
+            kind: idle.kv_ops[kind] / max(args.idle_s, 1e-9) for kind in KV_KINDS
+        }
         figures["idle_cores_by_service"] = {
             service: (idle_after[service] - idle_before[service]) / max(args.idle_s, 1e-9)
             for service in pids
@@ -582,7 +593,8 @@ def report(figures: Mapping[str, Any]) -> list[str]:
     lines.append(
         f"idle: {figures['idle_cores']:.3f} cores ("
         + ", ".join(f"{k} {v:.3f}" for k, v in figures["idle_cores_by_service"].items())
-        + ")"
+        + "), KV ops/s: "
+        + ", ".join(f"{k} {v:.1f}" for k, v in figures["idle_kv_ops_per_s"].items())
     )
     return lines
 
