@@ -549,7 +549,9 @@ class Monitor:
                 return
         if run is not None and (run.status != "running" or run.attempt != watch.attempt):
             return  # the run moved on: the events about it (or the train service) move it
-        after_s = self._options.stall_after_s
+        # The written clock may trail the last report by up to progress_every_s (reports in
+        # between are not written): a stall is never called early, and at most that late.
+        after_s = self._options.stall_after_s + self._options.progress_every_s
         start_after_s = self._options.start_timeout_s
         if watch.state == "running":
             if stalled(watch, now, after_s=after_s, start_after_s=start_after_s):

@@ -29,8 +29,8 @@ class MonitorOptions(Group):
         default=5.0,
         gt=0,
         description="A run's last progress is written to the monitor's state at most this "
-        "often (the reports between are metrics only), so a stall is seen at most this much "
-        "late (at most a quarter of stall_after_s is used).",
+        "often (the reports between are metrics only), so a stall is called at most this much "
+        "late, never early (at most a quarter of stall_after_s is used).",
     )
     backoff_base_s: float = Field(
         default=2.0,

@@ -71,16 +71,18 @@ async def build(platform: Platform[ServeSettings]) -> AsyncIterator[Service]:
             NAME,
             routes=routes(deployer.endpoint_of, client),
             subscriptions=[
-                # Rollouts wait seconds for servers to get ready: many at once (a lease keeps
-                # one model's in turn), and no more fetched than run, so that an idle replica
-                # takes the next one.
+                # Requests for a model (deploy, rollback, undeploy) one at a time here, in
+                # the order they were sent: a rollback reads what serves when it is handled.
                 Subscription(
                     "serve-rollouts",
                     [ModelDeployRequested, ModelRollbackRequested, ModelUndeployRequested],
                     _route(deployer),
-                    max_in_flight=in_flight,
-                    prefetch=in_flight,
+                    max_in_flight=1,
+                    prefetch=1,
                 ),
+                # Pipelines' rollouts wait seconds for servers to get ready: many at once (a
+                # lease keeps one model's in turn), and no more fetched than run, so that an
+                # idle replica takes the next one.
                 Subscription(
                     "serve-pipelines",
                     [TrainCompleted],

@@ -35,9 +35,10 @@ class ServeOptions(Group):
         default=16,
         ge=1,
         le=256,
-        description="Rollouts one replica runs at once. Each waits for a model server to get "
-        "ready, seconds to minutes on a cluster; two of one model wait for each other across "
-        "replicas (a lease), so only rollouts of different models overlap.",
+        description="Pipelines' rollouts (on train.completed) one replica runs at once. Each "
+        "waits for a model server to get ready, seconds to minutes on a cluster; two of one "
+        "model wait for each other (a lease), so only different models' rollouts overlap. "
+        "Deploy, rollback and undeploy requests stay one at a time, in order.",
     )
     swap_in_place: bool = Field(
         default=True,
