@@ -39,6 +39,9 @@ class RunRecord(BaseModel):
     cancel of a stalled attempt to restart it. Kept here, not in a replica's memory, because
     the replica that cancels is not always the one that watches the attempt end."""
     pipeline_id: str | None = None
+    trial: int | None = None
+    """The sweep trial this run is (its sweep is its pipeline's): the sweep, not the run,
+    writes the pipeline's train stage."""
     reason: str | None = None
     model_version: str | None = None
     updated: datetime

@@ -15,198 +15,72 @@ import math
 import random
 import statistics
 from collections.abc import Iterator, Mapping, Sequence
-from typing import Annotated, Literal
-
-from pydantic import (
-    BaseModel,
-    ConfigDict,
-    Field,
-    StrictBool,
-    StrictFloat,
-    StrictInt,
-    StringConstraints,
-    ValidationInfo,
-    field_validator,
-    model_validator,
-)
 
 from torchrelay.shared.errors import ConfigError
-from torchrelay.shared.events.envelope import Data
+from torchrelay.shared.events.sweep import (
+    Choice,
+    Direction,
+    EarlyStopping,
+    IntRange,
+    LogUniform,
+    Objective,
+    SpaceParam,
+    SweepSpec,
+    Uniform,
+    Value,
+)
 
-Value = StrictBool | StrictInt | StrictFloat | Annotated[str, StringConstraints(max_length=256)]
-"""One hyperparameter's value in a trial. Strict: ``"0.1"`` stays a string, ``True`` a bool."""
+__all__ = [
+    "Choice",
+    "EarlyStopping",
+    "History",
+    "IntRange",
+    "LogUniform",
+    "Objective",
+    "SweepSpec",
+    "Uniform",
+    "best",
+    "objective_value",
+    "should_stop",
+    "sweep_refusal",
+    "trials",
+    "value_at",
+]
 
-
-ParamName = Annotated[str, StringConstraints(pattern=r"^[A-Za-z_][A-Za-z0-9_]*$", max_length=64)]
-"""A hyperparameter's name: a Python identifier, as the training function reads it."""
-
-Algorithm = Literal["grid", "random", "bayesian"]
-Direction = Literal["maximize", "minimize"]
 History = Sequence[tuple[int, float]]
 """A trial's objective as it reported it: ``(step, value)`` points in the order they came."""
 
 
-# --- the search space -------------------------------------------------------------------------
+# --- refusals ---------------------------------------------------------------------------------
 
 
-class _Param(BaseModel):
-    """Base of the search-space kinds: :class:`Data`'s rules (frozen, unknown fields and
-    non-finite numbers refused) without its catch-all before-validator, which pydantic does not
-    allow on the ``type`` field that tells the kinds apart."""
-
-    model_config = ConfigDict(frozen=True, extra="forbid", allow_inf_nan=False)
-
-    @field_validator("low", "high", "step", "values", mode="before", check_fields=False)
-    @classmethod
-    def _numbers(cls, value: object, info: ValidationInfo) -> object:
-        """Refuse what pydantic would convert or report obscurely: a string bound (even
-        ``"0.1"``), a bool bound, a NaN or infinity, each with the field it was found in."""
-        field = str(info.field_name)  # always set for a field validator
-        if field == "values":
-            if isinstance(value, list):  # anything else: pydantic says it is not a list
-                if not value:
-                    raise ValueError("choice needs at least one value")
-                for item in value:
-                    if isinstance(item, float) and not math.isfinite(item):
-                        raise ValueError(f"choice values must be finite, got {item}")
-            return value
-        if isinstance(value, bool) or not isinstance(value, int | float):
-            # pydantic reports a ValueError as the field's error; a TypeError would escape.
-            raise ValueError(f"{field} must be a number, got {value!r}")  # noqa: TRY004
-        if not math.isfinite(value):
-            raise ValueError(f"{field} must be finite, got {value}")
-        integer_only = cls.model_fields[field].annotation is int
-        if integer_only and isinstance(value, float):
-            if not value.is_integer():
-                raise ValueError(f"{field} must be an integer, got {value}")
-            return int(value)  # JSON's 1.0 or 1e3: an integer all the same
-        return value
-
-
-class Choice(_Param):
-    """One of a list of values (numbers, strings or bools), taken in the order given."""
-
-    type: Literal["choice"]
-    values: list[Value] = Field(min_length=1, max_length=1024)
-
-
-class Uniform(_Param):
-    """A float drawn evenly from ``[low, high]``."""
-
-    type: Literal["uniform"]
-    low: float
-    high: float
-
-    @model_validator(mode="after")
-    def _ordered(self) -> Uniform:
-        if not self.low < self.high:
-            raise ValueError(f"uniform needs low < high, got low={self.low}, high={self.high}")
-        return self
-
-
-class LogUniform(_Param):
-    """A float whose logarithm is drawn evenly: for scales such as a learning rate, where
-    1e-4..1e-3 matters as much as 1e-2..1e-1."""
-
-    type: Literal["loguniform"]
-    low: float
-    high: float
-
-    @model_validator(mode="after")
-    def _positive_and_ordered(self) -> LogUniform:
-        if not 0 < self.low < self.high:
-            raise ValueError(
-                f"loguniform needs 0 < low < high, got low={self.low}, high={self.high}"
+def sweep_refusal(spec: SweepSpec) -> str | None:
+    """Why a decoded sweep cannot run, or None: the rules that relate fields, which a JSON
+    Schema cannot state (each field alone is checked when the spec is decoded). Every problem
+    is named, in the space's order."""
+    problems = [
+        f"{name}: {problem}"
+        for name, param in spec.space.items()
+        if (problem := _range_problem(param)) is not None
+    ]
+    if spec.algorithm == "grid":
+        continuous = [n for n, p in spec.space.items() if isinstance(p, Uniform | LogUniform)]
+        if continuous:
+            problems.append(
+                f"grid needs choice or int parameters; {', '.join(continuous)} is a continuous "
+                "range: list its values as a choice, or use random"
             )
-        return self
+    if spec.parallel > spec.max_trials:
+        problems.append(f"parallel ({spec.parallel}) cannot exceed max_trials ({spec.max_trials})")
+    return "; ".join(problems) or None
 
 
-class IntRange(_Param):
-    """An integer among ``low, low + step, ...`` up to ``high`` (inclusive when reached)."""
-
-    type: Literal["int"]
-    low: int
-    high: int
-    step: int = Field(default=1, ge=1)
-
-    @model_validator(mode="after")
-    def _ordered(self) -> IntRange:
-        if self.low > self.high:
-            raise ValueError(f"int needs low <= high, got low={self.low}, high={self.high}")
-        return self
-
-    def members(self) -> range:
-        """Every integer the range holds, in order."""
-        return range(self.low, self.high + 1, self.step)
-
-
-SpaceParam = Choice | Uniform | LogUniform | IntRange
-Param = Annotated[SpaceParam, Field(discriminator="type")]
-"""How one hyperparameter varies, told apart by its ``type``."""
-
-
-# --- the spec ---------------------------------------------------------------------------------
-
-
-class Objective(Data):
-    """What a trial is judged by: a metric it reports, and which way is better."""
-
-    metric: Annotated[str, StringConstraints(min_length=1, max_length=128)] = Field(
-        description="A metric the trials report (train.progress metrics, or the final ones)."
-    )
-    direction: Direction
-
-
-class EarlyStopping(Data):
-    """Median stopping (see :func:`should_stop`)."""
-
-    rule: Literal["median"] = "median"
-    warmup_steps: int = Field(
-        default=0, ge=0, description="A trial is judged only from this step on."
-    )
-    min_trials: int = Field(
-        default=3,
-        ge=1,
-        description="Completed trials needed before any trial is judged: a median of one or "
-        "two trials would stop good trials by chance.",
-    )
-
-
-class SweepSpec(Data):
-    """A sweep: the trials to run (a space and an algorithm), how to rank them, and how many
-    run at once."""
-
-    space: dict[ParamName, Param] = Field(
-        min_length=1, description="Each hyperparameter that varies, by name."
-    )
-    algorithm: Algorithm = Field(
-        description="grid: every combination in order; random: seeded draws; bayesian: "
-        "Optuna's TPE (an optional extra), which suggests each trial from the results so far."
-    )
-    seed: int = Field(default=0, ge=0, description="Seeds random (and Optuna's sampler).")
-    objective: Objective
-    max_trials: int = Field(ge=1, le=10_000, description="A grid is cut to its first trials.")
-    parallel: int = Field(default=1, ge=1, description="Trials running at once.")
-    early_stopping: EarlyStopping | None = None
-
-    @model_validator(mode="after")
-    def _consistent(self) -> SweepSpec:
-        if self.parallel > self.max_trials:
-            raise ValueError(
-                f"parallel ({self.parallel}) cannot exceed max_trials ({self.max_trials})"
-            )
-        if self.algorithm == "grid":
-            continuous = [
-                name
-                for name, param in self.space.items()
-                if isinstance(param, Uniform | LogUniform)
-            ]
-            if continuous:
-                raise ValueError(
-                    f"grid needs choice or int parameters; {', '.join(continuous)} "
-                    "is a continuous range: list its values as a choice, or use random"
-                )
-        return self
+def _range_problem(param: SpaceParam) -> str | None:
+    if isinstance(param, Uniform | LogUniform) and not param.low < param.high:
+        return f"{param.type} needs low < high, got low={param.low}, high={param.high}"
+    if isinstance(param, IntRange) and param.low > param.high:
+        return f"int needs low <= high, got low={param.low}, high={param.high}"
+    return None
 
 
 # --- trials -----------------------------------------------------------------------------------
@@ -338,3 +212,11 @@ def best(results: Mapping[int, float | None], direction: Direction) -> int | Non
         if _worse(winner[1], value, direction):
             winner = (index, value)
     return winner[0]
+
+
+def objective_value(metric: str, *, loss: float, metrics: Mapping[str, float]) -> float | None:
+    """The objective in one report: ``loss`` when the metric is named ``loss`` and the report
+    has no metric of that name, else the named metric (None when the report lacks it)."""
+    if metric in metrics:
+        return float(metrics[metric])
+    return float(loss) if metric == "loss" else None

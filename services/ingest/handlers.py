@@ -49,6 +49,7 @@ from torchrelay.shared.pipelines import (
     record_stage,
 )
 from torchrelay.shared.state import State, Store, key_part
+from torchrelay.shared.sweeps import sweep_refusal
 
 log = structlog.get_logger("torchrelay.ingest")
 _EVENT_IDS = uuid.UUID("0b6f3f1e-7f3a-4c8e-9d0e-3a9b6f1c2d4e")
@@ -161,16 +162,23 @@ class Ingestor:
         """A pipeline starts here: store its record, then stage its dataset.
 
         A pipeline id names one spec for good: the same spec again changes nothing, another
-        spec is refused with ``pipeline.rejected`` (see :func:`judge_submission`).
+        spec is refused with ``pipeline.rejected`` (see :func:`judge_submission`), and so is
+        a sweep that cannot run (low above high, a grid over a continuous range: see
+        :func:`sweep_refusal`), before anything is stored.
         """
         pipeline_id = event.pipelineid or event.id
         spec = event.data.spec
+        if spec.sweep is not None and (problem := sweep_refusal(spec.sweep)) is not None:
+            await self._refuse(event, pipeline_id, f"invalid sweep: {problem}", "invalid_sweep")
+            return
         key = pipeline_key(pipeline_id)
         stored = await self.pipelines.get(key)
         existing = stored.value if stored else None
         verdict = judge_submission(existing, event.id, spec)
         if existing is not None and verdict is Submission.CONFLICTING:
-            await self._refuse(event, pipeline_id, conflict_reason(existing, spec))
+            await self._refuse(
+                event, pipeline_id, conflict_reason(existing, spec), Submission.CONFLICTING.value
+            )
             return
         if existing is not None and verdict is Submission.REPEATED:
             log.info(
@@ -208,8 +216,9 @@ class Ingestor:
             causation_id=event.id,
         )
 
-    async def _refuse(self, event: PipelineSubmitted, pipeline_id: str, reason: str) -> None:
-        code = Submission.CONFLICTING.value
+    async def _refuse(
+        self, event: PipelineSubmitted, pipeline_id: str, reason: str, code: str
+    ) -> None:
         log.warning("pipeline.rejected", code=code, reason=reason)
         await self._publish(
             PipelineRejected(
@@ -219,7 +228,7 @@ class Ingestor:
                 subject=pipeline_id,
                 pipelineid=pipeline_id,
                 causationid=event.id,
-                data=PipelineRejectedData(pipeline_id=pipeline_id, code=code, reason=reason),
+                data=PipelineRejectedData(pipeline_id=pipeline_id, code=code, reason=reason[:512]),
             )
         )
 

@@ -13,6 +13,7 @@ from torchrelay.shared.events import (
     DatasetRejected,
     ModelDeployed,
     ModelRolloutFailed,
+    SweepCompleted,
     TrainCompleted,
     TrainFailed,
 )
@@ -69,6 +70,8 @@ class Stamp(BaseModel):
     at: datetime
     last_stage: str | None = None
     """For a pipeline: the stage whose success ends it (train when it does not deploy)."""
+    sweep: bool = False
+    """For a pipeline: whether it trains a sweep (its trials' runs do not end it)."""
 
 
 def backoff_s(next_attempt: int, *, base_s: float, cap_s: float) -> float:
@@ -214,18 +217,27 @@ def dead_letter_category(reason: str) -> str:
     return "refused"
 
 
-PIPELINE_ENDINGS = (ModelDeployed, TrainCompleted, DatasetRejected, ModelRolloutFailed, TrainFailed)
+PIPELINE_ENDINGS = (
+    ModelDeployed,
+    TrainCompleted,
+    DatasetRejected,
+    ModelRolloutFailed,
+    TrainFailed,
+    SweepCompleted,
+)
 """The only event types :func:`pipeline_end` can take for an end: no other needs the clock."""
 
 
-def pipeline_end(event: AnyEvent, last_stage: str | None) -> str | None:
-    """How a pipeline ended, if ``event`` ends it: "succeeded", "failed" or None."""
-    if isinstance(event, ModelDeployed):
+def pipeline_end(event: AnyEvent, last_stage: str | None, *, sweep: bool = False) -> str | None:
+    """How a pipeline ended, if ``event`` ends it: "succeeded", "failed" or None. A sweep's
+    pipeline ends at its sweep, not at a trial's run: with no completed trial, or with the
+    best one when it does not deploy."""
+    trained = isinstance(event, SweepCompleted) if sweep else isinstance(event, TrainCompleted)
+    best = not isinstance(event, SweepCompleted) or event.data.best_trial is not None
+    if isinstance(event, ModelDeployed) or (trained and best and last_stage == "train"):
         return "succeeded"
-    if isinstance(event, TrainCompleted) and last_stage == "train":
-        return "succeeded"
-    if isinstance(event, DatasetRejected | ModelRolloutFailed):
-        return "failed"
-    if isinstance(event, TrainFailed) and event.data.final:
-        return "failed"
-    return None
+    failed = isinstance(event, DatasetRejected | ModelRolloutFailed) or (
+        isinstance(event, SweepCompleted) and event.data.best_trial is None
+    )
+    failed_run = not sweep and isinstance(event, TrainFailed) and event.data.final
+    return "failed" if failed or failed_run else None

@@ -251,14 +251,15 @@ class Monitor:
                 return
             last = "deploy" if event.data.spec.deploy.enabled else "train"
             with contextlib.suppress(AlreadyExists):  # a redelivery: the clock runs already
-                await self.stamps.create(key, Stamp(at=event.time, last_stage=last))
+                sweep = event.data.spec.sweep is not None
+                await self.stamps.create(key, Stamp(at=event.time, last_stage=last, sweep=sweep))
             return
         if not isinstance(event, PIPELINE_ENDINGS):
             return  # the clock stops only on an ending: no read for the many events between
         stamp = await self.stamps.get(key)
         if stamp is None:
             return
-        status = pipeline_end(event, stamp.value.last_stage)
+        status = pipeline_end(event, stamp.value.last_stage, sweep=stamp.value.sweep)
         if status is None:
             return
         with contextlib.suppress(StaleRevision):  # a replica or a redelivery got there first

@@ -53,6 +53,7 @@ from torchrelay.shared.events import (
     ModelRolloutStarted,
     ModelUndeployed,
     ModelUndeployRequested,
+    SweepCompleted,
     TrainCompleted,
 )
 from torchrelay.shared.events.data import (
@@ -220,40 +221,57 @@ class Deployer:
                 )
             )
 
-    async def on_train_completed(self, event: TrainCompleted) -> None:
-        """A pipeline's model is trained: deploy it if the pipeline asks to, and if it passes
-        the pipeline's promotion gate (a refused model ends the deploy stage skipped)."""
+    async def on_trained(self, event: TrainCompleted | SweepCompleted) -> None:
+        """A pipeline's model is trained (its run, or the best trial of its sweep): deploy it
+        if the pipeline asks to, and if it passes the pipeline's promotion gate (a refused
+        model ends the deploy stage skipped). A sweep's trials are not deployed one by one,
+        and a sweep with no completed trial ended the pipeline at its train stage."""
         if event.pipelineid is None:
             return
         pipeline = await self.pipelines.get(pipeline_key(event.pipelineid))
         if pipeline is None or pipeline.value.stages["deploy"].status in FINISHED:
             return  # a redelivery after the stage ended: its outcome stands, nothing to redo
-        stage = pipeline.value.spec.deploy
+        if isinstance(event, TrainCompleted) == (pipeline.value.spec.sweep is not None):
+            return  # a sweep's trial, or a sweep event of a pipeline with none
+        data = event.data
+        if data.model_version is None:
+            return  # no trial completed: the sweep ended the pipeline at its train stage
+        await self._deploy_trained(
+            pipeline.value,
+            model=data.model_name,
+            version=data.model_version,
+            metrics=data.metrics,
+            cause=event.id,
+        )
+
+    async def _deploy_trained(
+        self,
+        pipeline: PipelineRecord,
+        *,
+        model: str,
+        version: str,
+        metrics: dict[str, float],
+        cause: str,
+    ) -> None:
+        pipeline_id = pipeline.pipeline_id
+        stage = pipeline.spec.deploy
         now = datetime.now(UTC)
         if not stage.enabled:
             await record_stage(
-                self.pipelines, event.pipelineid, "deploy", "skipped", now, retain_s=self._retain_s
+                self.pipelines, pipeline_id, "deploy", "skipped", now, retain_s=self._retain_s
             )
             return
-        await record_stage(self.pipelines, event.pipelineid, "deploy", "running", now)
-        data = event.data
-        gated = None if stage.gate is None else Gated(stage.gate, data.metrics)
-        rollout = await self.deploy(
-            data.model_name,
-            data.model_version,
-            stage.replicas,
-            event.id,
-            event.pipelineid,
-            gated=gated,
-        )
-        detail: dict[str, JsonValue] = {"version": data.model_version}
+        await record_stage(self.pipelines, pipeline_id, "deploy", "running", now)
+        gated = None if stage.gate is None else Gated(stage.gate, metrics)
+        rollout = await self.deploy(model, version, stage.replicas, cause, pipeline_id, gated=gated)
+        detail: dict[str, JsonValue] = {"version": version}
         if rollout.verdict is not None:
             detail.update(rollout.verdict.detail)
         if rollout.outcome == "deployed":
             detail["endpoint"] = rollout.said
         await record_stage(
             self.pipelines,
-            event.pipelineid,
+            pipeline_id,
             "deploy",
             _STAGE_OF[rollout.outcome],
             datetime.now(UTC),
@@ -263,7 +281,7 @@ class Deployer:
         )
         if rollout.outcome == "refused":
             # Counted once the stage records it: a redelivery finds the stage ended and returns.
-            self.metrics.gate_refusals.labels(data.model_name).inc()
+            self.metrics.gate_refusals.labels(model).inc()
 
     async def deploy(
         self,

@@ -16,6 +16,7 @@ from torchrelay.shared.events import (
     ModelDeployRequested,
     ModelRollbackRequested,
     ModelUndeployRequested,
+    SweepCompleted,
     TrainCompleted,
 )
 from torchrelay.shared.runtime import Platform, Service, service_main
@@ -85,8 +86,8 @@ async def build(platform: Platform[ServeSettings]) -> AsyncIterator[Service]:
                 # idle replica takes the next one.
                 Subscription(
                     "serve-pipelines",
-                    [TrainCompleted],
-                    deployer.on_train_completed,
+                    [TrainCompleted, SweepCompleted],
+                    deployer.on_trained,
                     max_in_flight=in_flight,
                     prefetch=in_flight,
                 ),

@@ -124,30 +124,42 @@ class Trainer:
         await self.start(run_id, event.data.spec, event.pipelineid, event.id)
 
     async def on_dataset_staged(self, event: DatasetStaged) -> None:
-        """A pipeline's dataset is ready: train on it as the pipeline's spec says."""
+        """A pipeline's dataset is ready: train on it as the pipeline's spec says (a sweep's
+        pipeline is left to the sweeps: :class:`~torchrelay.services.train.sweeps.Sweeps`)."""
         if event.pipelineid is None:
             return
         pipeline = await self.pipelines.get(pipeline_key(event.pipelineid))
         if pipeline is None:
             return
-        training = pipeline.value.spec.training
-        spec = TrainJobSpec(
-            dataset=DatasetRef(name=event.data.name, version=event.data.version),
-            **training.model_dump(),
-        )
-        await self.start(f"{event.pipelineid}.train", spec, event.pipelineid, event.id)
+        await self.train_pipeline(event, pipeline.value)
+
+    async def train_pipeline(self, event: DatasetStaged, pipeline: PipelineRecord) -> None:
+        spec = pipeline_job(pipeline, event.data.name, event.data.version)
+        await self.start(f"{pipeline.pipeline_id}.train", spec, pipeline.pipeline_id, event.id)
 
     async def start(
-        self, run_id: str, spec: TrainJobSpec, pipeline_id: str | None, cause: str
+        self,
+        run_id: str,
+        spec: TrainJobSpec,
+        pipeline_id: str | None,
+        cause: str,
+        *,
+        trial: int | None = None,
     ) -> None:
-        """Check, record and launch a run (a run id that exists is left alone)."""
+        """Check, record and launch a run (a run id that exists is left alone). A sweep's
+        ``trial`` leaves the pipeline's train stage to its sweep."""
         if await self.runs.get(key_part(run_id)) is not None:
             return  # a redelivery: the run exists and is being (or was) handled
         with self._launching_run(run_id):
-            await self._start(run_id, spec, pipeline_id, cause)
+            await self._start(run_id, spec, pipeline_id, cause, trial)
 
     async def _start(
-        self, run_id: str, spec: TrainJobSpec, pipeline_id: str | None, cause: str
+        self,
+        run_id: str,
+        spec: TrainJobSpec,
+        pipeline_id: str | None,
+        cause: str,
+        trial: int | None,
     ) -> None:
         problem, dataset_path = self._check(spec)
         problem = run_id_refusal(run_id) or problem
@@ -164,6 +176,7 @@ class Trainer:
             attempt=0,
             owner=self._instance,
             pipeline_id=pipeline_id,
+            trial=trial,
             reason=problem,
             updated=datetime.now(UTC),
         )
@@ -171,7 +184,7 @@ class Trainer:
             await self.runs.create(key_part(run_id), record)
         except AlreadyExists:
             return
-        if pipeline_id is not None:
+        if pipeline_id is not None and trial is None:
             detail: dict[str, JsonValue] = {"run_id": run_id}
             if spec.workspace is not None:  # lineage: the code it ran
                 detail["workspace"] = spec.workspace
@@ -644,7 +657,7 @@ class Trainer:
             await self._publish(TrainCompleted(**envelope, data=outcome))
         else:
             await self._publish(TrainFailed(**envelope, data=outcome))
-        if record.pipeline_id is not None:
+        if record.pipeline_id is not None and record.trial is None:
             await self._record_train_stage(record.pipeline_id, outcome)
 
         def announced(current: RunRecord | None) -> RunRecord | None:
@@ -688,6 +701,14 @@ class Trainer:
             task.cancel()
         await asyncio.gather(*self._watchers.values(), return_exceptions=True)
         await self.backend.aclose()
+
+
+def pipeline_job(pipeline: PipelineRecord, dataset: str, version: str) -> TrainJobSpec:
+    """The pipeline's training stage on the staged dataset ``dataset@version``."""
+    return TrainJobSpec(
+        dataset=DatasetRef(name=dataset, version=version),
+        **pipeline.spec.training.model_dump(),
+    )
 
 
 def _source_of(found: importlib.machinery.ModuleSpec) -> str | None:

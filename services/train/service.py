@@ -7,6 +7,8 @@ from contextlib import asynccontextmanager
 
 from torchrelay.services.train.handlers import Trainer
 from torchrelay.services.train.settings import TrainOptions, TrainSettings
+from torchrelay.services.train.suggest import suggester
+from torchrelay.services.train.sweeps import Sweeps
 from torchrelay.shared.bus import Subscription
 from torchrelay.shared.bus.principals import inbox_prefix
 from torchrelay.shared.cluster import TrainingBackend
@@ -18,6 +20,8 @@ from torchrelay.shared.cluster.registry import (
 from torchrelay.shared.events import (
     DatasetStaged,
     TrainCancelRequested,
+    TrainCompleted,
+    TrainFailed,
     TrainRequested,
     TrainRestartRequested,
 )
@@ -81,6 +85,14 @@ async def build(platform: Platform[TrainSettings]) -> AsyncIterator[Service]:
         rendezvous_timeout_s=platform.settings.train.rendezvous_timeout_s,
         collective_timeout_s=platform.settings.train.collective_timeout_s,
     )
+    sweeps = Sweeps(
+        trainer=trainer,
+        state=platform.state,
+        publish=platform.bus.publish,
+        source=platform.source,
+        suggest=suggester(),
+        retain_s=platform.settings.retention_s,
+    )
     try:
         yield Service(
             NAME,
@@ -104,12 +116,14 @@ async def build(platform: Platform[TrainSettings]) -> AsyncIterator[Service]:
                 Subscription(
                     "train-pipelines",
                     [DatasetStaged],
-                    trainer.on_dataset_staged,
+                    sweeps.on_dataset_staged,
                     max_in_flight=2,
                     prefetch=2,
                 ),
+                # A sweep's trial ended: the sweep moves on (other runs cost one lookup).
+                Subscription("train-sweeps", [TrainCompleted, TrainFailed], sweeps.on_run_ended),
             ],
-            background=[trainer.reclaim],
+            background=[trainer.reclaim, sweeps.keep_moving],
         )
     finally:
         await trainer.aclose()

@@ -22,7 +22,16 @@ from torchrelay.shared.events import EVENT_TYPES, AnyEvent, catalog
 
 SERVICE_FACTS: Mapping[str, tuple[type[AnyEvent], ...]] = {
     "ingest": (catalog.DatasetStaged, catalog.DatasetRejected, catalog.PipelineRejected),
-    "train": (catalog.TrainStarted, catalog.TrainCompleted, catalog.TrainFailed),
+    # The train service also runs sweeps: their trials are its runs.
+    "train": (
+        catalog.TrainStarted,
+        catalog.TrainCompleted,
+        catalog.TrainFailed,
+        catalog.SweepStarted,
+        catalog.SweepTrialStarted,
+        catalog.SweepTrialStopped,
+        catalog.SweepCompleted,
+    ),
     "serve": (
         catalog.ModelRolloutStarted,
         catalog.ModelDeployed,

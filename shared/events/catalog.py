@@ -97,6 +97,30 @@ class TrainFailed(CloudEvent[d.TrainFailedData]):
     type: Literal["io.torchrelay.train.failed.v1"] = "io.torchrelay.train.failed.v1"
 
 
+class SweepStarted(CloudEvent[d.SweepStartedData]):
+    """A pipeline's sweep began: its trials are planned on the staged dataset."""
+
+    type: Literal["io.torchrelay.sweep.started.v1"] = "io.torchrelay.sweep.started.v1"
+
+
+class SweepTrialStarted(CloudEvent[d.SweepTrialStartedData]):
+    """A trial of a sweep was launched as a training run."""
+
+    type: Literal["io.torchrelay.sweep.trial.started.v1"] = "io.torchrelay.sweep.trial.started.v1"
+
+
+class SweepTrialStopped(CloudEvent[d.SweepTrialStoppedData]):
+    """A trial ended without a model: stopped early by median stopping, or failed."""
+
+    type: Literal["io.torchrelay.sweep.trial.stopped.v1"] = "io.torchrelay.sweep.trial.stopped.v1"
+
+
+class SweepCompleted(CloudEvent[d.SweepCompletedData]):
+    """Every trial of a sweep ended; the best trial's model goes on to the deploy stage."""
+
+    type: Literal["io.torchrelay.sweep.completed.v1"] = "io.torchrelay.sweep.completed.v1"
+
+
 class ModelDeployRequested(CloudEvent[d.ModelDeployRequestedData]):
     """Someone asks serve to roll out a model version."""
 

@@ -7,6 +7,7 @@ from typing import Annotated, Literal
 from pydantic import ConfigDict, Field, JsonValue, StringConstraints, model_validator
 
 from torchrelay.shared.events.envelope import Data, Identifier, NonEmpty
+from torchrelay.shared.events.sweep import Direction, SweepSpec, Value
 
 Name = Annotated[
     str, StringConstraints(min_length=1, max_length=63, pattern=r"^[a-z0-9]([a-z0-9-]*[a-z0-9])?$")
@@ -304,6 +305,12 @@ class PipelineSpec(Data):
     dataset: DatasetSource
     training: TrainingStage
     deploy: DeployStage = DeployStage()
+    sweep: SweepSpec | None = Field(
+        default=None,
+        description="Train several trials instead of one, each with its own hyperparameters "
+        "laid over training.hyperparameters; the best trial's model goes on to the deploy "
+        "stage (and its gate).",
+    )
 
 
 class PipelineSubmittedData(Data):
@@ -317,9 +324,71 @@ class PipelineRejectedData(Data):
 
     pipeline_id: Identifier
     code: Annotated[str, StringConstraints(pattern=r"^[a-z][a-z_]{1,40}$")] = Field(
-        description="Machine-readable reason (conflicting_spec: the id holds another spec)."
+        description="Machine-readable reason (conflicting_spec: the id holds another spec; "
+        "invalid_sweep: the sweep cannot run, as the reason says)."
     )
     reason: NonEmpty = Field(description="What was wrong and what to do about it.")
+
+
+# --- sweep ------------------------------------------------------------------------------------
+
+TrialStopCode = Literal["early_stopped", "failed"]
+
+
+class SweepStartedData(Data):
+    """A pipeline's sweep began on its staged dataset: its trials are planned."""
+
+    sweep_id: Identifier = Field(description="The pipeline id: a sweep is its pipeline's.")
+    algorithm: Literal["grid", "random", "bayesian"]
+    trials: int = Field(ge=1, description="Trials the sweep runs at most.")
+    parallel: int = Field(ge=1)
+    metric: NonEmpty
+    direction: Direction
+    dataset: DatasetRef
+
+
+class SweepTrialStartedData(Data):
+    """A trial's run was launched with these hyperparameters."""
+
+    sweep_id: Identifier
+    trial: int = Field(ge=0)
+    run_id: Identifier
+    hyperparameters: dict[str, Value]
+
+
+class SweepTrialStoppedData(Data):
+    """A trial ended without a model: stopped early, or its run failed for good."""
+
+    sweep_id: Identifier
+    trial: int = Field(ge=0)
+    run_id: Identifier
+    code: TrialStopCode = Field(
+        description="early_stopped: the monitor's median stopping; failed: the run failed."
+    )
+    reason: NonEmpty
+    objective: float | None = Field(
+        default=None, description="The last objective the trial reported, if any."
+    )
+
+
+class SweepCompletedData(Data):
+    """Every trial ended: the best one (None when none completed) goes on to the deploy stage."""
+
+    sweep_id: Identifier
+    metric: NonEmpty
+    direction: Direction
+    best_trial: int | None = Field(default=None, ge=0)
+    run_id: Identifier | None = None
+    hyperparameters: dict[str, Value] = Field(default_factory=dict)
+    objective: float | None = None
+    model_name: Name
+    model_version: Version | None = None
+    metrics: Metrics = Field(
+        default_factory=dict, description="Every final metric of the best trial's model."
+    )
+    completed: int = Field(ge=0)
+    stopped: int = Field(ge=0)
+    failed: int = Field(ge=0)
 
 
 # --- model ------------------------------------------------------------------------------------

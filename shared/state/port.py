@@ -32,7 +32,7 @@ if TYPE_CHECKING:
 
 M = TypeVar("M", bound=BaseModel)
 
-BUCKETS = ("pipelines", "datasets", "runs", "models", "deployments", "monitor")
+BUCKETS = ("pipelines", "datasets", "runs", "models", "deployments", "monitor", "sweeps")
 LEASE_BUCKET = "leases"
 
 # A retention period in seconds, or a rule giving it from the value being written (None: keep).

@@ -208,7 +208,7 @@ async def test_only_a_better_model_replaces_the_serving_one(
 ) -> None:
     serve = replicas[0]
     first = await pipeline(state, GATE)
-    await serve.deployer.on_train_completed(trained(first, "good"))
+    await serve.deployer.on_trained(trained(first, "good"))
     stage = await deploy_stage(state, first)
     assert stage.status == "succeeded", stage.reason
     assert stage.detail["gate"] == "passed"
@@ -218,7 +218,7 @@ async def test_only_a_better_model_replaces_the_serving_one(
 
     worse = await pipeline(state, GATE)
     with capture_logs() as logs:
-        await serve.deployer.on_train_completed(trained(worse, "worse"))
+        await serve.deployer.on_trained(trained(worse, "worse"))
     stage = await deploy_stage(state, worse)
     assert stage.status == "skipped"
     assert stage.reason == "accuracy 0.9475 is not better than 0.9525 of the serving version good"
@@ -240,12 +240,12 @@ async def test_only_a_better_model_replaces_the_serving_one(
     assert serve.refusals() == 1
 
     # The same train.completed again (a redelivery) changes nothing, nor counts twice.
-    await serve.deployer.on_train_completed(trained(worse, "worse"))
+    await serve.deployer.on_trained(trained(worse, "worse"))
     assert await deploy_stage(state, worse) == stage
     assert serve.refusals() == 1
 
     better = await pipeline(state, GATE)
-    await serve.deployer.on_train_completed(trained(better, "better"))
+    await serve.deployer.on_trained(trained(better, "better"))
     stage = await deploy_stage(state, better)
     assert stage.status == "succeeded", stage.reason
     assert stage.detail["gate"] == "passed"
@@ -272,8 +272,8 @@ async def test_two_replicas_never_judge_two_candidates_against_the_same_old_vers
     )
     pipelines = {"better": await pipeline(state, GATE), "best": await pipeline(state, GATE)}
     await asyncio.gather(
-        replicas[0].deployer.on_train_completed(trained(pipelines["better"], "better")),
-        replicas[1].deployer.on_train_completed(trained(pipelines["best"], "best")),
+        replicas[0].deployer.on_trained(trained(pipelines["better"], "better")),
+        replicas[1].deployer.on_trained(trained(pipelines["best"], "best")),
     )
     stages = {version: await deploy_stage(state, p) for version, p in pipelines.items()}
     judged_against = sorted(str(stage.detail["serving_version"]) for stage in stages.values())
@@ -312,7 +312,7 @@ async def test_a_refused_first_model_never_starts_and_nothing_serves(
 ) -> None:
     serve = replicas[0]
     pipeline_id = await pipeline(state, gate)
-    await serve.deployer.on_train_completed(trained(pipeline_id, version))
+    await serve.deployer.on_trained(trained(pipeline_id, version))
     stage = await deploy_stage(state, pipeline_id)
     assert stage.status == "skipped"
     assert stage.reason == reason
@@ -333,7 +333,7 @@ async def test_a_pipeline_without_a_gate_is_not_judged(
     # it is missing from storage, so the rollout fails for that reason, not for a gate.
     serve = replicas[0]
     pipeline_id = await pipeline(state, None)
-    await serve.deployer.on_train_completed(trained(pipeline_id, "missing", accuracy=0.1))
+    await serve.deployer.on_trained(trained(pipeline_id, "missing", accuracy=0.1))
     stage = await deploy_stage(state, pipeline_id)
     assert stage.status == "failed"
     assert stage.reason is not None

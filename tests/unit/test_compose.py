@@ -43,8 +43,9 @@ def test_the_four_services_are_built_from_their_own_dockerfiles() -> None:
         assert service["image"] == f"torchrelay/{name}:{__version__}"
         dockerfile = (ROOT / service["build"]["dockerfile"]).read_text()
         assert "USER 10001:10001" in dockerfile, "non-root"
-        extras = "kubernetes" if name in ("train", "serve") else None
-        install = f'pip install ".[{name},{extras}]"' if extras else f'pip install ".[{name}]"'
+        # train runs sweeps: Optuna (the sweeps extra) suggests a bayesian sweep's trials.
+        extras = {"train": ",kubernetes,sweeps", "serve": ",kubernetes"}.get(name, "")
+        install = f'pip install ".[{name}{extras}]"'
         assert install in dockerfile
         if name in ("ingest", "monitor"):
             assert "torch==" not in dockerfile

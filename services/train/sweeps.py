@@ -1,0 +1,408 @@
+"""Glue: a pipeline's sweep -> its trials as training runs, a few at a time -> the best trial.
+
+A sweep lives in the ``sweeps`` bucket, not in a replica: every step is :meth:`Sweeps.advance`,
+which reads the record and the trials' runs, applies what happened (a run that ended, a free
+slot) in one compare-and-set, then does what the record says is still to do: launch the trials
+it started (a run id per trial, so a launch repeated by another replica or a redelivery launches
+one run), publish the events it has not published yet (each with an id of its own, so the
+stream holds one copy), and at the end write the pipeline's train stage. Whatever replica dies
+wherever, the next ``advance`` (a redelivered event, or the loop over open sweeps) carries on.
+
+A trial is a run like any other: the monitor restarts it from its checkpoints, and it counts
+once in its sweep whatever its restarts, since its run id does not change. The monitor also
+stops it early (median stopping): it writes the reason into the trial, then cancels the run.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import uuid
+from datetime import UTC, datetime
+from typing import NamedTuple
+
+import structlog
+from pydantic import JsonValue
+
+from torchrelay.services.train.handlers import Trainer, pipeline_job
+from torchrelay.services.train.suggest import OPTUNA_MISSING
+from torchrelay.shared.bus.port import Publish
+from torchrelay.shared.errors import AlreadyExists
+from torchrelay.shared.events import (
+    DatasetStaged,
+    SweepCompleted,
+    SweepStarted,
+    SweepTrialStarted,
+    SweepTrialStopped,
+    TrainCompleted,
+    TrainFailed,
+)
+from torchrelay.shared.events.data import (
+    SweepCompletedData,
+    SweepStartedData,
+    SweepTrialStartedData,
+    SweepTrialStoppedData,
+    TrainCompletedData,
+)
+from torchrelay.shared.pipelines import PipelineRecord, pipeline_key, record_stage
+from torchrelay.shared.runs import RunRecord
+from torchrelay.shared.runtime.loops import every
+from torchrelay.shared.state import State, Store, key_part
+from torchrelay.shared.sweep_state import (
+    SWEEP_PREFIX,
+    Suggest,
+    SweepRecord,
+    Trial,
+    TrialHistory,
+    conclude,
+    end_trial,
+    fill_slots,
+    history_key,
+    new_sweep,
+    sweep_key,
+)
+from torchrelay.shared.sweeps import objective_value
+
+log = structlog.get_logger("torchrelay.train.sweeps")
+_IDS = uuid.UUID("6d1f0b8e-2c4a-4f7e-9b35-0a8e7c6d5f41")
+
+
+class Ending(NamedTuple):
+    """How a trial's run ended: its objective, its model (completed) or why it failed."""
+
+    objective: float | None
+    model_version: str | None
+    failure: str | None
+
+
+class Sweeps:
+    def __init__(
+        self,
+        *,
+        trainer: Trainer,
+        state: State,
+        publish: Publish,
+        source: str,
+        suggest: Suggest | None = None,
+        retain_s: float | None = None,
+        advance_every_s: float = 5.0,
+        quiet_after_s: float = 30.0,
+    ) -> None:
+        self._trainer = trainer
+        self.sweeps: Store[SweepRecord] = state.store("sweeps", SweepRecord)
+        self.histories: Store[TrialHistory] = state.store("sweeps", TrialHistory)
+        self.runs: Store[RunRecord] = state.store("runs", RunRecord)
+        self.pipelines: Store[PipelineRecord] = state.store("pipelines", PipelineRecord)
+        self._publish = publish
+        self._source = source
+        self._suggest = suggest
+        self._retain_s = retain_s
+        self._advance_every_s = advance_every_s
+        self._quiet_after_s = quiet_after_s
+        self._open = self.sweeps.live(
+            lambda sweep: sweep.status == "running" or not sweep.announced, prefix=SWEEP_PREFIX
+        )
+        """Sweeps not over (or whose end is not announced), followed by a KV watch."""
+
+    # --- handlers ---------------------------------------------------------------------------
+
+    async def on_dataset_staged(self, event: DatasetStaged) -> None:
+        """A pipeline's dataset is ready: a sweep's pipeline starts its sweep, any other one
+        its training run."""
+        if event.pipelineid is None:
+            return
+        found = await self.pipelines.get(pipeline_key(event.pipelineid))
+        if found is None:
+            return
+        pipeline = found.value
+        if pipeline.spec.sweep is None:
+            await self._trainer.train_pipeline(event, pipeline)
+            return
+        job = pipeline_job(pipeline, event.data.name, event.data.version)
+        sweep_id = pipeline.pipeline_id
+        if pipeline.spec.sweep.algorithm == "bayesian" and self._suggest is None:
+            await record_stage(
+                self.pipelines, sweep_id, "train", "failed", datetime.now(UTC),
+                reason=OPTUNA_MISSING,
+                retain_s=self._retain_s,
+            )  # fmt: skip
+            log.warning("sweep.refused", sweep_id=sweep_id, reason=OPTUNA_MISSING)
+            return
+        record = new_sweep(sweep_id, pipeline.spec.sweep, job, datetime.now(UTC))
+        try:
+            await self.sweeps.create(sweep_key(sweep_id), record, ttl_s=None)
+        except AlreadyExists:
+            pass  # a redelivery: carry on from what is stored
+        else:
+            log.info("sweep.started", sweep_id=sweep_id, trials=len(record.trials))
+        spec = pipeline.spec.sweep
+        detail: dict[str, JsonValue] = {"sweep": sweep_id, "trials": spec.max_trials}
+        if job.workspace is not None:
+            detail["workspace"] = job.workspace
+        await record_stage(
+            self.pipelines, sweep_id, "train", "running", datetime.now(UTC), detail=detail
+        )
+        await self._publish(
+            SweepStarted(
+                id=_event_id("started", sweep_id),
+                **self._envelope(sweep_id, event.id),
+                data=SweepStartedData(
+                    sweep_id=sweep_id,
+                    algorithm=spec.algorithm,
+                    trials=spec.max_trials,
+                    parallel=spec.parallel,
+                    metric=spec.objective.metric,
+                    direction=spec.objective.direction,
+                    dataset=job.dataset,
+                ),
+            )
+        )
+        await self.advance(sweep_id, event.id)
+
+    async def on_run_ended(self, event: TrainCompleted | TrainFailed) -> None:
+        """A run ended: if it is a sweep's trial (and its end is final), the sweep moves on."""
+        if event.pipelineid is None:
+            return
+        if isinstance(event, TrainFailed) and not event.data.final:
+            return  # the monitor restarts it: still the same trial, running
+        key = sweep_key(event.pipelineid)
+        seen = self._open.get(key)
+        sweep = seen.value if seen is not None else None
+        if sweep is None:  # the view may trail the bucket by a moment
+            found = await self.sweeps.get(key)
+            sweep = found.value if found is not None else None
+        if sweep is None or sweep.trial_of(event.data.run_id) is None:
+            return
+        await self.advance(sweep.sweep_id, event.id)
+
+    async def keep_moving(self, stop: asyncio.Event) -> None:
+        """Background loop: a sweep that nothing moved for ``quiet_after_s`` is advanced (an
+        event about it was given up on, or the replica handling it died mid-way)."""
+        async with self._open:
+            await every(self._advance_every_s, stop, self.advance_quiet, name="train.sweeps")
+
+    async def advance_quiet(self) -> list[str]:
+        now = datetime.now(UTC)
+        moved = []
+        for item in self._open.items():
+            sweep = item.value
+            if (now - sweep.updated).total_seconds() > self._quiet_after_s:
+                await self.advance(sweep.sweep_id, None)
+                moved.append(sweep.sweep_id)
+        return moved
+
+    # --- the one step -------------------------------------------------------------------------
+
+    async def advance(self, sweep_id: str, cause: str | None) -> SweepRecord | None:
+        """Bring the sweep up to date with its trials' runs, start trials into free slots,
+        launch and announce what is unannounced, and end the sweep when every trial ended."""
+        key = sweep_key(sweep_id)
+        found = await self.sweeps.get(key)
+        if found is None:
+            return None
+        endings = await self._endings(found.value)
+
+        def change(current: SweepRecord | None) -> SweepRecord | None:
+            if current is None:
+                return None
+            now = datetime.now(UTC)
+            updated = current
+            for index, ending in endings.items():
+                updated = end_trial(
+                    updated,
+                    index,
+                    now,
+                    objective=ending.objective,
+                    model_version=ending.model_version,
+                    failure=ending.failure,
+                )
+            updated = conclude(fill_slots(updated, now, self._suggest), now)
+            return None if updated == current else updated
+
+        stored = await self.sweeps.mutate(key, change, ttl_s=self._ttl)
+        sweep = stored.value if stored is not None else found.value
+        for trial in sweep.trials:
+            if not trial.announced:
+                await self._announce_trial(sweep, trial, cause)
+        if not sweep.announced:
+            await self._announce_end(sweep, cause)
+        return sweep
+
+    def _ttl(self, sweep: SweepRecord) -> float | None:
+        return self._retain_s if sweep.status != "running" and sweep.announced else None
+
+    async def _endings(self, sweep: SweepRecord) -> dict[int, Ending]:
+        """How each running trial's run ended, for :func:`end_trial` (running ones left out)."""
+        endings: dict[int, Ending] = {}
+        for trial in sweep.trials:
+            if trial.status != "running" or not trial.announced:
+                continue  # unannounced: launched below, if it is not yet
+            found = await self.runs.get(key_part(trial.run_id))
+            run = found.value if found is not None else None
+            if run is None or not run.over or not run.announced:
+                continue  # running, restarting, or its end is on its way
+            last = await self._last_objective(sweep, trial)
+            if isinstance(run.outcome, TrainCompletedData):
+                final = objective_value(
+                    sweep.spec.objective.metric, loss=math.nan, metrics=run.outcome.metrics
+                )
+                objective = final if final is not None else last
+                endings[trial.index] = Ending(objective, run.outcome.model_version, None)
+            else:
+                reason = run.reason or (run.outcome.reason if run.outcome else "the run failed")
+                endings[trial.index] = Ending(last, None, reason)
+        return endings
+
+    async def _last_objective(self, sweep: SweepRecord, trial: Trial) -> float | None:
+        history = await self.histories.get(history_key(sweep.sweep_id, trial.index))
+        if history is None or not history.value.points:
+            return None
+        value = history.value.points[-1][1]
+        return None if math.isnan(value) else value
+
+    # --- what a transition leaves to do ---------------------------------------------------------
+
+    async def _announce_trial(self, sweep: SweepRecord, trial: Trial, cause: str | None) -> None:
+        envelope = self._envelope(sweep.sweep_id, cause)
+        if trial.status == "running":
+            await self._trainer.start(
+                trial.run_id,
+                sweep.trial_job(trial),
+                sweep.sweep_id,
+                cause or _event_id("launch", sweep.sweep_id, trial.index),
+                trial=trial.index,
+            )
+            await self._publish(
+                SweepTrialStarted(
+                    id=_event_id("trial-started", sweep.sweep_id, trial.index),
+                    **envelope,
+                    data=SweepTrialStartedData(
+                        sweep_id=sweep.sweep_id,
+                        trial=trial.index,
+                        run_id=trial.run_id,
+                        hyperparameters=trial.params,
+                    ),
+                )
+            )
+            log.info("sweep.trial_started", sweep_id=sweep.sweep_id, trial=trial.index)
+        elif trial.status in {"stopped", "failed"}:
+            await self._publish(
+                SweepTrialStopped(
+                    id=_event_id("trial-stopped", sweep.sweep_id, trial.index),
+                    **envelope,
+                    data=SweepTrialStoppedData(
+                        sweep_id=sweep.sweep_id,
+                        trial=trial.index,
+                        run_id=trial.run_id,
+                        code="early_stopped" if trial.status == "stopped" else "failed",
+                        reason=(trial.reason or "the run failed")[:512],
+                        objective=trial.objective,
+                    ),
+                )
+            )
+            log.info(
+                "sweep.trial_stopped",
+                sweep_id=sweep.sweep_id,
+                trial=trial.index,
+                status=trial.status,
+                reason=trial.reason,
+            )
+
+        def announced(current: SweepRecord | None) -> SweepRecord | None:
+            if current is None:
+                return None
+            now_trial = current.trials[trial.index]
+            if now_trial.announced or now_trial.status != trial.status:
+                return None
+            trials = list(current.trials)
+            trials[trial.index] = now_trial.model_copy(update={"announced": True})
+            return current.model_copy(update={"trials": trials})
+
+        await self.sweeps.mutate(sweep_key(sweep.sweep_id), announced)
+
+    async def _announce_end(self, sweep: SweepRecord, cause: str | None) -> None:
+        winner = sweep.best_trial
+        spec = sweep.spec
+        metrics: dict[str, float] = {}
+        if winner is not None:
+            found = await self.runs.get(key_part(winner.run_id))
+            outcome = found.value.outcome if found is not None else None
+            if isinstance(outcome, TrainCompletedData):
+                metrics = dict(outcome.metrics)
+        data = SweepCompletedData(
+            sweep_id=sweep.sweep_id,
+            metric=spec.objective.metric,
+            direction=spec.objective.direction,
+            best_trial=winner.index if winner else None,
+            run_id=winner.run_id if winner else None,
+            hyperparameters=winner.params if winner else {},
+            objective=winner.objective if winner else None,
+            model_name=sweep.job.model_name,
+            model_version=winner.model_version if winner else None,
+            metrics=metrics,
+            completed=sweep.count("completed"),
+            stopped=sweep.count("stopped"),
+            failed=sweep.count("failed"),
+        )
+        now = datetime.now(UTC)
+        if winner is not None and winner.model_version is not None:
+            detail: dict[str, JsonValue] = {
+                "model": sweep.job.model_name,
+                "version": winner.model_version,
+                "metrics": dict(metrics),
+                "run_id": winner.run_id,
+                "trial": winner.index,
+                "hyperparameters": dict(winner.params),
+            }
+            await record_stage(
+                self.pipelines, sweep.sweep_id, "train", "succeeded", now,
+                detail=detail,
+                retain_s=self._retain_s,
+            )  # fmt: skip
+        else:
+            reason = (
+                f"no trial of the sweep completed ({data.stopped} stopped early, "
+                f"{data.failed} failed)"
+            )
+            await record_stage(
+                self.pipelines, sweep.sweep_id, "train", "failed", now,
+                reason=reason,
+                retain_s=self._retain_s,
+            )  # fmt: skip
+        await self._publish(
+            SweepCompleted(
+                id=_event_id("completed", sweep.sweep_id),
+                **self._envelope(sweep.sweep_id, cause),
+                data=data,
+            )
+        )
+        log.info(
+            "sweep.completed",
+            sweep_id=sweep.sweep_id,
+            best_trial=data.best_trial,
+            objective=data.objective,
+            completed=data.completed,
+            stopped=data.stopped,
+            failed=data.failed,
+        )
+
+        def announced(current: SweepRecord | None) -> SweepRecord | None:
+            if current is None or current.announced:
+                return None
+            return current.model_copy(update={"announced": True})
+
+        await self.sweeps.mutate(sweep_key(sweep.sweep_id), announced, ttl_s=self._ttl)
+
+    def _envelope(self, sweep_id: str, cause: str | None) -> dict[str, str | None]:
+        return {
+            "source": self._source,
+            "subject": sweep_id,
+            "pipelineid": sweep_id,
+            "causationid": cause,
+        }
+
+
+def _event_id(kind: str, sweep_id: str, index: int | None = None) -> str:
+    """The id of one of the sweep's events: the same from every replica and every try."""
+    name = f"{kind}:{sweep_id}" + ("" if index is None else f":{index}")
+    return str(uuid.uuid5(_IDS, name))

@@ -1,0 +1,264 @@
+"""Sweep records in the ``sweeps`` bucket: a sweep's trials and how each ended (the train
+service writes them), and each trial's objective history (the monitor appends to it).
+
+Pure but for :func:`sweep_key` and :func:`history_key`: the transitions (:func:`fill_slots`,
+:func:`end_trial`, :func:`conclude`) are applied inside compare-and-set updates, so replicas
+that advance one sweep at once agree, and one that dies half-way leaves a record the next
+one carries on from.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping
+from datetime import datetime
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from torchrelay.shared.events.data import TrainJobSpec
+from torchrelay.shared.events.sweep import SweepSpec, Value
+from torchrelay.shared.sweeps import History, best, trials
+
+SWEEP_PREFIX = "sweep"
+HISTORY_PREFIX = "trial"
+
+
+def sweep_key(sweep_id: str) -> str:
+    from torchrelay.shared.state import key_part
+
+    return f"{SWEEP_PREFIX}.{key_part(sweep_id)}"
+
+
+def history_key(sweep_id: str, index: int) -> str:
+    from torchrelay.shared.state import key_part
+
+    return f"{HISTORY_PREFIX}.{key_part(sweep_id)}.{index}"
+
+
+# --- the record in the ``sweeps`` bucket ---------------------------------------------------------
+
+TrialStatus = Literal["pending", "running", "completed", "stopped", "failed"]
+TRIAL_ENDED: frozenset[TrialStatus] = frozenset({"completed", "stopped", "failed"})
+SweepStatus = Literal["running", "completed", "failed"]
+MAX_HISTORY_POINTS = 512
+"""Points a trial's objective history keeps: beyond, every other older point goes (the
+newest is always kept), so a long trial's history stays a few KiB in its KV value."""
+
+
+class Trial(BaseModel):
+    """One trial of a sweep: its hyperparameters, its run, and how it ended."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    index: int = Field(ge=0)
+    params: dict[str, Value]
+    run_id: str
+    status: TrialStatus = "pending"
+    started: datetime | None = None
+    ended: datetime | None = None
+    objective: float | None = None
+    """The final objective of a completed trial; the last one reported by a stopped one."""
+    model_version: str | None = None
+    stop_requested: str | None = None
+    """Why the monitor stops the trial early: written before it asks for the cancel, so the
+    trial ends as stopped (not failed) whichever replica sees its run end."""
+    reason: str | None = None
+    """Why a stopped or failed trial ended."""
+    announced: bool = True
+    """Whether the event of the trial's status is on the bus (``sweep.trial.started`` for a
+    running trial, ``sweep.trial.stopped`` for a stopped or failed one). False from the
+    compare-and-set that changed the status until it is published: a replica that dies in
+    between leaves it to whichever replica advances the sweep next."""
+
+
+class SweepRecord(BaseModel):
+    """A sweep in the ``sweeps`` bucket, keyed by its pipeline id."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    sweep_id: str
+    spec: SweepSpec
+    job: TrainJobSpec
+    """The pipeline's training stage on the staged dataset: each trial trains this with its
+    hyperparameters laid over ``job.hyperparameters``."""
+    status: SweepStatus = "running"
+    trials: list[Trial]
+    best: int | None = None
+    created: datetime
+    updated: datetime
+    announced: bool = True
+    """False from the sweep's end until ``sweep.completed`` is on the bus and the pipeline's
+    train stage is written."""
+
+    def trial_job(self, trial: Trial) -> TrainJobSpec:
+        hyperparameters = {**self.job.hyperparameters, **trial.params}
+        return self.job.model_copy(update={"hyperparameters": hyperparameters})
+
+    def trial_of(self, run_id: str) -> Trial | None:
+        return next((trial for trial in self.trials if trial.run_id == run_id), None)
+
+    def count(self, status: TrialStatus) -> int:
+        return sum(1 for trial in self.trials if trial.status == status)
+
+    @property
+    def best_trial(self) -> Trial | None:
+        return None if self.best is None else self.trials[self.best]
+
+
+class TrialHistory(BaseModel):
+    """A trial's objective as its progress reports gave it (the monitor appends, median
+    stopping reads), under ``<sweep>.trial-<index>`` in the ``sweeps`` bucket."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    points: list[tuple[int, float]] = Field(default_factory=list)
+
+    def with_point(self, step: int, value: float) -> TrialHistory:
+        points = [*self.points, (step, value)]
+        if len(points) > MAX_HISTORY_POINTS:
+            points = [*points[:-1:2], points[-1]]
+        return TrialHistory(points=points)
+
+
+def trial_run_id(sweep_id: str, index: int) -> str:
+    """The run id of trial ``index``: the same from every replica, so launching it twice
+    launches one run."""
+    return f"{sweep_id}.trial-{index}"
+
+
+def new_sweep(sweep_id: str, spec: SweepSpec, job: TrainJobSpec, now: datetime) -> SweepRecord:
+    """A sweep with its trials planned (grid or random), none started. A bayesian sweep plans
+    none ahead: :func:`fill_slots` asks for each trial when a slot frees."""
+    planned = (
+        []
+        if spec.algorithm == "bayesian"
+        else [
+            Trial(index=index, params=params, run_id=trial_run_id(sweep_id, index))
+            for index, params in enumerate(trials(spec))
+        ]
+    )
+    return SweepRecord(
+        sweep_id=sweep_id, spec=spec, job=job, trials=planned, created=now, updated=now
+    )
+
+
+Suggest = Callable[["SweepRecord"], dict[str, Value]]
+"""Hyperparameters for a bayesian sweep's next trial, from the trials so far (Optuna)."""
+
+
+def fill_slots(record: SweepRecord, now: datetime, suggest: Suggest | None = None) -> SweepRecord:
+    """Start pending trials, in order, until ``parallel`` run (unannounced); a bayesian sweep
+    adds each trial as its slot frees, with ``suggest``'s hyperparameters. A sweep that is over
+    starts nothing. ``record`` itself when nothing starts."""
+    free = record.spec.parallel - record.count("running")
+    if record.status != "running" or free <= 0:
+        return record
+    updated = list(record.trials)
+    for position, trial in enumerate(updated):
+        if free == 0:
+            break
+        if trial.status == "pending":
+            updated[position] = trial.model_copy(
+                update={"status": "running", "started": now, "announced": False}
+            )
+            free -= 1
+    while (
+        free > 0 and record.spec.algorithm == "bayesian" and len(updated) < record.spec.max_trials
+    ):
+        if suggest is None:
+            raise ValueError("a bayesian sweep needs a suggest function to add trials")
+        index = len(updated)
+        params = suggest(record.model_copy(update={"trials": updated}))
+        updated.append(
+            Trial(
+                index=index,
+                params=params,
+                run_id=trial_run_id(record.sweep_id, index),
+                status="running",
+                started=now,
+                announced=False,
+            )
+        )
+        free -= 1
+    if updated == record.trials:
+        return record
+    return record.model_copy(update={"trials": updated, "updated": now})
+
+
+def end_trial(
+    record: SweepRecord,
+    index: int,
+    now: datetime,
+    *,
+    objective: float | None,
+    model_version: str | None = None,
+    failure: str | None = None,
+) -> SweepRecord:
+    """The record after trial ``index``'s run ended: completed with ``objective`` (and its
+    model), or (``failure``) stopped when the monitor had asked for it, else failed. A trial
+    that already ended keeps its outcome (``record`` itself is returned)."""
+    trial = record.trials[index]
+    if trial.status in TRIAL_ENDED:
+        return record
+    if failure is None:
+        change: dict[str, object] = {
+            "status": "completed",
+            "objective": objective,
+            "model_version": model_version,
+        }
+    else:
+        stopped = trial.stop_requested is not None
+        change = {
+            "status": "stopped" if stopped else "failed",
+            "objective": objective,
+            "reason": trial.stop_requested if stopped else failure,
+            "announced": False,
+        }
+    updated = list(record.trials)
+    updated[index] = trial.model_copy(update={**change, "ended": now})
+    return record.model_copy(update={"trials": updated, "updated": now})
+
+
+def conclude(record: SweepRecord, now: datetime) -> SweepRecord:
+    """The sweep ended when no trial is pending or running: completed with the best completed
+    trial, or failed when none completed (unannounced). Otherwise ``record`` itself."""
+    unplanned = record.spec.algorithm == "bayesian" and len(record.trials) < record.spec.max_trials
+    if (
+        record.status != "running"
+        or unplanned
+        or any(trial.status not in TRIAL_ENDED for trial in record.trials)
+    ):
+        return record
+    results = {t.index: t.objective for t in record.trials if t.status == "completed"}
+    winner = best(results, record.spec.objective.direction)
+    return record.model_copy(
+        update={
+            "status": "failed" if winner is None else "completed",
+            "best": winner,
+            "updated": now,
+            "announced": False,
+        }
+    )
+
+
+def completed_histories(record: SweepRecord, histories: Mapping[int, History]) -> list[History]:
+    """The histories of the sweep's completed trials (what median stopping compares with)."""
+    return [
+        histories[t.index]
+        for t in record.trials
+        if t.status == "completed" and t.index in histories
+    ]
+
+
+def ranked(record: SweepRecord) -> list[Trial]:
+    """The trials best first by objective (those without one last, in trial order)."""
+    sign = -1.0 if record.spec.objective.direction == "maximize" else 1.0
+
+    def key(trial: Trial) -> tuple[int, float, int]:
+        value = trial.objective
+        if value is None or math.isnan(value):
+            return (1, 0.0, trial.index)
+        return (0, sign * value, trial.index)
+
+    return sorted(record.trials, key=key)
