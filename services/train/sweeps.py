@@ -61,7 +61,6 @@ from torchrelay.shared.sweep_state import (
     new_sweep,
     sweep_key,
 )
-from torchrelay.shared.sweeps import objective_value
 
 log = structlog.get_logger("torchrelay.train.sweeps")
 _IDS = uuid.UUID("6d1f0b8e-2c4a-4f7e-9b35-0a8e7c6d5f41")
@@ -243,9 +242,7 @@ class Sweeps:
                 continue  # running, restarting, or its end is on its way
             last = await self._last_objective(sweep, trial)
             if isinstance(run.outcome, TrainCompletedData):
-                final = objective_value(
-                    sweep.spec.objective.metric, loss=math.nan, metrics=run.outcome.metrics
-                )
+                final = run.outcome.metrics.get(sweep.spec.objective.metric)
                 objective = final if final is not None else last
                 endings[trial.index] = Ending(objective, run.outcome.model_version, None)
             else:
