@@ -108,9 +108,10 @@ class SweepRecord(BaseModel):
 
 class TrialHistory(BaseModel):
     """A trial's objective as its progress reports gave it (the monitor appends, median
-    stopping reads), under ``<sweep>.trial-<index>`` in the ``sweeps`` bucket."""
+    stopping reads), under ``trial.<sweep>.<index>`` in the ``sweeps`` bucket. A diverged
+    trial's NaN or infinity is kept (JSON has none: stored as the strings "NaN", "Infinity")."""
 
-    model_config = ConfigDict(frozen=True, extra="forbid")
+    model_config = ConfigDict(frozen=True, extra="forbid", ser_json_inf_nan="strings")
 
     points: list[tuple[int, float]] = Field(default_factory=list)
 

@@ -255,7 +255,7 @@ class Sweeps:
         if history is None or not history.value.points:
             return None
         value = history.value.points[-1][1]
-        return None if math.isnan(value) else value
+        return value if math.isfinite(value) else None  # diverged: no objective to rank
 
     # --- what a transition leaves to do ---------------------------------------------------------
 
