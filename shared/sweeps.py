@@ -214,9 +214,17 @@ def best(results: Mapping[int, float | None], direction: Direction) -> int | Non
     return winner[0]
 
 
-def objective_value(metric: str, *, loss: float, metrics: Mapping[str, float]) -> float | None:
-    """The objective in one report: ``loss`` when the metric is named ``loss`` and the report
-    has no metric of that name, else the named metric (None when the report lacks it)."""
+def objective_value(
+    metric: str, *, loss: float | None, metrics: Mapping[str, float | None]
+) -> float | None:
+    """The objective in one progress report: the named metric, or the loss when the metric is
+    named ``loss`` and the report has no metric of that name; None when the report lacks it.
+    A value reported as null (it was NaN or infinite: the trial diverged) is NaN, which
+    median stopping counts as worse than any median."""
     if metric in metrics:
-        return float(metrics[metric])
-    return float(loss) if metric == "loss" else None
+        value = metrics[metric]
+    elif metric == "loss":
+        value = loss
+    else:
+        return None
+    return math.nan if value is None else float(value)

@@ -447,11 +447,16 @@ class LineReport(Report):
         self._write(f"  refused {refused}")
 
 
+def loss_text(loss: object) -> str:
+    """A reported loss for people: 4 decimals, or "nan" when it diverged (reported as null)."""
+    return f"{loss:.4f}" if isinstance(loss, int | float) else "nan"
+
+
 def progress_line(data: dict[str, Any]) -> str:
     """A ``train.progress`` event's data as one line."""
     return (
         f"          step {data.get('step')} epoch {data.get('epoch')} "
-        f"loss {data.get('loss', 0):.4f} {data.get('samples_per_s', 0):.0f} samples/s"
+        f"loss {loss_text(data.get('loss'))} {data.get('samples_per_s', 0):.0f} samples/s"
     )
 
 

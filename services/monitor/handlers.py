@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import math
 import uuid
 from datetime import UTC, datetime
 
@@ -340,7 +341,7 @@ class Monitor:
 
     async def _progressed(self, event: AnyEvent) -> None:
         data = event.data
-        self.metrics.loss.labels(data.run_id).set(data.loss)
+        self.metrics.loss.labels(data.run_id).set(math.nan if data.loss is None else data.loss)
         self.metrics.samples.labels(data.run_id).set(data.samples_per_s)
         self.metrics.last_progress.labels(data.run_id).set(event.time.timestamp())
 

@@ -169,9 +169,17 @@ class TrainProgressData(Data):
     run_id: Identifier
     step: int = Field(ge=0)
     epoch: int = Field(ge=0)
-    loss: float
+    loss: float | None = Field(
+        default=None,
+        description="The step's loss; absent when it was NaN or infinite (the run diverged: "
+        "JSON has no NaN).",
+    )
     samples_per_s: float = Field(ge=0)
-    metrics: Metrics = Field(default_factory=dict)
+    metrics: dict[str, float | None] = Field(
+        default_factory=dict,
+        description="What the code passed to step_done(metrics=...); null for a value that "
+        "was NaN or infinite.",
+    )
 
 
 class TrainCheckpointedData(Data):

@@ -19,7 +19,7 @@ from rich.progress import (
     TimeElapsedColumn,
 )
 
-from torchrelay.client import LineReport, PipelineRefused, Report
+from torchrelay.client import LineReport, PipelineRefused, Report, loss_text
 from torchrelay.shared.pipelines import STAGES, PipelineRecord
 
 if TYPE_CHECKING:
@@ -90,7 +90,7 @@ class BarReport(Report):
             return
         epoch = data.get("epoch")
         note = (
-            f"step {data.get('step')}  loss {data.get('loss', 0):.4f}  "
+            f"step {data.get('step')}  loss {loss_text(data.get('loss'))}  "
             f"{data.get('samples_per_s', 0):.0f} samples/s"
         )
         if self._epochs is not None and isinstance(epoch, int):

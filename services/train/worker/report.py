@@ -10,6 +10,7 @@ import, the connection) before it has anything to say.
 from __future__ import annotations
 
 import asyncio
+import math
 import queue
 import threading
 from typing import TYPE_CHECKING, Any
@@ -61,19 +62,8 @@ class Reporter:
         if self._thread is None:
             self._thread = threading.Thread(target=self._run, name="reporter", daemon=True)
             self._thread.start()
-        run_id = self._spec.run_id
-        envelope = {
-            "source": "/torchrelay/train/worker",
-            "subject": run_id,
-            "pipelineid": self._spec.pipeline_id,
-        }
-        event: AnyEvent = (
-            TrainProgressed(data=TrainProgressData(run_id=run_id, **fields), **envelope)
-            if kind == "progress"
-            else TrainCheckpointed(data=TrainCheckpointedData(run_id=run_id, **fields), **envelope)
-        )
         try:
-            self._queue.put_nowait(event)
+            self._queue.put_nowait(report_event(self._spec, kind, fields))
         except queue.Full:
             log.warning("report.dropped", kind=kind)
 
@@ -103,3 +93,27 @@ class Reporter:
                     log.warning("report.failed", error=repr(exc))
         finally:
             await bus.aclose()
+
+
+def report_event(spec: WorkerSpec, kind: str, fields: dict[str, Any]) -> AnyEvent:
+    """Rank 0's ``progress`` or ``checkpointed`` report as its event."""
+    envelope = {
+        "source": "/torchrelay/train/worker",
+        "subject": spec.run_id,
+        "pipelineid": spec.pipeline_id,
+    }
+    if kind == "progress":
+        data = TrainProgressData(run_id=spec.run_id, **_finite(fields))
+        return TrainProgressed(data=data, **envelope)
+    return TrainCheckpointed(data=TrainCheckpointedData(run_id=spec.run_id, **fields), **envelope)
+
+
+def _finite(fields: dict[str, Any]) -> dict[str, Any]:
+    """A progress report as the event carries it: a NaN or infinite loss or metric (a run that
+    diverged) becomes None, which JSON can carry, instead of failing the training step."""
+
+    def finite(value: Any) -> Any:
+        return value if value is None or math.isfinite(value) else None
+
+    metrics = {name: finite(value) for name, value in fields.get("metrics", {}).items()}
+    return {**fields, "loss": finite(fields["loss"]), "metrics": metrics}
