@@ -100,6 +100,8 @@ class SweepMonitor:
             return
         history = stored.value.points if stored is not None else []
         if trial.stop_requested is not None:
+            # Asked for already: ask again under the same id (the stream keeps one), in case
+            # the replica that wrote the stop died before it published.
             await self._cancel(record.sweep_id, data.run_id, trial.stop_requested)
             return
         reason = stop_reason(record, history, await self._completed(record))

@@ -136,6 +136,34 @@ async def test_a_trial_goes_on(
     assert await _history(state, sweep_id, completed) == [(step, loss)], "its report is kept"
 
 
+async def test_a_stop_written_by_a_replica_that_died_before_publishing_is_published(
+    state: State,
+) -> None:
+    sweep_id = _sweep_id()
+    run_id = f"{sweep_id}.trial-3"
+    record = sweep_record(sweep_id)
+    trials = [*record.trials[:3], record.trials[3].model_copy(update={"stop_requested": "worse"})]
+    await store_sweep(state, record.model_copy(update={"trials": trials}))
+    replica = Replica(state)
+    await replica.monitor.on_event(progress(sweep_id, run_id, 30, 0.4))  # better by now
+    (cancel,) = replica.cancels()
+    assert cancel.data.reason == "worse", "the stop written is the one asked for"
+    assert cancel.data.restart is False
+
+
+async def test_a_sweep_without_early_stopping_keeps_histories_and_stops_nothing(
+    state: State,
+) -> None:
+    sweep_id = _sweep_id()
+    run_id = f"{sweep_id}.trial-3"
+    await store_sweep(state, sweep_record(sweep_id, early_stopping=False))
+    replica = Replica(state)
+    await replica.monitor.on_event(progress(sweep_id, run_id, 20, 50.0))
+    assert replica.cancels() == []
+    assert (await _stored(state, sweep_id)).trials[3].stop_requested is None
+    assert await _history(state, sweep_id, 3) == [(20, 50.0)]
+
+
 async def test_progress_of_a_running_trial_is_appended_once_and_by_its_objective(
     state: State,
 ) -> None:
