@@ -1,10 +1,12 @@
-"""Pure rules of the monitor: keeping metric labels bounded, and when to restart a run."""
+"""Pure rules of the monitor: keeping metric labels bounded, when to restart a run, and when
+to stop a sweep's trial early."""
 
 from __future__ import annotations
 
 import enum
+from collections.abc import Sequence
 from datetime import datetime, timedelta
-from typing import Literal
+from typing import Literal, get_args
 
 from pydantic import BaseModel, ConfigDict
 
@@ -17,6 +19,14 @@ from torchrelay.shared.events import (
     TrainCompleted,
     TrainFailed,
 )
+from torchrelay.shared.sweep_state import (
+    SweepRecord,
+    Trial,
+    TrialHistory,
+    TrialStatus,
+    trial_run_id,
+)
+from torchrelay.shared.sweeps import History, best, should_stop
 
 SERVICES = frozenset({"ingest", "train", "serve", "monitor", "cli"})
 EXTERNAL = "external"
@@ -241,3 +251,77 @@ def pipeline_end(event: AnyEvent, last_stage: str | None, *, sweep: bool = False
     )
     failed_run = not sweep and isinstance(event, TrainFailed) and event.data.final
     return "failed" if failed or failed_run else None
+
+
+# --- sweeps -----------------------------------------------------------------------------------
+
+STOP_REASON_MAX = 512
+"""The longest reason a cancel request carries."""
+
+
+def may_be_trial(run_id: str, pipeline_id: str) -> bool:
+    """Whether ``run_id`` can be a trial of the sweep ``pipeline_id``: the train service names
+    every trial's run :func:`trial_run_id`. Necessary, not sufficient (any run may be named so):
+    it only spares the runs of other pipelines a read of the ``sweeps`` bucket."""
+    prefix = trial_run_id(pipeline_id, 0)[:-1]
+    index = run_id[len(prefix) :]
+    return run_id.startswith(prefix) and index.isascii() and index.isdigit()
+
+
+def running_trial(record: SweepRecord, run_id: str) -> Trial | None:
+    """The trial that ``run_id`` runs, while both the sweep and the trial run: the progress of
+    anything else (a trial that ended, a sweep that is over) changes nothing."""
+    trial = record.trial_of(run_id)
+    if record.status != "running" or trial is None or trial.status != "running":
+        return None
+    return trial
+
+
+def with_report(history: TrialHistory | None, step: int, value: float) -> TrialHistory | None:
+    """The history with the objective reported at ``step``; None when it holds that point
+    already (the same report delivered again, or handled by two replicas)."""
+    current = history or TrialHistory()
+    if (step, value) in current.points:
+        return None
+    return current.with_point(step, value)
+
+
+def stop_reason(record: SweepRecord, history: History, completed: Sequence[History]) -> str | None:
+    """Why the trial with ``history`` should stop now by its sweep's early-stopping rule
+    (None without a rule), cut to what a cancel request carries."""
+    rule = record.spec.early_stopping
+    if rule is None:
+        return None
+    reason = should_stop(history, completed, rule, record.spec.objective.direction)
+    return None if reason is None else reason[:STOP_REASON_MAX]
+
+
+def request_stop(record: SweepRecord | None, run_id: str, reason: str) -> SweepRecord | None:
+    """The record with ``reason`` written into the trial of ``run_id`` (so the train service
+    ends it as stopped, not failed); None when there is nothing to write: the trial is not
+    running, or a stop was asked for already (by a redelivery or another replica)."""
+    if record is None:
+        return None
+    trial = running_trial(record, run_id)
+    if trial is None or trial.stop_requested is not None:
+        return None
+    trials = [
+        t.model_copy(update={"stop_requested": reason}) if t.run_id == run_id else t
+        for t in record.trials
+    ]
+    return record.model_copy(update={"trials": trials})
+
+
+SWEEP_STATUSES: tuple[TrialStatus, ...] = get_args(TrialStatus)
+
+
+def trial_counts(record: SweepRecord) -> dict[TrialStatus, int]:
+    """The sweep's trials by status, every status present (0 when none)."""
+    return {status: record.count(status) for status in SWEEP_STATUSES}
+
+
+def best_objective(record: SweepRecord) -> float | None:
+    """The best final objective among the sweep's completed trials so far (None: none yet)."""
+    results = {t.index: t.objective for t in record.trials if t.status == "completed"}
+    winner = best(results, record.spec.objective.direction)
+    return None if winner is None else results[winner]

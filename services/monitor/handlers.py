@@ -34,6 +34,7 @@ from torchrelay.services.monitor.domain import (
     watch_at_failure,
 )
 from torchrelay.services.monitor.settings import MonitorOptions
+from torchrelay.services.monitor.sweeps import SweepMonitor
 from torchrelay.shared.bus.port import Publish
 from torchrelay.shared.errors import AlreadyExists, StaleRevision, TransientError
 from torchrelay.shared.events import (
@@ -78,6 +79,8 @@ class EventMetrics:
     training progress of active runs; active model versions."""
 
     def __init__(self, registry: CollectorRegistry) -> None:
+        self.registry = registry
+        """Where the sweeps' metrics go too (:class:`SweepMonitor`)."""
         self._known = frozenset(EVENT_TYPES)
         self.events = Counter(
             "torchrelay_events_total",
@@ -199,6 +202,9 @@ class Monitor:
         self._source = source
         self._instance = instance
         self._versions: dict[str, str] = {}
+        self.sweeps = SweepMonitor(
+            state=state, publish=publish, source=source, registry=metrics.registry
+        )
 
     async def on_event(self, event: AnyEvent) -> None:
         if event.pipelineid is not None:
@@ -344,6 +350,7 @@ class Monitor:
         self.metrics.loss.labels(data.run_id).set(math.nan if data.loss is None else data.loss)
         self.metrics.samples.labels(data.run_id).set(data.samples_per_s)
         self.metrics.last_progress.labels(data.run_id).set(event.time.timestamp())
+        await self.sweeps.progressed(event)
 
         every_s = self._options.progress_every_s
         key = _run_key(data.run_id)
@@ -476,8 +483,10 @@ class Monitor:
         """One replica at a time (a lease), every ``stall_check_s``: silent runs are cancelled
         (a restart cancel while restarts are left; the cancellation's train.failed then leads
         to a restart, or with none left to a final failure), and runs that no event in flight
-        will move are moved on through the normal events (:meth:`reconcile_once`)."""
-        async with self._watched, self._open_runs:
+        will move are moved on through the normal events (:meth:`reconcile_once`). The live
+        views it reads are followed meanwhile, the running sweeps' too (every replica runs this
+        loop, holding the lease or not: progress and the metrics read that view)."""
+        async with self._watched, self._open_runs, self.sweeps.running:
             while not stop.is_set():
                 lease = await self._leases.acquire(
                     RECONCILE_LEASE, self._instance, ttl_s=self._options.stall_check_s * 3
