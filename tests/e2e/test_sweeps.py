@@ -109,3 +109,32 @@ def test_a_grid_sweep_finds_the_best_learning_rate_and_a_killed_trial_counts_onc
     assert '"resumed_from_step": null' not in resumed.read_text()
     assert '"resumed_from_step": ' in resumed.read_text()
     assert runs.count(victim_run) == 1
+
+
+def test_median_stopping_stops_a_diverging_trial_before_it_ends(platform: Up) -> None:
+    spec = sweep_pipeline(
+        "lr-stop",
+        # Three sound learning rates first (one at a time), then one that blows up.
+        space={"lr": {"type": "choice", "values": [0.003, 0.002, 0.004, 50.0]}},
+        objective={"metric": "loss", "direction": "minimize"},
+        parallel=1,
+        early_stopping={"rule": "median", "warmup_steps": 20, "min_trials": 3},
+    )
+    spec["training"]["hyperparameters"] = {"epochs": 6}  # 270 steps a trial
+    spec["deploy"] = {"enabled": False}
+    pipeline_id = platform.submit(spec)
+    report = platform.finish(pipeline_id, timeout=400)
+    assert report["status"] == "succeeded", report
+    assert report["stages"]["train"]["detail"]["hyperparameters"]["lr"] != 50.0
+
+    events = sweep_events(platform, pipeline_id)
+    (stopped,) = of_type(events, "sweep.trial.stopped")
+    assert (stopped["trial"], stopped["code"]) == (3, "early_stopped")
+    assert "median stopping" in stopped["reason"]
+    diverging = f"{pipeline_id}.trial-3"
+    steps = [e["step"] for e in of_type(events, "train.progress") if e["run_id"] == diverging]
+    assert steps, "the diverging trial reported progress"
+    assert 20 <= max(steps) < 270, "stopped after its warm-up, well before its end"
+    assert diverging not in [e["run_id"] for e in of_type(events, "train.completed")]
+    (completed,) = of_type(events, "sweep.completed")
+    assert (completed["completed"], completed["stopped"], completed["failed"]) == (3, 1, 0)
