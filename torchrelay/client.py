@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import json
+import math
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Sequence
@@ -64,6 +65,7 @@ from torchrelay.shared.runs import RunRecord
 from torchrelay.shared.state import KvState, State, key_part
 from torchrelay.shared.storage.files import InputPreprocessing
 from torchrelay.shared.storage.layout import Layout, attempt_folder
+from torchrelay.shared.sweep_state import SweepRecord, Trial, TrialStatus, ranked, sweep_key
 
 DEMO = {
     "name": "digits-demo",
@@ -122,6 +124,7 @@ class Client:
         self.runs = state.store("runs", RunRecord)
         self.models = state.store("models", ModelRecord)
         self.deployments = state.store("deployments", DeploymentRecord)
+        self.sweeps = state.store("sweeps", SweepRecord)
 
     @classmethod
     async def connect(cls, nats_url: str) -> Client:
@@ -295,6 +298,12 @@ class Client:
 
     async def run(self, run_id: str) -> RunRecord | None:
         item = await self.runs.get(key_part(run_id))
+        return item.value if item else None
+
+    async def sweep(self, sweep_id: str) -> SweepRecord | None:
+        """A sweep's trials and how each ended (the sweep id is its pipeline's); None before
+        train planned them (the dataset is staged first) or for a pipeline without a sweep."""
+        item = await self.sweeps.get(sweep_key(sweep_id))
         return item.value if item else None
 
     async def deployment(self, model: str) -> DeploymentRecord | None:
@@ -608,12 +617,16 @@ def lineage(record: PipelineRecord) -> dict[str, Any]:
     ingest, train, deploy = (record.stages[name].detail for name in ("ingest", "train", "deploy"))
     dataset = f"{ingest['dataset']}@{ingest['version']}" if "version" in ingest else ""
     model = f"{train['model']}@{train['version']}" if "version" in train else ""
+    if record.spec.sweep is not None:  # its run is the best trial's, once the sweep ended
+        run = str(train.get("run_id", ""))
+    else:
+        run = f"{record.pipeline_id}.train" if record.stages["train"].status != "pending" else ""
     return {
         "pipeline": record.pipeline_id,
         "status": record.status,
         "submitted": record.submitted.strftime("%Y-%m-%d %H:%M:%S"),
         "dataset": dataset,
-        "run": f"{record.pipeline_id}.train" if record.stages["train"].status != "pending" else "",
+        "run": run,
         "model": model,
         "endpoint": deploy.get("endpoint", ""),
     }
@@ -638,6 +651,114 @@ def timing(record: PipelineRecord) -> dict[str, Any]:
         "stages": stages,
         "overhead_seconds": record.overhead_s(),
     }
+
+
+TRIAL_STATUSES: tuple[TrialStatus, ...] = ("pending", "running", "completed", "stopped", "failed")
+BEST_MARK = "*"
+"""After the trial index of the sweep's best trial (of the leading completed one while the
+sweep runs), in `status`'s table: one token, so ``awk`` still reads the column."""
+
+
+def leading(record: SweepRecord) -> Trial | None:
+    """The sweep's best trial once it ended; while it runs, the best completed trial so far
+    (the one it would deploy if it ended now). None when no trial completed."""
+    if record.best_trial is not None:
+        return record.best_trial
+    return next((t for t in ranked(record) if t.status == "completed"), None)
+
+
+def objective_header(record: SweepRecord) -> str:
+    """The objective's column heading: the metric, and which way is better."""
+    objective = record.spec.objective
+    return f"{objective.metric} ({objective.direction})"
+
+
+def sweep_rows(record: SweepRecord) -> list[dict[str, Any]]:
+    """A sweep's trials as table rows, best first (:func:`ranked`): index (the best marked
+    with :data:`BEST_MARK`), status, each hyperparameter of the space, the objective, the run,
+    and why a stopped or failed trial ended."""
+    names = list(record.spec.space)
+    fixed = ("trial", "status", "run", "reason", objective_header(record))
+    top = leading(record)
+    rows = []
+    for trial in ranked(record):
+        mark = BEST_MARK if top is not None and trial.index == top.index else ""
+        row: dict[str, Any] = {"trial": f"{trial.index}{mark}", "status": trial.status}
+        for name in names:  # a name that is also a column's keeps apart as param.<name>
+            column = f"param.{name}" if name in fixed else name
+            row[column] = _param_text(trial.params.get(name))
+        row[objective_header(record)] = _objective_text(trial.objective)
+        row["run"] = trial.run_id
+        row["reason"] = trial.reason or ""
+        rows.append(row)
+    return rows
+
+
+def sweep_headline(record: SweepRecord) -> str:
+    """One line above the table: the sweep's state, its trials by status, the best trial."""
+    spec = record.spec
+    counts = ", ".join(f"{record.count(s)} {s}" for s in TRIAL_STATUSES if record.count(s))
+    top = leading(record)
+    said = "best" if record.best_trial is not None else "leading"
+    best = (
+        f"; {said}: trial {top.index} ({spec.objective.metric} {_objective_text(top.objective)})"
+        if top is not None
+        else ""
+    )
+    return (
+        f"sweep {record.sweep_id}: {record.status}, {spec.algorithm}, "
+        f"{len(record.trials)} of {spec.max_trials} trials planned ({counts or 'none yet'}), "
+        f"{spec.parallel} at once{best}"
+    )
+
+
+def sweep_report(record: SweepRecord) -> dict[str, Any]:
+    """A sweep for `status --json`: how it is set up, its trials by status and best first,
+    each with its hyperparameters, objective (null when it has none), run and reason."""
+    spec = record.spec
+    top = leading(record)
+    return {
+        "sweep_id": record.sweep_id,
+        "status": record.status,
+        "algorithm": spec.algorithm,
+        "objective": {"metric": spec.objective.metric, "direction": spec.objective.direction},
+        "max_trials": spec.max_trials,
+        "parallel": spec.parallel,
+        "best": record.best,
+        "leading": None if top is None else top.index,
+        "counts": {status: record.count(status) for status in TRIAL_STATUSES},
+        "trials": [
+            {
+                "index": trial.index,
+                "status": trial.status,
+                "params": dict(trial.params),
+                "objective": _finite(trial.objective),
+                "run_id": trial.run_id,
+                "reason": trial.reason,
+                "model_version": trial.model_version,
+                "started": trial.started.isoformat() if trial.started else None,
+                "ended": trial.ended.isoformat() if trial.ended else None,
+            }
+            for trial in ranked(record)
+        ],
+    }
+
+
+def _finite(value: float | None) -> float | None:
+    """JSON has no NaN: a diverged trial's objective is null there."""
+    return None if value is None or math.isnan(value) else value
+
+
+def _objective_text(value: float | None) -> str:
+    if value is None:
+        return ""
+    return "nan" if math.isnan(value) else f"{value:.4g}"
+
+
+def _param_text(value: object) -> str:
+    if value is None:
+        return ""
+    return f"{value:g}" if isinstance(value, float) else str(value)
 
 
 @dataclass(frozen=True)

@@ -32,6 +32,7 @@ import yaml
 from pydantic import ValidationError
 
 from torchrelay.shared.events.data import PipelineSpec
+from torchrelay.shared.sweeps import sweep_refusal
 
 WORKSPACE_ID = re.compile(r"^[0-9a-f]{16}$")
 SKIPPED = frozenset({"__pycache__", ".git", ".hg", ".svn", ".mypy_cache", ".pytest_cache"})
@@ -43,12 +44,34 @@ class SpecError(ValueError):
     """The spec file, or a file it names, cannot be used; the message says which and why."""
 
 
+class _SpecLoader(yaml.SafeLoader):
+    """YAML as :func:`yaml.safe_load` reads it, but for numbers in scientific notation.
+
+    PyYAML follows YAML 1.1, whose floats need a dot and a signed exponent: ``1e-4`` and
+    ``1E3`` would be strings, which a sweep's space refuses as non-numeric and a training
+    function would get as text. Here they are floats, as in YAML 1.2 and JSON; a quoted
+    ``'1e-4'`` stays a string. Local to spec files: nothing else's YAML changes.
+    """
+
+
+_SpecLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9_]+)[eE][-+]?[0-9]+$"),
+    list("-+.0123456789"),
+)
+
+
 @dataclass(frozen=True, slots=True)
 class References:
     """The user's own files a spec file names (resolved, existing), or None for each."""
 
     dataset: Path | None
     workspace: Path | None
+
+
+def load_yaml(text: str) -> Any:
+    """YAML as spec files hold it: plain data only, ``1e-4`` a float (see :class:`_SpecLoader`)."""
+    return yaml.load(text, _SpecLoader)  # noqa: S506 - a SafeLoader, with one resolver more
 
 
 def read(path: Path) -> dict[str, Any]:
@@ -60,7 +83,7 @@ def read(path: Path) -> dict[str, Any]:
     except (OSError, UnicodeDecodeError) as exc:
         raise SpecError(f"cannot read spec file {path}: {exc}") from exc
     try:
-        raw = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
+        raw = json.loads(text) if path.suffix == ".json" else load_yaml(text)
     except (ValueError, yaml.YAMLError) as exc:
         raise SpecError(f"spec file {path} does not parse: {exc}") from exc
     if not isinstance(raw, dict):
@@ -113,9 +136,14 @@ def staged_spec(
     if workspace is not None:
         resolved["training"]["workspace"] = workspace
     try:
-        return PipelineSpec.model_validate(resolved)
+        spec = PipelineSpec.model_validate(resolved)
     except ValidationError as exc:
         raise SpecError(f"invalid pipeline spec, {_problems(exc)}") from exc
+    # What relates a sweep's fields (low below high, ...) is no JSON Schema's: ingest would
+    # refuse it with a pipeline.rejected; said here, it is said before anything is uploaded.
+    if spec.sweep is not None and (reason := sweep_refusal(spec.sweep)) is not None:
+        raise SpecError(f"invalid sweep: {reason}")
+    return spec
 
 
 def check(raw: dict[str, Any], refs: References) -> None:

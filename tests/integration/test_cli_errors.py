@@ -57,6 +57,31 @@ def test_a_spec_file_that_is_no_spec_exits_2_saying_so(
     assert "Traceback" not in result.stderr
 
 
+def test_a_sweep_that_cannot_run_exits_2_before_anything_is_uploaded_or_published(
+    tmp_path: Path,
+) -> None:
+    """The dataset is a local file and no platform runs: an upload or a publish would be
+    refused for that, so the sweep's reason shows neither was tried."""
+    (tmp_path / "data.csv").write_text("x,y\n1,0\n")
+    (tmp_path / "sweep.yaml").write_text(
+        "name: blobs\n"
+        "dataset: {name: blobs, source: data.csv}\n"
+        "training: {entrypoint: m:train, model_name: blobs}\n"
+        "sweep:\n"
+        "  space: {lr: {type: uniform, low: 0.1, high: 0.1}}\n"
+        "  algorithm: grid\n"
+        "  objective: {metric: accuracy, direction: maximize}\n"
+        "  max_trials: 2\n"
+    )
+    result = torchrelay("submit", "sweep.yaml", "--nats-url", "nats://127.0.0.1:9", cwd=tmp_path)
+    assert (result.returncode, result.stdout) == (2, "")
+    assert result.stderr.splitlines() == [
+        "torchrelay: invalid sweep: lr: uniform needs low < high, got low=0.1, high=0.1; grid "
+        "needs choice or int parameters; lr is a continuous range: list its values as a "
+        "choice, or use random"
+    ]
+
+
 def test_an_unreachable_platform_is_one_line_and_exit_2(tmp_path: Path) -> None:
     result = torchrelay("status", "--nats-url", "nats://127.0.0.1:9", cwd=tmp_path)
     assert result.returncode == 2

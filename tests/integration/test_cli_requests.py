@@ -32,6 +32,13 @@ from torchrelay.shared.events.data import DatasetRef, PipelineSpec, TrainJobSpec
 from torchrelay.shared.pipelines import PipelineRecord, pipeline_key, with_stage
 from torchrelay.shared.runs import RunRecord
 from torchrelay.shared.state import KvState, State, key_part
+from torchrelay.shared.sweep_state import (
+    SweepRecord,
+    end_trial,
+    fill_slots,
+    new_sweep,
+    sweep_key,
+)
 from torchrelay.shared.testing import assert_eventually
 
 pytestmark = [pytest.mark.timeout(90)]
@@ -263,6 +270,51 @@ async def test_status_follow_reattaches_to_a_pipeline_until_it_ends(
 
     unknown = torchrelay(nats_url, "status", "nope", "--follow")
     assert (unknown.returncode, unknown.stderr.strip()) == (1, "torchrelay: no pipeline nope")
+
+
+async def test_status_of_a_sweep_shows_its_trials_best_first(nats_url: str, state: State) -> None:
+    sweep = {
+        "space": {"lr": {"type": "choice", "values": [0.3, 0.03, 0.003]}},
+        "algorithm": "grid",
+        "objective": {"metric": "accuracy", "direction": "maximize"},
+        "max_trials": 3,
+        "parallel": 2,
+    }
+    spec = SPEC.model_validate({**SPEC.model_dump(mode="json"), "sweep": sweep})
+    now = datetime.now(UTC)
+    record = PipelineRecord(pipeline_id="p-sweep", spec=spec, submitted=now)
+    record = with_stage(record, "ingest", "succeeded", now)
+    record = with_stage(record, "train", "running", now, detail={"sweep": "p-sweep"})
+    await state.store("pipelines", PipelineRecord).put(pipeline_key("p-sweep"), record)
+    assert spec.sweep is not None
+    job = TrainJobSpec(
+        dataset=DatasetRef(name="digits", version="v1"), **SPEC.training.model_dump()
+    )
+    planned = fill_slots(new_sweep("p-sweep", spec.sweep, job, now), now)
+    trials = end_trial(planned, 0, now, objective=None, failure="loss is nan")
+    trials = end_trial(trials, 1, now, objective=0.96, model_version="m1")
+    await state.store("sweeps", SweepRecord).put(sweep_key("p-sweep"), trials)
+
+    shown = torchrelay(nats_url, "status", "p-sweep")
+    assert shown.returncode == 0, shown.stderr
+    lines = shown.stdout.splitlines()
+    table = lines[lines.index(next(line for line in lines if line.startswith("sweep p-sweep"))) :]
+    assert table[0].startswith("sweep p-sweep: running, grid, 3 of 3 trials planned")
+    assert table[1].split() == ["TRIAL", "STATUS", "LR", "ACCURACY", "(MAXIMIZE)", "RUN", "REASON"]
+    assert [row.split()[:4] for row in table[2:5]] == [
+        ["1*", "completed", "0.03", "0.96"],
+        ["0", "failed", "0.3", "p-sweep.trial-0"],
+        ["2", "pending", "0.003", "p-sweep.trial-2"],
+    ]
+    as_json = json.loads(torchrelay(nats_url, "status", "p-sweep", "--json").stdout)
+    assert [t["index"] for t in as_json["sweep"]["trials"]] == [1, 0, 2]
+    assert as_json["sweep"]["leading"] == 1
+
+    await a_pipeline(state, "p-plain", ("ingest", "succeeded"), ("train", "running"))
+    plain = torchrelay(nats_url, "status", "p-plain")
+    assert plain.returncode == 0, plain.stderr
+    assert "sweep" not in plain.stdout.lower()
+    assert "sweep" not in json.loads(torchrelay(nats_url, "status", "p-plain", "--json").stdout)
 
 
 async def test_ctrl_c_on_status_follow_says_the_pipeline_goes_on(

@@ -26,6 +26,7 @@ from torchrelay.shared.events.data import (
     PipelineSubmittedData,
     TrainJobSpec,
 )
+from torchrelay.shared.events.sweep import SweepSpec
 from torchrelay.shared.pipelines import PipelineRecord, with_stage
 from torchrelay.shared.runs import RunRecord
 
@@ -208,3 +209,21 @@ def test_a_rank_log_event_reads_as_one_line_and_its_traceback_as_lines() -> None
 @pytest.mark.parametrize("line", ["Traceback (most recent call last):\n", "[1, 2]\n", "{}\n"])
 def test_text_that_is_no_log_event_is_left_as_it_is(line: str) -> None:
     assert render_log_line(line) == line.rstrip("\n")
+
+
+def test_a_sweeps_run_is_its_best_trials_once_it_ended() -> None:
+    sweep = {
+        "space": {"lr": {"type": "choice", "values": [0.1, 0.01]}},
+        "algorithm": "grid",
+        "objective": {"metric": "accuracy", "direction": "maximize"},
+        "max_trials": 2,
+    }
+    spec = SPEC.model_copy(update={"sweep": SweepSpec.model_validate(sweep)})
+    record = PipelineRecord(pipeline_id="p3", spec=spec, submitted=NOW)
+    record = with_stage(record, "train", "running", NOW, detail={"sweep": "p3", "trials": 2})
+    assert lineage(record)["run"] == "", "no run is the sweep's while its trials run"
+    record = with_stage(
+        record, "train", "succeeded", NOW,
+        detail={"model": "digits", "version": "m1", "run_id": "p3.trial-1", "trial": 1},
+    )  # fmt: skip
+    assert (lineage(record)["run"], lineage(record)["model"]) == ("p3.trial-1", "digits@m1")

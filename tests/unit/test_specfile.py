@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from torchrelay.shared.sweeps import sweep_refusal, trials
 from torchrelay.specfile import (
     References,
     SpecError,
@@ -145,3 +146,69 @@ def test_a_link_to_a_folder_is_refused(project: Path) -> None:
     (project / "src" / "more").symlink_to(project / "data", target_is_directory=True)
     with pytest.raises(SpecError, match="link to a folder"):
         list(files_of(project / "src"))
+
+
+@pytest.mark.parametrize(
+    ("written", "value"),
+    [("1e-4", 1e-4), ("1E-3", 1e-3), ("-2.5e+3", -2500.0), ("1.0e3", 1000.0), (".5e-2", 0.005)],
+)
+def test_numbers_in_scientific_notation_are_floats(
+    tmp_path: Path, written: str, value: float
+) -> None:
+    """YAML 1.1 (PyYAML) reads ``1e-4`` as a string; a spec file reads it as JSON would."""
+    (tmp_path / "spec.yaml").write_text(f"training:\n  hyperparameters: {{lr: {written}}}\n")
+    lr = read(tmp_path / "spec.yaml")["training"]["hyperparameters"]["lr"]
+    assert type(lr) is float
+    assert lr == pytest.approx(value)
+
+
+def test_a_quoted_number_and_other_scalars_stay_what_yaml_says(tmp_path: Path) -> None:
+    (tmp_path / "spec.yaml").write_text(
+        "a: '1e-4'\nb: \"2E5\"\nc: 1e\nd: e5\ne: 3\nf: 0.25\ng: v1e3\n"
+    )
+    assert read(tmp_path / "spec.yaml") == {
+        "a": "1e-4",
+        "b": "2E5",
+        "c": "1e",
+        "d": "e5",
+        "e": 3,
+        "f": 0.25,
+        "g": "v1e3",
+    }
+
+
+SWEEP = """
+name: digits-sweep
+dataset: {name: digits, source: data/blobs.csv}
+training: {entrypoint: m:train, model_name: digits}
+sweep:
+  space:
+    lr: {type: loguniform, low: 1e-1, high: 1e-4}
+  algorithm: random
+  objective: {metric: accuracy, direction: maximize}
+  max_trials: 2
+  parallel: 3
+"""
+
+
+def test_a_sweep_that_cannot_run_is_refused_before_anything_is_uploaded(project: Path) -> None:
+    (project / "sweep.yaml").write_text(SWEEP)
+    raw = read(project / "sweep.yaml")
+    with pytest.raises(SpecError) as refused:
+        check(raw, references(raw, project))
+    assert str(refused.value) == (
+        "invalid sweep: lr: loguniform needs low < high, got low=0.1, high=0.0001; "
+        "parallel (3) cannot exceed max_trials (2)"
+    )
+
+
+def test_the_sweep_example_loads_and_can_run() -> None:
+    example = Path(__file__).parents[2] / "examples" / "sweep" / "sweep.yaml"
+    raw = read(example)
+    assert references(raw, example.parent) == References(None, None)
+    spec = staged_spec(raw, dataset_version=None, workspace=None)
+    assert spec.sweep is not None
+    assert sweep_refusal(spec.sweep) is None
+    assert [t["lr"] for t in trials(spec.sweep)] == [0.3, 0.03, 0.003, 0.0003]
+    assert spec.deploy.gate is not None
+    assert spec.deploy.gate.metric == spec.sweep.objective.metric

@@ -1,15 +1,30 @@
-"""What runs left on the storage: ``logs`` (every rank's, readable) and ``tensorboard``."""
+"""What runs left on the storage: ``logs`` (every rank's, readable) and ``tensorboard`` (of
+runs, or of a sweep's trials side by side)."""
 
 from __future__ import annotations
 
+import os
 import sys
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
-from torchrelay.cli.base import EXIT_USAGE, Refusal, StateDir, say, state_dir, storage_root
+from torchrelay.cli.base import (
+    EXIT_USAGE,
+    NatsUrl,
+    Refusal,
+    StateDir,
+    connected,
+    run,
+    say,
+    state_dir,
+    storage_root,
+)
+
+if TYPE_CHECKING:
+    from torchrelay.shared.sweep_state import SweepRecord
 
 
 def logs(
@@ -76,13 +91,19 @@ _LEVEL_STYLES = {
 def tensorboard(
     run_ids: Annotated[
         list[str] | None,
-        typer.Argument(metavar="[RUN_ID]...", help="Default: every run.", show_default=False),
+        typer.Argument(
+            metavar="RUN_ID|SWEEP_ID",
+            help="Default: every run. A sweep's id: its trials side by side.",
+            show_default=False,
+        ),
     ] = None,
     *,
     port: Annotated[int, typer.Option("--port", help="0: any free port.")] = 6006,
     state: StateDir = None,
+    nats_url: NatsUrl = None,
 ) -> int:
-    """TensorBoard over runs' history (loss, samples/s, lr, metrics), on 127.0.0.1."""
+    """TensorBoard over runs' history (loss, samples/s, lr, metrics), on 127.0.0.1; of a
+    sweep, one run per trial (trial-<index>; `torchrelay status` has their hyperparameters)."""
     import importlib.util
     import signal
     import socket
@@ -90,9 +111,12 @@ def tensorboard(
 
     from torchrelay.shared.errors import UnsafePath
 
-    root = storage_root(state_dir(state))
+    platform_state = state_dir(state)
+    root = storage_root(platform_state)
     try:
-        folders = histories(root, run_ids or [])
+        folders = board_folders(
+            root, run_ids or [], lambda sweep: _sweep_record(platform_state, nats_url, sweep)
+        )
     except UnsafePath as exc:
         raise Refusal(str(exc), EXIT_USAGE) from None
     except LookupError as exc:
@@ -136,6 +160,82 @@ def tensorboard(
                 board.kill()
                 board.wait()
         return 0
+
+
+def board_folders(
+    root: Path,
+    run_ids: Sequence[str],
+    sweep_record: Callable[[str], SweepRecord | None] | None,
+) -> dict[str, Path]:
+    """The folders TensorBoard shows, by name: of one sweep, when the one id given is no run
+    but a sweep's (its trials, see :func:`sweep_histories`), else of runs (:func:`histories`).
+
+    A sweep's trials come from its record (``sweep_record``, which asks the platform; None when
+    no platform is there to ask); without one, from the runs on the storage named as its trials
+    (``<sweep>.trial-<index>``), so a stopped platform's sweep can still be looked at."""
+    from torchrelay.shared.storage.layout import Layout
+
+    if len(run_ids) == 1 and not Layout(root).run(run_ids[0]).is_dir():
+        sweep_id = run_ids[0]
+        record = sweep_record(sweep_id) if sweep_record is not None else None
+        if record is not None:
+            return sweep_histories(root, sweep_id, {t.index: t.run_id for t in record.trials})
+        if trials := trials_on_storage(root, sweep_id):
+            return sweep_histories(root, sweep_id, trials)
+    return histories(root, run_ids)
+
+
+def sweep_histories(root: Path, sweep_id: str, trials: Mapping[int, str]) -> dict[str, Path]:
+    """``trial-<index>`` -> the trial's history folder, in trial order, for the trials (index
+    -> run id) that have history: TensorBoard draws them side by side under short names (no
+    ':' or ',', which ``--logdir_spec`` cannot hold). LookupError (one line) when none has."""
+    from torchrelay.client import HistoryNotFound, history_attempts
+    from torchrelay.shared.storage.layout import Layout
+
+    layout, found = Layout(root), {}
+    for index, run_id in sorted(trials.items()):
+        try:
+            history_attempts(root, run_id)
+        except HistoryNotFound:
+            continue  # not started yet, or ended before it reported progress
+        found[f"trial-{index}"] = layout.history(run_id)
+    if not found:
+        raise LookupError(
+            f"sweep {sweep_id}: none of its {len(trials)} trials has history yet: rank 0 of "
+            "each trial's run writes it as it trains"
+        )
+    return found
+
+
+def trials_on_storage(root: Path, sweep_id: str) -> dict[int, str]:
+    """Index -> run id of the runs under ``root`` named as trials of ``sweep_id``
+    (:func:`~torchrelay.shared.sweep_state.trial_run_id`)."""
+    from torchrelay.shared.storage.layout import RUNS
+    from torchrelay.shared.sweep_state import trial_run_id
+
+    found = {}
+    for run_folder in sorted(root.joinpath(RUNS).iterdir()) if (root / RUNS).is_dir() else []:
+        head, _, index = run_folder.name.rpartition(".trial-")
+        if head != sweep_id or not (index.isascii() and index.isdigit()):
+            continue
+        if trial_run_id(sweep_id, int(index)) == run_folder.name:  # trial-01 is no trial's
+            found[int(index)] = run_folder.name
+    return found
+
+
+def _sweep_record(state: Path, given_url: str | None, sweep_id: str) -> SweepRecord | None:
+    """The sweep's record from the platform; None when no platform is there to ask (none
+    named, none runs from ``state``)."""
+    from torchrelay import platform
+
+    if not (given_url or os.environ.get("TORCHRELAY_NATS_URL") or platform.running(state)):
+        return None
+
+    async def read() -> SweepRecord | None:
+        async with connected(state, given_url) as client:
+            return await client.sweep(sweep_id)
+
+    return run(read())
 
 
 def histories(root: Path, run_ids: Sequence[str]) -> dict[str, Path]:

@@ -29,6 +29,7 @@ from torchrelay.cli.base import (
 
 if TYPE_CHECKING:
     from torchrelay.client import Client
+    from torchrelay.shared.sweep_state import SweepRecord
     from torchrelay.specfile import Uploader
 
 PipelineId = Annotated[str, typer.Argument(help="A pipeline id.", show_default=False)]
@@ -141,8 +142,9 @@ def status(
     state: StateDir = None,
     nats_url: NatsUrl = None,
 ) -> int:
-    """Pipelines, runs, models and deployments; or one pipeline's stages (--follow: live)."""
-    from torchrelay.client import lineage, timing
+    """Pipelines, runs, models and deployments; or one pipeline's stages and its sweep's
+    trials, best first (--follow: live)."""
+    from torchrelay.client import lineage, sweep_report, timing
 
     folder = state_dir(state)
 
@@ -163,7 +165,11 @@ def status(
             if follow_it:
                 return await follow(client, pipeline_id, timeout)
             report = timing(record)
+            # A sweep's id is its pipeline's; its trials are planned once the data is staged.
+            sweep = None if record.spec.sweep is None else await client.sweep(pipeline_id)
             if json_out:
+                if record.spec.sweep is not None:
+                    report["sweep"] = None if sweep is None else sweep_report(sweep)
                 say(json.dumps(report, indent=2, default=str))
                 return 0
             say(f"{report['pipeline_id']} ({report['name']}): {report['status']}")
@@ -178,12 +184,30 @@ def status(
                 say(f"  {name:7s} {stage['status']:9s} {seconds:>9s}  {note}")
             if report["overhead_seconds"] is not None:
                 say(f"  platform overhead (gaps between stages): {report['overhead_seconds']:.2f}s")
+            if record.spec.sweep is not None:
+                say("")
+                if sweep is None:
+                    say("sweep: no trials yet (they are planned once the dataset is staged)")
+                else:
+                    show_sweep(sweep)
             return 0
 
     try:
         return run(go())
     except KeyboardInterrupt:
         return let_go(pipeline_id) if follow_it and pipeline_id else EXIT_INTERRUPTED
+
+
+def show_sweep(record: SweepRecord) -> None:
+    """A sweep's headline and its trials as a table, best first, the best marked."""
+    from torchrelay.client import BEST_MARK, sweep_headline, sweep_rows
+
+    rows = sweep_rows(record)
+    say(sweep_headline(record))
+    show_table(rows)
+    if any(row["trial"].endswith(BEST_MARK) for row in rows):
+        ended = record.best_trial is not None
+        say(f"  {BEST_MARK} {'best trial' if ended else 'best completed trial so far'}")
 
 
 def cancel(
