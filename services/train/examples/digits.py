@@ -2,6 +2,8 @@
 
 Entrypoint: ``torchrelay.services.train.examples.digits:train``. Hyperparameters: ``epochs``
 (default 30), ``batch_size`` (32), ``lr`` (0.003), ``holdout`` (share kept for evaluation, 0.2).
+Metric ``accuracy``: each training batch's in its progress reports (what a sweep's median
+stopping compares), the held-out share's in the exported model (what ranks trials and gates).
 
 The exported model describes itself: labels ``"0"`` .. ``"9"`` (output order) and its input
 scaling (pixel values 0..16 divided by 16), so ``torchrelay predict digits image.json`` takes raw
@@ -58,10 +60,13 @@ def train(ctx: TrainingContext) -> None:
         epochs=ctx.integer("epochs", 30),
     ):
         optimizer.zero_grad()
-        loss = loss_fn(model(xb), yb)
+        logits = model(xb)
+        loss = loss_fn(logits, yb)
         loss.backward()
         optimizer.step()
-        ctx.step_done(loss=loss.item(), samples=len(xb))
+        # The batch's accuracy as it trains: what a sweep on accuracy stops early by.
+        accuracy = (logits.argmax(1) == yb).float().mean().item()
+        ctx.step_done(loss=loss.item(), samples=len(xb), metrics={"accuracy": accuracy})
     model.eval()
     with torch.no_grad():
         accuracy = (model(x_test.to(ctx.device)).argmax(1).cpu() == y_test).float().mean().item()
