@@ -10,17 +10,20 @@ one carries on from.
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Callable, Mapping
 from datetime import datetime
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from torchrelay.shared.events.data import TrainJobSpec
+from torchrelay.shared.events.data import PipelineSpec, TrainJobSpec
 from torchrelay.shared.events.sweep import SweepSpec, Value
-from torchrelay.shared.sweeps import History, best, trials
+from torchrelay.shared.sweeps import History, best, sweep_refusal, trials
 
 SWEEP_PREFIX = "sweep"
+MAX_RUN_ID = 64
+_RUN_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
 HISTORY_PREFIX = "trial"
 
 
@@ -41,6 +44,8 @@ def history_key(sweep_id: str, index: int) -> str:
 TrialStatus = Literal["pending", "running", "completed", "stopped", "failed"]
 TRIAL_ENDED: frozenset[TrialStatus] = frozenset({"completed", "stopped", "failed"})
 SweepStatus = Literal["running", "completed", "failed"]
+REASON_MAX = 512
+"""A stopped or failed trial's reason is cut to this (what an event carries)."""
 MAX_HISTORY_POINTS = 512
 """Points a trial's objective history keeps: beyond, every other older point goes (the
 newest is always kept), so a long trial's history stays a few KiB in its KV value."""
@@ -60,6 +65,8 @@ class Trial(BaseModel):
     objective: float | None = None
     """The final objective of a completed trial; the last one reported by a stopped one."""
     model_version: str | None = None
+    metrics: dict[str, float] = Field(default_factory=dict)
+    """A completed trial's final metrics (what its model reports, and its gate judges)."""
     stop_requested: str | None = None
     """Why the monitor stops the trial early: written before it asks for the cancel, so the
     trial ends as stopped (not failed) whichever replica sees its run end."""
@@ -90,6 +97,9 @@ class SweepRecord(BaseModel):
     announced: bool = True
     """False from the sweep's end until ``sweep.completed`` is on the bus and the pipeline's
     train stage is written."""
+    cancelled: str | None = None
+    """Why the sweep was cancelled (``sweep.cancel.requested``): no trial starts any more, and
+    it ends without a best trial once its running trials ended."""
 
     def trial_job(self, trial: Trial) -> TrainJobSpec:
         hyperparameters = {**self.job.hyperparameters, **trial.params}
@@ -128,6 +138,29 @@ def trial_run_id(sweep_id: str, index: int) -> str:
     return f"{sweep_id}.trial-{index}"
 
 
+def trial_run_id_refusal(sweep_id: str, spec: SweepSpec) -> str | None:
+    """Why the sweep's trials could not be runs under its id, or None: a run id names its
+    model version (letters, digits, '.', '_' and '-', at most 64), and the longest is the
+    last trial's."""
+    longest = trial_run_id(sweep_id, spec.max_trials - 1)
+    if len(longest) <= MAX_RUN_ID and _RUN_ID.fullmatch(longest):
+        return None
+    return (
+        f"the pipeline id {sweep_id!r} is too long or has characters a run id cannot: its "
+        f"trials' runs would be named up to {longest!r} (letters, digits, '.', '_' and '-', "
+        f"at most {MAX_RUN_ID}); submit under a shorter name or pipeline id"
+    )
+
+
+def submission_refusal(pipeline_id: str, spec: PipelineSpec) -> str | None:
+    """Why a pipeline's sweep cannot run under ``pipeline_id``, or None (also None for a
+    pipeline without a sweep): what ingest refuses a submission for, and the monitor starts
+    no clock for."""
+    if spec.sweep is None:
+        return None
+    return sweep_refusal(spec.sweep) or trial_run_id_refusal(pipeline_id, spec.sweep)
+
+
 def new_sweep(sweep_id: str, spec: SweepSpec, job: TrainJobSpec, now: datetime) -> SweepRecord:
     """A sweep with its trials planned (grid or random), none started. A bayesian sweep plans
     none ahead: :func:`fill_slots` asks for each trial when a slot frees."""
@@ -153,7 +186,7 @@ def fill_slots(record: SweepRecord, now: datetime, suggest: Suggest | None = Non
     adds each trial as its slot frees, with ``suggest``'s hyperparameters. A sweep that is over
     starts nothing. ``record`` itself when nothing starts."""
     free = record.spec.parallel - record.count("running")
-    if record.status != "running" or free <= 0:
+    if record.status != "running" or record.cancelled is not None or free <= 0:
         return record
     updated = list(record.trials)
     for position, trial in enumerate(updated):
@@ -194,6 +227,7 @@ def end_trial(
     *,
     objective: float | None,
     model_version: str | None = None,
+    metrics: Mapping[str, float] | None = None,
     failure: str | None = None,
 ) -> SweepRecord:
     """The record after trial ``index``'s run ended: completed with ``objective`` (and its
@@ -207,13 +241,20 @@ def end_trial(
             "status": "completed",
             "objective": objective,
             "model_version": model_version,
+            "metrics": dict(metrics or {}),
         }
     else:
         stopped = trial.stop_requested is not None
+        if stopped:
+            reason = trial.stop_requested
+        elif record.cancelled is not None:  # the sweep's cancel ended its run, whatever it says
+            reason = f"sweep cancelled: {record.cancelled}"
+        else:
+            reason = failure
         change = {
             "status": "stopped" if stopped else "failed",
             "objective": objective,
-            "reason": trial.stop_requested if stopped else failure,
+            "reason": None if reason is None else reason[:REASON_MAX],
             "announced": False,
         }
     updated = list(record.trials)
@@ -222,17 +263,19 @@ def end_trial(
 
 
 def conclude(record: SweepRecord, now: datetime) -> SweepRecord:
-    """The sweep ended when no trial is pending or running: completed with the best completed
-    trial, or failed when none completed (unannounced). Otherwise ``record`` itself."""
+    """The sweep ended when no trial is pending or running (cancelled: none running):
+    completed with the best completed trial, or failed when none completed or it was
+    cancelled (unannounced). Otherwise ``record`` itself."""
     unplanned = record.spec.algorithm == "bayesian" and len(record.trials) < record.spec.max_trials
-    if (
-        record.status != "running"
-        or unplanned
-        or any(trial.status not in TRIAL_ENDED for trial in record.trials)
-    ):
+    if record.cancelled is not None:  # pending trials never run: only running ones are awaited
+        unplanned = False
+        waiting = record.count("running") > 0
+    else:
+        waiting = any(trial.status not in TRIAL_ENDED for trial in record.trials)
+    if record.status != "running" or unplanned or waiting:
         return record
     results = {t.index: t.objective for t in record.trials if t.status == "completed"}
-    winner = best(results, record.spec.objective.direction)
+    winner = None if record.cancelled else best(results, record.spec.objective.direction)
     return record.model_copy(
         update={
             "status": "failed" if winner is None else "completed",
@@ -241,6 +284,14 @@ def conclude(record: SweepRecord, now: datetime) -> SweepRecord:
             "announced": False,
         }
     )
+
+
+def cancel(record: SweepRecord, reason: str, now: datetime) -> SweepRecord:
+    """The record after a cancel: a sweep that is over, or cancelled already, stays as it is
+    (``record`` itself)."""
+    if record.status != "running" or record.cancelled is not None:
+        return record
+    return record.model_copy(update={"cancelled": reason, "updated": now})
 
 
 def completed_histories(record: SweepRecord, histories: Mapping[int, History]) -> list[History]:
@@ -253,13 +304,15 @@ def completed_histories(record: SweepRecord, histories: Mapping[int, History]) -
 
 
 def ranked(record: SweepRecord) -> list[Trial]:
-    """The trials best first by objective (those without one last, in trial order)."""
+    """The trials best first: the completed ones by their final objective, then the others by
+    the last objective they reported (another quantity: a progress report's, not the final
+    metric), then those without one, each group in trial order on ties."""
     sign = -1.0 if record.spec.objective.direction == "maximize" else 1.0
 
     def key(trial: Trial) -> tuple[int, float, int]:
         value = trial.objective
         if value is None or math.isnan(value):
-            return (1, 0.0, trial.index)
-        return (0, sign * value, trial.index)
+            return (2, 0.0, trial.index)
+        return (0 if trial.status == "completed" else 1, sign * value, trial.index)
 
     return sorted(record.trials, key=key)

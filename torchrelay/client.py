@@ -35,6 +35,7 @@ from torchrelay.shared.events import (
     PipelineSubmitted,
     Pruned,
     PruneRequested,
+    SweepCancelRequested,
     TrainCancelRequested,
 )
 from torchrelay.shared.events import (
@@ -50,6 +51,7 @@ from torchrelay.shared.events.data import (
     PrunedData,
     PruneKind,
     PruneRequestedData,
+    SweepCancelRequestedData,
     TrainCancelRequestedData,
     TrainFailedData,
 )
@@ -65,7 +67,14 @@ from torchrelay.shared.runs import RunRecord
 from torchrelay.shared.state import KvState, State, key_part
 from torchrelay.shared.storage.files import InputPreprocessing
 from torchrelay.shared.storage.layout import Layout, attempt_folder
-from torchrelay.shared.sweep_state import SweepRecord, Trial, TrialStatus, ranked, sweep_key
+from torchrelay.shared.sweep_state import (
+    SweepRecord,
+    Trial,
+    TrialStatus,
+    ranked,
+    submission_refusal,
+    sweep_key,
+)
 
 DEMO = {
     "name": "digits-demo",
@@ -137,8 +146,12 @@ class Client:
         await self.bus.aclose()
 
     async def submit(self, spec: PipelineSpec, *, pipeline_id: str | None = None) -> str:
-        """Publish ``pipeline.submitted``; the pipeline id is fresh unless one is given."""
+        """Publish ``pipeline.submitted``; the pipeline id is fresh unless one is given.
+        :class:`Refused` for a sweep that cannot run (ingest would refuse it)."""
         pipeline_id = pipeline_id or f"{spec.name}-{_fresh()}"
+        problem = submission_refusal(pipeline_id, spec)
+        if problem is not None:
+            raise Refused(f"invalid sweep: {problem}")
         event = PipelineSubmitted(
             source=SOURCE,
             subject=spec.name,
@@ -157,10 +170,21 @@ class Client:
         return [item.value for item in await self.pipelines.items()]
 
     async def cancel(self, ident: str, reason: str) -> str:
-        """Ask train to stop a pipeline's training or a run; the run id asked about, or
-        :class:`Refused` saying why there is nothing to stop."""
+        """Ask train to stop a pipeline's training (a sweep: every trial), or a run; what was
+        asked to stop (``run <id>`` or ``sweep <id>``), or :class:`Refused` saying why there
+        is nothing to stop."""
         pipeline = await self.record(ident)
         run_id = cancellable_run(ident, pipeline)
+        if pipeline is not None and pipeline.spec.sweep is not None:
+            await self.bus.publish(
+                SweepCancelRequested(
+                    source=SOURCE,
+                    subject=ident,
+                    pipelineid=ident,
+                    data=SweepCancelRequestedData(sweep_id=ident, reason=reason),
+                )
+            )
+            return f"sweep {ident}"
         run = await self.run(run_id)
         if run is None:
             raise Refused(f"no pipeline or run named {ident!r}")
@@ -174,7 +198,7 @@ class Client:
                 data=TrainCancelRequestedData(run_id=run_id, reason=reason),
             )
         )
-        return run_id
+        return f"run {run_id}"
 
     async def deploy(self, model: str, version: str, replicas: int) -> None:
         """Ask serve to roll ``version`` of ``model`` out; :class:`Refused` for a version no

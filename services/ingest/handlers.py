@@ -49,7 +49,7 @@ from torchrelay.shared.pipelines import (
     record_stage,
 )
 from torchrelay.shared.state import State, Store, key_part
-from torchrelay.shared.sweeps import sweep_refusal
+from torchrelay.shared.sweep_state import submission_refusal
 
 log = structlog.get_logger("torchrelay.ingest")
 _EVENT_IDS = uuid.UUID("0b6f3f1e-7f3a-4c8e-9d0e-3a9b6f1c2d4e")
@@ -168,7 +168,7 @@ class Ingestor:
         """
         pipeline_id = event.pipelineid or event.id
         spec = event.data.spec
-        if spec.sweep is not None and (problem := sweep_refusal(spec.sweep)) is not None:
+        if spec.sweep is not None and (problem := submission_refusal(pipeline_id, spec)):
             await self._refuse(event, pipeline_id, f"invalid sweep: {problem}", "invalid_sweep")
             return
         key = pipeline_key(pipeline_id)

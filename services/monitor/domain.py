@@ -4,6 +4,7 @@ to stop a sweep's trial early."""
 from __future__ import annotations
 
 import enum
+import math
 from collections.abc import Sequence
 from datetime import datetime, timedelta
 from typing import Literal, get_args
@@ -281,9 +282,14 @@ def with_report(history: TrialHistory | None, step: int, value: float) -> TrialH
     """The history with the objective reported at ``step``; None when it holds that point
     already (the same report delivered again, or handled by two replicas)."""
     current = history or TrialHistory()
-    if (step, value) in current.points:
+    if any(s == step and _same(v, value) for s, v in current.points):
         return None
     return current.with_point(step, value)
+
+
+def _same(a: float, b: float) -> bool:
+    """Equal, NaN included (NaN != NaN, but a diverged report delivered twice is one)."""
+    return a == b or (math.isnan(a) and math.isnan(b))
 
 
 def stop_reason(record: SweepRecord, history: History, completed: Sequence[History]) -> str | None:

@@ -65,6 +65,7 @@ from torchrelay.shared.events.data import (
 from torchrelay.shared.pipelines import PipelineRecord, Submission, judge_submission, pipeline_key
 from torchrelay.shared.runs import RunRecord, restart_event_id
 from torchrelay.shared.state import Leases, State, Store, Versioned, key_part
+from torchrelay.shared.sweep_state import submission_refusal
 
 log = structlog.get_logger("torchrelay.monitor")
 RESTART_DUE_SLACK_S = 0.1
@@ -256,6 +257,8 @@ class Monitor:
             verdict = judge_submission(record.value if record else None, event.id, event.data.spec)
             if verdict not in {Submission.NEW, Submission.REDELIVERY}:
                 return
+            if submission_refusal(pipeline_id, event.data.spec) is not None:
+                return  # ingest refuses it (pipeline.rejected): nothing will end a clock
             last = "deploy" if event.data.spec.deploy.enabled else "train"
             with contextlib.suppress(AlreadyExists):  # a redelivery: the clock runs already
                 sweep = event.data.spec.sweep is not None

@@ -113,6 +113,9 @@ class Trainer:
         """Runs this process is recording and launching: running, and not followed yet."""
         self._retain_s = retain_s
         """How long a finished run's record is kept (None: for good)."""
+        self.halted: Callable[[RunRecord], Awaitable[str | None]] | None = None
+        """Why a sweep trial's run must not be restarted (its trial was stopped early, or its
+        sweep cancelled, while it awaited the restart), or None: set by the sweeps."""
         self._unsettled = self.runs.live(lambda run: run.status == "running" or not run.announced)
         """Runs that are running or whose outcome is not announced yet, followed by a KV
         watch: what reclaim looks at."""
@@ -207,6 +210,11 @@ class Trainer:
         if refusal is not None:
             log.info("restart.ignored", run_id=event.data.run_id, reason=refusal)
             return
+        if self.halted is not None and current.value.trial is not None:
+            halted = await self.halted(current.value)
+            if halted is not None:
+                await self._end_halted(current.value, halted)
+                return
         record = current.value.model_copy(
             update={
                 "status": "running",
@@ -223,6 +231,21 @@ class Trainer:
         with self._launching_run(record.run_id):
             await self.runs.update(key_part(record.run_id), record, revision=current.revision)
             await self._launch(record, cause=event.id)
+
+    async def _end_halted(self, run: RunRecord, reason: str) -> None:
+        """Make the failure a restart was due after final: the run is over (nothing restarts
+        it, reconciliation included), and whoever follows it reads why."""
+
+        def final(current: RunRecord | None) -> RunRecord | None:
+            if current is None or current.attempt != run.attempt or not current.restart_due:
+                return None
+            if not isinstance(current.outcome, TrainFailedData):  # restart_due says it is
+                return None
+            outcome = current.outcome.model_copy(update={"final": True, "reason": reason[:512]})
+            return current.model_copy(update={"outcome": outcome, "reason": reason})
+
+        await self.runs.mutate(key_part(run.run_id), final, ttl_s=self._retain_s)
+        log.info("restart.halted", run_id=run.run_id, attempt=run.attempt, reason=reason)
 
     @contextlib.contextmanager
     def _launching_run(self, run_id: str) -> Iterator[None]:

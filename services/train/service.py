@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
 
 from torchrelay.services.train.handlers import Trainer
@@ -19,6 +19,7 @@ from torchrelay.shared.cluster.registry import (
 )
 from torchrelay.shared.events import (
     DatasetStaged,
+    SweepCancelRequested,
     TrainCancelRequested,
     TrainCompleted,
     TrainFailed,
@@ -112,7 +113,11 @@ async def build(platform: Platform[TrainSettings]) -> AsyncIterator[Service]:
                     max_in_flight=2,
                     prefetch=2,
                 ),
-                Subscription("train-cancels", [TrainCancelRequested], trainer.on_cancel_requested),
+                Subscription(
+                    "train-cancels",
+                    [TrainCancelRequested, SweepCancelRequested],
+                    _cancels(trainer, sweeps),
+                ),
                 Subscription(
                     "train-pipelines",
                     [DatasetStaged],
@@ -127,6 +132,18 @@ async def build(platform: Platform[TrainSettings]) -> AsyncIterator[Service]:
         )
     finally:
         await trainer.aclose()
+
+
+def _cancels(
+    trainer: Trainer, sweeps: Sweeps
+) -> Callable[[TrainCancelRequested | SweepCancelRequested], Awaitable[None]]:
+    async def handle(event: TrainCancelRequested | SweepCancelRequested) -> None:
+        if isinstance(event, SweepCancelRequested):
+            await sweeps.on_cancel_requested(event)
+        else:
+            await trainer.on_cancel_requested(event)
+
+    return handle
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -30,10 +30,12 @@ from torchrelay.shared.bus.port import Publish
 from torchrelay.shared.errors import AlreadyExists
 from torchrelay.shared.events import (
     DatasetStaged,
+    SweepCancelRequested,
     SweepCompleted,
     SweepStarted,
     SweepTrialStarted,
     SweepTrialStopped,
+    TrainCancelRequested,
     TrainCompleted,
     TrainFailed,
 )
@@ -42,7 +44,9 @@ from torchrelay.shared.events.data import (
     SweepStartedData,
     SweepTrialStartedData,
     SweepTrialStoppedData,
+    TrainCancelRequestedData,
     TrainCompletedData,
+    TrialStopCode,
 )
 from torchrelay.shared.pipelines import PipelineRecord, pipeline_key, record_stage
 from torchrelay.shared.runs import RunRecord
@@ -54,6 +58,7 @@ from torchrelay.shared.sweep_state import (
     SweepRecord,
     Trial,
     TrialHistory,
+    cancel,
     conclude,
     end_trial,
     fill_slots,
@@ -67,10 +72,12 @@ _IDS = uuid.UUID("6d1f0b8e-2c4a-4f7e-9b35-0a8e7c6d5f41")
 
 
 class Ending(NamedTuple):
-    """How a trial's run ended: its objective, its model (completed) or why it failed."""
+    """How a trial's run ended: its objective, its model and metrics (completed) or why it
+    failed."""
 
     objective: float | None
     model_version: str | None
+    metrics: dict[str, float]
     failure: str | None
 
 
@@ -98,6 +105,8 @@ class Sweeps:
         self._retain_s = retain_s
         self._advance_every_s = advance_every_s
         self._quiet_after_s = quiet_after_s
+        self._later: set[asyncio.Task[None]] = set()
+        trainer.halted = self.halted
         self._open = self.sweeps.live(
             lambda sweep: sweep.status == "running" or not sweep.announced, prefix=SWEEP_PREFIX
         )
@@ -126,6 +135,23 @@ class Sweeps:
                 retain_s=self._retain_s,
             )  # fmt: skip
             log.warning("sweep.refused", sweep_id=sweep_id, reason=OPTUNA_MISSING)
+            spec = pipeline.spec.sweep
+            await self._publish(
+                SweepCompleted(
+                    id=_event_id("completed", sweep_id),
+                    **self._envelope(sweep_id, event.id),
+                    data=SweepCompletedData(
+                        sweep_id=sweep_id,
+                        metric=spec.objective.metric,
+                        direction=spec.objective.direction,
+                        model_name=job.model_name,
+                        completed=0,
+                        stopped=0,
+                        failed=0,
+                        reason=OPTUNA_MISSING,
+                    ),
+                )
+            )
             return
         record = new_sweep(sweep_id, pipeline.spec.sweep, job, datetime.now(UTC))
         try:
@@ -135,7 +161,10 @@ class Sweeps:
         else:
             log.info("sweep.started", sweep_id=sweep_id, trials=len(record.trials))
         spec = pipeline.spec.sweep
-        detail: dict[str, JsonValue] = {"sweep": sweep_id, "trials": spec.max_trials}
+        detail: dict[str, JsonValue] = {
+            "sweep": sweep_id,
+            "trials": len(record.trials) or spec.max_trials,
+        }
         if job.workspace is not None:
             detail["workspace"] = job.workspace
         await record_stage(
@@ -148,7 +177,7 @@ class Sweeps:
                 data=SweepStartedData(
                     sweep_id=sweep_id,
                     algorithm=spec.algorithm,
-                    trials=spec.max_trials,
+                    trials=len(record.trials) or spec.max_trials,  # a grid may hold fewer
                     parallel=spec.parallel,
                     metric=spec.objective.metric,
                     direction=spec.objective.direction,
@@ -174,6 +203,68 @@ class Sweeps:
             return
         await self.advance(sweep.sweep_id, event.id)
 
+    async def on_cancel_requested(self, event: SweepCancelRequested) -> None:
+        """Stop a sweep: no trial starts any more, the running ones are cancelled (their runs
+        end cancelled, the trials failed), then the sweep ends without a best trial and its
+        pipeline fails. A trial whose run is still being launched, or runs on another
+        replica, makes the request come back (the cancel of a run retries itself so)."""
+        sweep_id, reason = event.data.sweep_id, event.data.reason
+        now = datetime.now(UTC)
+
+        def cancelling(current: SweepRecord | None) -> SweepRecord | None:
+            if current is None:
+                return None
+            updated = cancel(current, reason, now)
+            return None if updated is current else updated
+
+        await self.sweeps.mutate(sweep_key(sweep_id), cancelling)
+        sweep = await self.advance(sweep_id, event.id)  # launches what was started already
+        if sweep is None:
+            log.info("sweep.cancel_unknown", sweep_id=sweep_id)
+            return
+        for trial in sweep.trials:
+            if trial.status == "running":
+                await self._trainer.on_cancel_requested(
+                    TrainCancelRequested(
+                        id=_event_id("cancel", sweep_id, trial.index),
+                        source=self._source,
+                        subject=trial.run_id,
+                        pipelineid=sweep_id,
+                        causationid=event.id,
+                        data=TrainCancelRequestedData(
+                            run_id=trial.run_id, reason=f"sweep cancelled: {reason}"[:512]
+                        ),
+                    )
+                )
+        log.info("sweep.cancelling", sweep_id=sweep_id, reason=reason)
+
+    async def halted(self, run: RunRecord) -> str | None:
+        """Why a trial's run that awaits a restart must not get it: the monitor stopped the
+        trial meanwhile, or the sweep was cancelled (the sweep then moves on at once)."""
+        if run.pipeline_id is None or run.trial is None:
+            return None
+        found = await self.sweeps.get(sweep_key(run.pipeline_id))
+        if found is None or run.trial >= len(found.value.trials):
+            return None
+        sweep, trial = found.value, found.value.trials[run.trial]
+        reason = trial.stop_requested or (
+            f"sweep cancelled: {sweep.cancelled}" if sweep.cancelled is not None else None
+        )
+        if reason is not None and trial.status == "running":
+            asyncio.get_running_loop().call_soon(self._advance_later, sweep.sweep_id)
+        return reason
+
+    def _advance_later(self, sweep_id: str) -> None:
+        task = asyncio.create_task(self._advance_quietly(sweep_id), name=f"sweep:{sweep_id}")
+        self._later.add(task)
+        task.add_done_callback(self._later.discard)
+
+    async def _advance_quietly(self, sweep_id: str) -> None:
+        try:
+            await self.advance(sweep_id, None)
+        except Exception:  # the loop over open sweeps tries again
+            log.exception("sweep.advance_failed", sweep_id=sweep_id)
+
     async def keep_moving(self, stop: asyncio.Event) -> None:
         """Background loop: a sweep that nothing moved for ``quiet_after_s`` is advanced (an
         event about it was given up on, or the replica handling it died mid-way)."""
@@ -186,7 +277,11 @@ class Sweeps:
         for item in self._open.items():
             sweep = item.value
             if (now - sweep.updated).total_seconds() > self._quiet_after_s:
-                await self.advance(sweep.sweep_id, None)
+                try:
+                    await self.advance(sweep.sweep_id, None)
+                except Exception:  # one sweep's trouble must not hold up the others
+                    log.exception("sweep.advance_failed", sweep_id=sweep.sweep_id)
+                    continue
                 moved.append(sweep.sweep_id)
         return moved
 
@@ -213,6 +308,7 @@ class Sweeps:
                     now,
                     objective=ending.objective,
                     model_version=ending.model_version,
+                    metrics=ending.metrics,
                     failure=ending.failure,
                 )
             updated = conclude(fill_slots(updated, now, self._suggest), now)
@@ -231,23 +327,33 @@ class Sweeps:
         return self._retain_s if sweep.status != "running" and sweep.announced else None
 
     async def _endings(self, sweep: SweepRecord) -> dict[int, Ending]:
-        """How each running trial's run ended, for :func:`end_trial` (running ones left out)."""
+        """How each running trial's run ended, for :func:`end_trial` (running ones left out).
+        A run's recorded outcome is final as soon as it is written (its event may still be on
+        its way); a trial the monitor stopped while its run awaited a restart ends stopped."""
         endings: dict[int, Ending] = {}
         for trial in sweep.trials:
             if trial.status != "running" or not trial.announced:
                 continue  # unannounced: launched below, if it is not yet
             found = await self.runs.get(key_part(trial.run_id))
             run = found.value if found is not None else None
-            if run is None or not run.over or not run.announced:
-                continue  # running, restarting, or its end is on its way
+            if run is None:  # launched (it was announced), and its record is gone since
+                reason = f"the record of run {trial.run_id} is gone (expired or removed)"
+                endings[trial.index] = Ending(None, None, {}, reason)
+                continue
+            halted = run.restart_due and (
+                trial.stop_requested is not None or sweep.cancelled is not None
+            )
+            if not run.over and not halted:
+                continue  # running, or restarting
             last = await self._last_objective(sweep, trial)
             if isinstance(run.outcome, TrainCompletedData):
                 final = run.outcome.metrics.get(sweep.spec.objective.metric)
                 objective = final if final is not None else last
-                endings[trial.index] = Ending(objective, run.outcome.model_version, None)
+                metrics = dict(run.outcome.metrics)
+                endings[trial.index] = Ending(objective, run.outcome.model_version, metrics, None)
             else:
                 reason = run.reason or (run.outcome.reason if run.outcome else "the run failed")
-                endings[trial.index] = Ending(last, None, reason)
+                endings[trial.index] = Ending(last, None, {}, reason)
         return endings
 
     async def _last_objective(self, sweep: SweepRecord, trial: Trial) -> float | None:
@@ -291,7 +397,7 @@ class Sweeps:
                         sweep_id=sweep.sweep_id,
                         trial=trial.index,
                         run_id=trial.run_id,
-                        code="early_stopped" if trial.status == "stopped" else "failed",
+                        code=_stop_code(sweep, trial),
                         reason=(trial.reason or "the run failed")[:512],
                         objective=trial.objective,
                     ),
@@ -320,12 +426,8 @@ class Sweeps:
     async def _announce_end(self, sweep: SweepRecord, cause: str | None) -> None:
         winner = sweep.best_trial
         spec = sweep.spec
-        metrics: dict[str, float] = {}
-        if winner is not None:
-            found = await self.runs.get(key_part(winner.run_id))
-            outcome = found.value.outcome if found is not None else None
-            if isinstance(outcome, TrainCompletedData):
-                metrics = dict(outcome.metrics)
+        metrics = dict(winner.metrics) if winner is not None else {}
+        await self._retain_histories(sweep)
         data = SweepCompletedData(
             sweep_id=sweep.sweep_id,
             metric=spec.objective.metric,
@@ -340,6 +442,8 @@ class Sweeps:
             completed=sweep.count("completed"),
             stopped=sweep.count("stopped"),
             failed=sweep.count("failed"),
+            cancelled=sweep.cancelled is not None,
+            reason=None if winner is not None else _no_best(sweep)[:512],
         )
         now = datetime.now(UTC)
         if winner is not None and winner.model_version is not None:
@@ -357,13 +461,9 @@ class Sweeps:
                 retain_s=self._retain_s,
             )  # fmt: skip
         else:
-            reason = (
-                f"no trial of the sweep completed ({data.stopped} stopped early, "
-                f"{data.failed} failed)"
-            )
             await record_stage(
                 self.pipelines, sweep.sweep_id, "train", "failed", now,
-                reason=reason,
+                reason=_no_best(sweep),
                 retain_s=self._retain_s,
             )  # fmt: skip
         await self._publish(
@@ -390,6 +490,17 @@ class Sweeps:
 
         await self.sweeps.mutate(sweep_key(sweep.sweep_id), announced, ttl_s=self._ttl)
 
+    async def _retain_histories(self, sweep: SweepRecord) -> None:
+        """The trials' histories expire with the sweep's record: nothing appends to them once
+        the sweep ended (the monitor only appends to running trials)."""
+        if self._retain_s is None:
+            return
+        for trial in sweep.trials:
+            key = history_key(sweep.sweep_id, trial.index)
+            found = await self.histories.get(key)
+            if found is not None:
+                await self.histories.put(key, found.value, ttl_s=self._retain_s)
+
     def _envelope(self, sweep_id: str, cause: str | None) -> dict[str, str | None]:
         return {
             "source": self._source,
@@ -397,6 +508,21 @@ class Sweeps:
             "pipelineid": sweep_id,
             "causationid": cause,
         }
+
+
+def _no_best(sweep: SweepRecord) -> str:
+    if sweep.cancelled is not None:
+        return f"the sweep was cancelled: {sweep.cancelled}"
+    return (
+        f"no trial of the sweep completed ({sweep.count('stopped')} stopped early, "
+        f"{sweep.count('failed')} failed)"
+    )
+
+
+def _stop_code(sweep: SweepRecord, trial: Trial) -> TrialStopCode:
+    if trial.status == "stopped":
+        return "early_stopped"
+    return "cancelled" if sweep.cancelled is not None else "failed"
 
 
 def _event_id(kind: str, sweep_id: str, index: int | None = None) -> str:

@@ -74,9 +74,14 @@ class TrainStarted(CloudEvent[d.TrainStartedData]):
 
 
 class TrainProgressed(CloudEvent[d.TrainProgressData]):
-    """A run reported its step, loss and throughput."""
+    """A run reported its step, loss and throughput.
 
-    type: Literal["io.torchrelay.train.progress.v1"] = "io.torchrelay.train.progress.v1"
+    Version 2: a loss or metric that was NaN or infinite (a run that diverged) is left out or
+    null, where version 1 required a finite loss and failed the training step instead. Only
+    rank 0 of a training run produces it, so version 1 is gone with the workers that sent it.
+    """
+
+    type: Literal["io.torchrelay.train.progress.v2"] = "io.torchrelay.train.progress.v2"
 
 
 class TrainCheckpointed(CloudEvent[d.TrainCheckpointedData]):
@@ -113,6 +118,14 @@ class SweepTrialStopped(CloudEvent[d.SweepTrialStoppedData]):
     """A trial ended without a model: stopped early by median stopping, or failed."""
 
     type: Literal["io.torchrelay.sweep.trial.stopped.v1"] = "io.torchrelay.sweep.trial.stopped.v1"
+
+
+class SweepCancelRequested(CloudEvent[d.SweepCancelRequestedData]):
+    """Someone asks to stop a sweep: its running trials are cancelled and no more start."""
+
+    type: Literal["io.torchrelay.sweep.cancel.requested.v1"] = (
+        "io.torchrelay.sweep.cancel.requested.v1"
+    )
 
 
 class SweepCompleted(CloudEvent[d.SweepCompletedData]):

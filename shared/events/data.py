@@ -340,7 +340,7 @@ class PipelineRejectedData(Data):
 
 # --- sweep ------------------------------------------------------------------------------------
 
-TrialStopCode = Literal["early_stopped", "failed"]
+TrialStopCode = Literal["early_stopped", "failed", "cancelled"]
 
 
 class SweepStartedData(Data):
@@ -371,7 +371,8 @@ class SweepTrialStoppedData(Data):
     trial: int = Field(ge=0)
     run_id: Identifier
     code: TrialStopCode = Field(
-        description="early_stopped: the monitor's median stopping; failed: the run failed."
+        description="early_stopped: the monitor's median stopping; failed: the run failed; "
+        "cancelled: the sweep was cancelled while the trial ran."
     )
     reason: NonEmpty
     objective: float | None = Field(
@@ -379,8 +380,17 @@ class SweepTrialStoppedData(Data):
     )
 
 
+class SweepCancelRequestedData(Data):
+    """Someone asks to stop a sweep: no trial starts any more, the running ones are cancelled,
+    and the sweep ends without a best trial (its pipeline fails)."""
+
+    sweep_id: Identifier = Field(description="The sweep's pipeline id.")
+    reason: NonEmpty = "cancelled by request"
+
+
 class SweepCompletedData(Data):
-    """Every trial ended: the best one (None when none completed) goes on to the deploy stage."""
+    """Every trial ended (or the sweep was cancelled): the best one (None when none completed,
+    or on a cancel) goes on to the deploy stage."""
 
     sweep_id: Identifier
     metric: NonEmpty
@@ -397,6 +407,12 @@ class SweepCompletedData(Data):
     completed: int = Field(ge=0)
     stopped: int = Field(ge=0)
     failed: int = Field(ge=0)
+    cancelled: bool = Field(default=False, description="The sweep was cancelled.")
+    reason: NonEmpty | None = Field(
+        default=None,
+        description="Why there is no best trial: the sweep was cancelled (and why), no trial "
+        "completed, or the sweep could not run (a bayesian sweep without Optuna).",
+    )
 
 
 # --- model ------------------------------------------------------------------------------------

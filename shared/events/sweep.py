@@ -161,6 +161,11 @@ class SweepSpec(Data):
     )
     seed: int = Field(default=0, ge=0, description="Seeds random (and Optuna's sampler).")
     objective: Objective
-    max_trials: int = Field(ge=1, le=10_000, description="A grid is cut to its first trials.")
+    max_trials: int = Field(
+        ge=1,
+        le=1000,
+        description="A grid is cut to its first trials. At most 1,000: a sweep's record, "
+        "every trial in it, stays one KV value well under NATS's 1 MiB message limit.",
+    )
     parallel: int = Field(default=1, ge=1, description="Trials running at once.")
     early_stopping: EarlyStopping | None = None

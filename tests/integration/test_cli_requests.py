@@ -26,6 +26,7 @@ from torchrelay.shared.events import (
     ModelRollbackRequested,
     ModelUndeployRequested,
     PipelineSubmitted,
+    SweepCancelRequested,
     TrainCancelRequested,
 )
 from torchrelay.shared.events.data import DatasetRef, PipelineSpec, TrainJobSpec
@@ -72,6 +73,7 @@ async def bus(nats_url: str) -> AsyncIterator[tuple[JetStreamBus, Watcher]]:
         ModelRollbackRequested,
         ModelUndeployRequested,
         PipelineSubmitted,
+        SweepCancelRequested,
     ]
     async with watching(nats_url, "test-cli-requests", kinds) as pair:
         yield pair
@@ -272,7 +274,9 @@ async def test_status_follow_reattaches_to_a_pipeline_until_it_ends(
     assert (unknown.returncode, unknown.stderr.strip()) == (1, "torchrelay: no pipeline nope")
 
 
-async def test_status_of_a_sweep_shows_its_trials_best_first(nats_url: str, state: State) -> None:
+async def test_status_of_a_sweep_shows_its_trials_best_first_and_cancel_stops_the_sweep(
+    nats_url: str, state: State, bus: tuple[JetStreamBus, Watcher]
+) -> None:
     sweep = {
         "space": {"lr": {"type": "choice", "values": [0.3, 0.03, 0.003]}},
         "algorithm": "grid",
@@ -315,6 +319,13 @@ async def test_status_of_a_sweep_shows_its_trials_best_first(nats_url: str, stat
     assert plain.returncode == 0, plain.stderr
     assert "sweep" not in plain.stdout.lower()
     assert "sweep" not in json.loads(torchrelay(nats_url, "status", "p-plain", "--json").stdout)
+
+    cancelled = torchrelay(nats_url, "cancel", "p-sweep", "--reason", "enough")
+    assert cancelled.returncode == 0, cancelled.stderr
+    assert "cancel of sweep p-sweep requested" in cancelled.stdout
+    _, watcher = bus
+    event = await watcher.one(SweepCancelRequested, sweep_id="p-sweep")
+    assert (event.data.reason, event.pipelineid) == ("enough", "p-sweep")
 
 
 async def test_ctrl_c_on_status_follow_says_the_pipeline_goes_on(

@@ -21,7 +21,13 @@ from tests.integration.in_memory import Published
 from torchrelay.services.ingest.handlers import IngestMetrics, Ingestor
 from torchrelay.services.ingest.settings import IngestOptions
 from torchrelay.services.ingest.staging import Stager, StageRequest
-from torchrelay.shared.events import AnyEvent, DatasetRejected, DatasetStaged, PipelineSubmitted
+from torchrelay.shared.events import (
+    AnyEvent,
+    DatasetRejected,
+    DatasetStaged,
+    PipelineRejected,
+    PipelineSubmitted,
+)
 from torchrelay.shared.events.data import PipelineSpec, PipelineSubmittedData
 from torchrelay.shared.pipelines import PipelineRecord, pipeline_key
 from torchrelay.shared.state import MemoryState
@@ -210,3 +216,50 @@ async def test_a_named_version_in_another_format_than_the_spec_says_is_rejected(
     assert isinstance(outcome, DatasetRejected)
     assert outcome.data.code == "invalid_data"
     assert outcome.data.reason == "the request says npz, but the files are csv"
+
+
+def swept(pipeline_id: str, **sweep: object) -> PipelineSubmitted:
+    base = submitted(pipeline_id, name="blobs", source="sklearn:digits").data.spec
+    spec = PipelineSpec.model_validate(
+        {
+            **base.model_dump(mode="json"),
+            "sweep": {
+                "space": {"lr": {"type": "choice", "values": [0.1, 0.01]}},
+                "algorithm": "grid",
+                "objective": {"metric": "accuracy", "direction": "maximize"},
+                "max_trials": 2,
+                **sweep,
+            },
+        }
+    )
+    return PipelineSubmitted(
+        source="/tests", pipelineid=pipeline_id, data=PipelineSubmittedData(spec=spec)
+    )
+
+
+@pytest.mark.parametrize(
+    ("pipeline_id", "sweep", "reason"),
+    [
+        (
+            "p-bad-range",
+            {"algorithm": "random", "space": {"lr": {"type": "uniform", "low": 1, "high": 0.1}}},
+            "invalid sweep: lr: uniform needs low < high, got low=1.0, high=0.1",
+        ),
+        (
+            "p-grid",
+            {"space": {"lr": {"type": "loguniform", "low": 1e-4, "high": 1e-1}}},
+            "grid needs choice or int parameters; lr is a continuous range",
+        ),
+        ("p-" + "x" * 60, {}, "is too long or has characters a run id cannot"),
+        ("p:colon", {}, "is too long or has characters a run id cannot"),
+    ],
+)
+async def test_a_sweep_that_cannot_run_is_refused_at_submission_with_the_reason(
+    ingest: Ingest, pipeline_id: str, sweep: dict[str, object], reason: str
+) -> None:
+    answer = await ingest.submit(swept(pipeline_id, **sweep))
+    assert isinstance(answer, PipelineRejected)
+    assert (answer.data.code, answer.data.pipeline_id) == ("invalid_sweep", pipeline_id)
+    assert reason in answer.data.reason
+    assert await ingest.ingestor.pipelines.get(pipeline_key(pipeline_id)) is None, "nothing kept"
+    assert not ingest.published.of(DatasetStaged), "nothing staged"

@@ -11,8 +11,8 @@ from prometheus_client import CollectorRegistry
 from torchrelay.client import DEMO
 from torchrelay.services.monitor.handlers import EventMetrics, Monitor, Stamp
 from torchrelay.services.monitor.settings import MonitorOptions
-from torchrelay.shared.events import AnyEvent, PipelineSubmitted
-from torchrelay.shared.events.data import PipelineSpec, PipelineSubmittedData
+from torchrelay.shared.events import AnyEvent, PipelineSubmitted, SweepCompleted
+from torchrelay.shared.events.data import PipelineSpec, PipelineSubmittedData, SweepCompletedData
 from torchrelay.shared.pipelines import PipelineRecord, pipeline_key
 from torchrelay.shared.runtime.metrics import reconciled_counter
 from torchrelay.shared.state import State
@@ -83,3 +83,42 @@ async def test_a_repeated_or_refused_submission_starts_no_clock(
     spec = SPEC.model_copy(update={"name": "other"}) if conflicting else SPEC
     await monitor.on_event(_submitted(pipeline_id, spec))
     assert await clocks.get(f"pipeline.{pipeline_id}") is None
+
+
+async def test_a_sweep_ingest_refuses_starts_no_clock_and_its_end_stops_one(state: State) -> None:
+    monitor, clocks = _monitor(state), state.store("monitor", Stamp)
+    sweep = {
+        "space": {"lr": {"type": "uniform", "low": 0.5, "high": 0.1}},  # low > high
+        "algorithm": "random",
+        "objective": {"metric": "accuracy", "direction": "maximize"},
+        "max_trials": 2,
+    }
+    refused = PipelineSpec.model_validate({**DEMO, "sweep": sweep})
+    pipeline_id = f"p-{uuid.uuid4().hex[:8]}"
+    await monitor.on_event(_submitted(pipeline_id, refused))
+    assert await clocks.get(f"pipeline.{pipeline_id}") is None, "nothing would ever stop it"
+
+    sound = PipelineSpec.model_validate(
+        {**DEMO, "sweep": {**sweep, "space": {"lr": {"type": "uniform", "low": 0.1, "high": 1}}}}
+    )
+    pipeline_id = f"p-{uuid.uuid4().hex[:8]}"
+    await monitor.on_event(_submitted(pipeline_id, sound))
+    stamp = await clocks.get(f"pipeline.{pipeline_id}")
+    assert stamp is not None
+    assert stamp.value.sweep
+    nobody = SweepCompleted(
+        source="/torchrelay/train",
+        pipelineid=pipeline_id,
+        data=SweepCompletedData(
+            sweep_id=pipeline_id,
+            metric="accuracy",
+            direction="maximize",
+            model_name="digits",
+            completed=0,
+            stopped=0,
+            failed=2,
+            reason="no trial of the sweep completed (0 stopped early, 2 failed)",
+        ),
+    )
+    await monitor.on_event(nobody)
+    assert await clocks.get(f"pipeline.{pipeline_id}") is None, "the sweep's end stopped it"

@@ -23,19 +23,24 @@ from torchrelay.shared.cluster.registry import SimulatedTraining
 from torchrelay.shared.cluster.simulated import SimulatedBackend
 from torchrelay.shared.events import (
     DatasetStaged,
+    SweepCancelRequested,
     SweepCompleted,
     SweepStarted,
     SweepTrialStarted,
     SweepTrialStopped,
     TrainCompleted,
     TrainFailed,
+    TrainRestartRequested,
+    TrainStarted,
 )
 from torchrelay.shared.events.data import (
     DatasetRef,
     DatasetStagedData,
     PipelineSpec,
+    SweepCancelRequestedData,
     TrainFailedData,
     TrainJobSpec,
+    TrainRestartRequestedData,
 )
 from torchrelay.shared.pipelines import PipelineRecord, pipeline_key
 from torchrelay.shared.runs import RunRecord
@@ -309,6 +314,94 @@ async def test_trials_that_fail_or_are_stopped_end_so_and_none_completed_fails_t
     )
 
 
+async def test_a_cancelled_sweep_cancels_its_running_trials_starts_no_more_and_fails(
+    world: World,
+) -> None:
+    async with world.replica(sim=LONG) as sweeps:
+        sweep_id, staged = await world.submit(pipeline_spec(max_trials=4, parallel=2))
+        await sweeps.on_dataset_staged(staged)
+        cancel = SweepCancelRequested(
+            source="/torchrelay/cli",
+            pipelineid=sweep_id,
+            data=SweepCancelRequestedData(sweep_id=sweep_id, reason="wrong data"),
+        )
+        await sweeps.on_cancel_requested(cancel)
+        await sweeps.on_cancel_requested(cancel)  # a redelivery changes nothing
+        record = await world.run_until(sweep_id, over, sweeps)
+
+    assert record.status == "failed"
+    assert record.cancelled == "wrong data"
+    assert [t.status for t in record.trials] == ["failed", "failed", "pending", "pending"]
+    runs = world.state.store("runs", RunRecord)
+    for index, trial in enumerate(record.trials):
+        run = await runs.get(key_part(trial.run_id))
+        if index < 2:
+            assert run is not None
+            assert run.value.status == "cancelled"
+        else:
+            assert run is None, "a pending trial never starts once the sweep is cancelled"
+    stopped = world.published.of(SweepTrialStopped)
+    assert sorted((e.data.trial, e.data.code) for e in stopped) == [
+        (0, "cancelled"),
+        (1, "cancelled"),
+    ]
+    assert all(e.data.reason == "sweep cancelled: wrong data" for e in stopped)
+    (completed,) = world.published.of(SweepCompleted)
+    assert (completed.data.best_trial, completed.data.cancelled) == (None, True)
+    assert completed.data.reason == "the sweep was cancelled: wrong data"
+    pipeline = await world.state.store("pipelines", PipelineRecord).get(pipeline_key(sweep_id))
+    assert pipeline is not None
+    assert pipeline.value.stages["train"].status == "failed"
+    assert pipeline.value.stages["train"].reason == "the sweep was cancelled: wrong data"
+
+
+async def test_a_trial_stopped_while_its_run_awaited_a_restart_is_not_restarted(
+    world: World,
+) -> None:
+    async with world.replica(sim=LONG) as sweeps:
+        sweep_id, staged = await world.submit(pipeline_spec(max_trials=3, parallel=1))
+        await sweeps.on_dataset_staged(staged)
+        run_id = f"{sweep_id}.trial-0"
+        runs = world.state.store("runs", RunRecord)
+        current = await runs.get(key_part(run_id))
+        assert current is not None
+        # The rank died (a restart is due); meanwhile the monitor stopped the trial early.
+        crash = TrainFailedData(run_id=run_id, reason="rank 0 was killed", final=False)
+        await runs.put(
+            key_part(run_id),
+            current.value.model_copy(
+                update={"status": "failed", "outcome": crash, "reason": crash.reason}
+            ),
+        )
+
+        def stop_requested(record: SweepRecord | None) -> SweepRecord | None:
+            assert record is not None
+            trials = list(record.trials)
+            trials[0] = trials[0].model_copy(update={"stop_requested": "median stopping: worse"})
+            return record.model_copy(update={"trials": trials})
+
+        await world.state.store("sweeps", SweepRecord).mutate(sweep_key(sweep_id), stop_requested)
+        restart = TrainRestartRequested(
+            source="/torchrelay/monitor",
+            pipelineid=sweep_id,
+            data=TrainRestartRequestedData(run_id=run_id, reason="rank 0 was killed", attempt=1),
+        )
+        await sweeps._trainer.on_restart_requested(restart)
+
+        halted = await runs.get(key_part(run_id))
+        assert halted is not None
+        assert (halted.value.attempt, halted.value.over) == (0, True), "no restart, and final"
+        assert halted.value.reason == "median stopping: worse"
+        record = await world.run_until(
+            sweep_id, lambda r: r.trials[0].status == "stopped" and r.trials[1].announced, sweeps
+        )
+    assert record.trials[0].reason == "median stopping: worse"
+    assert record.trials[1].status == "running", "its slot went to the next trial"
+    assert [
+        e.data.attempt for e in world.published.of(TrainStarted) if e.data.run_id == run_id
+    ] == [0]
+
+
 async def test_a_bayesian_sweep_asks_optuna_for_each_trial_within_the_space(
     world: World,
 ) -> None:
@@ -348,3 +441,5 @@ async def test_a_bayesian_sweep_without_optuna_fails_its_train_stage_saying_so(
     assert pipeline.value.stages["train"].status == "failed"
     assert pipeline.value.stages["train"].reason == OPTUNA_MISSING
     assert world.published.of(SweepTrialStarted) == []
+    (ended,) = world.published.of(SweepCompleted)  # what ends the pipeline for other services
+    assert (ended.data.best_trial, ended.data.reason) == (None, OPTUNA_MISSING)

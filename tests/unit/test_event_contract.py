@@ -166,7 +166,7 @@ def _progress(**envelope: Any) -> dict[str, Any]:
         "specversion": "1.0",
         "id": "evt-1",
         "source": "/elsewhere",
-        "type": "io.torchrelay.train.progress.v1",
+        "type": "io.torchrelay.train.progress.v2",
         "data": {"run_id": "r1", "step": 1, "epoch": 0, "loss": 0.5, "samples_per_s": 10.0},
         **envelope,
     }

@@ -10,6 +10,7 @@ from torchrelay.shared.sweep_state import (
     MAX_HISTORY_POINTS,
     SweepRecord,
     TrialHistory,
+    cancel,
     conclude,
     end_trial,
     fill_slots,
@@ -139,3 +140,18 @@ def test_a_history_keeps_its_newest_point_and_stays_bounded() -> None:
     stored = TrialHistory.model_validate_json(diverged.model_dump_json())
     assert math.isnan(stored.points[0][1]), "a NaN is kept, through JSON too"
     assert stored.points[1] == (2, math.inf)
+
+
+def test_a_cancelled_sweep_starts_nothing_and_ends_without_a_best_once_none_runs() -> None:
+    record = fill_slots(planned(), NOW)
+    record = end_trial(record, 0, NOW, objective=0.97, model_version="s1.trial-0")
+    cancelled = cancel(record, "wrong data", NOW)
+    assert cancel(cancelled, "again", NOW) is cancelled, "the first reason stands"
+    assert fill_slots(cancelled, NOW) is cancelled, "no pending trial starts"
+    assert conclude(cancelled, NOW) is cancelled, "trial 1 still runs"
+    ended = end_trial(cancelled, 1, NOW, objective=None, failure="cancelled by request")
+    assert ended.trials[1].reason == "sweep cancelled: wrong data"
+    over = conclude(ended, NOW)
+    assert (over.status, over.best) == ("failed", None), "a cancel deploys nothing"
+    assert [t.status for t in over.trials] == ["completed", "failed", "pending", "pending"]
+    assert cancel(over, "late", NOW) is over, "an ended sweep stays as it ended"

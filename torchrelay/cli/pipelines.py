@@ -217,13 +217,13 @@ def cancel(
     state: StateDir = None,
     nats_url: NatsUrl = None,
 ) -> int:
-    """Stop a pipeline's training (or a run, by its id)."""
+    """Stop a pipeline's training (a sweep's: every trial), or a run by its id."""
 
     async def go() -> str:
         async with connected(state_dir(state), nats_url) as client:
             return await client.cancel(ident, reason)
 
-    say(f"cancel of run {run(go())} requested; `torchrelay status` shows it end")
+    say(f"cancel of {run(go())} requested; `torchrelay status` shows it end")
     return 0
 
 
