@@ -729,8 +729,11 @@ def sweep_headline(record: SweepRecord) -> str:
         if top is not None
         else ""
     )
+    status = record.status
+    if record.cancelled is not None:
+        status += f" (cancelled: {record.cancelled})"
     return (
-        f"sweep {record.sweep_id}: {record.status}, {spec.algorithm}, "
+        f"sweep {record.sweep_id}: {status}, {spec.algorithm}, "
         f"{len(record.trials)} of {spec.max_trials} trials planned ({counts or 'none yet'}), "
         f"{spec.parallel} at once{best}"
     )
@@ -744,6 +747,7 @@ def sweep_report(record: SweepRecord) -> dict[str, Any]:
     return {
         "sweep_id": record.sweep_id,
         "status": record.status,
+        "cancelled": record.cancelled,
         "algorithm": spec.algorithm,
         "objective": {"metric": spec.objective.metric, "direction": spec.objective.direction},
         "max_trials": spec.max_trials,
