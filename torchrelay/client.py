@@ -729,7 +729,7 @@ def sweep_headline(record: SweepRecord) -> str:
         if top is not None
         else ""
     )
-    status = record.status
+    status: str = record.status
     if record.cancelled is not None:
         status += f" (cancelled: {record.cancelled})"
     return (

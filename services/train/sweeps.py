@@ -48,6 +48,7 @@ from torchrelay.shared.events.data import (
     TrainCompletedData,
     TrialStopCode,
 )
+from torchrelay.shared.events.sweep import Value
 from torchrelay.shared.pipelines import PipelineRecord, pipeline_key, record_stage
 from torchrelay.shared.runs import RunRecord
 from torchrelay.shared.runtime.loops import every
@@ -65,6 +66,7 @@ from torchrelay.shared.sweep_state import (
     history_key,
     new_sweep,
     sweep_key,
+    trial_run_id,
 )
 
 log = structlog.get_logger("torchrelay.train.sweeps")
@@ -251,7 +253,7 @@ class Sweeps:
             f"sweep cancelled: {sweep.cancelled}" if sweep.cancelled is not None else None
         )
         if reason is not None and trial.status == "running":
-            asyncio.get_running_loop().call_soon(self._advance_later, sweep.sweep_id)
+            self._advance_later(sweep.sweep_id)  # the trial ends now, not at the next round
         return reason
 
     def _advance_later(self, sweep_id: str) -> None:
@@ -295,23 +297,13 @@ class Sweeps:
         if found is None:
             return None
         endings = await self._endings(found.value)
+        suggest = await self._suggestions(found.value, endings)
 
         def change(current: SweepRecord | None) -> SweepRecord | None:
             if current is None:
                 return None
             now = datetime.now(UTC)
-            updated = current
-            for index, ending in endings.items():
-                updated = end_trial(
-                    updated,
-                    index,
-                    now,
-                    objective=ending.objective,
-                    model_version=ending.model_version,
-                    metrics=ending.metrics,
-                    failure=ending.failure,
-                )
-            updated = conclude(fill_slots(updated, now, self._suggest), now)
+            updated = conclude(fill_slots(_ended(current, endings, now), now, suggest), now)
             return None if updated == current else updated
 
         stored = await self.sweeps.mutate(key, change, ttl_s=self._ttl)
@@ -322,6 +314,39 @@ class Sweeps:
         if not sweep.announced:
             await self._announce_end(sweep, cause)
         return sweep
+
+    async def _suggestions(self, sweep: SweepRecord, endings: dict[int, Ending]) -> Suggest | None:
+        """For a bayesian sweep with free slots: Optuna's suggestions for them, asked in a
+        thread before the compare-and-set (TPE takes a while, and a retried compare-and-set
+        must not ask again), served in order; the plain ``suggest`` when more are needed."""
+        plain = self._suggest
+        if plain is None or sweep.spec.algorithm != "bayesian":
+            return plain
+        ended = _ended(sweep, endings, datetime.now(UTC))
+        wanted = min(
+            sweep.spec.parallel - ended.count("running"),
+            sweep.spec.max_trials - len(ended.trials),
+        )
+        if ended.status != "running" or ended.cancelled is not None or wanted <= 0:
+            return plain
+
+        def ask() -> list[dict[str, Value]]:
+            asked: list[dict[str, Value]] = []
+            record = ended
+            for _ in range(wanted):
+                asked.append(plain(record))
+                index = len(record.trials)
+                trial = Trial(
+                    index=index,
+                    params=asked[-1],
+                    run_id=trial_run_id(record.sweep_id, index),
+                    status="running",
+                )
+                record = record.model_copy(update={"trials": [*record.trials, trial]})
+            return asked
+
+        ready = iter(await asyncio.to_thread(ask))
+        return lambda record: next(ready, None) or plain(record)
 
     def _ttl(self, sweep: SweepRecord) -> float | None:
         return self._retain_s if sweep.status != "running" and sweep.announced else None
@@ -508,6 +533,21 @@ class Sweeps:
             "pipelineid": sweep_id,
             "causationid": cause,
         }
+
+
+def _ended(sweep: SweepRecord, endings: dict[int, Ending], now: datetime) -> SweepRecord:
+    """The sweep with its trials' run endings applied (:func:`end_trial`)."""
+    for index, ending in endings.items():
+        sweep = end_trial(
+            sweep,
+            index,
+            now,
+            objective=ending.objective,
+            model_version=ending.model_version,
+            metrics=ending.metrics,
+            failure=ending.failure,
+        )
+    return sweep
 
 
 def _no_best(sweep: SweepRecord) -> str:

@@ -62,7 +62,8 @@ def sweep_events(up: Up, pipeline_id: str) -> list[dict[str, Any]]:
 
 
 def of_type(events: list[dict[str, Any]], name: str) -> list[dict[str, Any]]:
-    return [e["data"] for e in events if e["type"] == f"io.torchrelay.{name}.v1"]
+    """The data of the events of type ``name`` (any version)."""
+    return [e["data"] for e in events if e["type"].rsplit(".v", 1)[0] == f"io.torchrelay.{name}"]
 
 
 def test_a_grid_sweep_finds_the_best_learning_rate_and_a_killed_trial_counts_once(
