@@ -79,6 +79,13 @@ def outcome_event_id(run_id: str, attempt: int, outcome: Outcome) -> str:
     return str(uuid.uuid5(_OUTCOME_IDS, f"{kind}:{run_id}:{attempt}"))
 
 
+def halted_event_id(run_id: str, attempt: int) -> str:
+    """The id of the final ``train.failed`` that says a failed attempt will not be restarted
+    after all (its sweep trial was stopped meanwhile): not the id of that attempt's first,
+    non-final ``train.failed``, which the stream would take for a repeat of it."""
+    return str(uuid.uuid5(_OUTCOME_IDS, f"halted:{run_id}:{attempt}"))
+
+
 def restart_event_id(run_id: str, attempt: int) -> str:
     """The id of the request for restart ``attempt``: whoever asks (the monitor handling the
     failure, or its reconciliation), the stream holds one request."""

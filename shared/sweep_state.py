@@ -183,8 +183,9 @@ Suggest = Callable[["SweepRecord"], dict[str, Value]]
 
 def fill_slots(record: SweepRecord, now: datetime, suggest: Suggest | None = None) -> SweepRecord:
     """Start pending trials, in order, until ``parallel`` run (unannounced); a bayesian sweep
-    adds each trial as its slot frees, with ``suggest``'s hyperparameters. A sweep that is over
-    starts nothing. ``record`` itself when nothing starts."""
+    adds each trial as its slot frees, with ``suggest``'s hyperparameters (none without one:
+    the sweep waits). A sweep that is over starts nothing. ``record`` itself when nothing
+    starts."""
     free = record.spec.parallel - record.count("running")
     if record.status != "running" or record.cancelled is not None or free <= 0:
         return record
@@ -197,11 +198,8 @@ def fill_slots(record: SweepRecord, now: datetime, suggest: Suggest | None = Non
                 update={"status": "running", "started": now, "announced": False}
             )
             free -= 1
-    while (
-        free > 0 and record.spec.algorithm == "bayesian" and len(updated) < record.spec.max_trials
-    ):
-        if suggest is None:
-            raise ValueError("a bayesian sweep needs a suggest function to add trials")
+    bayesian = record.spec.algorithm == "bayesian"
+    while free > 0 and bayesian and suggest is not None and len(updated) < record.spec.max_trials:
         index = len(updated)
         params = suggest(record.model_copy(update={"trials": updated}))
         updated.append(

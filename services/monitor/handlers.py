@@ -399,7 +399,8 @@ class Monitor:
         if recovery is Recovery.END or watch is None:
             if watch is not None:
                 await self._end(watch)
-            self.metrics.given_up.inc()
+            if not await self.sweeps.halted(event.pipelineid, data.run_id):
+                self.metrics.given_up.inc()  # a trial its sweep stopped was not given up on
             self.metrics.forget_run(data.run_id)
             return
         silent = stall_reason(

@@ -108,6 +108,21 @@ class SweepMonitor:
         if reason is not None:
             await self._stop(record.sweep_id, data.run_id, reason)
 
+    async def halted(self, sweep_id: str | None, run_id: str) -> bool:
+        """Whether the run's final failure is its sweep's doing (the trial was stopped early,
+        or the sweep cancelled): routine, not a run given up on. From the live view, else
+        (the sweep may have ended since) the bucket, for a run that may be a trial."""
+        if sweep_id is None:
+            return False
+        seen = self.running.get(sweep_key(sweep_id))
+        record = seen.value if seen is not None else None
+        if record is None and may_be_trial(run_id, sweep_id):
+            found = await self.records.get(sweep_key(sweep_id))
+            record = found.value if found is not None else None
+        if record is None or (trial := record.trial_of(run_id)) is None:
+            return False
+        return trial.stop_requested is not None or record.cancelled is not None
+
     async def _record(self, sweep_id: str, run_id: str) -> SweepRecord | None:
         """The sweep, from the live view when it shows the trial running; otherwise from the
         bucket (the view trails it by a moment), but only for a run that may be a trial."""

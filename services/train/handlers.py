@@ -57,7 +57,13 @@ from torchrelay.shared.events.data import (
     TrainStartedData,
 )
 from torchrelay.shared.pipelines import PipelineRecord, pipeline_key, record_stage
-from torchrelay.shared.runs import Outcome, RunRecord, RunStatus, outcome_event_id
+from torchrelay.shared.runs import (
+    Outcome,
+    RunRecord,
+    RunStatus,
+    halted_event_id,
+    outcome_event_id,
+)
 from torchrelay.shared.runtime.loops import every
 from torchrelay.shared.state import State, Store, key_part
 from torchrelay.shared.state.presence import Presence
@@ -213,7 +219,7 @@ class Trainer:
         if self.halted is not None and current.value.trial is not None:
             halted = await self.halted(current.value)
             if halted is not None:
-                await self._end_halted(current.value, halted)
+                await self.end_halted(current.value, halted)
                 return
         record = current.value.model_copy(
             update={
@@ -232,9 +238,10 @@ class Trainer:
             await self.runs.update(key_part(record.run_id), record, revision=current.revision)
             await self._launch(record, cause=event.id)
 
-    async def _end_halted(self, run: RunRecord, reason: str) -> None:
-        """Make the failure a restart was due after final: the run is over (nothing restarts
-        it, reconciliation included), and whoever follows it reads why."""
+    async def end_halted(self, run: RunRecord, reason: str) -> RunRecord | None:
+        """Make the failure a restart was due after final (compare-and-set on the run: a
+        restart that read it before fails its update, and its redelivery finds the run over),
+        and say so with a final ``train.failed``. The run as stored after; None if gone."""
 
         def final(current: RunRecord | None) -> RunRecord | None:
             if current is None or current.attempt != run.attempt or not current.restart_due:
@@ -242,10 +249,27 @@ class Trainer:
             if not isinstance(current.outcome, TrainFailedData):  # restart_due says it is
                 return None
             outcome = current.outcome.model_copy(update={"final": True, "reason": reason[:512]})
-            return current.model_copy(update={"outcome": outcome, "reason": reason})
+            return current.model_copy(
+                update={"outcome": outcome, "reason": reason, "updated": datetime.now(UTC)}
+            )
 
         await self.runs.mutate(key_part(run.run_id), final, ttl_s=self._retain_s)
-        log.info("restart.halted", run_id=run.run_id, attempt=run.attempt, reason=reason)
+        stored = await self.runs.get(key_part(run.run_id))
+        if stored is None:
+            return None
+        halted = stored.value
+        failure = halted.outcome
+        said = halted.attempt == run.attempt and halted.reason == reason
+        if said and isinstance(failure, TrainFailedData) and failure.final:
+            await self._publish(
+                TrainFailed(
+                    id=halted_event_id(halted.run_id, halted.attempt),
+                    **self._envelope(halted, None),
+                    data=failure,
+                )
+            )
+            log.info("restart.halted", run_id=run.run_id, attempt=run.attempt, reason=reason)
+        return halted
 
     @contextlib.contextmanager
     def _launching_run(self, run_id: str) -> Iterator[None]:

@@ -96,7 +96,7 @@ class Sweeps:
         advance_every_s: float = 5.0,
         quiet_after_s: float = 30.0,
     ) -> None:
-        self._trainer = trainer
+        self.trainer = trainer
         self.sweeps: Store[SweepRecord] = state.store("sweeps", SweepRecord)
         self.histories: Store[TrialHistory] = state.store("sweeps", TrialHistory)
         self.runs: Store[RunRecord] = state.store("runs", RunRecord)
@@ -126,7 +126,7 @@ class Sweeps:
             return
         pipeline = found.value
         if pipeline.spec.sweep is None:
-            await self._trainer.train_pipeline(event, pipeline)
+            await self.trainer.train_pipeline(event, pipeline)
             return
         job = pipeline_job(pipeline, event.data.name, event.data.version)
         sweep_id = pipeline.pipeline_id
@@ -206,10 +206,9 @@ class Sweeps:
         await self.advance(sweep.sweep_id, event.id)
 
     async def on_cancel_requested(self, event: SweepCancelRequested) -> None:
-        """Stop a sweep: no trial starts any more, the running ones are cancelled (their runs
-        end cancelled, the trials failed), then the sweep ends without a best trial and its
-        pipeline fails. A trial whose run is still being launched, or runs on another
-        replica, makes the request come back (the cancel of a run retries itself so)."""
+        """Stop a sweep: no trial starts any more, a ``train.cancel.requested`` goes out for
+        each running trial (their runs end cancelled, the trials failed), then the sweep ends
+        without a best trial and its pipeline fails."""
         sweep_id, reason = event.data.sweep_id, event.data.reason
         now = datetime.now(UTC)
 
@@ -224,9 +223,11 @@ class Sweeps:
         if sweep is None:
             log.info("sweep.cancel_unknown", sweep_id=sweep_id)
             return
+        # One request per trial: each goes (and comes back) to the replica that runs it, on
+        # its own deliveries, whatever happens to the others.
         for trial in sweep.trials:
             if trial.status == "running":
-                await self._trainer.on_cancel_requested(
+                await self._publish(
                     TrainCancelRequested(
                         id=_event_id("cancel", sweep_id, trial.index),
                         source=self._source,
@@ -249,9 +250,7 @@ class Sweeps:
         if found is None or run.trial >= len(found.value.trials):
             return None
         sweep, trial = found.value, found.value.trials[run.trial]
-        reason = trial.stop_requested or (
-            f"sweep cancelled: {sweep.cancelled}" if sweep.cancelled is not None else None
-        )
+        reason = _halt_reason(sweep, trial)
         if reason is not None and trial.status == "running":
             self._advance_later(sweep.sweep_id)  # the trial ends now, not at the next round
         return reason
@@ -318,7 +317,8 @@ class Sweeps:
     async def _suggestions(self, sweep: SweepRecord, endings: dict[int, Ending]) -> Suggest | None:
         """For a bayesian sweep with free slots: Optuna's suggestions for them, asked in a
         thread before the compare-and-set (TPE takes a while, and a retried compare-and-set
-        must not ask again), served in order; the plain ``suggest`` when more are needed."""
+        must not ask again), by trial index; the plain ``suggest`` for any other index. None
+        when asking failed: no trial is added this time."""
         plain = self._suggest
         if plain is None or sweep.spec.algorithm != "bayesian":
             return plain
@@ -330,23 +330,28 @@ class Sweeps:
         if ended.status != "running" or ended.cancelled is not None or wanted <= 0:
             return plain
 
-        def ask() -> list[dict[str, Value]]:
-            asked: list[dict[str, Value]] = []
+        def ask() -> dict[int, dict[str, Value]]:
+            asked: dict[int, dict[str, Value]] = {}
             record = ended
             for _ in range(wanted):
-                asked.append(plain(record))
                 index = len(record.trials)
+                asked[index] = plain(record)
                 trial = Trial(
                     index=index,
-                    params=asked[-1],
+                    params=asked[index],
                     run_id=trial_run_id(record.sweep_id, index),
                     status="running",
                 )
                 record = record.model_copy(update={"trials": [*record.trials, trial]})
             return asked
 
-        ready = iter(await asyncio.to_thread(ask))
-        return lambda record: next(ready, None) or plain(record)
+        try:
+            ready = await asyncio.to_thread(ask)
+        except Exception:  # the trials' endings are still recorded; suggesting is tried again
+            log.exception("sweep.suggest_failed", sweep_id=sweep.sweep_id)
+            return None
+        # By trial index: a retried compare-and-set gets the same suggestion for a trial.
+        return lambda record: ready.get(len(record.trials)) or plain(record)
 
     def _ttl(self, sweep: SweepRecord) -> float | None:
         return self._retain_s if sweep.status != "running" and sweep.announced else None
@@ -365,10 +370,12 @@ class Sweeps:
                 reason = f"the record of run {trial.run_id} is gone (expired or removed)"
                 endings[trial.index] = Ending(None, None, {}, reason)
                 continue
-            halted = run.restart_due and (
-                trial.stop_requested is not None or sweep.cancelled is not None
-            )
-            if not run.over and not halted:
+            halt = _halt_reason(sweep, trial) if run.restart_due else None
+            if halt is not None:  # no restart for it: its failure becomes final first
+                run = await self.trainer.end_halted(run, halt)
+                if run is None:
+                    continue  # gone meanwhile: the next round says so
+            if not run.over:
                 continue  # running, or restarting
             last = await self._last_objective(sweep, trial)
             if isinstance(run.outcome, TrainCompletedData):
@@ -393,7 +400,7 @@ class Sweeps:
     async def _announce_trial(self, sweep: SweepRecord, trial: Trial, cause: str | None) -> None:
         envelope = self._envelope(sweep.sweep_id, cause)
         if trial.status == "running":
-            await self._trainer.start(
+            await self.trainer.start(
                 trial.run_id,
                 sweep.trial_job(trial),
                 sweep.sweep_id,
@@ -548,6 +555,13 @@ def _ended(sweep: SweepRecord, endings: dict[int, Ending], now: datetime) -> Swe
             failure=ending.failure,
         )
     return sweep
+
+
+def _halt_reason(sweep: SweepRecord, trial: Trial) -> str | None:
+    """Why the trial's run gets no more restarts: stopped early, or its sweep cancelled."""
+    if trial.stop_requested is not None:
+        return trial.stop_requested
+    return None if sweep.cancelled is None else f"sweep cancelled: {sweep.cancelled}"
 
 
 def _no_best(sweep: SweepRecord) -> str:

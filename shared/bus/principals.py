@@ -22,11 +22,13 @@ from torchrelay.shared.events import EVENT_TYPES, AnyEvent, catalog
 
 SERVICE_FACTS: Mapping[str, tuple[type[AnyEvent], ...]] = {
     "ingest": (catalog.DatasetStaged, catalog.DatasetRejected, catalog.PipelineRejected),
-    # The train service also runs sweeps: their trials are its runs.
+    # The train service also runs sweeps: their trials are its runs, which a sweep's cancel
+    # cancels one by one.
     "train": (
         catalog.TrainStarted,
         catalog.TrainCompleted,
         catalog.TrainFailed,
+        catalog.TrainCancelRequested,
         catalog.SweepStarted,
         catalog.SweepTrialStarted,
         catalog.SweepTrialStopped,

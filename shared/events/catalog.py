@@ -78,7 +78,9 @@ class TrainProgressed(CloudEvent[d.TrainProgressData]):
 
     Version 2: a loss or metric that was NaN or infinite (a run that diverged) is left out or
     null, where version 1 required a finite loss and failed the training step instead. Only
-    rank 0 of a training run produces it, so version 1 is gone with the workers that sent it.
+    rank 0 of a training run produces it. A job started before an upgrade still sends version
+    1, which no longer decodes (its reports are dead-lettered and the monitor may take the run
+    for stalled): let running jobs finish, or restart them, when upgrading.
     """
 
     type: Literal["io.torchrelay.train.progress.v2"] = "io.torchrelay.train.progress.v2"

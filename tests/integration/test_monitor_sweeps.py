@@ -23,10 +23,17 @@ from tests.sweep_factories import (
 from torchrelay.services.monitor.handlers import EventMetrics, Monitor
 from torchrelay.services.monitor.settings import MonitorOptions
 from torchrelay.shared.bus.port import Publish
-from torchrelay.shared.events import AnyEvent, TrainCancelRequested
+from torchrelay.shared.events import AnyEvent, TrainCancelRequested, TrainFailed
+from torchrelay.shared.events.data import TrainFailedData
 from torchrelay.shared.runtime.metrics import reconciled_counter
 from torchrelay.shared.state import KvState, State, Store
-from torchrelay.shared.sweep_state import SweepRecord, TrialHistory, history_key, sweep_key
+from torchrelay.shared.sweep_state import (
+    SweepRecord,
+    TrialHistory,
+    history_key,
+    sweep_key,
+    trial_run_id,
+)
 from torchrelay.shared.testing import assert_eventually
 
 pytestmark = pytest.mark.timeout(60)
@@ -236,3 +243,26 @@ async def test_the_metrics_show_each_running_sweeps_trials_and_best_objective(
         await records.put(sweep_key(sweep_id), ended)
         await assert_eventually(lambda: sweep_key(sweep_id) not in view)
         assert replica.sample(trials, sweep=sweep_id, status="completed") is None
+
+
+@pytest.mark.parametrize(("stopped", "given_up"), [(True, 0.0), (False, 1.0)])
+async def test_a_trial_its_sweep_stopped_is_not_a_run_given_up_on(
+    state: State, stopped: bool, given_up: float
+) -> None:
+    sweep_id = _sweep_id()
+    record = sweep_record(sweep_id)
+    if stopped:
+        trials = list(record.trials)
+        trials[3] = trials[3].model_copy(update={"stop_requested": "median stopping: worse"})
+        record = record.model_copy(update={"trials": trials})
+    await store_sweep(state, record)
+    replica = Replica(state)
+    run_id = trial_run_id(sweep_id, 3)
+    ended = TrainFailed(
+        source="/torchrelay/train",
+        subject=run_id,
+        pipelineid=sweep_id,
+        data=TrainFailedData(run_id=run_id, reason="cancelled by request", final=True),
+    )
+    await replica.monitor.on_event(ended)  # the view has not caught up: read from the bucket
+    assert replica.sample("torchrelay_train_given_up_total") == given_up

@@ -28,6 +28,7 @@ from torchrelay.shared.events import (
     SweepStarted,
     SweepTrialStarted,
     SweepTrialStopped,
+    TrainCancelRequested,
     TrainCompleted,
     TrainFailed,
     TrainRestartRequested,
@@ -43,7 +44,7 @@ from torchrelay.shared.events.data import (
     TrainRestartRequestedData,
 )
 from torchrelay.shared.pipelines import PipelineRecord, pipeline_key
-from torchrelay.shared.runs import RunRecord
+from torchrelay.shared.runs import RunRecord, halted_event_id
 from torchrelay.shared.runtime.metrics import reconciled_counter
 from torchrelay.shared.state import MemoryState, key_part
 from torchrelay.shared.storage import Layout
@@ -154,12 +155,16 @@ class World:
         return pipeline_id, staged
 
     async def deliver_endings(self, *replicas: Sweeps) -> None:
-        """Hand each run's end published so far to the replicas in turn, as the bus would."""
+        """Hand each run's end (and each cancel of a run) published so far to the replicas in
+        turn, as the bus would."""
         events = self.published.events[self.handled :]
         self.handled += len(events)
         for position, event in enumerate(events):
+            replica = replicas[position % len(replicas)]
             if isinstance(event, TrainCompleted | TrainFailed):
-                await replicas[position % len(replicas)].on_run_ended(event)
+                await replica.on_run_ended(event)
+            elif isinstance(event, TrainCancelRequested):
+                await replica.trainer.on_cancel_requested(event)
 
     async def sweep(self, sweep_id: str) -> SweepRecord:
         found = await self.state.store("sweeps", SweepRecord).get(sweep_key(sweep_id))
@@ -386,12 +391,14 @@ async def test_a_trial_stopped_while_its_run_awaited_a_restart_is_not_restarted(
             pipelineid=sweep_id,
             data=TrainRestartRequestedData(run_id=run_id, reason="rank 0 was killed", attempt=1),
         )
-        await sweeps._trainer.on_restart_requested(restart)
+        await sweeps.trainer.on_restart_requested(restart)
 
         halted = await runs.get(key_part(run_id))
         assert halted is not None
         assert (halted.value.attempt, halted.value.over) == (0, True), "no restart, and final"
         assert halted.value.reason == "median stopping: worse"
+        said = [e for e in world.published.of(TrainFailed) if e.id == halted_event_id(run_id, 0)]
+        assert [e.data.final for e in said] == [True], "a final train.failed says so"
         record = await world.run_until(
             sweep_id, lambda r: r.trials[0].status == "stopped" and r.trials[1].announced, sweeps
         )
