@@ -125,11 +125,19 @@ def test_a_finished_run_keeps_every_reported_metric_and_the_exported_accuracy(
     assert files[0].name.startswith("events.out.tfevents.")
 
     scalars = read(history / "attempt-0")
-    assert set(scalars) == {"train/loss", "train/samples_per_s", "train/lr", "export/accuracy"}
+    assert set(scalars) == {
+        "train/loss",
+        "train/samples_per_s",
+        "train/lr",
+        "metrics/accuracy",  # each batch's, as the digits example reports it while it trains
+        "export/accuracy",
+    }
     logged = reported(layout.rank_log(finished_run, attempt=0, rank=0))
     assert steps(scalars["train/loss"]) == [line["step"] for line in logged] == [10, 20, 30, 40]
     for (_, loss), line in zip(scalars["train/loss"], logged, strict=True):
         assert loss == pytest.approx(line["loss"], rel=1e-6)
+    for (_, accuracy), line in zip(scalars["metrics/accuracy"], logged, strict=True):
+        assert accuracy == pytest.approx(line["metrics"]["accuracy"], rel=1e-6)
     for (_, rate), line in zip(scalars["train/samples_per_s"], logged, strict=True):
         assert rate == pytest.approx(line["samples_per_s"], rel=1e-6)
         assert rate > 0
