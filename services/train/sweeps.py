@@ -163,10 +163,8 @@ class Sweeps:
         else:
             log.info("sweep.started", sweep_id=sweep_id, trials=len(record.trials))
         spec = pipeline.spec.sweep
-        detail: dict[str, JsonValue] = {
-            "sweep": sweep_id,
-            "trials": len(record.trials) or spec.max_trials,
-        }
+        planned = len(record.trials) or spec.max_trials  # a grid may hold fewer; bayesian: all
+        detail: dict[str, JsonValue] = {"sweep": sweep_id, "trials": planned}
         if job.workspace is not None:
             detail["workspace"] = job.workspace
         await record_stage(
@@ -179,7 +177,7 @@ class Sweeps:
                 data=SweepStartedData(
                     sweep_id=sweep_id,
                     algorithm=spec.algorithm,
-                    trials=len(record.trials) or spec.max_trials,  # a grid may hold fewer
+                    trials=planned,
                     parallel=spec.parallel,
                     metric=spec.objective.metric,
                     direction=spec.objective.direction,

@@ -16,6 +16,7 @@ import pytest
 from prometheus_client import CollectorRegistry
 
 from tests.integration.in_memory import Published, present
+from torchrelay.services.monitor.domain import request_stop
 from torchrelay.services.train.handlers import Trainer
 from torchrelay.services.train.suggest import OPTUNA_MISSING, suggest
 from torchrelay.services.train.sweeps import Sweeps
@@ -187,6 +188,13 @@ class World:
         return {event.id for event in self.published.of(kind)}
 
 
+async def stop_early(world: World, sweep_id: str, run_id: str) -> None:
+    """What the monitor writes into a trial before it cancels the trial's run."""
+    await world.state.store("sweeps", SweepRecord).mutate(
+        sweep_key(sweep_id), lambda record: request_stop(record, run_id, "median stopping: worse")
+    )
+
+
 @pytest.fixture
 def world(tmp_path: Path) -> World:
     return World(tmp_path)
@@ -276,15 +284,7 @@ async def test_trials_that_fail_or_are_stopped_end_so_and_none_completed_fails_t
     async with world.replica(sim=LONG) as sweeps:
         sweep_id, staged = await world.submit(pipeline_spec(max_trials=2, parallel=2))
         await sweeps.on_dataset_staged(staged)
-        store = world.state.store("sweeps", SweepRecord)
-
-        def stop_requested(record: SweepRecord | None) -> SweepRecord | None:
-            assert record is not None
-            trials = list(record.trials)
-            trials[1] = trials[1].model_copy(update={"stop_requested": "median stopping: worse"})
-            return record.model_copy(update={"trials": trials})
-
-        await store.mutate(sweep_key(sweep_id), stop_requested)
+        await stop_early(world, sweep_id, f"{sweep_id}.trial-1")
         # Both runs end for good before finishing: the way a cancel or a crash ends them.
         runs = world.state.store("runs", RunRecord)
         for index in (0, 1):
@@ -378,14 +378,7 @@ async def test_a_trial_stopped_while_its_run_awaited_a_restart_is_not_restarted(
                 update={"status": "failed", "outcome": crash, "reason": crash.reason}
             ),
         )
-
-        def stop_requested(record: SweepRecord | None) -> SweepRecord | None:
-            assert record is not None
-            trials = list(record.trials)
-            trials[0] = trials[0].model_copy(update={"stop_requested": "median stopping: worse"})
-            return record.model_copy(update={"trials": trials})
-
-        await world.state.store("sweeps", SweepRecord).mutate(sweep_key(sweep_id), stop_requested)
+        await stop_early(world, sweep_id, run_id)
         restart = TrainRestartRequested(
             source="/torchrelay/monitor",
             pipelineid=sweep_id,
