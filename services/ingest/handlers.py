@@ -297,9 +297,7 @@ class Ingestor:
         previous = await self.requests.get(request_key(request_id))
         if previous is None:
             return None
-        outcome = self._outcome_of(previous.value, causation_id)
-        await self._publish(outcome)
-        return outcome
+        return await self._conclude(previous.value, causation_id)
 
     async def _staged_versions(self, name: str) -> list[tuple[str, datetime]]:
         """The versions of ``name`` that are recorded and whose folder is on storage."""
@@ -366,14 +364,7 @@ class Ingestor:
             updated=datetime.now(UTC),
         )
         await self.requests.put(request_key(request.request_id), record)
-        outcome = self._outcome_of(record, causation_id)
-        await self._publish(outcome)
-        if pipeline_id is not None:
-            detail: dict[str, JsonValue] = {"dataset": manifest.name, "version": manifest.version}
-            await record_stage(
-                self.pipelines, pipeline_id, "ingest", "succeeded", datetime.now(UTC), detail=detail
-            )
-        return outcome
+        return await self._conclude(record, causation_id)
 
     async def _reject(
         self,
@@ -397,18 +388,29 @@ class Ingestor:
         log.warning(
             "dataset.rejected", name=request.name, code=rejected.code, reason=rejected.reason
         )
+        return await self._conclude(record, causation_id)
+
+    async def _conclude(self, record: RequestRecord, causation_id: str | None) -> Outcome:
+        """End the pipeline's ingest stage as ``record`` says, then publish its outcome.
+
+        The stage comes first, so whoever acts on the event reads the stage it reports; a
+        redelivery after a crash between the two (the request is recorded) does both again,
+        and a finished stage is never written twice."""
+        if record.pipeline_id is not None:
+            now = datetime.now(UTC)
+            if record.status == "staged":
+                detail: dict[str, JsonValue] = {"dataset": record.name, "version": record.version}
+                await record_stage(
+                    self.pipelines, record.pipeline_id, "ingest", "succeeded", now, detail=detail
+                )
+            else:
+                await record_stage(
+                    self.pipelines, record.pipeline_id, "ingest", "failed", now,
+                    reason=f"{record.code}: {record.reason}"[:512],
+                    retain_s=self._retain_s,
+                )  # fmt: skip
         outcome = self._outcome_of(record, causation_id)
         await self._publish(outcome)
-        if pipeline_id is not None:
-            await record_stage(
-                self.pipelines,
-                pipeline_id,
-                "ingest",
-                "failed",
-                datetime.now(UTC),
-                reason=f"{rejected.code.value}: {rejected.reason}"[:512],
-                retain_s=self._retain_s,
-            )
         return outcome
 
     def _outcome_of(self, record: RequestRecord, causation_id: str | None) -> Outcome:

@@ -690,12 +690,15 @@ class Trainer:
         return stored.value if stored is not None else change(None)
 
     async def _announce(self, record: RunRecord, cause: str | None) -> None:
-        """Publish the event of the run's recorded outcome and write the pipeline's train
-        stage, then mark the outcome announced. Idempotent: the event's id comes from the run
-        and attempt, and a finished stage is never written twice."""
+        """Write the pipeline's train stage, publish the event of the run's recorded outcome,
+        then mark the outcome announced. The stage comes first so that whoever acts on the
+        event reads the stage it reports. Idempotent: the event's id comes from the run and
+        attempt, and a finished stage is never written twice."""
         outcome = record.outcome
         if outcome is None:
             return
+        if record.pipeline_id is not None and record.trial is None:
+            await self._record_train_stage(record.pipeline_id, outcome)
         envelope: dict[str, str | None] = {
             "id": outcome_event_id(record.run_id, record.attempt, outcome),
             **self._envelope(record, cause),
@@ -704,8 +707,6 @@ class Trainer:
             await self._publish(TrainCompleted(**envelope, data=outcome))
         else:
             await self._publish(TrainFailed(**envelope, data=outcome))
-        if record.pipeline_id is not None and record.trial is None:
-            await self._record_train_stage(record.pipeline_id, outcome)
 
         def announced(current: RunRecord | None) -> RunRecord | None:
             if current is None or current.attempt != record.attempt or current.announced:

@@ -18,6 +18,7 @@ import pydantic_core
 from pydantic import (
     AwareDatetime,
     BaseModel,
+    BeforeValidator,
     ConfigDict,
     Field,
     StringConstraints,
@@ -50,6 +51,27 @@ def new_event_id() -> str:
 
 def utc_now() -> datetime:
     return datetime.now(UTC)
+
+
+# RFC 3339 section 5.6, as JSON Schema's date-time format checks it: pydantic alone also
+# reads "1" or 1 as a Unix time and a space for the "T", which the exported schema refuses.
+_RFC3339 = re.compile(
+    r"\d{4}-(0[1-9]|1[0-2])-\d{2}T([01]\d|2[0-3]):[0-5]\d:[0-5]\d(\.\d+)?"
+    r"(Z|[+-]([01]\d|2[0-3]):[0-5]\d)",
+    re.ASCII,
+)
+
+
+def _rfc3339(value: object) -> object:
+    if isinstance(value, datetime):
+        return value
+    if isinstance(value, str) and _RFC3339.fullmatch(value):
+        return datetime.fromisoformat(value)  # a day past the month's end raises ValueError
+    raise ValueError("must be an RFC 3339 date-time with an offset, such as 2026-01-31T12:00:00Z")
+
+
+Timestamp = Annotated[AwareDatetime, BeforeValidator(_rfc3339)]
+"""A point in time, on the wire an RFC 3339 string with an offset (Z or +hh:mm)."""
 
 
 class Data(BaseModel):
@@ -152,7 +174,7 @@ class CloudEvent(BaseModel, Generic[DataT]):
     )
     source: NonEmpty = Field(description="URI-reference of the producer, e.g. /torchrelay/ingest.")
     type: str
-    time: AwareDatetime = Field(default_factory=utc_now)
+    time: Timestamp = Field(default_factory=utc_now)
     subject: NonEmpty | None = Field(
         default=None, description="What the event is about within the source (a run id, a dataset)."
     )

@@ -144,6 +144,29 @@ def test_unknown_attributes_and_naive_times_are_refused() -> None:
         decode(json.dumps({**wire, "time": datetime(2026, 1, 1).isoformat()}).encode())
 
 
+@pytest.mark.parametrize(
+    "time", ["1", 1, "2026-01-01 12:00:00Z", "2026-01-01T12:00Z", "2026-02-30T12:00:00Z", ""]
+)
+def test_a_time_that_is_not_an_rfc_3339_date_time_is_refused(time: object) -> None:
+    """What the exported schema's date-time format refuses (pydantic alone reads "1" as 1970)."""
+    wire = json.loads(staged().to_json())
+    with pytest.raises(InvalidEvent, match="time"):
+        decode(json.dumps({**wire, "time": time}).encode())
+
+
+@pytest.mark.parametrize(
+    ("time", "utc"),
+    [
+        ("2026-01-01T12:00:00Z", "2026-01-01T12:00:00+00:00"),
+        ("2026-01-01T13:30:00.123456789+01:30", "2026-01-01T12:00:00.123456+00:00"),
+    ],
+)
+def test_rfc_3339_times_with_any_offset_are_read(time: str, utc: str) -> None:
+    wire = json.loads(staged().to_json())
+    event = decode(json.dumps({**wire, "time": time}).encode())
+    assert event.time == datetime.fromisoformat(utc)
+
+
 def test_an_event_on_the_wrong_subject_is_refused() -> None:
     with pytest.raises(InvalidEvent, match=r"belongs on torchrelay\.dataset\.staged"):
         decode(staged().to_json(), subject="torchrelay.train.requested")

@@ -101,6 +101,7 @@ def test_a_training_attempt_has_valid_names_for_any_run_id(run_id: str, attempt:
 @example(model="digits", version="v1.")  # versions may end in a dot; label values may not
 @example(model="2024-digits", version="v" * 64)
 @example(model="Digits_V2", version="-")
+@example(model="\ud800", version="v1")  # a lone surrogate: no UTF-8, still a name
 def test_a_served_model_has_valid_names_and_labels_for_any_model_and_version(
     model: str, version: str
 ) -> None:

@@ -40,7 +40,8 @@ MAX_INDEX_SUFFIX = len("-1023")  # a pod's host name is <job>-<completion index>
 
 
 def _digest(text: str, length: int = 10) -> str:
-    return hashlib.sha256(text.encode()).hexdigest()[:length]
+    # surrogatepass: defined for any str (a lone surrogate too), the same bytes for valid text
+    return hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()[:length]
 
 
 def dns_name(text: str, *, prefix: str, max_length: int = DNS_LABEL_MAX) -> str:
