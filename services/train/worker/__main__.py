@@ -12,11 +12,12 @@ from __future__ import annotations
 import contextlib
 import importlib
 import inspect
+import os
 import sys
 import traceback
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import structlog
 import torch
@@ -158,5 +159,18 @@ def _record(
         log.exception("worker.failure_unrecorded", path=str(path))
 
 
+def exit_now(code: int) -> NoReturn:
+    """End the rank with ``code``, skipping the interpreter's finalization.
+
+    By now every file is written and closed, the reporter joined and the process group
+    destroyed. What is left is torch's C++ state (gloo's pairs and threads, a DDP reducer the
+    training code kept), and destroying it while Python is torn down can abort a rank that
+    finished its work ("terminate called without an active exception", SIGABRT): the run
+    would fail after it succeeded."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_now(main())

@@ -6,7 +6,8 @@ first step. A standby pays it ahead: it imports everything a rank imports before
 function, then blocks on its stdin for one hand-over, a JSON line ``{"env": {...}, "log":
 "<path>"}``. It then becomes exactly the process a cold rank would have been (the job's whole
 environment in place of its own, fd 1 and 2 on the rank's log, stdin on /dev/null) and runs the
-same :func:`~torchrelay.services.train.worker.__main__.main`; its exit code is the rank's.
+same :func:`~torchrelay.services.train.worker.__main__.main`; its exit code is the rank's, and
+it exits as a cold rank does (:func:`~torchrelay.services.train.worker.__main__.exit_now`).
 
 A standby serves one job and exits with it: a job never runs in a process where another job's
 code ran. End of input before a hand-over (the pool closing) is a clean exit 0.
@@ -42,6 +43,7 @@ def become(env: Mapping[str, str], log_path: str) -> None:
 def main() -> int:
     die_with_parent()
     # What a cold rank imports before it runs anything of a job's: paid while idle.
+    from torchrelay.services.train.worker.__main__ import exit_now
     from torchrelay.services.train.worker.__main__ import main as rank_main
 
     # DistributedDataParallel imports TorchDynamo on construction (over a second here); every
@@ -55,7 +57,7 @@ def main() -> int:
         return 0  # the pool closed before handing this standby any work
     order = json.loads(line)
     become(order["env"], order["log"])
-    return rank_main()
+    return exit_now(rank_main())  # never returns: it exits as a cold rank does
 
 
 if __name__ == "__main__":
