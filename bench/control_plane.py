@@ -60,6 +60,7 @@ from nats.js.api import ConsumerConfig, DeliverPolicy
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from bench.procstat import total_cpu_s
 from torchrelay import platform
 from torchrelay.client import DEMO, Client
 from torchrelay.shared.events import TrainProgressed
@@ -337,15 +338,6 @@ class Follower:
 # --- CPU ----------------------------------------------------------------------------------------
 
 
-def cpu_s(pid: int) -> float:
-    """A process's user + system CPU seconds so far (0 once it is gone)."""
-    try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    except OSError:
-        return 0.0
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
 def processes(started: platform.Platform) -> dict[str, list[int]]:
     """Every service's replica pids, and nats-server's."""
     pids: dict[str, list[int]] = defaultdict(list)
@@ -357,7 +349,7 @@ def processes(started: platform.Platform) -> dict[str, list[int]]:
 
 
 def cpu_by_service(pids: Mapping[str, list[int]]) -> dict[str, float]:
-    return {service: sum(cpu_s(pid) for pid in group) for service, group in pids.items()}
+    return {service: total_cpu_s(group) for service, group in pids.items()}
 
 
 # --- the phases ---------------------------------------------------------------------------------

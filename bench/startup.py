@@ -37,6 +37,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from bench.procstat import total_cpu_s
 from torchrelay import platform
 from torchrelay.client import Client
 from torchrelay.services.ingest.fill import fill_for
@@ -143,17 +144,6 @@ class Side:
         await asyncio.to_thread(platform.stop, self.platform)
 
 
-def _cpu_ticks(pids: list[int]) -> int:
-    total = 0
-    for pid in pids:
-        try:
-            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        total += int(fields[11]) + int(fields[12])  # utime, stime
-    return total
-
-
 def _standbys(root: Path) -> list[int]:
     pids = []
     for proc in Path("/proc").iterdir():
@@ -178,9 +168,9 @@ def settle(side: Side | None, timeout_s: float = 60.0) -> None:
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         pids = _standbys(side.root)
-        before = _cpu_ticks(pids)
+        before = total_cpu_s(pids)
         time.sleep(0.5)
-        if len(pids) >= side.warm_ranks and _cpu_ticks(pids) == before:
+        if len(pids) >= side.warm_ranks and total_cpu_s(pids) == before:
             return
     raise TimeoutError(f"the warm pool did not settle in {timeout_s:g}s")
 
