@@ -52,8 +52,9 @@ import torch  # noqa: E402
 from recovery_trainer import digest  # noqa: E402
 
 from torchrelay import platform  # noqa: E402
-from torchrelay.client import Client, train_run_id  # noqa: E402
+from torchrelay.client import Client  # noqa: E402
 from torchrelay.shared.events.data import PipelineSpec  # noqa: E402
+from torchrelay.shared.pipelines import train_run_id  # noqa: E402
 
 PLAIN = BENCH / "recovery_plain.py"
 TRAINER = "recovery_trainer"

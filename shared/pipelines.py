@@ -8,6 +8,7 @@ forward, and a pipeline id names one spec for good (:func:`judge_submission`).
 from __future__ import annotations
 
 import enum
+import re
 from datetime import datetime
 from typing import TYPE_CHECKING, Literal
 
@@ -17,6 +18,22 @@ from torchrelay.shared.events.data import PipelineSpec
 
 if TYPE_CHECKING:
     from torchrelay.shared.state import Store
+
+MAX_RUN_ID = 64
+_RUN_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
+
+
+def is_run_id(text: str) -> bool:
+    """Whether ``text`` can name a run. A run's model is stored under the run id as its
+    version, so the id obeys a version's rule: letters, digits, '.', '_' and '-', starting with
+    a letter or digit, at most 64 characters."""
+    return len(text) <= MAX_RUN_ID and _RUN_ID.fullmatch(text) is not None
+
+
+def train_run_id(pipeline_id: str) -> str:
+    """The run id of a pipeline's training stage (a sweep's trials: ``trial_run_id``)."""
+    return f"{pipeline_id}.train"
+
 
 StageName = Literal["ingest", "train", "deploy"]
 STAGES: tuple[StageName, ...] = ("ingest", "train", "deploy")

@@ -10,20 +10,18 @@ one carries on from.
 from __future__ import annotations
 
 import math
-import re
 from collections.abc import Callable, Mapping
 from datetime import datetime
-from typing import Literal
+from typing import Literal, NamedTuple
 
 from pydantic import BaseModel, ConfigDict, Field
 
 from torchrelay.shared.events.data import PipelineSpec, TrainJobSpec
 from torchrelay.shared.events.sweep import SweepSpec, Value
+from torchrelay.shared.pipelines import MAX_RUN_ID, is_run_id, train_run_id
 from torchrelay.shared.sweeps import History, best, sweep_refusal, trials
 
 SWEEP_PREFIX = "sweep"
-MAX_RUN_ID = 64
-_RUN_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
 HISTORY_PREFIX = "trial"
 
 
@@ -143,7 +141,7 @@ def trial_run_id_refusal(sweep_id: str, spec: SweepSpec) -> str | None:
     model version (letters, digits, '.', '_' and '-', at most 64), and the longest is the
     last trial's."""
     longest = trial_run_id(sweep_id, spec.max_trials - 1)
-    if len(longest) <= MAX_RUN_ID and _RUN_ID.fullmatch(longest):
+    if is_run_id(longest):
         return None
     return (
         f"the pipeline id {sweep_id!r} is too long or has characters a run id cannot: its "
@@ -152,13 +150,31 @@ def trial_run_id_refusal(sweep_id: str, spec: SweepSpec) -> str | None:
     )
 
 
-def submission_refusal(pipeline_id: str, spec: PipelineSpec) -> str | None:
-    """Why a pipeline's sweep cannot run under ``pipeline_id``, or None (also None for a
-    pipeline without a sweep): what ingest refuses a submission for, and the monitor starts
-    no clock for."""
-    if spec.sweep is None:
+class Refusal(NamedTuple):
+    """Why a submission is refused: ``pipeline.rejected``'s code and reason."""
+
+    code: str
+    reason: str
+
+
+def submission_refusal(pipeline_id: str, spec: PipelineSpec) -> Refusal | None:
+    """Why the pipeline cannot run under ``pipeline_id``, or None: what ingest refuses a
+    submission for (``pipeline.rejected``), the client refuses before publishing it, and the
+    monitor starts no clock for. A sweep that cannot run (:func:`sweep_refusal`, or trials'
+    run ids it cannot name) is ``invalid_sweep``; a pipeline id its training run cannot be
+    named after is ``invalid_pipeline_id``."""
+    if spec.sweep is not None:
+        problem = sweep_refusal(spec.sweep) or trial_run_id_refusal(pipeline_id, spec.sweep)
+        return None if problem is None else Refusal("invalid_sweep", f"invalid sweep: {problem}")
+    run_id = train_run_id(pipeline_id)
+    if is_run_id(run_id):
         return None
-    return sweep_refusal(spec.sweep) or trial_run_id_refusal(pipeline_id, spec.sweep)
+    return Refusal(
+        "invalid_pipeline_id",
+        f"the pipeline id {pipeline_id!r} is too long or has characters a run id cannot: its "
+        f"training run would be {run_id!r} (letters, digits, '.', '_' and '-', at most "
+        f"{MAX_RUN_ID}); submit under a shorter name or pipeline id",
+    )
 
 
 def new_sweep(sweep_id: str, spec: SweepSpec, job: TrainJobSpec, now: datetime) -> SweepRecord:

@@ -63,6 +63,7 @@ from torchrelay.shared.pipelines import (
     judge_submission,
     pipeline_key,
 )
+from torchrelay.shared.pipelines import train_run_id as train_run_id  # noqa: PLC0414 - public
 from torchrelay.shared.runs import RunRecord
 from torchrelay.shared.state import KvState, State, key_part
 from torchrelay.shared.storage.files import InputPreprocessing
@@ -149,9 +150,9 @@ class Client:
         """Publish ``pipeline.submitted``; the pipeline id is fresh unless one is given.
         :class:`Refused` for a sweep that cannot run (ingest would refuse it)."""
         pipeline_id = pipeline_id or f"{spec.name}-{_fresh()}"
-        problem = submission_refusal(pipeline_id, spec)
-        if problem is not None:
-            raise Refused(f"invalid sweep: {problem}")
+        refusal = submission_refusal(pipeline_id, spec)
+        if refusal is not None:
+            raise Refused(refusal.reason)
         event = PipelineSubmitted(
             source=SOURCE,
             subject=spec.name,
@@ -541,11 +542,6 @@ def cancellable_run(ident: str, pipeline: PipelineRecord | None) -> str:
             "cancelled (it ends with the pipeline failed)"
         )
     return str(stage.detail.get("run_id", train_run_id(ident)))
-
-
-def train_run_id(pipeline_id: str) -> str:
-    """The run id of a pipeline's training stage."""
-    return f"{pipeline_id}.train"
 
 
 _MESSAGE_LINES = 10

@@ -163,13 +163,14 @@ class Ingestor:
 
         A pipeline id names one spec for good: the same spec again changes nothing, another
         spec is refused with ``pipeline.rejected`` (see :func:`judge_submission`), and so is
-        a sweep that cannot run (low above high, a grid over a continuous range: see
-        :func:`sweep_refusal`), before anything is stored.
+        a pipeline that cannot run under its id (a sweep with low above high, a grid over a
+        continuous range, an id too long for its runs: see :func:`submission_refusal`), before
+        anything is stored.
         """
         pipeline_id = event.pipelineid or event.id
         spec = event.data.spec
-        if spec.sweep is not None and (problem := submission_refusal(pipeline_id, spec)):
-            await self._refuse(event, pipeline_id, f"invalid sweep: {problem}", "invalid_sweep")
+        if (refusal := submission_refusal(pipeline_id, spec)) is not None:
+            await self._refuse(event, pipeline_id, refusal.reason, refusal.code)
             return
         key = pipeline_key(pipeline_id)
         stored = await self.pipelines.get(key)

@@ -11,10 +11,10 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, TypeAdapter, ValidationError
+from pydantic import BaseModel, ConfigDict
 
 from torchrelay.shared.cluster import Ended, Status
-from torchrelay.shared.events.data import Version
+from torchrelay.shared.pipelines import is_run_id
 from torchrelay.shared.runs import RunRecord
 from torchrelay.shared.state import key_part
 from torchrelay.shared.storage.failures import RankFailure
@@ -28,15 +28,9 @@ def run_id_for(requested: str | None, event_id: str) -> str:
     return requested or f"run-{uuid.uuid5(_RUN_IDS, event_id).hex[:12]}"
 
 
-_VERSION: TypeAdapter[str] = TypeAdapter(Version)
-
-
 def run_id_refusal(run_id: str) -> str | None:
-    """Why ``run_id`` cannot name a run, or None: its model is stored under the run id as its
-    version, so the id must be a version (``[A-Za-z0-9][A-Za-z0-9._-]*``, at most 64)."""
-    try:
-        _VERSION.validate_python(run_id)
-    except ValidationError:
+    """Why ``run_id`` cannot name a run (:func:`is_run_id`), or None."""
+    if not is_run_id(run_id):
         return (
             f"run id {run_id!r} cannot name a model version (letters, digits, '.', '_' and "
             "'-', starting with a letter or digit, at most 64): choose another run_id"

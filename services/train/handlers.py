@@ -56,7 +56,12 @@ from torchrelay.shared.events.data import (
     TrainJobSpec,
     TrainStartedData,
 )
-from torchrelay.shared.pipelines import PipelineRecord, pipeline_key, record_stage
+from torchrelay.shared.pipelines import (
+    PipelineRecord,
+    pipeline_key,
+    record_stage,
+    train_run_id,
+)
 from torchrelay.shared.runs import (
     Outcome,
     RunRecord,
@@ -144,7 +149,7 @@ class Trainer:
 
     async def train_pipeline(self, event: DatasetStaged, pipeline: PipelineRecord) -> None:
         spec = pipeline_job(pipeline, event.data.name, event.data.version)
-        await self.start(f"{pipeline.pipeline_id}.train", spec, pipeline.pipeline_id, event.id)
+        await self.start(train_run_id(pipeline.pipeline_id), spec, pipeline.pipeline_id, event.id)
 
     async def start(
         self,

@@ -333,7 +333,8 @@ class PipelineRejectedData(Data):
     pipeline_id: Identifier
     code: Annotated[str, StringConstraints(pattern=r"^[a-z][a-z_]{1,40}$")] = Field(
         description="Machine-readable reason (conflicting_spec: the id holds another spec; "
-        "invalid_sweep: the sweep cannot run, as the reason says)."
+        "invalid_sweep: the sweep cannot run, as the reason says; invalid_pipeline_id: the "
+        "pipeline's training run cannot be named after its id)."
     )
     reason: NonEmpty = Field(description="What was wrong and what to do about it.")
 

@@ -6,9 +6,11 @@ import asyncio
 import time
 from datetime import UTC, datetime
 
+import nats.js.errors
 import pytest
 
 from torchrelay.client import Client, PipelineRefused
+from torchrelay.shared.errors import Refused
 from torchrelay.shared.events.data import PipelineSpec
 from torchrelay.shared.pipelines import PipelineRecord, pipeline_key
 
@@ -100,5 +102,23 @@ async def test_a_wait_on_a_pipeline_that_never_ends_times_out(nats_url: str) -> 
         await client.pipelines.create(pipeline_key("nightly-45"), running)
         with pytest.raises(TimeoutError, match="nightly-45 did not finish"):
             await client.wait("nightly-45", timeout_s=0.5, show=False)
+    finally:
+        await client.aclose()
+
+
+async def test_a_pipeline_id_too_long_for_its_training_run_is_refused_before_it_is_published(
+    nats_url: str,
+) -> None:
+    client = await Client.connect(nats_url)
+    try:
+        pipeline_id = "nightly-" + "9" * 60
+        with pytest.raises(Refused, match=r"is too long or has characters a run id cannot"):
+            await client.submit(SPEC, pipeline_id=pipeline_id)
+        js = client.bus.nc.jetstream()
+        try:
+            last = await js.get_last_msg(client.bus.settings.name, "torchrelay.pipeline.submitted")
+        except nats.js.errors.NotFoundError:
+            return  # nothing was ever submitted
+        assert pipeline_id.encode() not in last.data, "nothing was published"
     finally:
         await client.aclose()

@@ -263,3 +263,28 @@ async def test_a_sweep_that_cannot_run_is_refused_at_submission_with_the_reason(
     assert reason in answer.data.reason
     assert await ingest.ingestor.pipelines.get(pipeline_key(pipeline_id)) is None, "nothing kept"
     assert not ingest.published.of(DatasetStaged), "nothing staged"
+
+
+@pytest.mark.parametrize("pipeline_id", ["p-" + "x" * 60, "team:exp-1"])
+async def test_a_pipeline_id_its_training_run_cannot_be_named_after_is_refused_at_submission(
+    ingest: Ingest, pipeline_id: str
+) -> None:
+    """Refused before its dataset is staged, not when its training would start."""
+    answer = await ingest.submit(submitted(pipeline_id, name="blobs", source="sklearn:digits"))
+
+    assert isinstance(answer, PipelineRejected)
+    assert (answer.data.code, answer.data.pipeline_id) == ("invalid_pipeline_id", pipeline_id)
+    assert answer.data.reason.startswith(
+        f"the pipeline id {pipeline_id!r} is too long or has characters a run id cannot: its "
+        f"training run would be '{pipeline_id}.train'"
+    )
+    assert await ingest.ingestor.pipelines.get(pipeline_key(pipeline_id)) is None, "nothing kept"
+    assert not ingest.published.of(DatasetStaged), "nothing staged"
+
+
+async def test_the_longest_pipeline_id_a_training_run_can_be_named_after_is_accepted(
+    ingest: Ingest,
+) -> None:
+    pipeline_id = "p" * (64 - len(".train"))
+    answer = await ingest.submit(submitted(pipeline_id, name="blobs", source="sklearn:digits"))
+    assert isinstance(answer, DatasetStaged)

@@ -5,9 +5,9 @@ from __future__ import annotations
 
 from datetime import UTC, datetime
 
-from torchrelay.client import failure_report, train_run_id
+from torchrelay.client import failure_report
 from torchrelay.shared.events.data import PipelineSpec, TrainFailedData
-from torchrelay.shared.pipelines import PipelineRecord, with_stage
+from torchrelay.shared.pipelines import PipelineRecord, train_run_id, with_stage
 from torchrelay.shared.runs import RunRecord
 
 NOW = datetime(2026, 12, 2, 12, 0, tzinfo=UTC)

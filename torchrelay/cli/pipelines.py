@@ -97,7 +97,8 @@ async def follow(client: Client, pipeline_id: str, timeout_s: float) -> int:
     """Follow a pipeline to its end (bars on a terminal, lines elsewhere): 0 when it
     succeeded, else 1 saying why."""
     from torchrelay.cli.progress import report_for_terminal
-    from torchrelay.client import PipelineRefused, failure_report, train_run_id
+    from torchrelay.client import PipelineRefused, failure_report
+    from torchrelay.shared.pipelines import train_run_id
 
     current = await client.record(pipeline_id)
     try:
