@@ -12,7 +12,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Mapping
 from datetime import datetime
-from typing import Literal, NamedTuple
+from typing import Literal, NamedTuple, get_args
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -39,8 +39,11 @@ def history_key(sweep_id: str, index: int) -> str:
 
 # --- the record in the ``sweeps`` bucket ---------------------------------------------------------
 
-TrialStatus = Literal["pending", "running", "completed", "stopped", "failed"]
-TRIAL_ENDED: frozenset[TrialStatus] = frozenset({"completed", "stopped", "failed"})
+TrialStatus = Literal["pending", "running", "completed", "stopped", "failed", "cancelled"]
+"""``stopped``: by early stopping; ``cancelled``: its run was cancelled (its sweep's cancel, or
+a cancel of the run itself); ``failed``: its run failed on its own."""
+TRIAL_STATUSES: tuple[TrialStatus, ...] = get_args(TrialStatus)
+TRIAL_ENDED: frozenset[TrialStatus] = frozenset({"completed", "stopped", "failed", "cancelled"})
 SweepStatus = Literal["running", "completed", "failed"]
 REASON_MAX = 512
 """A stopped or failed trial's reason is cut to this (what an event carries)."""
@@ -243,10 +246,12 @@ def end_trial(
     model_version: str | None = None,
     metrics: Mapping[str, float] | None = None,
     failure: str | None = None,
+    cancelled: bool = False,
 ) -> SweepRecord:
     """The record after trial ``index``'s run ended: completed with ``objective`` (and its
-    model), or (``failure``) stopped when the monitor had asked for it, else failed. A trial
-    that already ended keeps its outcome (``record`` itself is returned)."""
+    model), or (``failure``) stopped when the monitor had asked for it, else cancelled when a
+    cancel ended the run (``cancelled``), else failed. A trial that already ended keeps its
+    outcome (``record`` itself is returned)."""
     trial = record.trials[index]
     if trial.status in TRIAL_ENDED:
         return record
@@ -258,15 +263,17 @@ def end_trial(
             "metrics": dict(metrics or {}),
         }
     else:
-        stopped = trial.stop_requested is not None
-        if stopped:
-            reason = trial.stop_requested
-        elif record.cancelled is not None:  # the sweep's cancel ended its run, whatever it says
-            reason = f"sweep cancelled: {record.cancelled}"
-        else:
-            reason = failure
+        status: TrialStatus
+        if trial.stop_requested is not None:
+            status, reason = "stopped", trial.stop_requested
+        elif cancelled and record.cancelled is not None:  # the sweep's cancel ended its run
+            status, reason = "cancelled", f"sweep cancelled: {record.cancelled}"
+        elif cancelled:  # a cancel of the trial's run itself
+            status, reason = "cancelled", failure
+        else:  # on its own, the sweep cancelled or not
+            status, reason = "failed", failure
         change = {
-            "status": "stopped" if stopped else "failed",
+            "status": status,
             "objective": objective,
             "reason": None if reason is None else reason[:REASON_MAX],
             "announced": False,

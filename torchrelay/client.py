@@ -69,9 +69,9 @@ from torchrelay.shared.state import KvState, State, key_part
 from torchrelay.shared.storage.files import InputPreprocessing
 from torchrelay.shared.storage.layout import Layout, attempt_folder
 from torchrelay.shared.sweep_state import (
+    TRIAL_STATUSES,
     SweepRecord,
     Trial,
-    TrialStatus,
     ranked,
     submission_refusal,
     sweep_key,
@@ -673,7 +673,6 @@ def timing(record: PipelineRecord) -> dict[str, Any]:
     }
 
 
-TRIAL_STATUSES: tuple[TrialStatus, ...] = ("pending", "running", "completed", "stopped", "failed")
 BEST_MARK = "*"
 """After the trial index of the sweep's best trial (of the leading completed one while the
 sweep runs), in `status`'s table: one token, so ``awk`` still reads the column."""

@@ -7,7 +7,7 @@ import enum
 import math
 from collections.abc import Sequence
 from datetime import datetime, timedelta
-from typing import Literal, get_args
+from typing import Literal
 
 from pydantic import BaseModel, ConfigDict
 
@@ -21,6 +21,7 @@ from torchrelay.shared.events import (
     TrainFailed,
 )
 from torchrelay.shared.sweep_state import (
+    TRIAL_STATUSES,
     SweepRecord,
     Trial,
     TrialHistory,
@@ -318,12 +319,9 @@ def request_stop(record: SweepRecord | None, run_id: str, reason: str) -> SweepR
     return record.model_copy(update={"trials": trials})
 
 
-SWEEP_STATUSES: tuple[TrialStatus, ...] = get_args(TrialStatus)
-
-
 def trial_counts(record: SweepRecord) -> dict[TrialStatus, int]:
     """The sweep's trials by status, every status present (0 when none)."""
-    return {status: record.count(status) for status in SWEEP_STATUSES}
+    return {status: record.count(status) for status in TRIAL_STATUSES}
 
 
 def best_objective(record: SweepRecord) -> float | None:

@@ -41,7 +41,7 @@ def suggest(record: SweepRecord) -> dict[str, Value]:
         value = trial.objective
         if trial.status == "completed" and value is not None and math.isfinite(value):
             state, values = TrialState.COMPLETE, [value]
-        elif trial.status in {"stopped", "failed"}:
+        elif trial.status in {"stopped", "failed", "cancelled"}:
             state, values = TrialState.FAIL, None  # nothing learned of its final value
         else:
             continue  # running: its result is not known yet

@@ -81,6 +81,9 @@ class Ending(NamedTuple):
     model_version: str | None
     metrics: dict[str, float]
     failure: str | None
+    cancelled: bool = False
+    """A cancel ended the run: the sweep's (its restart halted, or its run cancelled), or one
+    of the run itself."""
 
 
 class Sweeps:
@@ -373,6 +376,7 @@ class Sweeps:
                 run = await self.trainer.end_halted(run, halt)
                 if run is None:
                     continue  # gone meanwhile: the next round says so
+            halted_by_cancel = halt is not None and trial.stop_requested is None
             if not run.over:
                 continue  # running, or restarting
             last = await self._last_objective(sweep, trial)
@@ -383,7 +387,8 @@ class Sweeps:
                 endings[trial.index] = Ending(objective, run.outcome.model_version, metrics, None)
             else:
                 reason = run.reason or (run.outcome.reason if run.outcome else "the run failed")
-                endings[trial.index] = Ending(last, None, {}, reason)
+                cancelled = run.status == "cancelled" or halted_by_cancel
+                endings[trial.index] = Ending(last, None, {}, reason, cancelled)
         return endings
 
     async def _last_objective(self, sweep: SweepRecord, trial: Trial) -> float | None:
@@ -418,7 +423,7 @@ class Sweeps:
                 )
             )
             log.info("sweep.trial_started", sweep_id=sweep.sweep_id, trial=trial.index)
-        elif trial.status in {"stopped", "failed"}:
+        elif trial.status in {"stopped", "failed", "cancelled"}:
             await self._publish(
                 SweepTrialStopped(
                     id=_event_id("trial-stopped", sweep.sweep_id, trial.index),
@@ -427,7 +432,7 @@ class Sweeps:
                         sweep_id=sweep.sweep_id,
                         trial=trial.index,
                         run_id=trial.run_id,
-                        code=_stop_code(sweep, trial),
+                        code=_stop_code(trial),
                         reason=(trial.reason or "the run failed")[:512],
                         objective=trial.objective,
                     ),
@@ -551,6 +556,7 @@ def _ended(sweep: SweepRecord, endings: dict[int, Ending], now: datetime) -> Swe
             model_version=ending.model_version,
             metrics=ending.metrics,
             failure=ending.failure,
+            cancelled=ending.cancelled,
         )
     return sweep
 
@@ -565,16 +571,17 @@ def _halt_reason(sweep: SweepRecord, trial: Trial) -> str | None:
 def _no_best(sweep: SweepRecord) -> str:
     if sweep.cancelled is not None:
         return f"the sweep was cancelled: {sweep.cancelled}"
+    cancelled = sweep.count("cancelled")
     return (
         f"no trial of the sweep completed ({sweep.count('stopped')} stopped early, "
-        f"{sweep.count('failed')} failed)"
+        f"{sweep.count('failed')} failed" + (f", {cancelled} cancelled)" if cancelled else ")")
     )
 
 
-def _stop_code(sweep: SweepRecord, trial: Trial) -> TrialStopCode:
+def _stop_code(trial: Trial) -> TrialStopCode:
     if trial.status == "stopped":
         return "early_stopped"
-    return "cancelled" if sweep.cancelled is not None else "failed"
+    return "cancelled" if trial.status == "cancelled" else "failed"
 
 
 def _event_id(kind: str, sweep_id: str, index: int | None = None) -> str:

@@ -372,8 +372,8 @@ class SweepTrialStoppedData(Data):
     trial: int = Field(ge=0)
     run_id: Identifier
     code: TrialStopCode = Field(
-        description="early_stopped: the monitor's median stopping; failed: the run failed; "
-        "cancelled: the sweep was cancelled while the trial ran."
+        description="early_stopped: the monitor's median stopping; failed: the run failed on "
+        "its own; cancelled: a cancel ended the run (its sweep's, or one of the run itself)."
     )
     reason: NonEmpty
     objective: float | None = Field(
@@ -406,8 +406,8 @@ class SweepCompletedData(Data):
         default_factory=dict, description="Every final metric of the best trial's model."
     )
     completed: int = Field(ge=0)
-    stopped: int = Field(ge=0)
-    failed: int = Field(ge=0)
+    stopped: int = Field(ge=0, description="Trials stopped early.")
+    failed: int = Field(ge=0, description="Trials whose runs failed on their own (not cancelled).")
     cancelled: bool = Field(default=False, description="The sweep was cancelled.")
     reason: NonEmpty | None = Field(
         default=None,

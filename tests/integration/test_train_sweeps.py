@@ -285,15 +285,16 @@ async def test_trials_that_fail_or_are_stopped_end_so_and_none_completed_fails_t
         sweep_id, staged = await world.submit(pipeline_spec(max_trials=2, parallel=2))
         await sweeps.on_dataset_staged(staged)
         await stop_early(world, sweep_id, f"{sweep_id}.trial-1")
-        # Both runs end for good before finishing: the way a cancel or a crash ends them.
+        # Both runs end for good before finishing: trial 0's crashes (no restart left), trial
+        # 1's is cancelled as the monitor asked.
         runs = world.state.store("runs", RunRecord)
-        for index in (0, 1):
+        for index, status, reason in [(0, "failed", "exit code 1"), (1, "cancelled", "stop")]:
             run_id = f"{sweep_id}.trial-{index}"
             current = await runs.get(key_part(run_id))
             assert current is not None
-            failure = TrainFailedData(run_id=run_id, reason="cancelled by request", final=True)
+            failure = TrainFailedData(run_id=run_id, reason=reason, final=True)
             ended = current.value.model_copy(
-                update={"status": "cancelled", "outcome": failure, "reason": failure.reason}
+                update={"status": status, "outcome": failure, "reason": failure.reason}
             )
             await runs.put(key_part(run_id), ended)
             await sweeps.on_run_ended(
@@ -305,7 +306,7 @@ async def test_trials_that_fail_or_are_stopped_end_so_and_none_completed_fails_t
     assert record.status == "failed"
     stopped = {e.data.trial: e.data for e in world.published.of(SweepTrialStopped)}
     assert stopped[0].code == "failed"
-    assert stopped[0].reason == "cancelled by request"
+    assert stopped[0].reason == "exit code 1"
     assert stopped[1].code == "early_stopped"
     assert stopped[1].reason == "median stopping: worse"
     (completed,) = world.published.of(SweepCompleted)
@@ -336,7 +337,7 @@ async def test_a_cancelled_sweep_cancels_its_running_trials_starts_no_more_and_f
 
     assert record.status == "failed"
     assert record.cancelled == "wrong data"
-    assert [t.status for t in record.trials] == ["failed", "failed", "pending", "pending"]
+    assert [t.status for t in record.trials] == ["cancelled", "cancelled", "pending", "pending"]
     runs = world.state.store("runs", RunRecord)
     for index, trial in enumerate(record.trials):
         run = await runs.get(key_part(trial.run_id))

@@ -147,6 +147,7 @@ def test_the_json_report_lists_the_trials_best_first_without_nan() -> None:
         "completed": 1,
         "stopped": 1,
         "failed": 1,
+        "cancelled": 0,
     }
     assert [(t["index"], t["objective"], t["reason"]) for t in report["trials"]] == [
         (1, 0.95, None),

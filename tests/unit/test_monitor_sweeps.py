@@ -112,6 +112,7 @@ def test_the_metrics_count_every_status_and_show_the_best_completed_objective() 
         "completed": 3,
         "stopped": 0,
         "failed": 0,
+        "cancelled": 0,
     }
     assert best_objective(record) == 0.5
     assert best_objective(sweep_record("s", completed=0)) is None

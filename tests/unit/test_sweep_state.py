@@ -149,9 +149,29 @@ def test_a_cancelled_sweep_starts_nothing_and_ends_without_a_best_once_none_runs
     assert cancel(cancelled, "again", NOW) is cancelled, "the first reason stands"
     assert fill_slots(cancelled, NOW) is cancelled, "no pending trial starts"
     assert conclude(cancelled, NOW) is cancelled, "trial 1 still runs"
-    ended = end_trial(cancelled, 1, NOW, objective=None, failure="cancelled by request")
+    ended = end_trial(
+        cancelled, 1, NOW, objective=None, failure="cancelled by request", cancelled=True
+    )
     assert ended.trials[1].reason == "sweep cancelled: wrong data"
     over = conclude(ended, NOW)
     assert (over.status, over.best) == ("failed", None), "a cancel deploys nothing"
-    assert [t.status for t in over.trials] == ["completed", "failed", "pending", "pending"]
+    assert [t.status for t in over.trials] == ["completed", "cancelled", "pending", "pending"]
     assert cancel(over, "late", NOW) is over, "an ended sweep stays as it ended"
+
+
+def test_after_a_cancel_a_trial_whose_run_failed_on_its_own_is_failed_not_cancelled() -> None:
+    record = cancel(fill_slots(planned(), NOW), "wrong data", NOW)
+    record = end_trial(record, 0, NOW, objective=None, failure="cancelled", cancelled=True)
+    record = end_trial(record, 1, NOW, objective=None, failure="rank 1 exited with code 1")
+    assert [(t.status, t.reason) for t in record.trials[:2]] == [
+        ("cancelled", "sweep cancelled: wrong data"),
+        ("failed", "rank 1 exited with code 1"),
+    ]
+
+
+def test_a_trial_whose_own_run_was_cancelled_is_cancelled_with_the_runs_reason() -> None:
+    record = end_trial(
+        fill_slots(planned(), NOW), 0, NOW, objective=None, failure="by alice", cancelled=True
+    )
+    assert (record.trials[0].status, record.trials[0].reason) == ("cancelled", "by alice")
+    assert record.status == "running", "the sweep goes on without it"
