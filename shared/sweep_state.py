@@ -21,6 +21,8 @@ from torchrelay.shared.events.sweep import SweepSpec, Value
 from torchrelay.shared.pipelines import MAX_RUN_ID, is_run_id, train_run_id
 from torchrelay.shared.sweeps import History, best, sweep_refusal, trials
 
+SWEEPS = "sweeps"
+"""The bucket."""
 SWEEP_PREFIX = "sweep"
 HISTORY_PREFIX = "trial"
 
@@ -40,8 +42,8 @@ def history_key(sweep_id: str, index: int) -> str:
 # --- the record in the ``sweeps`` bucket ---------------------------------------------------------
 
 TrialStatus = Literal["pending", "running", "completed", "stopped", "failed", "cancelled"]
-"""``stopped``: by early stopping; ``cancelled``: its run was cancelled (its sweep's cancel, or
-a cancel of the run itself); ``failed``: its run failed on its own."""
+"""``stopped``: by early stopping; ``cancelled``: its sweep's cancel ended its run; ``failed``:
+its run failed otherwise (a cancel of the run alone included)."""
 TRIAL_STATUSES: tuple[TrialStatus, ...] = get_args(TrialStatus)
 TRIAL_ENDED: frozenset[TrialStatus] = frozenset({"completed", "stopped", "failed", "cancelled"})
 SweepStatus = Literal["running", "completed", "failed"]
@@ -249,9 +251,9 @@ def end_trial(
     cancelled: bool = False,
 ) -> SweepRecord:
     """The record after trial ``index``'s run ended: completed with ``objective`` (and its
-    model), or (``failure``) stopped when the monitor had asked for it, else cancelled when a
-    cancel ended the run (``cancelled``), else failed. A trial that already ended keeps its
-    outcome (``record`` itself is returned)."""
+    model), or (``failure``) stopped when the monitor had asked for it, else cancelled when the
+    sweep's cancel ended the run (``cancelled``), else failed. A trial that already ended keeps
+    its outcome (``record`` itself is returned)."""
     trial = record.trials[index]
     if trial.status in TRIAL_ENDED:
         return record
@@ -268,8 +270,6 @@ def end_trial(
             status, reason = "stopped", trial.stop_requested
         elif cancelled and record.cancelled is not None:  # the sweep's cancel ended its run
             status, reason = "cancelled", f"sweep cancelled: {record.cancelled}"
-        elif cancelled:  # a cancel of the trial's run itself
-            status, reason = "cancelled", failure
         else:  # on its own, the sweep cancelled or not
             status, reason = "failed", failure
         change = {

@@ -69,6 +69,7 @@ from torchrelay.shared.state import KvState, State, key_part
 from torchrelay.shared.storage.files import InputPreprocessing
 from torchrelay.shared.storage.layout import Layout, attempt_folder
 from torchrelay.shared.sweep_state import (
+    SWEEPS,
     TRIAL_STATUSES,
     SweepRecord,
     Trial,
@@ -134,7 +135,7 @@ class Client:
         self.runs = state.store("runs", RunRecord)
         self.models = state.store("models", ModelRecord)
         self.deployments = state.store("deployments", DeploymentRecord)
-        self.sweeps = state.store("sweeps", SweepRecord)
+        self.sweeps = state.store(SWEEPS, SweepRecord)
 
     @classmethod
     async def connect(cls, nats_url: str) -> Client:

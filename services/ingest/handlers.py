@@ -396,7 +396,9 @@ class Ingestor:
 
         The stage comes first, so whoever acts on the event reads the stage it reports; a
         redelivery after a crash between the two (the request is recorded) does both again,
-        and a finished stage is never written twice."""
+        and a finished stage is never written twice. The event is made before either: one
+        that cannot be (its staged version vanished) ends nothing."""
+        outcome = self._outcome_of(record, causation_id)
         if record.pipeline_id is not None:
             now = datetime.now(UTC)
             if record.status == "staged":
@@ -410,7 +412,6 @@ class Ingestor:
                     reason=f"{record.code}: {record.reason}"[:512],
                     retain_s=self._retain_s,
                 )  # fmt: skip
-        outcome = self._outcome_of(record, causation_id)
         await self._publish(outcome)
         return outcome
 

@@ -39,6 +39,7 @@ from torchrelay.shared.runs import RunRecord
 from torchrelay.shared.state import CorruptState, State
 from torchrelay.shared.storage import Layout, resolve_within
 from torchrelay.shared.storage.layout import MANIFEST_FILE
+from torchrelay.shared.sweep_state import SWEEP_PREFIX, SWEEPS, SweepRecord
 
 log = structlog.get_logger("torchrelay.monitor")
 _IDS = uuid.UUID("5d3c8e21-4f6a-4b7c-9d8e-1a2b3c4d5e6f")
@@ -126,6 +127,7 @@ class Pruner:
                 "datasets", DatasetVersionView, unreadable, prefix=DATASET_VERSIONS
             ),
             workspaces=await asyncio.to_thread(_workspaces, self._layout.workspaces()),
+            sweeps=await self._records(SWEEPS, SweepRecord, unreadable, prefix=SWEEP_PREFIX),
         )
         return inventory, unreadable
 
@@ -163,6 +165,8 @@ class Pruner:
                 await asyncio.to_thread(_remove_folder, path)
             except OSError as exc:
                 return 0, f"{item.kind} {item.name}: could not remove {item.folder}: {exc}"
+        for bucket, key in item.records:  # before its own record: see Item.records
+            await self._state.store(bucket, _Any).delete(key)
         if item.key is not None:
             try:  # each kind with a record has the bucket of its name
                 await self._state.store(item.kind, _Any).delete(item.key, revision=item.revision)

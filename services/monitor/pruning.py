@@ -1,8 +1,9 @@
 """Pure rules of a prune: what is old enough to go, and what stays whatever its age.
 
 :func:`plan` takes the platform's records (pipelines, runs, model versions, deployments,
-dataset versions) and the workspaces found on storage, and returns what to remove and what to
-keep, each kept item with its reasons. Nothing here reads or writes: the monitor's
+dataset versions, sweeps) and the workspaces found on storage, and returns what to remove and
+what to keep, each kept item with its reasons. A sweep is part of its pipeline: its record and
+its trials' histories go with the pipeline's record. Nothing here reads or writes: the monitor's
 :mod:`~torchrelay.services.monitor.pruner` gathers the inventory and carries the plan out.
 
 The monitor reads the records of other services' buckets; services never import each other,
@@ -29,6 +30,7 @@ from torchrelay.shared.storage.layout import (
     relative_run,
     relative_workspace,
 )
+from torchrelay.shared.sweep_state import SWEEPS, SweepRecord, history_key, sweep_key
 
 T = TypeVar("T")
 
@@ -89,6 +91,7 @@ class Inventory:
     deployments: Sequence[DeploymentView] = ()
     datasets: Sequence[Stored[DatasetVersionView]] = ()
     workspaces: Sequence[Workspace] = ()
+    sweeps: Sequence[Stored[SweepRecord]] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -104,6 +107,10 @@ class Item:
     key: str | None = None
     revision: int | None = None
     reasons: tuple[str, ...] = ()
+    records: tuple[tuple[str, str], ...] = ()
+    """Other records that go with it, as (bucket, key), in the order they are removed, all
+    before its own: a sweep's trials' histories, then its record, go with its pipeline. A
+    prune that dies half-way leaves the item, which the next one removes with what is left."""
 
     @property
     def reason(self) -> str | None:
@@ -231,6 +238,7 @@ def _replace_reasons(item: Item, reasons: tuple[str, ...]) -> Item:
         key=item.key,
         revision=item.revision,
         reasons=reasons,
+        records=item.records,
     )
 
 
@@ -289,7 +297,9 @@ def plan(
       version and workspace;
     - a pipeline that has not finished;
     - the run of a model version that stays (its lineage);
-    - a workspace that a run or pipeline that stays names.
+    - a workspace that a run or pipeline that stays names;
+    - a sweep that still runs (its record, when its pipeline's is gone: a ``pipelines`` item
+      of the sweep's id).
     """
     if older_than_s <= 0:
         raise ValueError(f"older_than_s must be > 0, got {older_than_s}")
@@ -297,7 +307,7 @@ def plan(
     keep = reasons_to_keep(inventory)
     _judge_models(sorter, inventory.models, keep)
     _judge_runs(sorter, inventory.runs, keep)
-    _judge_pipelines(sorter, inventory.pipelines, keep)
+    _judge_pipelines(sorter, inventory.pipelines, inventory.sweeps, keep)
     for workspace in inventory.workspaces:
         wid = workspace.workspace_id
         entry = Item(
@@ -356,18 +366,32 @@ def _judge_runs(sorter: _Sorter, runs: Iterable[Stored[RunRecord]], keep: Reason
             keep["workspaces", run.spec.workspace].append(f"named by kept run {run.run_id}")
 
 
+def sweep_records(sweep: SweepRecord) -> tuple[tuple[str, str], ...]:
+    """The sweep's records in the ``sweeps`` bucket: its trials' histories, then its own."""
+    histories = tuple((SWEEPS, history_key(sweep.sweep_id, t.index)) for t in sweep.trials)
+    return (*histories, (SWEEPS, sweep_key(sweep.sweep_id)))
+
+
 def _judge_pipelines(
-    sorter: _Sorter, pipelines: Iterable[Stored[PipelineRecord]], keep: Reasons
+    sorter: _Sorter,
+    pipelines: Iterable[Stored[PipelineRecord]],
+    sweeps: Iterable[Stored[SweepRecord]],
+    keep: Reasons,
 ) -> None:
-    """Pipelines; the workspace of a finished pipeline that stays stays too."""
+    """Pipelines, each with its sweep's records; the workspace of a finished pipeline that
+    stays stays too. A sweep whose pipeline's record is gone (expired) is judged alone, by
+    its own last change."""
+    swept = {item.value.sweep_id: item.value for item in sweeps}
     for item in pipelines:
         record = item.value
+        sweep = swept.pop(record.pipeline_id, None)
         entry = Item(
             "pipelines",
             record.pipeline_id,
             sorter.age_s(pipeline_updated(record)),
             key=item.key,
             revision=item.revision,
+            records=() if sweep is None else sweep_records(sweep),
         )
         live = record.status == "running"
         # A live pipeline's workspace has its reason already ("used by live pipeline ...").
@@ -375,3 +399,8 @@ def _judge_pipelines(
             because = f"named by kept pipeline {record.pipeline_id}"
             for workspace in sorted(pipeline_uses(record, (), (), ())["workspaces"]):
                 keep["workspaces", workspace].append(because)
+    for sweep in swept.values():
+        entry = Item(
+            "pipelines", sweep.sweep_id, sorter.age_s(sweep.updated), records=sweep_records(sweep)
+        )
+        sorter.judge(entry, ["sweep still running"] if sweep.status == "running" else [])

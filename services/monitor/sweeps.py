@@ -33,6 +33,7 @@ from torchrelay.shared.events.data import TrainCancelRequestedData, TrainProgres
 from torchrelay.shared.state import LiveView, State, Store
 from torchrelay.shared.sweep_state import (
     SWEEP_PREFIX,
+    SWEEPS,
     SweepRecord,
     TrialHistory,
     completed_histories,
@@ -59,8 +60,8 @@ class SweepMonitor:
     def __init__(
         self, *, state: State, publish: Publish, source: str, registry: CollectorRegistry
     ) -> None:
-        self.records: Store[SweepRecord] = state.store("sweeps", SweepRecord)
-        self.histories: Store[TrialHistory] = state.store("sweeps", TrialHistory)
+        self.records: Store[SweepRecord] = state.store(SWEEPS, SweepRecord)
+        self.histories: Store[TrialHistory] = state.store(SWEEPS, TrialHistory)
         self.running: LiveView[SweepRecord] = self.records.live(
             lambda record: record.status == "running", prefix=SWEEP_PREFIX
         )

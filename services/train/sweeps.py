@@ -55,6 +55,7 @@ from torchrelay.shared.runtime.loops import every
 from torchrelay.shared.state import State, Store, key_part
 from torchrelay.shared.sweep_state import (
     SWEEP_PREFIX,
+    SWEEPS,
     Suggest,
     SweepRecord,
     Trial,
@@ -82,8 +83,7 @@ class Ending(NamedTuple):
     metrics: dict[str, float]
     failure: str | None
     cancelled: bool = False
-    """A cancel ended the run: the sweep's (its restart halted, or its run cancelled), or one
-    of the run itself."""
+    """The sweep's cancel ended the run (:func:`_cancelled_by_sweep`)."""
 
 
 class Sweeps:
@@ -100,8 +100,8 @@ class Sweeps:
         quiet_after_s: float = 30.0,
     ) -> None:
         self.trainer = trainer
-        self.sweeps: Store[SweepRecord] = state.store("sweeps", SweepRecord)
-        self.histories: Store[TrialHistory] = state.store("sweeps", TrialHistory)
+        self.sweeps: Store[SweepRecord] = state.store(SWEEPS, SweepRecord)
+        self.histories: Store[TrialHistory] = state.store(SWEEPS, TrialHistory)
         self.runs: Store[RunRecord] = state.store("runs", RunRecord)
         self.pipelines: Store[PipelineRecord] = state.store("pipelines", PipelineRecord)
         self._publish = publish
@@ -376,7 +376,6 @@ class Sweeps:
                 run = await self.trainer.end_halted(run, halt)
                 if run is None:
                     continue  # gone meanwhile: the next round says so
-            halted_by_cancel = halt is not None and trial.stop_requested is None
             if not run.over:
                 continue  # running, or restarting
             last = await self._last_objective(sweep, trial)
@@ -387,7 +386,7 @@ class Sweeps:
                 endings[trial.index] = Ending(objective, run.outcome.model_version, metrics, None)
             else:
                 reason = run.reason or (run.outcome.reason if run.outcome else "the run failed")
-                cancelled = run.status == "cancelled" or halted_by_cancel
+                cancelled = _cancelled_by_sweep(sweep, trial, run)
                 endings[trial.index] = Ending(last, None, {}, reason, cancelled)
         return endings
 
@@ -559,6 +558,17 @@ def _ended(sweep: SweepRecord, endings: dict[int, Ending], now: datetime) -> Swe
             cancelled=ending.cancelled,
         )
     return sweep
+
+
+def _cancelled_by_sweep(sweep: SweepRecord, trial: Trial, run: RunRecord) -> bool:
+    """Whether the sweep's cancel ended the trial's failed run: cancelled once the sweep was
+    (the sweep asked for it), or its restart halted for the cancel (whichever replica halted
+    it: the reason is on the run). A run that failed on its own was not, nor one cancelled
+    while its sweep was not (a cancel of the run alone, or of a stalled run with no restart
+    left): those trials fail."""
+    if sweep.cancelled is None or trial.stop_requested is not None:
+        return False
+    return run.status == "cancelled" or run.reason == _halt_reason(sweep, trial)
 
 
 def _halt_reason(sweep: SweepRecord, trial: Trial) -> str | None:

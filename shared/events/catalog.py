@@ -117,7 +117,7 @@ class SweepTrialStarted(CloudEvent[d.SweepTrialStartedData]):
 
 
 class SweepTrialStopped(CloudEvent[d.SweepTrialStoppedData]):
-    """A trial ended without a model: stopped early by median stopping, or failed."""
+    """A trial ended without a model: stopped early, failed, or cancelled with its sweep."""
 
     type: Literal["io.torchrelay.sweep.trial.stopped.v1"] = "io.torchrelay.sweep.trial.stopped.v1"
 

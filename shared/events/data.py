@@ -372,8 +372,8 @@ class SweepTrialStoppedData(Data):
     trial: int = Field(ge=0)
     run_id: Identifier
     code: TrialStopCode = Field(
-        description="early_stopped: the monitor's median stopping; failed: the run failed on "
-        "its own; cancelled: a cancel ended the run (its sweep's, or one of the run itself)."
+        description="early_stopped: the monitor's median stopping; cancelled: the sweep's "
+        "cancel ended the run; failed: the run failed otherwise."
     )
     reason: NonEmpty
     objective: float | None = Field(
@@ -407,7 +407,9 @@ class SweepCompletedData(Data):
     )
     completed: int = Field(ge=0)
     stopped: int = Field(ge=0, description="Trials stopped early.")
-    failed: int = Field(ge=0, description="Trials whose runs failed on their own (not cancelled).")
+    failed: int = Field(
+        ge=0, description="Trials that failed; those the sweep's cancel ended are not counted."
+    )
     cancelled: bool = Field(default=False, description="The sweep was cancelled.")
     reason: NonEmpty | None = Field(
         default=None,

@@ -20,6 +20,7 @@ from pydantic import JsonValue
 
 from tests.integration.conftest import FAST_STREAM
 from tests.integration.processes import ServiceProcess, cli
+from tests.sweep_factories import store_sweep, sweep_record
 from torchrelay.client import Client
 from torchrelay.services.ingest.handlers import VersionRecord, version_key
 from torchrelay.services.monitor.pruner import Pruner
@@ -40,6 +41,13 @@ from torchrelay.shared.pipelines import PipelineRecord, pipeline_key, with_stage
 from torchrelay.shared.runs import RunRecord
 from torchrelay.shared.state import KvState, State, key_part
 from torchrelay.shared.storage import Layout
+from torchrelay.shared.sweep_state import (
+    SweepRecord,
+    SweepStatus,
+    TrialHistory,
+    history_key,
+    sweep_key,
+)
 
 pytestmark = [pytest.mark.timeout(120)]
 OLD = timedelta(days=40)
@@ -415,3 +423,42 @@ async def test_the_monitor_service_answers_the_command(records: World, tmp_path:
         assert await the_rest_is_there(records) == [True] * 7
     finally:
         monitor.stop()
+
+
+async def a_stored_sweep(world: World, sweep_id: str, status: SweepStatus) -> None:
+    """A sweep that last changed 40 days ago, with its completed trials' histories."""
+    record = sweep_record(sweep_id).model_copy(
+        update={"status": status, "updated": datetime.now(UTC) - OLD}
+    )
+    await store_sweep(world.state, record)
+
+
+async def sweep_is_there(world: World, sweep_id: str) -> list[bool]:
+    histories = [history_key(sweep_id, index) for index in range(3)]
+    return [
+        await world.has("sweeps", sweep_key(sweep_id), SweepRecord),
+        *[await world.has("sweeps", key, TrialHistory) for key in histories],
+    ]
+
+
+async def test_a_sweep_goes_with_its_pipeline_or_alone_once_its_pipeline_expired(
+    world: World,
+) -> None:
+    await world.record(
+        "pipelines", pipeline_key("p-swept"), a_pipeline("p-swept", "v-x", live=False)
+    )
+    await a_stored_sweep(world, "p-swept", "completed")
+    await a_stored_sweep(world, "p-expired", "failed")  # its pipeline's record expired
+    await a_stored_sweep(world, "p-stuck", "running")
+
+    answer = await world.client.prune(MONTH, timeout_s=30)
+
+    assert listed(answer) == (
+        ["pipelines:p-expired", "pipelines:p-swept"],
+        {"pipelines:p-stuck": "sweep still running"},
+    )
+    assert answer.problems == []
+    assert not await world.has("pipelines", pipeline_key("p-swept"), PipelineRecord)
+    assert await sweep_is_there(world, "p-swept") == [False] * 4
+    assert await sweep_is_there(world, "p-expired") == [False] * 4
+    assert await sweep_is_there(world, "p-stuck") == [True] * 4

@@ -52,6 +52,7 @@ from torchrelay.shared.storage import Layout
 from torchrelay.shared.sweep_state import (
     Suggest,
     SweepRecord,
+    cancel,
     fill_slots,
     new_sweep,
     sweep_key,
@@ -401,6 +402,48 @@ async def test_a_trial_stopped_while_its_run_awaited_a_restart_is_not_restarted(
     assert [
         e.data.attempt for e in world.published.of(TrainStarted) if e.data.run_id == run_id
     ] == [0]
+
+
+async def test_a_trial_whose_restart_the_sweeps_cancel_halted_ends_cancelled(
+    world: World,
+) -> None:
+    """The train replica that gets the restart request halts the run (not the sweep's own
+    advance): the trial still ends cancelled, from what the halt wrote on the run."""
+    async with world.replica(sim=LONG) as sweeps:
+        sweep_id, staged = await world.submit(pipeline_spec(max_trials=3, parallel=1))
+        await sweeps.on_dataset_staged(staged)
+        run_id = f"{sweep_id}.trial-0"
+        runs = world.state.store("runs", RunRecord)
+        current = await runs.get(key_part(run_id))
+        assert current is not None
+        crash = TrainFailedData(run_id=run_id, reason="rank 0 was killed", final=False)
+        await runs.put(
+            key_part(run_id),
+            current.value.model_copy(
+                update={"status": "failed", "outcome": crash, "reason": crash.reason}
+            ),
+        )
+        await world.state.store("sweeps", SweepRecord).mutate(
+            sweep_key(sweep_id), lambda record: cancel(record, "wrong data", datetime.now(UTC))
+        )
+        await sweeps.trainer.on_restart_requested(
+            TrainRestartRequested(
+                source="/torchrelay/monitor",
+                pipelineid=sweep_id,
+                data=TrainRestartRequestedData(
+                    run_id=run_id, reason="rank 0 was killed", attempt=1
+                ),
+            )
+        )
+        record = await world.run_until(sweep_id, over, sweeps)
+    assert (record.trials[0].status, record.trials[0].reason) == (
+        "cancelled",
+        "sweep cancelled: wrong data",
+    )
+    (stopped,) = world.published.of(SweepTrialStopped)
+    assert stopped.data.code == "cancelled"
+    (completed,) = world.published.of(SweepCompleted)
+    assert (completed.data.failed, completed.data.cancelled) == (0, True)
 
 
 async def test_a_bayesian_sweep_asks_optuna_for_each_trial_within_the_space(

@@ -200,6 +200,25 @@ async def test_cancel_stops_every_rank(
             os.kill(pid, 0)
 
 
+async def test_a_rank_exits_as_python_does_its_atexit_functions_and_threads_run(
+    storage: tuple[Path, str, str], backend: LocalBackend
+) -> None:
+    """A rank skips only the interpreter's teardown at exit (where torch's C++ state can abort
+    a finished rank): the training code's exit functions and threads still run."""
+    _, ended = await run(
+        backend,
+        job(storage, "exit-work", entrypoint="tests.integration.trainers:leave_work_for_exit"),
+    )
+    assert ended.status is Status.SUCCEEDED, ended  # type: ignore[attr-defined]
+    marks = storage[0] / "exit-marks"
+    assert sorted(p.name for p in marks.iterdir()) == [
+        "atexit-0",
+        "atexit-1",
+        "thread-0",
+        "thread-1",
+    ]
+
+
 async def test_a_module_that_does_not_script_exports_its_state_dict(
     storage: tuple[Path, str, str], backend: LocalBackend
 ) -> None:

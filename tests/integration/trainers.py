@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import atexit
+import threading
+import time
+from pathlib import Path
+
 import torch
 from torch import nn
 
@@ -40,3 +45,18 @@ def unscriptable(ctx: TrainingContext) -> None:
         optimizer.step()
         ctx.step_done(loss=loss.item(), samples=len(xb))
     ctx.export(model, example_input=x[:1], metrics={})
+
+
+def leave_work_for_exit(ctx: TrainingContext) -> None:
+    """Train as :func:`unscriptable` does, leaving to the rank's exit what Python's exit does:
+    an ``atexit`` function and a thread that is no daemon each write a mark."""
+    marks = ctx.layout.root / "exit-marks"
+    marks.mkdir(exist_ok=True)
+    atexit.register((marks / f"atexit-{ctx.rank}").write_text, "ran")
+
+    def late() -> None:
+        time.sleep(0.5)
+        Path(marks / f"thread-{ctx.rank}").write_text("ran")
+
+    threading.Thread(target=late, daemon=False).start()
+    unscriptable(ctx)

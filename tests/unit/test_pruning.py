@@ -9,6 +9,7 @@ from datetime import UTC, datetime, timedelta
 import pytest
 from pydantic import JsonValue
 
+from tests.sweep_factories import sweep_record
 from torchrelay.services.monitor.pruning import (
     DatasetVersionView,
     DeploymentView,
@@ -29,6 +30,7 @@ from torchrelay.shared.events.data import (
 )
 from torchrelay.shared.pipelines import PipelineRecord, with_stage
 from torchrelay.shared.runs import RunRecord, RunStatus
+from torchrelay.shared.sweep_state import SweepRecord, sweep_key
 
 NOW = datetime(2026, 6, 1, 12, 0, tzinfo=UTC)
 DAY = timedelta(days=1)
@@ -281,3 +283,70 @@ def test_a_pipeline_that_has_staged_nothing_yet_keeps_the_newest_version_it_will
 def test_a_cut_off_that_is_not_positive_is_refused(older_than_s: float) -> None:
     with pytest.raises(ValueError, match="older_than_s must be > 0"):
         plan(NOW, older_than_s, Inventory())
+
+
+def a_sweep(sweep_id: str, age: timedelta, *, running: bool) -> Stored[SweepRecord]:
+    """A sweep of 4 trials that changed last ``age`` ago: 3 ended and one running, or over."""
+    record = sweep_record(sweep_id)  # trial 3 runs
+    trials = list(record.trials)
+    if not running:
+        trials[3] = trials[3].model_copy(update={"status": "failed", "reason": "exit code 1"})
+    record = record.model_copy(
+        update={
+            "trials": trials,
+            "status": "running" if running else "completed",
+            "updated": NOW - age,
+        }
+    )
+    return Stored(sweep_key(sweep_id), 1, record)
+
+
+SWEEP_RECORDS = [
+    ("sweeps", "trial.p-old.0"),
+    ("sweeps", "trial.p-old.1"),
+    ("sweeps", "trial.p-old.2"),
+    ("sweeps", "trial.p-old.3"),
+    ("sweeps", "sweep.p-old"),
+]
+
+
+def test_a_removed_pipeline_takes_its_sweeps_histories_then_its_record_with_it() -> None:
+    result = plan(
+        NOW,
+        OLDER_THAN_S,
+        Inventory(
+            pipelines=[pipeline("p-old", OLD, live=False), pipeline("p-live", OLD, live=True)],
+            sweeps=[a_sweep("p-old", OLD, running=False), a_sweep("p-live", OLD, running=True)],
+        ),
+    )
+    (removed,) = result.removed
+    assert (removed.kind, removed.name, removed.key) == ("pipelines", "p-old", "p-old")
+    assert list(removed.records) == SWEEP_RECORDS, "the sweep's record last: it lists the rest"
+    (kept,) = result.kept
+    assert (kept.name, kept.reason) == ("p-live", "not finished")
+
+
+def test_a_sweep_whose_pipeline_record_is_gone_is_pruned_by_its_own_age() -> None:
+    result = plan(
+        NOW,
+        OLDER_THAN_S,
+        Inventory(
+            sweeps=[
+                a_sweep("p-old", OLD, running=False),
+                a_sweep("p-stuck", OLD, running=True),
+                a_sweep("p-young", YOUNG, running=False),
+            ]
+        ),
+    )
+    (removed,) = result.removed
+    assert (removed.kind, removed.name, removed.key) == ("pipelines", "p-old", None)
+    assert list(removed.records) == SWEEP_RECORDS
+    assert names(result)[1] == {"pipelines:p-stuck": "sweep still running"}
+
+
+def test_a_sweep_goes_only_when_pipelines_are_asked_for() -> None:
+    inventory = Inventory(
+        pipelines=[pipeline("p-old", OLD, live=False)],
+        sweeps=[a_sweep("p-old", OLD, running=False), a_sweep("p-alone", OLD, running=False)],
+    )
+    assert plan(NOW, OLDER_THAN_S, inventory, kinds=("runs", "models")).removed == []

@@ -169,9 +169,9 @@ def test_after_a_cancel_a_trial_whose_run_failed_on_its_own_is_failed_not_cancel
     ]
 
 
-def test_a_trial_whose_own_run_was_cancelled_is_cancelled_with_the_runs_reason() -> None:
+def test_a_trial_cancelled_while_its_sweep_is_not_fails_with_its_runs_reason() -> None:
     record = end_trial(
-        fill_slots(planned(), NOW), 0, NOW, objective=None, failure="by alice", cancelled=True
+        fill_slots(planned(), NOW), 0, NOW, objective=None, failure="stalled", cancelled=True
     )
-    assert (record.trials[0].status, record.trials[0].reason) == ("cancelled", "by alice")
+    assert (record.trials[0].status, record.trials[0].reason) == ("failed", "stalled")
     assert record.status == "running", "the sweep goes on without it"

@@ -9,11 +9,13 @@ and prints the traceback as plain text to its log.
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import importlib
 import inspect
 import os
 import sys
+import threading
 import traceback
 from collections.abc import Callable
 from pathlib import Path
@@ -160,15 +162,24 @@ def _record(
 
 
 def exit_now(code: int) -> NoReturn:
-    """End the rank with ``code``, skipping the interpreter's finalization.
+    """End the rank with ``code`` as Python's own exit does, but for its last step.
 
-    By now every file is written and closed, the reporter joined and the process group
-    destroyed. What is left is torch's C++ state (gloo's pairs and threads, a DDP reducer the
-    training code kept), and destroying it while Python is torn down can abort a rank that
-    finished its work ("terminate called without an active exception", SIGABRT): the run
-    would fail after it succeeded."""
-    sys.stdout.flush()
-    sys.stderr.flush()
+    Python joins the threads that are not daemons and runs the ``atexit`` functions (the
+    training code's too: a tracker that finishes its run, a logging handler), then tears the
+    interpreter down. By then the platform's files are written and closed, the reporter
+    joined and the process group destroyed; what the teardown has left to destroy is torch's
+    C++ state (gloo's pairs and threads, a DDP reducer the training code kept), and
+    destroying it while Python goes can abort a rank that finished its work ("terminate
+    called without an active exception", SIGABRT): the run would fail after it succeeded.
+    So this does the first two steps and skips the teardown."""
+    main_thread = threading.main_thread()
+    for thread in threading.enumerate():
+        if thread is not main_thread and not thread.daemon:
+            thread.join()
+    atexit._run_exitfuncs()  # the atexit step of Python's exit, exactly
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(Exception):  # a closed or broken stream: nothing to keep
+            stream.flush()
     os._exit(code)
 
 
