@@ -196,6 +196,31 @@ async def stop_early(world: World, sweep_id: str, run_id: str) -> None:
     )
 
 
+async def crash_first_trial(world: World, sweep_id: str) -> str:
+    """Trial 0's rank died: its run's attempt failed and a restart is due. Its run id."""
+    run_id = f"{sweep_id}.trial-0"
+    runs = world.state.store("runs", RunRecord)
+    current = await runs.get(key_part(run_id))
+    assert current is not None
+    crash = TrainFailedData(run_id=run_id, reason="rank 0 was killed", final=False)
+    await runs.put(
+        key_part(run_id),
+        current.value.model_copy(
+            update={"status": "failed", "outcome": crash, "reason": crash.reason}
+        ),
+    )
+    return run_id
+
+
+def restart_request(sweep_id: str, run_id: str) -> TrainRestartRequested:
+    """The monitor's request to restart the crashed attempt 0."""
+    return TrainRestartRequested(
+        source="/torchrelay/monitor",
+        pipelineid=sweep_id,
+        data=TrainRestartRequestedData(run_id=run_id, reason="rank 0 was killed", attempt=1),
+    )
+
+
 @pytest.fixture
 def world(tmp_path: Path) -> World:
     return World(tmp_path)
@@ -368,26 +393,12 @@ async def test_a_trial_stopped_while_its_run_awaited_a_restart_is_not_restarted(
     async with world.replica(sim=LONG) as sweeps:
         sweep_id, staged = await world.submit(pipeline_spec(max_trials=3, parallel=1))
         await sweeps.on_dataset_staged(staged)
-        run_id = f"{sweep_id}.trial-0"
-        runs = world.state.store("runs", RunRecord)
-        current = await runs.get(key_part(run_id))
-        assert current is not None
-        # The rank died (a restart is due); meanwhile the monitor stopped the trial early.
-        crash = TrainFailedData(run_id=run_id, reason="rank 0 was killed", final=False)
-        await runs.put(
-            key_part(run_id),
-            current.value.model_copy(
-                update={"status": "failed", "outcome": crash, "reason": crash.reason}
-            ),
-        )
+        run_id = await crash_first_trial(world, sweep_id)
+        # Meanwhile the monitor stopped the trial early; then the restart is asked for.
         await stop_early(world, sweep_id, run_id)
-        restart = TrainRestartRequested(
-            source="/torchrelay/monitor",
-            pipelineid=sweep_id,
-            data=TrainRestartRequestedData(run_id=run_id, reason="rank 0 was killed", attempt=1),
-        )
-        await sweeps.trainer.on_restart_requested(restart)
+        await sweeps.trainer.on_restart_requested(restart_request(sweep_id, run_id))
 
+        runs = world.state.store("runs", RunRecord)
         halted = await runs.get(key_part(run_id))
         assert halted is not None
         assert (halted.value.attempt, halted.value.over) == (0, True), "no restart, and final"
@@ -412,29 +423,11 @@ async def test_a_trial_whose_restart_the_sweeps_cancel_halted_ends_cancelled(
     async with world.replica(sim=LONG) as sweeps:
         sweep_id, staged = await world.submit(pipeline_spec(max_trials=3, parallel=1))
         await sweeps.on_dataset_staged(staged)
-        run_id = f"{sweep_id}.trial-0"
-        runs = world.state.store("runs", RunRecord)
-        current = await runs.get(key_part(run_id))
-        assert current is not None
-        crash = TrainFailedData(run_id=run_id, reason="rank 0 was killed", final=False)
-        await runs.put(
-            key_part(run_id),
-            current.value.model_copy(
-                update={"status": "failed", "outcome": crash, "reason": crash.reason}
-            ),
-        )
+        run_id = await crash_first_trial(world, sweep_id)
         await world.state.store("sweeps", SweepRecord).mutate(
             sweep_key(sweep_id), lambda record: cancel(record, "wrong data", datetime.now(UTC))
         )
-        await sweeps.trainer.on_restart_requested(
-            TrainRestartRequested(
-                source="/torchrelay/monitor",
-                pipelineid=sweep_id,
-                data=TrainRestartRequestedData(
-                    run_id=run_id, reason="rank 0 was killed", attempt=1
-                ),
-            )
-        )
+        await sweeps.trainer.on_restart_requested(restart_request(sweep_id, run_id))
         record = await world.run_until(sweep_id, over, sweeps)
     assert (record.trials[0].status, record.trials[0].reason) == (
         "cancelled",
