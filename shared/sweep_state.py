@@ -45,7 +45,9 @@ TrialStatus = Literal["pending", "running", "completed", "stopped", "failed", "c
 """``stopped``: by early stopping; ``cancelled``: its sweep's cancel ended its run; ``failed``:
 its run failed otherwise (a cancel of the run alone included)."""
 TRIAL_STATUSES: tuple[TrialStatus, ...] = get_args(TrialStatus)
-TRIAL_ENDED: frozenset[TrialStatus] = frozenset({"completed", "stopped", "failed", "cancelled"})
+ENDED_WITHOUT_MODEL: frozenset[TrialStatus] = frozenset({"stopped", "failed", "cancelled"})
+"""What ``sweep.trial.stopped`` says, and Optuna learns as a failure."""
+TRIAL_ENDED: frozenset[TrialStatus] = ENDED_WITHOUT_MODEL | {"completed"}
 SweepStatus = Literal["running", "completed", "failed"]
 REASON_MAX = 512
 """A stopped or failed trial's reason is cut to this (what an event carries)."""

@@ -13,7 +13,7 @@ import math
 from typing import TYPE_CHECKING, Any
 
 from torchrelay.shared.events.sweep import Choice, IntRange, LogUniform, SpaceParam, Value
-from torchrelay.shared.sweep_state import Suggest, SweepRecord
+from torchrelay.shared.sweep_state import ENDED_WITHOUT_MODEL, Suggest, SweepRecord
 
 if TYPE_CHECKING:
     from optuna.distributions import BaseDistribution
@@ -41,7 +41,7 @@ def suggest(record: SweepRecord) -> dict[str, Value]:
         value = trial.objective
         if trial.status == "completed" and value is not None and math.isfinite(value):
             state, values = TrialState.COMPLETE, [value]
-        elif trial.status in {"stopped", "failed", "cancelled"}:
+        elif trial.status in ENDED_WITHOUT_MODEL:
             state, values = TrialState.FAIL, None  # nothing learned of its final value
         else:
             continue  # running: its result is not known yet

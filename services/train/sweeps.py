@@ -54,6 +54,7 @@ from torchrelay.shared.runs import RunRecord
 from torchrelay.shared.runtime.loops import every
 from torchrelay.shared.state import State, Store, key_part
 from torchrelay.shared.sweep_state import (
+    ENDED_WITHOUT_MODEL,
     SWEEP_PREFIX,
     SWEEPS,
     Suggest,
@@ -422,7 +423,7 @@ class Sweeps:
                 )
             )
             log.info("sweep.trial_started", sweep_id=sweep.sweep_id, trial=trial.index)
-        elif trial.status in {"stopped", "failed", "cancelled"}:
+        elif trial.status in ENDED_WITHOUT_MODEL:
             await self._publish(
                 SweepTrialStopped(
                     id=_event_id("trial-stopped", sweep.sweep_id, trial.index),
@@ -581,10 +582,9 @@ def _halt_reason(sweep: SweepRecord, trial: Trial) -> str | None:
 def _no_best(sweep: SweepRecord) -> str:
     if sweep.cancelled is not None:
         return f"the sweep was cancelled: {sweep.cancelled}"
-    cancelled = sweep.count("cancelled")
-    return (
+    return (  # a trial is cancelled only by its sweep's cancel, said above
         f"no trial of the sweep completed ({sweep.count('stopped')} stopped early, "
-        f"{sweep.count('failed')} failed" + (f", {cancelled} cancelled)" if cancelled else ")")
+        f"{sweep.count('failed')} failed)"
     )
 
 
